@@ -1,0 +1,94 @@
+"""The command line: one verb per job. This table is the table of contents of the tool.
+
+Each verb lives in ``engine/commands/<module>.py`` as a click command and is imported only
+when it runs, so ``embedctl --help`` stays instant (no torch, ray or faiss import).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+
+import click
+
+from engine import __version__
+from engine.errors import EmbedctlError
+
+# verb -> "module:attribute" of a click.Command. Keep sorted by pipeline order.
+COMMANDS: dict[str, str] = {
+    "embed": "engine.commands.embed:embed",
+    "plan": "engine.commands.embed:plan",
+}
+
+# One-line help shown by `embedctl --help` without importing the command modules.
+SHORT_HELP: dict[str, str] = {
+    "embed": "Chunk and embed a Parquet corpus on Ray into a run in the store.",
+    "plan": "Estimate chunks, tokens, wall time and worker-hours for a corpus.",
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, SHORT_HELP.get(name, "")) for name in COMMANDS]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedctl")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """embedctl: Parquet corpus -> chunks -> embeddings on Ray -> FAISS index versions.
+
+    \b
+    Quick start:
+      embedctl embed --corpus ./corpus --store ./store --json
+      embedctl build-index --store ./store --run RUN_ID --index docs
+      embedctl publish --store ./store --index docs --version V --alias live
+      embedctl search --store ./store --index docs --alias live --query "wing lift"
+    """
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def emit_json(obj: object) -> None:
+    """Print one JSON object on stdout (the ``--json`` contract: nothing else goes to stdout)."""
+    click.echo(json.dumps(obj, indent=None, sort_keys=True, default=str))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="embedctl", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except EmbedctlError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
