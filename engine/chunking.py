@@ -29,7 +29,7 @@ class ChunkConfig:
     """How documents become chunks. Part of every chunk id: change it and every id changes."""
 
     chunker: Literal["tokens", "recursive"] = "tokens"
-    chunk_tokens: int = 256  # window size in tokens, before the title prefix; clamped to the model
+    chunk_tokens: int | None = None  # tokens per chunk incl. title prefix; None = min(256, what the model reads)
     chunk_overlap: int = 32  # tokens shared by consecutive windows
     title_prefix: bool = True  # embed "title\ntext" so short chunks keep their document's topic
     normalize: bool = True  # NFKC + whitespace cleanup (see normalize_text)
@@ -38,11 +38,12 @@ class ChunkConfig:
     def validate(self) -> None:
         if self.chunker not in ("tokens", "recursive"):
             raise ConfigError(f"chunker must be 'tokens' or 'recursive', got {self.chunker!r}")
-        if self.chunk_tokens < 8:
+        if self.chunk_tokens is not None and self.chunk_tokens < 8:
             raise ConfigError(f"chunk_tokens must be at least 8, got {self.chunk_tokens}")
-        if not 0 <= self.chunk_overlap < self.chunk_tokens:
+        if not 0 <= self.chunk_overlap < (self.chunk_tokens or 256):
             raise ConfigError(
-                f"chunk_overlap must be >= 0 and smaller than chunk_tokens ({self.chunk_tokens}), got {self.chunk_overlap}"
+                f"chunk_overlap must be >= 0 and smaller than chunk_tokens ({self.chunk_tokens or 256}), "
+                f"got {self.chunk_overlap}"
             )
 
     def fingerprint(self) -> str:
@@ -100,7 +101,10 @@ class Chunker:
         self.limit = max_seq_length - model_tokenizer.n_special - (model_tokenizer.count(self.prompt) if self.prompt else 0)
         if self.limit < 8:
             raise ConfigError(f"the model's max sequence length {max_seq_length} leaves no room for text after the prompt")
-        if config.chunk_tokens > self.limit:
+        self.window = config.chunk_tokens or min(256, self.limit)
+        if self.window <= config.chunk_overlap:
+            raise ConfigError(f"chunk_overlap {config.chunk_overlap} must be smaller than the window {self.window}")
+        if config.chunk_tokens and config.chunk_tokens > self.limit:
             raise ConfigError(
                 f"chunk_tokens={config.chunk_tokens} exceeds what the model can read: max_seq_length {max_seq_length} "
                 f"minus {max_seq_length - self.limit} special/prompt tokens = {self.limit}; pass --chunk-tokens {self.limit} or less"
@@ -114,7 +118,7 @@ class Chunker:
         if not title:
             return ""
         # A title may use at most half of the window; longer titles are cut at a token edge.
-        cap = max(1, self.config.chunk_tokens // 2)
+        cap = max(1, self.window // 2)
         ids, offs = self.model_tok.encode_offsets(title)
         if len(ids) > cap:
             title = title[: offs[cap - 1][1]]
@@ -124,7 +128,8 @@ class Chunker:
     def chunk(self, text: str, title: str | None = None) -> list[Chunk]:
         prefix = self.prefix_for(title)
         prefix_tokens = self.model_tok.count(prefix) if prefix else 0
-        window = min(self.config.chunk_tokens, self.limit - prefix_tokens)
+        # The window covers what the model sees: the title prefix's tokens come out of it.
+        window = max(1, min(self.window, self.limit) - prefix_tokens)
         overlap = min(self.config.chunk_overlap, window // 2)
         if self.config.chunker == "tokens":
             spans = self._token_windows(text, 0, len(text), window, overlap)

@@ -1,0 +1,81 @@
+"""The one Ray helper: connect or start Ray, and size pools from the cluster's real resources.
+
+On a 2-CPU machine an actor pool that reserves every CPU starves Ray Data's read and write
+tasks and the pipeline hangs; pools here always leave CPU for the other stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a private local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.update({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ})
+    env_vars = {k: os.environ[k] for k in list(OFFLINE_ENV) + ["EMBEDCTL_TEST_CRASH_ONCE", "EMBEDCTL_S3_ENDPOINT_URL",
+                                                                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                                "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"]
+                if k in os.environ}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    else:
+        # A local Ray needs no auth token; "local" starts a fresh cluster even if a killed
+        # `ray start` left /tmp/ray/ray_current_cluster behind.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env_vars})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return ray
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many embedding actors, and what each reserves."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads_per_actor: int
+    cpus_per_task: float  # the chunk/read tasks
+    reason: str
+
+
+def plan_pool(resources: dict[str, float], device: str, workers: int | None = None,
+              threads: int | None = None) -> PoolPlan:
+    """Size the embedding actor pool from cluster resources, always leaving CPU for other stages."""
+    cpus = float(resources.get("CPU", 1.0))
+    gpus = float(resources.get("GPU", 0.0))
+    if device == "cuda" or (device == "auto" and gpus >= 1):
+        if gpus < 1 and device == "cuda":
+            from engine.errors import ConfigError
+
+            raise ConfigError("--device cuda but the Ray cluster has no GPU resources; use --device cpu or add GPU workers")
+        n = workers or max(1, int(gpus))
+        gpa = min(1.0, gpus / n) if gpus else 0.0
+        cpa = min(1.0, max(0.25, (cpus - 1) / n)) if cpus > 1 else 0.25
+        return PoolPlan(n, cpa, gpa, threads or 1, min(0.5, cpus / 4), f"{n} GPU actor(s) over {gpus:g} GPUs")
+    # CPU: reserve at most cpus-1 for actors (>= 1 CPU stays free for reading/chunking/writing).
+    spare = max(cpus - 1.0, cpus / 2)
+    n = workers or max(1, int(spare // 2) if cpus > 4 else 1)
+    cpa = max(0.25, min(spare / n, 2.0))
+    # torch threads: the CPUs a worker can really use. One actor on a small machine may use all cores,
+    # since chunk tasks are light next to the model's matrix work.
+    thr = threads or max(1, math.floor(cpus / n))
+    return PoolPlan(n, round(cpa, 3), 0.0, thr, round(min(0.5, cpus / 4), 3),
+                    f"{n} CPU actor(s) x {cpa:g} CPU reserved, {thr} torch thread(s) each, on {cpus:g} CPUs")

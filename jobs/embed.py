@@ -1,0 +1,128 @@
+"""Ray driver for the embed job: `python jobs/embed.py --config job.yaml` (also `embedctl embed`).
+
+Spreads work as: pending units -> chunk tasks (CPU, Ray Data map) -> embedding actor pool
+(CPU or GPU, Ray Data map_batches) -> per-unit commits. Retries: an actor that dies mid-unit
+is restarted and the unit is retried (its writes are idempotent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+from engine.config import EmbedJobConfig, load_config_file
+from engine.pipeline import (
+    UnitEmbedder, chunk_unit, finalize_run, plan_meta_for, prepare_run, run_summary,
+)
+
+log = logging.getLogger("embedctl.jobs.embed")
+SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _chunk_task(row: dict[str, Any], cfg: EmbedJobConfig, plan_meta: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data map task: one unit row in, one row with the chunk-stage summary out."""
+    from engine.corpus import Unit
+
+    unit = Unit(**json.loads(row["unit"]))
+    dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
+    return {"chunked": json.dumps(chunk_unit(cfg, plan_meta, unit, dups))}
+
+
+class _EmbedActor:
+    def __init__(self, cfg: EmbedJobConfig, run_id: str, threads: int):
+        self.embedder = UnitEmbedder(cfg, run_id, threads=threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.embedder(batch)
+
+
+def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run (or resume) the embed job on Ray and return the final manifest."""
+    import ray
+
+    from engine.runtime import init_ray, plan_pool
+
+    t0 = time.perf_counter()
+    prepared = prepare_run(cfg)  # all validation happens here, before Ray starts any work
+    if progress:
+        progress({"event": "planned", "run_id": prepared.run_id, "units": len(prepared.plan.units),
+                  "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
+    if prepared.pending:
+        init_ray(cfg.runtime.address)
+        pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
+        log.info("embedding pool: %s", pool.reason)
+        plan_meta = plan_meta_for(prepared)
+        items = []
+        for u in prepared.pending:
+            dups = prepared.plan.duplicates.get(u.file, {})
+            unit_dups = {str(r): loc for r, loc in dups.items() if u.row_start <= r < u.row_end}
+            items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+        ds = ds.map(_chunk_task, fn_kwargs={"cfg": cfg, "plan_meta": plan_meta}, num_cpus=pool.cpus_per_task)
+        extra: dict[str, Any] = {}
+        if os.environ.get("EMBEDCTL_TEST_CRASH_ONCE"):  # fault-injection hook for the retry test
+            extra["runtime_env"] = {"env_vars": {"EMBEDCTL_TEST_CRASH_ONCE": os.environ["EMBEDCTL_TEST_CRASH_ONCE"]}}
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        ds = ds.map_batches(
+            _EmbedActor,
+            fn_constructor_kwargs={"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=pool.actors),
+            num_cpus=pool.cpus_per_actor,
+            num_gpus=pool.gpus_per_actor or None,
+            # An actor killed mid-unit is restarted and the unit retried: writes are idempotent.
+            max_restarts=3,
+            max_task_retries=3,
+            **extra,
+        )
+        for row in ds.iter_rows():
+            if progress:
+                progress({"event": "unit", **json.loads(row["marker"])})
+    return finalize_run(cfg, prepared, time.perf_counter() - t0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="embedctl embed job (Ray driver)")
+    p.add_argument("--config", required=True, help="YAML/JSON job config (same keys as `embedctl embed` flags)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved as JSON, exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import EmbedctlError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        flat = load_config_file(args.config)
+        if args.address:
+            flat["address"] = args.address
+        cfg = EmbedJobConfig.from_flat(flat)
+        if args.dry_run:
+            print(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+            return 0
+        manifest = run_embed_job(cfg, progress=lambda e: log.info("%s", json.dumps(_short(e))))
+    except EmbedctlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"{SUMMARY_MARKER} {json.dumps(run_summary(manifest, cfg.store), sort_keys=True)}")
+    return 0 if manifest["status"] == "succeeded" else 1
+
+
+def _short(event: dict[str, Any]) -> dict[str, Any]:
+    keep = ("event", "run_id", "unit_id", "units", "pending", "docs", "accepted", "rejected", "chunks", "tokens")
+    return {k: v for k, v in event.items() if k in keep}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Chunking: offsets, overlap, recursive splits, title prefix, max-length guarantee, stable ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.chunking import ChunkConfig, Chunker, chunk_id_for, normalize_text
+from engine.errors import ConfigError
+from engine.pipeline import model_info, model_tokenizer
+from engine.tokenization import TiktokenTokenizer, WhitespaceTokenizer
+
+
+def ws_chunker(**kw) -> Chunker:
+    tok = WhitespaceTokenizer()
+    return Chunker(ChunkConfig(**kw), tok, tok, max_seq_length=512)
+
+
+def test_normalize_nfkc_and_whitespace():
+    text = "\ufb01ne  caf\u00e9\t\tbar \r\n\r\n\r\n\r\nnext   line  \n"
+    assert normalize_text(text) == "fine café bar\n\nnext line"
+
+
+def test_token_windows_offsets_and_overlap():
+    text = " ".join(f"w{i}" for i in range(100))
+    chunks = ws_chunker(chunk_tokens=30, chunk_overlap=10, title_prefix=False).chunk(text)
+    assert [c.chunk_index for c in chunks] == list(range(len(chunks)))
+    for c in chunks:
+        assert text[c.char_start:c.char_end] == c.text
+        assert len(c.text.split()) <= 30
+    # consecutive windows share exactly the overlap
+    first, second = chunks[0].text.split(), chunks[1].text.split()
+    assert first[-10:] == second[:10]
+    # every word is covered
+    covered = set()
+    for c in chunks:
+        covered.update(c.text.split())
+    assert covered == set(text.split())
+
+
+def test_recursive_respects_paragraphs_and_sentences():
+    para1 = "Alpha beta gamma. Delta epsilon."
+    para2 = " ".join(f"x{i}" for i in range(50)) + "."
+    text = para1 + "\n\n" + para2
+    chunks = ws_chunker(chunker="recursive", chunk_tokens=20, chunk_overlap=4, title_prefix=False).chunk(text)
+    assert chunks[0].text == para1  # a whole short paragraph stays one chunk
+    assert all(len(c.text.split()) <= 20 for c in chunks)
+    assert all(text[c.char_start:c.char_end] == c.text for c in chunks)
+
+
+def test_title_prefix_counts_in_budget():
+    chunks = ws_chunker(chunk_tokens=20, chunk_overlap=0).chunk(" ".join(["w"] * 40), title="A B C D E")
+    for c in chunks:
+        assert c.embed_text.startswith("A B C D E\n")
+        assert len(c.embed_text.split()) <= 20
+
+
+def test_real_tokenizer_never_exceeds_model_limit():
+    tok = model_tokenizer(None)
+    limit = model_info(None).max_seq_length
+    # adversarial text: long unbroken tokens that WordPiece splits into many pieces
+    text = " ".join(["pneumonoultramicroscopicsilicovolcanoconiosis"] * 120 + ["wing"] * 400)
+    # windows counted in cl100k, verified in the model tokenizer
+    chunker = Chunker(ChunkConfig(chunk_overlap=16, tokenizer="cl100k_base"), TiktokenTokenizer(), tok, limit)
+    chunks = chunker.chunk(text, title="a long title " * 10)
+    assert chunks
+    for c in chunks:
+        assert c.n_tokens <= limit, c.n_tokens
+        assert c.n_tokens == tok.count(c.embed_text) + tok.n_special
+
+
+def test_chunk_tokens_over_model_limit_is_a_clear_error():
+    tok = model_tokenizer(None)
+    with pytest.raises(ConfigError, match="chunk-tokens 254"):
+        Chunker(ChunkConfig(chunk_tokens=300), tok, tok, model_info(None).max_seq_length)
+
+
+def test_overlap_must_be_smaller_than_window():
+    with pytest.raises(ConfigError, match="overlap"):
+        ChunkConfig(chunk_tokens=16, chunk_overlap=16).validate()
+
+
+def test_chunk_ids_stable_and_config_dependent():
+    a = ChunkConfig(chunk_tokens=64)
+    b = ChunkConfig(chunk_tokens=65)
+    assert chunk_id_for("d1", a.fingerprint(), 0) == chunk_id_for("d1", ChunkConfig(chunk_tokens=64).fingerprint(), 0)
+    assert chunk_id_for("d1", a.fingerprint(), 0) != chunk_id_for("d1", b.fingerprint(), 0)
+    assert chunk_id_for("d1", a.fingerprint(), 0) != chunk_id_for("d1", a.fingerprint(), 1)
+
+
+def test_empty_and_whitespace_text_give_no_chunks():
+    assert ws_chunker().chunk("   ") == []
