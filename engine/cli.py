@@ -19,14 +19,32 @@ from engine.errors import EmbedctlError
 
 # verb -> "module:attribute" of a click.Command. Keep sorted by pipeline order.
 COMMANDS: dict[str, str] = {
+    "demo": "engine.commands.embed:demo",
     "embed": "engine.commands.embed:embed",
     "plan": "engine.commands.embed:plan",
+    "submit": "engine.commands.cluster:submit",
+    "jobs": "engine.commands.cluster:jobs_group",
+    "publish": "engine.commands.publish:publish",
+    "rollback": "engine.commands.publish:rollback",
+    "status": "engine.commands.publish:status",
+    "gc": "engine.commands.publish:gc",
+    "serve": "engine.commands.publish:serve",
+    "doctor": "engine.commands.publish:doctor",
 }
 
 # One-line help shown by `embedctl --help` without importing the command modules.
 SHORT_HELP: dict[str, str] = {
+    "demo": "Run the pipeline on a corpus built from Python's docstrings (no download).",
     "embed": "Chunk and embed a Parquet corpus on Ray into a run in the store.",
     "plan": "Estimate chunks, tokens, wall time and worker-hours for a corpus.",
+    "submit": "Submit a job to a running Ray cluster (Jobs API), stream its logs, print its summary.",
+    "jobs": "List, follow and stop jobs on a Ray cluster: jobs list|status|logs|stop.",
+    "publish": "Verify an index version and swap an alias to it (CAS + history; weighted rollouts).",
+    "rollback": "Move an alias back to its previous (or a named) version from its history.",
+    "status": "Versions, aliases, weights and history of an index.",
+    "gc": "Delete index versions no alias or retained history can point to (--dry-run first).",
+    "serve": "HTTP /search, /healthz, /version for an alias; hot-swaps versions without downtime.",
+    "doctor": "Check a store: access, and that it enforces conditional writes (needed to publish).",
 }
 
 
@@ -64,6 +82,9 @@ def cli(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from engine.storage import install_log_redaction
+
+    install_log_redaction()  # no credential in any log line, even at -vv
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -83,7 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         err.show()
         sys.exit(err.exit_code)
     except EmbedctlError as err:
-        click.echo(f"error: {err}", err=True)
+        from engine.storage import redact
+
+        click.echo(f"error: {redact(str(err))}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -73,6 +73,7 @@ class EmbedJobConfig:
         d = self.to_dict()
         d.pop("runtime")
         d.pop("run_id")
+        d.pop("store")  # the run lives in the store; moving a store keeps its runs' ids
         d["corpus"].pop("endpoint_url", None)
         d.pop("endpoint_url", None)
         return d

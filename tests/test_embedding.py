@@ -1,0 +1,111 @@
+"""Encoders: token-budget batching, hashing encoder, real model parity, OOM halving, model identity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.embedding import (
+    HashEncoder, encoder_from_identity, load_encoder, resolve_model_path, token_budget_batches,
+)
+from engine.errors import ConfigError
+
+
+def test_token_budget_batches_cover_all_and_respect_budget():
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(1, 300, 500)]
+    batches = token_budget_batches(lengths, 2048)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(500))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 2048 or len(b) == 1
+    # longest first: the first batch holds the longest input
+    assert max(lengths) in [lengths[i] for i in batches[0]]
+
+
+def test_oversized_single_input_gets_its_own_batch():
+    assert token_budget_batches([5000, 3, 3], 100) == [[0], [1, 2]]
+
+
+def test_hash_encoder_is_deterministic_and_normalised():
+    a = HashEncoder(16).encode(["wing lift", "shock wave", ""])
+    b = HashEncoder(16).encode(["wing lift", "shock wave", ""])
+    assert a.shape == (3, 16) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
+
+
+def test_unknown_model_never_downloads():
+    with pytest.raises(ConfigError, match="never downloads"):
+        resolve_model_path("sentence-transformers/some-model-that-is-not-here")
+
+
+def test_truncate_dim_hash():
+    enc = load_encoder("hash:32", truncate_dim=8)
+    assert enc.encode(["a b"]).shape == (1, 8) and enc.identity["dim"] == 8
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_encoder(None, device="cpu", batch_tokens=2048)
+
+
+@pytest.mark.integration
+def test_real_model_matches_plain_encode(minilm):
+    texts = ["wing in a propeller slipstream " * k for k in range(1, 30)] + ["x"]
+    ours = minilm.encode_passages(texts)
+    ref = minilm.model.encode(texts, batch_size=32, normalize_embeddings=True)
+    cos = (ours * ref).sum(axis=1)
+    assert cos.min() > 0.9999
+    assert minilm.dim == 384 and minilm.identity["max_seq_length"] == 256
+
+
+@pytest.mark.integration
+def test_oom_halves_budget_and_retries(minilm, monkeypatch):
+    texts = [f"document number {i} about supersonic flow" for i in range(40)]
+    expected = minilm.encode(texts)
+    real_forward = minilm._forward
+    calls = []
+
+    def forward_with_oom(batch):
+        calls.append(len(batch))
+        if len(batch) > 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(batch)
+
+    monkeypatch.setattr(minilm, "_forward", forward_with_oom)
+    before = minilm.batch_tokens
+    got = minilm.encode(texts)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert minilm.stats["oom_splits"] >= 1 and minilm.batch_tokens < before
+    assert calls[0] == 40  # the first try was the whole batch; it was split, never dropped
+    assert sum(c for c in calls if c <= 8) == len(texts)  # every text was embedded exactly once
+
+
+@pytest.mark.integration
+def test_non_oom_errors_propagate(minilm, monkeypatch):
+    monkeypatch.setattr(minilm, "_forward", lambda batch: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        minilm.encode(["a", "b"])
+
+
+@pytest.mark.integration
+def test_bfloat16_on_cpu_close_to_fp32(minilm):
+    texts = ["heat transfer in laminar boundary layers", "flutter of panels at supersonic speed"]
+    bf = load_encoder(None, device="cpu", dtype="bfloat16")
+    cos = (bf.encode(texts) * minilm.encode(texts)).sum(axis=1)
+    assert cos.min() > 0.99
+
+
+@pytest.mark.integration
+def test_identity_roundtrip_and_fingerprint_mismatch(minilm):
+    again = encoder_from_identity(minilm.identity)
+    assert again.fingerprint == minilm.fingerprint
+    bad = dict(minilm.identity, fingerprint="0" * 64)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        encoder_from_identity(bad)
+
+
+def test_fp16_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="CUDA"):
+        load_encoder(None, device="cpu", dtype="float16")
