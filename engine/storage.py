@@ -301,6 +301,10 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
+    def local_path(self, key: str) -> Path:
+        """The file that holds ``key`` (read it in place instead of copying it)."""
+        return self._path(key)
+
     def read_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
