@@ -110,6 +110,20 @@ def test_submit_dry_run_prints_what_would_be_submitted(tmp_path: Path) -> None:
     assert out["metadata"]["embedctl_job"] == "build-index"
 
 
+def test_submit_check_runs_the_drivers_dry_run_first(tmp_path: Path) -> None:
+    if not (REPO / "jobs" / "embed.py").exists():
+        pytest.skip("jobs/embed.py does not exist yet (the embed job driver)")
+    good = tmp_path / "good.yaml"
+    good.write_text("corpus: s3://bucket/corpus\nstore: s3://bucket/store\nmodel: hash:16\n")
+    result = CliRunner().invoke(cli, ["submit", "embed", "--config", str(good), "--check", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("corpus: s3://bucket/corpus\nstore: s3://bucket/store\nchunk_tokenz: 5\n")
+    result = CliRunner().invoke(cli, ["submit", "embed", "--config", str(bad), "--check", "--dry-run"])
+    assert isinstance(result.exception, ConfigError)
+    assert "chunk_tokenz" in str(result.exception)  # the driver's own message, before any upload
+
+
 def test_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "job.yaml"
     config.write_text("corpus: x\n")
