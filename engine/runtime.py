@@ -15,6 +15,9 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Forwarded to the workers of a local Ray only (a cluster's dashboard would display them).
+LOCAL_ONLY_ENV = ["EMBEDCTL_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                  "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_PROFILE"]
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
@@ -24,18 +27,20 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     os.environ.update({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ})
-    env_vars = {k: os.environ[k] for k in list(OFFLINE_ENV) + ["EMBEDCTL_TEST_CRASH_ONCE", "EMBEDCTL_S3_ENDPOINT_URL",
-                                                                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                                                "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"]
-                if k in os.environ}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        # A cluster's workers get their environment from the image / the job's runtime_env.
+        # Inside a submitted job, a second runtime_env would fail to merge with the job's; and
+        # credentials must never travel in a runtime_env (the dashboard shows it).
+        in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or "RAY_JOB_SUBMISSION_ID" in os.environ
+        env_vars = {} if in_submitted_job else {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False)
     else:
         # A local Ray needs no auth token; "local" starts a fresh cluster even if a killed
-        # `ray start` left /tmp/ray/ray_current_cluster behind.
+        # `ray start` left /tmp/ray/ray_current_cluster behind. Local workers may inherit S3 settings.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env_vars = {k: os.environ[k] for k in list(OFFLINE_ENV) + LOCAL_ONLY_ENV if k in os.environ}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env_vars})
     ctx = ray.data.DataContext.get_current()
@@ -62,12 +67,12 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
     if device == "cuda" or (device == "auto" and gpus >= 1):
-        if gpus < 1 and device == "cuda":
-            from engine.errors import ConfigError
-
-            raise ConfigError("--device cuda but the Ray cluster has no GPU resources; use --device cpu or add GPU workers")
+        if gpus < 1:
+            # An autoscaling cluster starts with no GPU nodes: ask for GPU actors and let the
+            # autoscaler bring the nodes (on a fixed CPU-only cluster the job waits; say so).
+            log.warning("--device cuda but the cluster has no GPU yet; requesting GPU actors for the autoscaler")
         n = workers or max(1, int(gpus))
-        gpa = min(1.0, gpus / n) if gpus else 0.0
+        gpa = min(1.0, gpus / n) if gpus >= 1 else 1.0
         cpa = min(1.0, max(0.25, (cpus - 1) / n)) if cpus > 1 else 0.25
         return PoolPlan(n, cpa, gpa, threads or 1, min(0.5, cpus / 4), f"{n} GPU actor(s) over {gpus:g} GPUs")
     # CPU: reserve at most cpus-1 for actors (>= 1 CPU stays free for reading/chunking/writing).
