@@ -258,13 +258,6 @@ def read_alias(store: Store, index: str, alias: str = DEFAULT_ALIAS, *, missing_
     return AliasState.from_doc(_loads(current.data, store, layout.alias_key(index, alias)), current.etag)
 
 
-def resolve_version(store: Store, index: str, alias: str = DEFAULT_ALIAS) -> str:
-    """The single version an alias names (blue while a weighted rollout runs)."""
-    state = read_alias(store, index, alias)
-    assert state is not None
-    return state.version
-
-
 def _loads(data: bytes, store: Store, key: str) -> dict[str, Any]:
     import json
 
@@ -451,7 +444,7 @@ def publish_version(store: Store, index: str, version: str, alias: str = DEFAULT
     check_name("alias", alias)
     check_name("version", version)
     if check_conditional_writes:
-        require_conditional_writes(store)
+        require_conditional_writes(store, prefix=layout.index_prefix(index))
     if source is not None:
         copy_version(source, store, index, version, verifier=verifier)
     current = read_alias(store, index, alias, missing_ok=True)
@@ -473,7 +466,7 @@ def rollback_alias(store: Store, index: str, alias: str = DEFAULT_ALIAS, *, to: 
     check_name("index", index)
     check_name("alias", alias)
     if check_conditional_writes:
-        require_conditional_writes(store)
+        require_conditional_writes(store, prefix=layout.index_prefix(index))
     current = read_alias(store, index, alias)
     assert current is not None
     _ensure_history(store, current)
@@ -641,8 +634,11 @@ def index_status(store: Store, index: str, *, history_limit: int | None = 20) ->
     for name in list_aliases(store, index):
         state = read_alias(store, index, name)
         assert state is not None
-        _ensure_history(store, state)
         history = alias_history(store, index, name)[::-1]
+        if not history or int(history[0].get("generation", 0)) < state.generation:
+            # A crash between the swap and its record: show the record the next publish or
+            # rollback will write (status itself never writes).
+            history.insert(0, {**state.history_record(), "recorded": False})
         aliases[name] = {**state.to_dict(), "history": history[:history_limit] if history_limit else history,
                          "history_count": len(history)}
         for v in state.target.versions:

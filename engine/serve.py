@@ -176,12 +176,17 @@ class AliasSearcher:
         self.stop()
 
     def _run(self) -> None:
+        if self._snapshot is None and not self._stop.is_set():
+            self._poll_logged()  # started without waiting: load the first version right away
         while not self._stop.wait(self.poll_interval):
-            try:
-                self.poll_once()
-            except Exception as err:  # noqa: BLE001 - the poller must survive anything
-                log.exception("polling %s/%s failed", self.index, self.alias)
-                self.last_poll_error = redact(f"{type(err).__name__}: {err}")
+            self._poll_logged()
+
+    def _poll_logged(self) -> None:
+        try:
+            self.poll_once()
+        except Exception as err:  # noqa: BLE001 - the poller must survive anything
+            log.exception("polling %s/%s failed", self.index, self.alias)
+            self.last_poll_error = redact(f"{type(err).__name__}: {err}")
 
     # --- following the alias ----------------------------------------------------------------
     def poll_once(self, *, raise_errors: bool = False) -> bool:

@@ -62,7 +62,7 @@ ENDPOINT_ENV = "EMBEDCTL_S3_ENDPOINT_URL"
 MAX_ATTEMPTS_ENV = "EMBEDCTL_S3_MAX_ATTEMPTS"
 CHUNK = 8 * 1024 * 1024
 MiB = 1024 * 1024
-# Where probes and other store-wide bookkeeping live (never inside an index or a run).
+# Store-wide scratch space (doctor's and the default probe's objects), outside runs and indexes.
 SYSTEM_PREFIX = "_embedctl"
 
 
@@ -812,16 +812,19 @@ class ProbeReport:
                 "if_match": self.if_match, "problems": list(self.problems)}
 
 
-def probe_conditional_writes(store: Store) -> ProbeReport:
+def probe_conditional_writes(store: Store, prefix: str = SYSTEM_PREFIX) -> ProbeReport:
     """Check that the store really enforces create-if-absent and update-if-match.
 
-    Writes a scratch object under ``_embedctl/probes/`` and tries each condition both ways:
+    Writes a scratch object under ``<prefix>/_probes/`` (default ``_embedctl/``; publish
+    probes inside the index it writes to, so a credential scoped to that index suffices)
+    and tries each condition both ways:
     a second create must be refused, an update with a stale ETag must be refused, an update
     with the current ETag must succeed. Endpoints that silently ignore ``If-None-Match`` or
     ``If-Match`` would let two publishers both "win" an alias swap; this finds them.
     """
     report = ProbeReport(store.describe())
-    key = join(SYSTEM_PREFIX, "probes", f"{uuid.uuid4().hex}.json")
+    probe_dir = join(check_key(prefix), "_probes", uuid.uuid4().hex)
+    key = join(probe_dir, "probe.json")
     nonce = uuid.uuid4().hex
     try:
         try:
@@ -863,21 +866,21 @@ def probe_conditional_writes(store: Store) -> ProbeReport:
         return report
     finally:
         with contextlib.suppress(EmbedctlError):
-            store.delete(key)
+            store.delete_prefix(probe_dir)
 
 
 _probe_cache: dict[tuple[str, str | None], ProbeReport] = {}
 _probe_lock = threading.Lock()
 
 
-def require_conditional_writes(store: Store, *, refresh: bool = False) -> ProbeReport:
+def require_conditional_writes(store: Store, *, prefix: str = SYSTEM_PREFIX, refresh: bool = False) -> ProbeReport:
     """Probe the store once per process (per URI and endpoint) and raise StorageError if its
     conditional writes are not enforced: publishing there could race silently."""
     cache_key = (store.describe(), getattr(store, "endpoint_url", None))
     with _probe_lock:
         report = None if refresh else _probe_cache.get(cache_key)
         if report is None:
-            report = probe_conditional_writes(store)
+            report = probe_conditional_writes(store, prefix)
             if report.ok:
                 _probe_cache[cache_key] = report
     if not report.ok:

@@ -62,6 +62,13 @@ def test_follows_the_alias_and_swaps(store):
         assert s.status()["swaps"] == 2 and s.status()["failure"] is None
     finally:
         s.stop()
+    # Started without waiting: not ready at first, then the poller loads the version.
+    s = searcher_for(store).start(wait=False)
+    try:
+        assert wait_for(lambda: s.ready, timeout=20)
+        assert s.search(["document 1"]).versions == ["v2"]
+    finally:
+        s.stop()
 
 
 def test_start_fails_without_an_alias_or_with_a_broken_version(store):
