@@ -29,6 +29,10 @@ class EmbedConfig:
     truncate_dim: int | None = None  # Matryoshka: keep the first N dims, renormalise
     query_prompt: str | None = None  # E5-style "query: "
     passage_prompt: str | None = None  # E5-style "passage: "
+    pretokenize: bool = True  # tokenize in the CPU chunk tasks; actors only pad + forward
+    compile: bool = False  # torch.compile(dynamic=True) the model once per actor (GPU)
+
+    SPEED_ONLY = ("batch_tokens", "pretokenize", "compile")  # never change the vectors beyond fp noise
 
     def validate(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -76,6 +80,8 @@ class EmbedJobConfig:
         d.pop("store")  # the run lives in the store; moving a store keeps its runs' ids
         d["corpus"].pop("endpoint_url", None)
         d.pop("endpoint_url", None)
+        for k in EmbedConfig.SPEED_ONLY:  # a resume may change these (e.g. a smaller budget after OOM)
+            d["embed"].pop(k, None)
         return d
 
     @classmethod

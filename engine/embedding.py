@@ -33,6 +33,7 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".onnx")
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+PAD_BUCKET = 16  # pre-tokenized batches are padded to a multiple of this (bounded set of shapes for compile)
 
 
 def resolve_model_path(spec: str | None) -> tuple[str, str]:
@@ -205,7 +206,7 @@ class SentenceTransformerEncoder(Encoder):
     """A sentence-transformers model from a local folder, run with token-budget batches."""
 
     def __init__(self, name: str, path: str, *, device: str = "cpu", dtype: Dtype = "auto",
-                 threads: int | None = None, **kwargs: Any):
+                 threads: int | None = None, compile: bool = False, **kwargs: Any):
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -221,6 +222,17 @@ class SentenceTransformerEncoder(Encoder):
         self.model.eval()
         if self.compute_dtype != torch.float32:
             self.model.to(self.compute_dtype)
+        if compile:
+            # dynamic=True + padding buckets: one compile per actor, few recompiles across shapes.
+            first = self.model[0]
+            inner = getattr(first, "auto_model", None) or getattr(first, "model", None)
+            if inner is None:
+                raise ConfigError("--compile: this model's first module exposes no torch model to compile")
+            compiled = torch.compile(inner, dynamic=True)
+            if hasattr(first, "auto_model"):
+                first.auto_model = compiled
+            else:
+                first.model = compiled
         tok_json = Path(path) / "tokenizer.json"
         tokenizer: Tokenizer = HFTokenizer(tok_json, name=f"hf:{name}") if tok_json.exists() else _STTokenizer(self.model)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
@@ -242,29 +254,71 @@ class SentenceTransformerEncoder(Encoder):
             out = self.model.forward(features)["sentence_embedding"]
         return out.float()
 
+    def _forward_ids(self, ids: list[np.ndarray]) -> torch.Tensor:
+        """Forward pre-tokenized inputs (specials included): pad to a bucket, pinned async copy."""
+        import torch
+
+        longest = max(len(x) for x in ids)
+        width = min(self.max_seq_length, -(-longest // PAD_BUCKET) * PAD_BUCKET)  # few distinct shapes
+        input_ids = torch.zeros((len(ids), width), dtype=torch.long)  # [rows, width], pad id 0
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for r, x in enumerate(ids):
+            input_ids[r, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.int64))
+            mask[r, : len(x)] = 1
+        features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
+                                    "token_type_ids": torch.zeros_like(input_ids)}
+        if self.device.startswith("cuda"):
+            features = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in features.items()}
+        with torch.inference_mode():
+            out = self.model.forward(features)["sentence_embedding"]
+        return out.float()
+
+    def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
+        """[n, dim] float32 L2-normalised vectors for pre-tokenized passages (the fast path).
+
+        Tokenization happened in CPU workers; here only padding, copy and the forward pass run.
+        """
+        if not ids:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        lengths = [len(x) for x in ids]
+        if max(lengths) > self.max_seq_length:
+            raise ValueError(f"a pre-tokenized input has {max(lengths)} tokens > max_seq_length {self.max_seq_length}")
+        out = self._batched(ids, lengths, self._forward_ids)
+        if self.truncate_dim:
+            out = out[:, : self.truncate_dim]
+        return l2_normalize(out)
+
     def _encode_raw(self, texts: list[str]) -> np.ndarray:
         lengths = [n + self.tokenizer.n_special for n in _counts(self.tokenizer, texts)]
         lengths = [min(n, self.max_seq_length) for n in lengths]
-        out = np.zeros((len(texts), self.native_dim), dtype=np.float32)
+        return self._batched(texts, lengths, lambda items: self._forward(items))
+
+    def _batched(self, items: list[Any], lengths: list[int], forward: Callable[[list[Any]], Any]) -> np.ndarray:
+        """Token-budget batches, longest first; results stay on the device until the end (one copy back)."""
+        out = np.zeros((len(items), self.native_dim), dtype=np.float32)
+        pending: list[tuple[list[int], Any]] = []
         for batch in token_budget_batches(lengths, self.batch_tokens):
-            self._run_batch(texts, batch, out)
+            self._run_batch(items, batch, pending, forward)
             self.stats["tokens"] += sum(lengths[i] for i in batch)
-        self.stats["texts"] += len(texts)
+        for batch, vecs in pending:
+            out[batch] = vecs.cpu().numpy()
+        self.stats["texts"] += len(items)
         return out
 
-    def _run_batch(self, texts: list[str], batch: list[int], out: np.ndarray) -> None:
+    def _run_batch(self, items: list[Any], batch: list[int], pending: list[tuple[list[int], Any]],
+                   forward: Callable[[list[Any]], Any]) -> None:
         """Forward one batch; on out-of-memory halve it (and the budget) and retry, never fail."""
         try:
-            vecs = self._forward([texts[i] for i in batch])
+            vecs = forward([items[i] for i in batch])
         except (RuntimeError, MemoryError) as err:
             if not is_oom(err) or len(batch) == 1:
                 raise
             self._after_oom(len(batch))
             half = len(batch) // 2
-            self._run_batch(texts, batch[:half], out)
-            self._run_batch(texts, batch[half:], out)
+            self._run_batch(items, batch[:half], pending, forward)
+            self._run_batch(items, batch[half:], pending, forward)
             return
-        out[batch] = vecs.cpu().numpy()
+        pending.append((batch, vecs))
         self.stats["batches"] += 1
 
     def _after_oom(self, rows: int) -> None:
@@ -325,6 +379,7 @@ def load_encoder(
     passage_prompt: str | None = None,
     batch_tokens: int = 16384,
     threads: int | None = None,
+    compile: bool = False,
 ) -> Encoder:
     """The one way to get an encoder. ``hash:DIM`` is the model-free test encoder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -340,7 +395,8 @@ def load_encoder(
             raise ConfigError(f"--dim {truncate_dim} must be between 1 and {dim}")
         return enc
     name, path = resolve_model_path(model)
-    return SentenceTransformerEncoder(name, path, device=device, dtype=dtype, threads=threads, **kwargs)
+    return SentenceTransformerEncoder(name, path, device=device, dtype=dtype, threads=threads, compile=compile,
+                                      **kwargs)
 
 
 def encoder_from_identity(identity: dict[str, Any], device: str = "cpu", **overrides: Any) -> Encoder:

@@ -62,6 +62,10 @@ class HFTokenizer:
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
 
+    def ids_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with the model's special tokens, as the model will read them (no truncation)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+
     def count_batch(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 

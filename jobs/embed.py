@@ -18,9 +18,7 @@ import warnings
 from typing import Any, Callable
 
 from engine.config import EmbedJobConfig, load_config_file
-from engine.pipeline import (
-    UnitEmbedder, chunk_unit, finalize_run, plan_meta_for, prepare_run, run_summary,
-)
+from engine.pipeline import UnitEmbedder, finalize_run, plan_meta_for, prepare_run, run_summary
 
 log = logging.getLogger("embedctl.jobs.embed")
 SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
@@ -29,12 +27,16 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def _chunk_task(row: dict[str, Any], cfg: EmbedJobConfig, plan_meta: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data map task: one unit row in, one row with the chunk-stage summary out."""
+    """Ray Data map task (CPU): read + validate + chunk one unit, and tokenize it for the actors."""
     from engine.corpus import Unit
+    from engine.pipeline import chunk_unit_table, pretokenize
 
     unit = Unit(**json.loads(row["unit"]))
     dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
-    return {"chunked": json.dumps(chunk_unit(cfg, plan_meta, unit, dups))}
+    summary, table = chunk_unit_table(cfg, plan_meta, unit, dups)
+    packed = pretokenize(cfg, table)
+    ids, lens = packed if packed else (b"", b"")
+    return {"chunked": json.dumps(summary), "ids": ids, "lens": lens}
 
 
 class _EmbedActor:

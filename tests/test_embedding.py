@@ -109,3 +109,30 @@ def test_identity_roundtrip_and_fingerprint_mismatch(minilm):
 def test_fp16_on_cpu_is_refused():
     with pytest.raises(ConfigError, match="CUDA"):
         load_encoder(None, device="cpu", dtype="float16")
+
+
+@pytest.mark.integration
+def test_pretokenized_fast_path_equals_text_path(minilm):
+    """The GPU fast path (ids tokenized elsewhere, bucket padding) gives the plain path's vectors."""
+    from engine.pipeline import model_tokenizer
+
+    texts = [f"report {i}: " + "shock wave boundary layer interaction " * (i % 13 + 1) for i in range(50)]
+    ids = model_tokenizer(None).ids_batch(texts)
+    fast = minilm.encode_ids([np.asarray(x) for x in ids])
+    plain = minilm.encode(texts)
+    assert (fast * plain).sum(axis=1).min() > 0.99999
+
+
+@pytest.mark.integration
+def test_pretokenized_input_over_limit_is_refused(minilm):
+    with pytest.raises(ValueError, match="max_seq_length"):
+        minilm.encode_ids([np.arange(300)])
+
+
+@pytest.mark.gpu
+def test_half_precision_on_gpu_matches_fp32():
+    texts = ["flutter of panels at supersonic speed " * k for k in range(1, 40)]
+    fp32 = load_encoder(None, device="cuda", dtype="float32").encode(texts)
+    for dtype in ("float16", "bfloat16"):
+        half = load_encoder(None, device="cuda", dtype=dtype).encode(texts)
+        assert (half * fp32).sum(axis=1).min() >= 0.999
