@@ -1,0 +1,1085 @@
+"""Incremental corpus refresh: diff a new snapshot by content hash, re-embed only what changed.
+
+A refresh starts from the index version an alias names (``--from-alias live``), follows it to
+the embed run it was built from (the version manifest's ``source_run``), and produces:
+
+1. a *refresh run* ``runs/refresh-<hash>/``: a normal embed run of the new snapshot (same
+   chunks/, embeddings/, rejects/, manifest.json with ``kind: "embed"``), made by the embed
+   job's own stages (``engine.pipeline.prepare_run``/``chunk_unit``/``UnitEmbedder``/
+   ``finalize_run``). Its encoder is a ``ReusingEncoder``: a chunk whose content hash the
+   parent run already embedded gets the parent's stored vector (read from the parent's
+   embeddings parts, never recomputed); only the rest reach the model. The index builder
+   treats it like any run;
+2. a diff (``RefreshDiff``) of the two runs' chunk rows: documents and chunks that are new,
+   changed, unchanged or deleted, and the chunk ids to remove from / add to the index;
+3. a new index version, by an incremental update of a copy of the live shards (small change,
+   quantizer still fits) or a full rebuild (see ``choose_strategy``): the choice and the
+   reason go into the version manifest (``refresh``);
+4. a publish through the normal CAS swap, only when the recall gate and the canary set pass.
+
+One refresh per index at a time: a lease object (``indexes/<index>/leases/refresh.json``,
+``Lease``), created with ``put_if_absent``, renewed with ``put_if_match`` by a heartbeat, and
+taken over when it expired (or, on the same host, when its process is gone).
+
+A refresh whose model or chunker config differs from the live version's is refused: every
+vector would change, which is what ``embedctl migrate`` is for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+
+import numpy as np
+
+from engine import layout
+from engine.chunking import ChunkConfig, content_hash
+from engine.config import SECTIONS, EmbedConfig, EmbedJobConfig, RuntimeConfig, from_flat
+from engine.corpus import CorpusConfig
+from engine.embedding import Encoder
+from engine.errors import ConfigError, ConflictError, IntegrityError, NotFoundError
+from engine.pipeline import UnitEmbedder, read_part, state_key
+from engine.storage import Store, json_bytes, open_store
+from engine.tokenization import WhitespaceTokenizer
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+LEASE_WHAT = "refresh"
+STALL_ENV = "EMBEDCTL_REFRESH_STALL"  # test hook: "<stage>[:<n>]" -> touch the flag file, then hang
+STALL_FLAG_ENV = "EMBEDCTL_REFRESH_STALL_FLAG"
+
+Strategy = Literal["auto", "incremental", "rebuild"]
+Executor = Literal["auto", "local", "ray"]
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RefreshConfig:
+    """What a refresh does. Model and chunker settings are *not* here: they come from the live
+    version's source run (``overrides`` may repeat them; a different value is refused)."""
+
+    corpus: str  # the new snapshot: Parquet file, folder or s3:// prefix
+    store: str
+    index: str
+    from_alias: str = "live"  # the version to diff against
+    publish_to: str | None = None  # alias to swap to the new version (None: build only)
+    endpoint_url: str | None = None
+    run_id: str | None = None  # default: refresh-<hash of parent run, config, inputs> (a rerun resumes)
+    version_id: str | None = None  # default: derived from the run id
+    strategy: Strategy = "auto"  # incremental | rebuild | auto (decide from the change and drift)
+    rebuild_fraction: float = 0.2  # auto: rebuild when (new+changed+deleted chunks)/live chunks exceeds this
+    drift_threshold: float = 1.5  # auto: rebuild when new vectors sit this much farther from their IVF centroid
+    max_incremental_chain: int = 20  # auto: rebuild after this many incremental versions in a row
+    recall_gate: float | None = None  # min recall@10 vs exact search (None: the index builder's default)
+    canary: str | None = None  # canary set to check before publishing (engine.quality)
+    lease_ttl_s: float = 300.0  # a crashed refresh's lease expires after this long
+    break_lease: bool = False  # take the lease even if it looks alive (you know its holder is dead)
+    executor: Executor = "auto"  # where the chunk/embed stages run (jobs/refresh.py decides for auto)
+    local_max_docs: int = 50_000  # auto: chunk in the driver when the snapshot has at most this many docs
+    local_max_embed: int = 1_024  # auto: embed in the driver when at most this many chunks need the model
+    overrides: dict[str, Any] = field(default_factory=dict)  # embed-job keys (corpus/chunk/embed/runtime)
+
+    def validate(self) -> None:
+        from engine.publish import check_name
+
+        check_name("index", self.index)
+        check_name("alias", self.from_alias)
+        if self.publish_to is not None:
+            check_name("alias", self.publish_to)
+        if self.version_id is not None:
+            check_name("version", self.version_id)
+        if self.strategy not in ("auto", "incremental", "rebuild"):
+            raise ConfigError(f"strategy must be auto, incremental or rebuild, got {self.strategy!r}")
+        if self.executor not in ("auto", "local", "ray"):
+            raise ConfigError(f"executor must be auto, local or ray, got {self.executor!r}")
+        if not 0 <= self.rebuild_fraction <= 1:
+            raise ConfigError(f"rebuild_fraction must be in [0, 1], got {self.rebuild_fraction}")
+        if self.drift_threshold <= 0:
+            raise ConfigError(f"drift_threshold must be positive, got {self.drift_threshold}")
+        if self.lease_ttl_s < 1:
+            raise ConfigError(f"lease_ttl_s must be at least 1 second, got {self.lease_ttl_s}")
+        if self.recall_gate is not None and not 0 <= self.recall_gate <= 1:
+            raise ConfigError(f"recall_gate must be in [0, 1], got {self.recall_gate}")
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RefreshConfig:
+        """File + flags, one flat key space: refresh keys plus the embed job's keys.
+
+        ``alias: live`` is shorthand for ``from_alias: live`` and ``publish_to: live``.
+        """
+        flat = {k.replace("-", "_"): v for k, v in flat.items() if v is not None}
+        for section in ("refresh",) + tuple(SECTIONS):  # nested form ({"chunk": {...}}) too
+            if isinstance(flat.get(section), dict):
+                flat.update(flat.pop(section))
+        if "alias" in flat:
+            alias = flat.pop("alias")
+            flat.setdefault("from_alias", alias)
+            flat.setdefault("publish_to", alias)
+        own = {f.name for f in fields(cls)} - {"overrides"}
+        kwargs = {k: flat.pop(k) for k in list(flat) if k in own}
+        kwargs.setdefault("endpoint_url", flat.get("endpoint_url"))
+        flat.pop("endpoint_url", None)
+        for k in ("corpus", "store"):
+            flat.pop(k, None)
+        allowed = {f.name for s in SECTIONS.values() for f in fields(s)} | {"dim"}
+        unknown = set(flat) - allowed
+        if unknown:
+            raise ConfigError(f"unknown refresh config keys {sorted(unknown)}; allowed: "
+                              f"{', '.join(sorted(own | allowed | {'alias'}))}")
+        missing = [k for k in ("corpus", "store", "index") if not kwargs.get(k)]
+        if missing:
+            raise ConfigError(f"refresh needs {', '.join(missing)} (as flags or config keys)")
+        try:
+            cfg = cls(**kwargs, overrides=dict(flat))
+        except TypeError as err:
+            raise ConfigError(f"refresh settings: {err}") from err
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Keys that change vectors or chunk ids: a refresh must use the live version's values.
+IDENTITY_KEYS = tuple(f.name for f in fields(ChunkConfig)) + (
+    "model", "truncate_dim", "query_prompt", "passage_prompt", "output_dtype")
+# Keys a refresh may change freely: how the snapshot is read, how the work runs.
+# (Device, precision and speed knobs are not inherited from the live run: it may have run on GPUs.)
+FREE_KEYS = tuple(f.name for f in fields(CorpusConfig) if f.name not in ("corpus", "endpoint_url")) + (
+    "device", "dtype") + tuple(EmbedConfig.SPEED_ONLY) + tuple(f.name for f in fields(RuntimeConfig))
+
+
+# ---------------------------------------------------------------------------------------------
+# the live version and its source run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveVersion:
+    """What the refresh starts from: the alias, the version it names, and that version's run."""
+
+    alias: str
+    alias_generation: int
+    alias_etag: str | None
+    weighted: bool
+    version_id: str
+    version_manifest: dict[str, Any]
+    run_id: str
+    run_manifest: dict[str, Any]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.run_manifest.get("model") or {}
+
+
+def source_run_id(version_manifest: dict[str, Any]) -> str | None:
+    """The run a version was built from (``source_run`` may be an id or ``{"run_id": ...}``)."""
+    src = version_manifest.get("source_run")
+    if isinstance(src, dict):
+        src = src.get("run_id") or src.get("id")
+    return str(src) if src else None
+
+
+def resolve_live(store: Store, index: str, alias: str) -> LiveVersion:
+    """Alias -> version manifest -> source run manifest, each checked, with errors that say what to do."""
+    from engine.publish import read_alias
+
+    state = read_alias(store, index, alias)
+    assert state is not None
+    version_id = state.version  # blue while a weighted rollout runs
+    try:
+        vman = store.read_json(layout.version_manifest_key(index, version_id))
+    except NotFoundError:
+        raise NotFoundError(f"alias {alias!r} of index {index!r} names version {version_id!r}, which has no "
+                            "manifest in the store; repair the alias (embedctl rollback) before refreshing") from None
+    run_id = source_run_id(vman)
+    if not run_id:
+        raise ConfigError(f"version {version_id!r} of index {index!r} does not name the run it was built from "
+                          "(no source_run in its manifest), so there are no stored vectors to reuse; build the "
+                          "index from an embed run (embedctl build-index --run RUN) and refresh from that")
+    try:
+        rman = store.read_json(layout.run_manifest_key(run_id))
+    except NotFoundError:
+        raise NotFoundError(f"version {version_id!r} was built from run {run_id!r}, which is no longer in "
+                            f"{store.describe()}; a refresh needs its chunks and embeddings. Re-embed the "
+                            "snapshot (embedctl embed), build and publish, then refresh from there") from None
+    if rman.get("kind") != "embed" or rman.get("status") != "succeeded":
+        raise ConfigError(f"run {run_id!r} behind version {version_id!r} is a {rman.get('kind')!r} run with "
+                          f"status {rman.get('status')!r}; a refresh needs a succeeded embed run")
+    return LiveVersion(alias=alias, alias_generation=state.generation, alias_etag=state.etag,
+                       weighted=state.weighted is not None, version_id=version_id, version_manifest=vman,
+                       run_id=run_id, run_manifest=rman)
+
+
+def embed_job_config(rcfg: RefreshConfig, live: LiveVersion) -> EmbedJobConfig:
+    """The embed-job config of the refresh run: the live run's config on the new snapshot.
+
+    Raises ConfigError (pointing to ``embedctl migrate``) when the flags ask for another model,
+    chunker or vector format than the live version was built with.
+    """
+    parent = live.run_manifest.get("config") or {}
+    flat: dict[str, Any] = {}
+    flat.update(parent.get("corpus") or {})
+    flat.update(parent.get("chunk") or {})
+    flat.update({k: v for k, v in (parent.get("embed") or {}).items() if k in IDENTITY_KEYS})
+    overrides = {("truncate_dim" if k == "dim" else k): v for k, v in rcfg.overrides.items()}
+    differ = []
+    for key, value in overrides.items():
+        if key in IDENTITY_KEYS:
+            if _canon(key, value) != _canon(key, flat.get(key)):
+                differ.append(f"{key}={value!r} (live: {flat.get(key)!r})")
+        elif key not in FREE_KEYS:
+            raise ConfigError(f"refresh cannot change {key!r}")
+    if differ:
+        raise ConfigError(
+            f"this refresh asks for {', '.join(differ)}, but version {live.version_id!r} on alias {live.alias!r} "
+            f"was built with the live settings. A new model or chunker changes every vector and chunk id: use "
+            f"`embedctl migrate --index {rcfg.index} --alias {live.alias} ...` (re-embed, validate, dual-run, "
+            "cut over), or drop these flags to refresh with the live settings")
+    flat.update({k: v for k, v in overrides.items() if k in FREE_KEYS})
+    flat.update(corpus=rcfg.corpus, store=rcfg.store, endpoint_url=rcfg.endpoint_url, run_id=rcfg.run_id)
+    if rcfg.endpoint_url and not flat.get("endpoint_url"):
+        flat["endpoint_url"] = rcfg.endpoint_url
+    try:
+        cfg = from_flat(EmbedJobConfig, flat)
+    except ConfigError as err:
+        raise ConfigError(f"the live run's config does not apply to this refresh: {err}") from err
+    check_model_unchanged(cfg, live)
+    return cfg
+
+
+def _canon(key: str, value: Any) -> Any:
+    """Compare config values the way the run identity does (defaults and spellings folded)."""
+    from engine.embedding import DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE
+
+    if key == "model" and value in (None, "", "default", DEFAULT_MODEL_NAME, DEFAULT_MODEL_PACKAGE,
+                                    DEFAULT_MODEL_PACKAGE.replace("_", "-"), f"sentence-transformers/{DEFAULT_MODEL_NAME}"):
+        return None
+    if key in ("query_prompt", "passage_prompt") and not value:
+        return None
+    return value
+
+
+def check_model_unchanged(cfg: EmbedJobConfig, live: LiveVersion) -> None:
+    """The model installed here must be the one the live vectors came from (same weights fingerprint)."""
+    want = live.model
+    spec = cfg.embed.model
+    if spec and spec.startswith("hash:"):
+        have = f"hash-v1-{int(spec.split(':', 1)[1])}"
+    else:
+        from engine.embedding import model_fingerprint, resolve_model_path
+
+        _name, path = resolve_model_path(spec)
+        have = model_fingerprint(path)
+    if want.get("fingerprint") and have != want["fingerprint"]:
+        raise ConfigError(
+            f"the model installed here ({spec or 'default'}: fingerprint {have[:12]}) is not the one version "
+            f"{live.version_id!r} was embedded with ({want.get('name')}: {str(want['fingerprint'])[:12]}); "
+            "mixing vectors of two models in one index is wrong. Install the live model version, or move to the "
+            f"new model with `embedctl migrate --index {live.version_manifest.get('index', '...')}`")
+    vdim = live.version_manifest.get("dim")
+    if vdim and want.get("dim") and int(vdim) != int(want["dim"]):
+        raise IntegrityError(f"version {live.version_id!r} has dim {vdim} but its run {live.run_id!r} has "
+                             f"{want['dim']}; the store is inconsistent")
+
+
+def refresh_run_id(cfg: EmbedJobConfig, live: LiveVersion, input_fingerprints: list[tuple[str, str]]) -> str:
+    """Same live version + same config + same snapshot -> same id, so a rerun resumes the run."""
+    h = hashlib.sha256(json.dumps({"parent_run": live.run_id, "parent_version": live.version_id,
+                                   "identity": cfg.identity_dict()}, sort_keys=True, default=str).encode())
+    for key, fp in sorted(input_fingerprints):
+        h.update(f"{key}\x00{fp}".encode())
+    return f"refresh-{h.hexdigest()[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the lease: one refresh per index at a time
+# ---------------------------------------------------------------------------------------------
+
+
+def _hostname() -> str:
+    return os.environ.get("EMBEDCTL_HOSTNAME") or socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Lease:
+    """A held lease: the object's key, our ETag of it, and its document."""
+
+    store: Store
+    key: str
+    etag: str
+    doc: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lost: str | None = None  # why we no longer hold it (set by the heartbeat)
+
+    @property
+    def lease_id(self) -> str:
+        return str(self.doc["lease_id"])
+
+    def renew(self, ttl_s: float | None = None) -> None:
+        """Extend the expiry (``put_if_match`` on our ETag); ConflictError if someone took it."""
+        with self.lock:
+            if self.lost:
+                raise ConflictError(self.lost)
+            now = time.time()
+            ttl = float(ttl_s or self.doc["ttl_s"])
+            doc = dict(self.doc, renewed_at=now, expires_at=now + ttl, renewals=int(self.doc.get("renewals", 0)) + 1)
+            try:
+                self.etag = self.store.put_if_match(self.key, json_bytes(doc), self.etag)
+            except (ConflictError, NotFoundError) as err:
+                self.lost = (f"the refresh lease {self.store.describe(self.key)} was taken over by another refresh "
+                             f"(ours expired or was broken: {err}); stopping without publishing")
+                raise ConflictError(self.lost) from err
+            self.doc = doc
+
+    def update(self, **fields_: Any) -> None:
+        """Record progress in the lease document (what ``embedctl refresh`` shows a waiting user)."""
+        with self.lock:
+            if self.lost:
+                raise ConflictError(self.lost)
+            doc = dict(self.doc, **fields_)
+            try:
+                self.etag = self.store.put_if_match(self.key, json_bytes(doc), self.etag)
+            except (ConflictError, NotFoundError) as err:
+                self.lost = f"the refresh lease was taken over by another refresh ({err})"
+                raise ConflictError(self.lost) from err
+            self.doc = doc
+
+    def release(self) -> None:
+        with self.lock:
+            if self.lost:
+                return
+            try:
+                self.store.delete_if_match(self.key, self.etag)
+            except ConflictError:
+                log.warning("lease %s changed hands before release; leaving it", self.store.describe(self.key))
+            self.lost = "released"
+
+
+def lease_state(doc: dict[str, Any], now: float | None = None) -> tuple[bool, str]:
+    """(stale, why) for a lease document: stale when expired, or its process on this host is gone."""
+    now = time.time() if now is None else now
+    expires = float(doc.get("expires_at", 0))
+    if expires <= now:
+        return True, f"expired {now - expires:.0f} s ago"
+    if doc.get("host") == _hostname() and doc.get("pid") and not _pid_alive(int(doc["pid"])):
+        return True, f"its process {doc['pid']} on this host ({doc['host']}) is gone"
+    return False, f"expires in {expires - now:.0f} s"
+
+
+def acquire_lease(store: Store, index: str, *, ttl_s: float, info: dict[str, Any] | None = None,
+                  break_lease: bool = False, what: str = LEASE_WHAT) -> Lease:
+    """Create the lease object, or take over a stale one; ConflictError (fast) when it is held."""
+    key = layout.lease_key(index, what)
+    now = time.time()
+    doc = {"format": 1, "what": what, "index": index, "lease_id": uuid.uuid4().hex, "host": _hostname(),
+           "pid": os.getpid(), "by": _whoami(), "acquired_at": now, "renewed_at": now, "expires_at": now + ttl_s,
+           "ttl_s": ttl_s, "renewals": 0, **(info or {})}
+    data = json_bytes(doc)
+    for _attempt in range(3):
+        try:
+            return Lease(store, key, store.put_if_absent(key, data), doc)
+        except ConflictError:
+            pass
+        current = store.get_versioned(key)
+        if current is None:
+            continue  # released between our create and our read: try again
+        try:
+            held = json.loads(current.data)
+        except json.JSONDecodeError:
+            held = {"expires_at": 0}
+        stale, why = lease_state(held)
+        if not stale and not break_lease:
+            raise ConflictError(
+                f"another refresh of index {index!r} is running: lease {store.describe(key)} is held by "
+                f"{held.get('by', '?')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, run "
+                f"{held.get('run_id', '?')}, stage {held.get('stage', '?')}) since "
+                f"{_fmt_time(held.get('acquired_at'))}; it {why}. Wait for it to finish; if it crashed, its lease "
+                f"expires by itself, or rerun with --break-lease when you know its holder is dead")
+        log.warning("taking over the refresh lease of index %s from %s (pid %s on %s): %s", index,
+                    held.get("by"), held.get("pid"), held.get("host"),
+                    why if stale else "--break-lease")
+        doc["took_over"] = {k: held.get(k) for k in ("lease_id", "by", "host", "pid", "run_id")}
+        data = json_bytes(doc)
+        try:
+            return Lease(store, key, store.put_if_match(key, data, current.etag), doc)
+        except (ConflictError, NotFoundError):
+            continue  # someone else took it (or it was released): look again
+    raise ConflictError(f"could not take the refresh lease {store.describe(key)}: another refresh keeps taking "
+                        "it; try again later")
+
+
+def _fmt_time(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _whoami() -> str:
+    from engine.publish import whoami
+
+    return whoami()
+
+
+class LeaseKeeper:
+    """Renews a lease every ``ttl/4`` seconds from a daemon thread while the refresh works."""
+
+    def __init__(self, lease: Lease):
+        self.lease = lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedctl-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.lease.release()
+
+    def _run(self) -> None:
+        interval = max(0.2, float(self.lease.doc["ttl_s"]) / 4)
+        while not self._stop.wait(interval):
+            try:
+                self.lease.renew()
+            except ConflictError:
+                log.error("%s", self.lease.lost)
+                return
+            except Exception as err:  # noqa: BLE001 - a flaky store: try again next tick
+                log.warning("could not renew the refresh lease (will retry): %s", err)
+
+    def check(self) -> None:
+        """Fencing before an irreversible step: renew now, raise ConflictError if the lease is gone."""
+        self.lease.renew()
+
+
+def stall_point(stage: str, count: int | None = None) -> None:
+    """Test hook for the kill test: ``EMBEDCTL_REFRESH_STALL=<stage>[:<n>]`` touches the flag file
+    and hangs here (at the n-th call with ``count``), so a test can SIGKILL a known point."""
+    want = os.environ.get(STALL_ENV)
+    if not want:
+        return
+    name, _, nth = want.partition(":")
+    if name != stage or (nth and count is not None and count < int(nth)):
+        return
+    flag = os.environ.get(STALL_FLAG_ENV)
+    if flag:
+        with open(flag, "w") as f:
+            f.write(f"{stage} {os.getpid()}\n")
+    log.warning("stall point %s reached: hanging until killed (test hook %s)", stage, STALL_ENV)
+    while True:
+        time.sleep(3600)
+
+
+# ---------------------------------------------------------------------------------------------
+# reusing stored vectors
+# ---------------------------------------------------------------------------------------------
+
+
+def _hash_keys(hashes: list[str]) -> np.ndarray:
+    """First 128 bits of each sha256 hex content hash as sortable 16-byte keys. [n] S16"""
+    return np.array([bytes.fromhex(h[:32]) for h in hashes], dtype="S16")
+
+
+def _read_columns(store: Store, key: str, columns: list[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    with store.arrow_filesystem().open_input_file(store.arrow_path(key)) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def _vectors(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A fixed_size_list column as a 2-D array. [rows, dim] (float32 or float16, as stored)"""
+    col = table.column(column).combine_chunks()
+    dim = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+class VectorLookup:
+    """content hash -> stored vector of a previous run, without holding the vectors in memory.
+
+    The index is three sorted arrays (16-byte hash key, part number, row in part): about 24
+    bytes per chunk, cheap to ship to Ray actors. Vectors are read from the run's embeddings
+    parts on demand, through an LRU cache of whole parts bounded by ``cache_bytes``.
+    """
+
+    def __init__(self, store_uri: str, endpoint_url: str | None, parts: list[str], keys: np.ndarray,
+                 part_idx: np.ndarray, rows: np.ndarray, dim: int, cache_bytes: int = 1 << 30):
+        self.store_uri, self.endpoint_url, self.parts = store_uri, endpoint_url, parts
+        self.keys, self.part_idx, self.rows, self.dim = keys, part_idx, rows, dim
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._store: Store | None = None
+        self.part_reads = 0
+
+    @classmethod
+    def from_run(cls, store: Store, run_manifest: dict[str, Any], endpoint_url: str | None = None,
+                 cache_bytes: int = 1 << 30) -> VectorLookup:
+        parts = [o["key"] for o in run_manifest["outputs"]["embeddings"]]
+        keys, part_idx, rows = [], [], []
+        for i, key in enumerate(parts):
+            hashes = _read_columns(store, key, ["content_hash"]).column(0).to_pylist()
+            keys.append(_hash_keys(hashes))
+            part_idx.append(np.full(len(hashes), i, dtype=np.int32))
+            rows.append(np.arange(len(hashes), dtype=np.int32))
+        all_keys = np.concatenate(keys) if keys else np.zeros(0, dtype="S16")
+        all_parts = np.concatenate(part_idx) if part_idx else np.zeros(0, dtype=np.int32)
+        all_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int32)
+        # Stable sort, then keep the first occurrence of each hash (equal texts, equal vectors).
+        order = np.argsort(all_keys, kind="stable")
+        all_keys, all_parts, all_rows = all_keys[order], all_parts[order], all_rows[order]
+        if len(all_keys):
+            first = np.concatenate([[True], all_keys[1:] != all_keys[:-1]])
+            all_keys, all_parts, all_rows = all_keys[first], all_parts[first], all_rows[first]
+        return cls(store.uri if not store.uri.startswith("/") else store.uri, endpoint_url, parts, all_keys,
+                   all_parts, all_rows, int(run_manifest["dim"]), cache_bytes)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_cache"] = OrderedDict()
+        state["_store"] = None
+        return state
+
+    def find(self, hashes: list[str]) -> np.ndarray:
+        """Position of each hash in the index, or -1. [n] int64"""
+        if not hashes or not len(self.keys):
+            return np.full(len(hashes), -1, dtype=np.int64)
+        q = _hash_keys(hashes)
+        pos = np.searchsorted(self.keys, q)
+        pos_c = np.minimum(pos, len(self.keys) - 1)
+        hit = self.keys[pos_c] == q
+        return np.where(hit, pos_c, -1).astype(np.int64)
+
+    def contains(self, hashes: list[str]) -> np.ndarray:
+        return self.find(hashes) >= 0
+
+    def vectors_at(self, positions: np.ndarray) -> np.ndarray:
+        """Stored vectors for index positions (all >= 0). [n, dim] float32"""
+        out = np.zeros((len(positions), self.dim), dtype=np.float32)
+        parts = self.part_idx[positions]
+        rows = self.rows[positions]
+        for p in np.unique(parts):
+            sel = parts == p
+            out[sel] = self._part(int(p))[rows[sel]]
+        return out
+
+    def _part(self, p: int) -> np.ndarray:
+        vecs = self._cache.get(p)
+        if vecs is not None:
+            self._cache.move_to_end(p)
+            return vecs
+        if self._store is None:
+            self._store = open_store(self.store_uri, endpoint_url=self.endpoint_url)
+        vecs = _vectors(_read_columns(self._store, self.parts[p], ["embedding"]))
+        self.part_reads += 1
+        self._cache[p] = vecs
+        while len(self._cache) > 1 and sum(v.nbytes for v in self._cache.values()) > self.cache_bytes:
+            self._cache.popitem(last=False)
+        return vecs
+
+
+class ReusingEncoder(Encoder):
+    """An encoder that answers from a previous run's stored vectors by content hash, and sends
+    only unseen texts to the real model (loaded lazily: a unit whose chunks are all unchanged
+    never loads it). Its identity is the live run's model identity, verbatim."""
+
+    def __init__(self, identity: dict[str, Any], lookup: VectorLookup,
+                 load_inner: Callable[[], Encoder] | None = None, inner: Encoder | None = None):
+        super().__init__(name=str(identity.get("name")), path=str(identity.get("path") or ""),
+                         fingerprint=str(identity.get("fingerprint") or ""),
+                         native_dim=int(identity.get("native_dim") or identity["dim"]),
+                         max_seq_length=int(identity.get("max_seq_length") or 512), tokenizer=WhitespaceTokenizer(),
+                         truncate_dim=identity.get("truncate_dim"), query_prompt=identity.get("query_prompt") or "",
+                         passage_prompt=identity.get("passage_prompt") or "")
+        self._identity = dict(identity)
+        self.lookup = lookup
+        self._load_inner = load_inner
+        self._inner = inner
+        self.counts = {"reused": 0, "embedded": 0}
+
+    @property
+    def identity(self) -> dict[str, Any]:  # type: ignore[override]
+        return dict(self._identity)
+
+    @property
+    def inner(self) -> Encoder:
+        if self._inner is None:
+            if self._load_inner is None:
+                raise ConfigError("no model to embed changed chunks with")
+            self._inner = self._load_inner()
+            if self._inner.dim != self.dim:
+                raise ConfigError(f"the model gives {self._inner.dim}-dim vectors, the live run has {self.dim}")
+        return self._inner
+
+    def encode_passages(self, texts: list[str]) -> np.ndarray:
+        """[n, dim] float32: stored vectors where the content hash is known, the model's otherwise.
+
+        ``texts`` are the chunker's embed texts (title prefix + chunk), whose sha256 is the
+        chunk's ``content_hash`` (``engine.pipeline.embed_inputs``)."""
+        hashes = [content_hash(t) for t in texts]
+        pos = self.lookup.find(hashes)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        hit = pos >= 0
+        if hit.any():
+            out[hit] = self.lookup.vectors_at(pos[hit])
+        misses: dict[str, list[int]] = {}
+        for i in np.flatnonzero(~hit):
+            misses.setdefault(hashes[i], []).append(int(i))
+        if misses:
+            firsts = [idx[0] for idx in misses.values()]
+            vecs = self.inner.encode_passages([texts[i] for i in firsts])  # [n_unique_misses, dim]
+            for v, idx in zip(vecs, misses.values()):
+                out[idx] = v
+        self.counts["reused"] += int(hit.sum())
+        self.counts["embedded"] += len(misses)
+        return out
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self.inner.encode_queries(texts)
+
+    def _encode_raw(self, texts: list[str]) -> np.ndarray:
+        return self.inner._encode_raw(texts)
+
+
+class RefreshEmbedder(UnitEmbedder):
+    """The embed job's ``UnitEmbedder`` with a ``ReusingEncoder``; records per-unit reuse counts
+    in ``_state/refresh/<unit>.json`` after the unit's commit."""
+
+    def __init__(self, cfg: EmbedJobConfig, run_id: str, identity: dict[str, Any], lookup: VectorLookup,
+                 threads: int | None = None, encoder: Encoder | None = None):
+        e = cfg.embed
+
+        def load() -> Encoder:
+            from engine.embedding import encoder_from_identity
+
+            return encoder_from_identity(identity, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens,
+                                         threads=threads, compile=e.compile)
+
+        self.reusing = ReusingEncoder(identity, lookup, load_inner=load, inner=encoder)
+        super().__init__(cfg, run_id, threads=threads, encoder=self.reusing)
+        self.units_done = 0
+
+    def embed_unit(self, chunked: dict[str, Any], token_ids: list[Any] | None = None) -> dict[str, Any]:
+        before = dict(self.reusing.counts)
+        t0 = time.perf_counter()
+        # No pre-tokenized ids: the reuse decision needs the texts (their content hashes).
+        marker = super().embed_unit(chunked)
+        stats = {"unit_id": chunked["unit_id"], "reused": self.reusing.counts["reused"] - before["reused"],
+                 "embedded": self.reusing.counts["embedded"] - before["embedded"],
+                 "seconds": round(time.perf_counter() - t0, 4)}
+        self.store.write_bytes(state_key(self.run_id, "refresh", f"{chunked['unit_id']}.json"), json_bytes(stats))
+        self.units_done += 1
+        stall_point("unit", self.units_done)
+        return {**marker, "refresh": stats}
+
+
+# ---------------------------------------------------------------------------------------------
+# the diff: two runs' chunk rows compared by chunk id and content hash
+# ---------------------------------------------------------------------------------------------
+
+CATEGORIES = ("new", "changed", "unchanged", "deleted")
+
+
+@dataclass
+class RefreshDiff:
+    """Documents and chunks of the new snapshot against the live run.
+
+    Chunks: *unchanged* (same chunk id, same content hash), *changed* (same id, other hash),
+    *new* (id only in the snapshot), *deleted* (id only in the live run). Documents:
+    *unchanged* when every chunk is, *changed* when present in both otherwise, *new*/*deleted*
+    when present on one side only. ``remove_ids``/``add_ids`` are the index delta: changed and
+    deleted chunks leave, changed and new chunks come in."""
+
+    docs: dict[str, int]
+    chunks: dict[str, int]
+    live_chunks: int
+    snapshot_chunks: int
+    embedded: int  # distinct texts the model had to embed (new/changed chunks with an unseen hash)
+    reused_by_hash: int  # new/changed chunks whose text the live run had already embedded (moved text)
+    remove_ids: list[str]
+    add_ids: list[str]
+    deleted_doc_ids: list[str]
+
+    @property
+    def changed_fraction(self) -> float:
+        """Index churn relative to the live version: (chunks added + chunks removed) / live chunks."""
+        churn = self.chunks["new"] + self.chunks["changed"] + self.chunks["deleted"]
+        return churn / max(1, self.live_chunks)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.chunks["new"] or self.chunks["changed"] or self.chunks["deleted"])
+
+    def summary(self) -> dict[str, Any]:
+        return {"docs": dict(self.docs), "chunks": dict(self.chunks), "live_chunks": self.live_chunks,
+                "snapshot_chunks": self.snapshot_chunks, "embedded": self.embedded,
+                "reused_by_hash": self.reused_by_hash, "changed_fraction": round(self.changed_fraction, 6),
+                "index_delta": {"remove": len(self.remove_ids), "add": len(self.add_ids)}}
+
+
+def chunk_rows(store: Store, run_manifest: dict[str, Any], kind: str = "chunks") -> pa.Table:
+    """(chunk_id, doc_id, content_hash) of every chunk of a run, one table."""
+    import pyarrow as pa
+
+    cols = ["chunk_id", "doc_id", "content_hash"]
+    tables = [_read_columns(store, o["key"], cols) for o in run_manifest["outputs"][kind]]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in cols})
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def diff_runs(store: Store, live_run: dict[str, Any], new_run: dict[str, Any]) -> RefreshDiff:
+    """Compare the snapshot's run with the live run, chunk by chunk (columnar, no vectors read)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    old = chunk_rows(store, live_run)
+    new = chunk_rows(store, new_run)
+    for name, t in (("live", old), ("snapshot", new)):
+        if pc.count_distinct(t.column("chunk_id")).as_py() != t.num_rows:
+            raise IntegrityError(f"the {name} run has duplicate chunk ids; it is corrupt (rebuild it with embedctl embed)")
+    joined = new.rename_columns(["chunk_id", "doc_id", "hash_new"]).join(
+        old.rename_columns(["chunk_id", "doc_id_old", "hash_old"]), keys="chunk_id", join_type="full outer")
+    hn, ho = joined.column("hash_new"), joined.column("hash_old")
+    in_new, in_old = pc.is_valid(hn), pc.is_valid(ho)
+    same = pc.and_(pc.and_(in_new, in_old), pc.equal(pc.fill_null(hn, ""), pc.fill_null(ho, "")))
+    changed = pc.and_(pc.and_(in_new, in_old), pc.invert(same))
+    new_only = pc.and_(in_new, pc.invert(in_old))
+    old_only = pc.and_(in_old, pc.invert(in_new))
+    doc = pc.coalesce(joined.column("doc_id"), joined.column("doc_id_old"))
+    status = pa.table({"doc": doc, "new": new_only, "old": old_only, "same": same, "changed": changed})
+    chunk_counts = {"new": _true(new_only), "changed": _true(changed), "unchanged": _true(same),
+                    "deleted": _true(old_only)}
+    # A document: new if it has no old chunk; deleted if no new chunk; unchanged if all chunks same.
+    per_doc = status.group_by("doc").aggregate([("new", "all"), ("old", "all"), ("same", "all")])
+    all_new, all_old, all_same = (per_doc.column(c) for c in ("new_all", "old_all", "same_all"))
+    doc_counts = {"new": _true(all_new), "deleted": _true(all_old), "unchanged": _true(all_same)}
+    doc_counts["changed"] = per_doc.num_rows - sum(doc_counts.values())
+    doc_counts = {k: doc_counts[k] for k in CATEGORIES}
+    deleted_docs = sorted(pc.filter(per_doc.column("doc"), all_old).to_pylist())
+    ids = joined.column("chunk_id")
+    remove_ids = pc.filter(ids, pc.or_(changed, old_only)).to_pylist()
+    add_ids = pc.filter(ids, pc.or_(changed, new_only)).to_pylist()
+    # What the model had to see: distinct hashes of incoming chunks that the live run lacks.
+    incoming = pc.unique(pc.filter(hn, pc.or_(changed, new_only)))
+    known = pc.is_in(incoming, value_set=pc.unique(old.column("content_hash")))
+    embedded = _true(pc.invert(known))
+    reused_by_hash = len(add_ids) - _count_in(pc.filter(hn, pc.or_(changed, new_only)), incoming, known)
+    return RefreshDiff(docs=doc_counts, chunks=chunk_counts, live_chunks=old.num_rows, snapshot_chunks=new.num_rows,
+                       embedded=embedded, reused_by_hash=reused_by_hash, remove_ids=sorted(remove_ids),
+                       add_ids=sorted(add_ids), deleted_doc_ids=deleted_docs)
+
+
+def _true(mask: Any) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.cast(mask, "int64")).as_py() or 0)
+
+
+def _count_in(hashes: Any, incoming: Any, known: Any) -> int:
+    """How many of ``hashes`` (with repeats) are not in the live run: the chunks the model served."""
+    import pyarrow.compute as pc
+
+    unseen = pc.filter(incoming, pc.invert(known))
+    return _true(pc.is_in(hashes, value_set=unseen))
+
+
+# ---------------------------------------------------------------------------------------------
+# one refresh, step by step (the local path and jobs/refresh.py share these)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RefreshState:
+    """What the steps of one refresh hand each other."""
+
+    live: LiveVersion
+    cfg: EmbedJobConfig  # the refresh run's embed-job config
+    run_id: str
+    prepared: Any = None  # engine.pipeline.PreparedRun
+    lookup: VectorLookup | None = None
+    attempt_counts: dict[str, int] = field(default_factory=lambda: {"reused": 0, "embedded": 0})
+
+
+class RefreshSession:
+    """Holds the lease for the whole refresh; the steps run inside ``with RefreshSession(cfg) as s``.
+
+    ``plan()`` (no writes, no lease) -> ``__enter__`` (lease + heartbeat) -> ``prepare()`` (the
+    refresh run, resumable) -> chunk + embed the pending units (``embed_locally`` or Ray, see
+    jobs/refresh.py) -> ``finish()`` (finalize the run, diff, build, gates, publish, summary).
+    """
+
+    def __init__(self, rcfg: RefreshConfig, *, clock: Callable[[], float] = time.perf_counter):
+        rcfg.validate()
+        self.rcfg = rcfg
+        self.store = open_store(rcfg.store, endpoint_url=rcfg.endpoint_url)
+        self.clock = clock
+        self.t0 = clock()
+        self.timings: dict[str, float] = {}
+        self.state: RefreshState | None = None
+        self.lease: Lease | None = None
+        self.keeper: LeaseKeeper | None = None
+
+    # -- plan (read-only) ------------------------------------------------------------------
+    def plan(self) -> RefreshState:
+        if self.state is not None:
+            return self.state
+        from engine.corpus import plan_corpus
+
+        live = resolve_live(self.store, self.rcfg.index, self.rcfg.from_alias)
+        if self.rcfg.publish_to:
+            self._check_not_weighted(self.rcfg.publish_to)
+        cfg = embed_job_config(self.rcfg, live)
+        cfg.validate()
+        if cfg.run_id is None:
+            _cstore, cplan = plan_corpus(cfg.corpus, find_duplicates=False)
+            run_id = refresh_run_id(cfg, live, [(f.key, f.fingerprint) for f in cplan.files])
+            cfg = dataclasses.replace(cfg, run_id=run_id)
+        assert cfg.run_id is not None
+        self.state = RefreshState(live=live, cfg=cfg, run_id=cfg.run_id)
+        return self.state
+
+    def _check_not_weighted(self, alias: str) -> None:
+        from engine.publish import read_alias
+
+        state = read_alias(self.store, self.rcfg.index, alias, missing_ok=True)
+        if state is not None and state.weighted is not None:
+            w = state.weighted
+            raise ConflictError(f"alias {alias!r} is in a weighted rollout ({w.blue} + {w.green} at "
+                                f"{w.to_dict()['green_weight']}%); publishing a refresh would end it. Finish the "
+                                "rollout (embedctl publish) or roll it back first, or refresh without --publish-to")
+
+    def describe_plan(self) -> dict[str, Any]:
+        """The dry run: what would be refreshed from where, with which settings (no writes)."""
+        st = self.plan()
+        held = self.store.get_versioned(layout.lease_key(self.rcfg.index, LEASE_WHAT))
+        lease = None
+        if held is not None:
+            doc = json.loads(held.data)
+            stale, why = lease_state(doc)
+            lease = {"held_by": doc.get("by"), "run_id": doc.get("run_id"), "stage": doc.get("stage"),
+                     "stale": stale, "state": why}
+        return {"index": self.rcfg.index, "from_alias": self.rcfg.from_alias, "from_version": st.live.version_id,
+                "alias_generation": st.live.alias_generation, "live_run": st.live.run_id, "run_id": st.run_id,
+                "version_id": self.version_id, "publish_to": self.rcfg.publish_to,
+                "model": st.live.model.get("name"), "dim": st.live.model.get("dim"),
+                "config": json.loads(json.dumps(st.cfg.to_dict(), default=str)),
+                "refresh": {k: v for k, v in self.rcfg.to_dict().items() if k != "overrides"},
+                "resumes_existing_run": self.store.exists(layout.run_manifest_key(st.run_id)), "lease": lease}
+
+    @property
+    def version_id(self) -> str:
+        st = self.plan()
+        return self.rcfg.version_id or st.run_id
+
+    # -- lease --------------------------------------------------------------------------------
+    def __enter__(self) -> RefreshSession:
+        st = self.plan()
+        self.lease = acquire_lease(self.store, self.rcfg.index, ttl_s=self.rcfg.lease_ttl_s,
+                                   info={"run_id": st.run_id, "from_version": st.live.version_id, "stage": "starting"},
+                                   break_lease=self.rcfg.break_lease)
+        self.keeper = LeaseKeeper(self.lease).__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.keeper is not None:
+            self.keeper.__exit__(*exc)
+
+    def stage(self, name: str) -> None:
+        """Record the stage in the lease (a waiting user sees it) and in the log."""
+        log.info("refresh %s: %s", self.state.run_id if self.state else "?", name)
+        if self.lease is not None:
+            self.lease.update(stage=name, stage_at=time.time())
+
+    # -- the refresh run ------------------------------------------------------------------------
+    def prepare(self) -> RefreshState:
+        """Create or resume the refresh run (``engine.pipeline.prepare_run``) and index the live vectors."""
+        from engine.pipeline import prepare_run
+
+        st = self.plan()
+        self.stage("prepare")
+        t = self.clock()
+        st.prepared = prepare_run(st.cfg)
+        st.lookup = VectorLookup.from_run(self.store, st.live.run_manifest, endpoint_url=self.rcfg.endpoint_url)
+        self.timings["prepare_seconds"] = self.clock() - t
+        log.info("refresh run %s: %d units (%d pending), %d live vectors indexed by content hash", st.run_id,
+                 len(st.prepared.plan.units), len(st.prepared.pending), len(st.lookup))
+        return st
+
+    def embedder(self, *, threads: int | None = None, encoder: Encoder | None = None) -> RefreshEmbedder:
+        st = self.state
+        assert st is not None and st.lookup is not None, "prepare() first"
+        return RefreshEmbedder(st.cfg, st.run_id, st.live.model, st.lookup, threads=threads, encoder=encoder)
+
+    def unit_misses(self, chunk_key: str) -> int:
+        """How many chunks of a chunked unit need the model (their hash is not in the live run)."""
+        st = self.state
+        assert st is not None and st.lookup is not None
+        hashes = _read_columns(self.store, chunk_key, ["content_hash"]).column(0).to_pylist()
+        return int((~st.lookup.contains(list(set(hashes)))).sum())
+
+    def embed_locally(self, encoder: Encoder | None = None) -> None:
+        """Chunk and embed every pending unit in this process (the embed job's stages, in order)."""
+        from engine.pipeline import chunk_unit, plan_meta_for
+
+        st = self.state
+        assert st is not None and st.prepared is not None, "prepare() first"
+        self.stage("embed")
+        t = self.clock()
+        meta = plan_meta_for(st.prepared)
+        embedder = self.embedder(encoder=encoder) if st.prepared.pending else None
+        for unit in st.prepared.pending:
+            chunked = chunk_unit(st.cfg, meta, unit, st.prepared.plan.duplicates.get(unit.file, {}))
+            assert embedder is not None
+            self.record_unit(embedder.embed_unit(chunked))
+        self.timings["embed_seconds"] = self.clock() - t
+
+    def record_unit(self, marker: dict[str, Any]) -> None:
+        st = self.state
+        assert st is not None
+        stats = marker.get("refresh") or {}
+        for k in ("reused", "embedded"):
+            st.attempt_counts[k] += int(stats.get(k, 0))
+
+    # -- finish -------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """Finalize the run, diff it, build the version, gate it, publish it; return the summary."""
+        from engine.pipeline import finalize_run
+
+        st = self.state
+        assert st is not None and st.prepared is not None, "prepare() and embed first"
+        stall_point("finalize")
+        manifest = finalize_run(st.cfg, st.prepared, self.clock() - self.t0)
+        if manifest["status"] != "succeeded":
+            raise IntegrityError(f"refresh run {st.run_id} is incomplete (missing units "
+                                 f"{manifest.get('missing_units')}); rerun the same refresh to finish it")
+        self.stage("diff")
+        t = self.clock()
+        diff = diff_runs(self.store, st.live.run_manifest, manifest)
+        self.timings["diff_seconds"] = self.clock() - t
+        per_unit = self._unit_stats(manifest)
+        refresh_info = {
+            "parent_run": st.live.run_id, "parent_version": st.live.version_id, "from_alias": self.rcfg.from_alias,
+            "diff": diff.summary(), "embedding_calls": per_unit["embedded"], "reused_vectors": per_unit["reused"],
+            "baseline": baseline_of(st.live.run_manifest),
+        }
+        manifest = dict(manifest, refresh=refresh_info)
+        self.store.write_json(layout.run_manifest_key(st.run_id), manifest)
+        summary: dict[str, Any] = {
+            "index": self.rcfg.index, "from_alias": self.rcfg.from_alias, "from_version": st.live.version_id,
+            "run_id": st.run_id, "docs": diff.docs, "chunks": diff.chunks, "live_chunks": diff.live_chunks,
+            "snapshot_chunks": diff.snapshot_chunks, "embedding_calls": per_unit["embedded"],
+            "embedding_calls_this_attempt": st.attempt_counts["embedded"], "reused_vectors": per_unit["reused"],
+            "reused_by_hash": diff.reused_by_hash, "counts": manifest.get("counts"),
+            "rejects": manifest.get("rejects"), "publish_to": self.rcfg.publish_to,
+        }
+        if diff.empty:
+            summary.update(status="up_to_date", version_id=None, strategy=None,
+                           strategy_reason="the snapshot has the same chunks as the live version",
+                           published=False, reason="nothing changed; the alias stays on "
+                           f"{st.live.version_id}")
+            return self._close(summary, manifest)
+        summary.update(self.build_gate_publish(diff, manifest))
+        return self._close(summary, manifest)
+
+    def build_gate_publish(self, diff: RefreshDiff, manifest: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError  # filled in below (index integration)
+
+    def _unit_stats(self, manifest: dict[str, Any]) -> dict[str, int]:
+        """Reuse counts over every attempt (per-unit records written after each commit)."""
+        st = self.state
+        assert st is not None
+        out = {"reused": 0, "embedded": 0, "units_without_stats": 0}
+        have = set(self.store.list(state_key(st.run_id, "refresh")))
+        for unit in st.prepared.plan.units:
+            key = state_key(st.run_id, "refresh", f"{unit.unit_id}.json")
+            if key in have:
+                rec = self.store.read_json(key)
+                out["reused"] += int(rec["reused"])
+                out["embedded"] += int(rec["embedded"])
+            else:
+                out["units_without_stats"] += 1
+        return out
+
+    def _close(self, summary: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+        wall = self.clock() - self.t0
+        self.timings["wall_seconds"] = wall
+        summary["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        summary["full_embed"] = full_embed_cost(manifest.get("refresh", {}).get("baseline"),
+                                                int(summary["snapshot_chunks"]), wall)
+        summary["saved_embedding_calls"] = int(summary["snapshot_chunks"]) - int(summary["embedding_calls"])
+        rec = dict(manifest.get("refresh") or {}, outcome={k: summary.get(k) for k in
+                   ("status", "version_id", "strategy", "strategy_reason", "published", "reason", "gates")},
+                   timings=summary["timings"], full_embed=summary["full_embed"])
+        self.store.write_json(layout.run_manifest_key(summary["run_id"]), dict(manifest, refresh=rec))
+        return summary
+
+
+def baseline_of(run_manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The last full embed in a chain of refreshes: what re-embedding everything costs."""
+    inherited = (run_manifest.get("refresh") or {}).get("baseline")
+    if inherited:
+        return inherited
+    t = run_manifest.get("timings") or {}
+    c = run_manifest.get("counts") or {}
+    if not c.get("chunks"):
+        return None
+    return {"run_id": run_manifest.get("run_id"), "chunks": int(c["chunks"]),
+            "wall_seconds": t.get("wall_seconds"), "embed_worker_seconds": t.get("embed_worker_seconds")}
+
+
+def full_embed_cost(baseline: dict[str, Any] | None, chunks: int, refresh_seconds: float) -> dict[str, Any]:
+    """A full re-embed of the snapshot: every chunk through the model, timed at the baseline run's rate."""
+    out: dict[str, Any] = {"embedding_calls": chunks, "estimated_seconds": None, "baseline_run": None,
+                           "refresh_over_full": None}
+    if baseline and baseline.get("chunks") and baseline.get("wall_seconds"):
+        est = float(baseline["wall_seconds"]) * chunks / int(baseline["chunks"])
+        out.update(estimated_seconds=round(est, 3), baseline_run=baseline.get("run_id"),
+                   refresh_over_full=round(refresh_seconds / est, 4) if est else None)
+    return out
+
+
+def run_refresh_locally(rcfg: RefreshConfig, encoder: Encoder | None = None) -> dict[str, Any]:
+    """The whole refresh in this process, without Ray (tests, small corpora). ``encoder``
+    replaces the model for the chunks that need one (a counting encoder in tests)."""
+    session = RefreshSession(rcfg)
+    session.plan()  # refusals come before the lease
+    with session:
+        session.prepare()
+        session.embed_locally(encoder)
+        summary = session.finish()
+    summary["executor"] = "driver"
+    return summary

@@ -1,0 +1,266 @@
+"""Ray driver for the refresh job: `python jobs/refresh.py --config refresh.yaml` (also `embedctl refresh`).
+
+Spreads work as: pending units of the new snapshot -> chunk (in the driver for small
+snapshots, else Ray tasks) -> units whose chunks all have a stored vector are copied by cheap
+Ray tasks (no model), units with new/changed chunks go to an embedding actor pool; when few
+chunks need the model (``local_max_embed``), everything runs in the driver and no actor or
+model start is paid. The library steps (lease, diff, index build, gates, publish) are
+``engine.refresh.RefreshSession``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+from engine.config import load_config_file
+from engine.refresh import RefreshConfig, RefreshSession, VectorLookup
+
+if TYPE_CHECKING:
+    from engine.embedding import Encoder
+
+log = logging.getLogger("embedctl.jobs.refresh")
+SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def _chunk_task(row: dict[str, Any], session_cfg: Any, plan_meta: dict[str, Any], lookup: VectorLookup) -> dict[str, Any]:
+    """Ray map task: chunk one unit (the embed job's stage) and count its chunks that need the model."""
+    from engine.corpus import Unit
+    from engine.pipeline import chunk_unit
+
+    unit = Unit(**json.loads(row["unit"]))
+    dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
+    chunked = chunk_unit(session_cfg, plan_meta, unit, dups)
+    return {"chunked": json.dumps(chunked), "misses": _misses(session_cfg, chunked, lookup)}
+
+
+def _misses(cfg: Any, chunked: dict[str, Any], lookup: VectorLookup) -> int:
+    from engine.refresh import _read_columns
+    from engine.storage import open_store
+
+    store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
+    hashes = _read_columns(store, chunked["chunk_file"]["key"], ["content_hash"]).column(0).to_pylist()
+    return int((~lookup.contains(list(set(hashes)))).sum())
+
+
+class _RefreshActor:
+    """Embedding actor: a RefreshEmbedder (the embed job's UnitEmbedder with stored-vector reuse)."""
+
+    def __init__(self, cfg: Any, run_id: str, identity: dict[str, Any], lookup: VectorLookup, threads: int | None):
+        from engine.refresh import RefreshEmbedder
+
+        self.embedder = RefreshEmbedder(cfg, run_id, identity, lookup, threads=threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.embedder(batch)
+
+
+def _copy_task(row: dict[str, Any], cfg: Any, run_id: str, identity: dict[str, Any], lookup: VectorLookup) -> dict[str, Any]:
+    """Ray map task for a unit whose every chunk has a stored vector: no model is loaded."""
+    from engine.refresh import RefreshEmbedder
+
+    marker = RefreshEmbedder(cfg, run_id, identity, lookup).embed_unit(json.loads(row["chunked"]))
+    return {"marker": json.dumps(marker)}
+
+
+def run_refresh_job(rcfg: RefreshConfig, progress: Progress | None = None, encoder: Encoder | None = None) -> dict[str, Any]:
+    """Run (or resume) a refresh and return its summary. ``encoder`` (tests) forces the in-driver path."""
+    session = RefreshSession(rcfg)
+    session.plan()  # every refusal (alias, model/chunker mismatch, rollout) happens before the lease
+    with session:
+        st = session.prepare()
+        prepared = st.prepared
+        if progress:
+            progress({"event": "planned", "run_id": st.run_id, "units": len(prepared.plan.units),
+                      "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
+        executor = rcfg.executor
+        pending_docs = sum(u.rows for u in prepared.pending)
+        if encoder is not None:
+            executor = "local"
+        t = time.perf_counter()
+        if executor == "local" or (executor == "auto" and pending_docs <= rcfg.local_max_docs):
+            chunked = _chunk_in_driver(session)
+        else:
+            chunked = _chunk_on_ray(session)
+        session.timings["chunk_seconds"] = time.perf_counter() - t
+        misses = sum(m for _c, m in chunked)
+        t = time.perf_counter()
+        if executor == "local" or (executor == "auto" and misses <= rcfg.local_max_embed):
+            where = "driver"
+            _embed_in_driver(session, [c for c, _m in chunked], encoder, progress)
+        else:
+            where = "ray"
+            _embed_on_ray(session, chunked, progress)
+        log.info("refresh %s: %d units, %d chunks needed the model; embedded in the %s", st.run_id, len(chunked),
+                 misses, where)
+        session.timings["embed_seconds"] = time.perf_counter() - t
+        summary = session.finish()
+        summary["executor"] = where
+        return summary
+
+
+def _chunk_in_driver(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
+    from engine.pipeline import chunk_unit, plan_meta_for
+
+    st = session.state
+    assert st is not None and st.prepared is not None
+    session.stage("chunk")
+    meta = plan_meta_for(st.prepared)
+    out = []
+    for unit in st.prepared.pending:
+        c = chunk_unit(st.cfg, meta, unit, st.prepared.plan.duplicates.get(unit.file, {}))
+        out.append((c, session.unit_misses(c["chunk_file"]["key"])))
+    return out
+
+
+def _items(session: RefreshSession) -> list[dict[str, str]]:
+    import dataclasses
+
+    st = session.state
+    assert st is not None and st.prepared is not None
+    items = []
+    for u in st.prepared.pending:
+        dups = st.prepared.plan.duplicates.get(u.file, {})
+        unit_dups = {str(r): loc for r, loc in dups.items() if u.row_start <= r < u.row_end}
+        items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
+    return items
+
+
+def _chunk_on_ray(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
+    import ray
+
+    from engine.pipeline import plan_meta_for
+    from engine.runtime import init_ray, plan_pool
+
+    st = session.state
+    assert st is not None and st.prepared is not None
+    session.stage("chunk")
+    if not st.prepared.pending:
+        return []
+    init_ray(st.cfg.runtime.address)
+    pool = plan_pool(ray.cluster_resources(), "cpu", None, None)
+    items = _items(session)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    ds = ds.map(_chunk_task, fn_kwargs={"session_cfg": st.cfg, "plan_meta": plan_meta_for(st.prepared),
+                                        "lookup": st.lookup}, num_cpus=pool.cpus_per_task)
+    return [(json.loads(r["chunked"]), int(r["misses"])) for r in ds.iter_rows()]
+
+
+def _embed_in_driver(session: RefreshSession, chunked: list[dict[str, Any]], encoder: Encoder | None,
+                     progress: Progress | None) -> None:
+    st = session.state
+    assert st is not None
+    session.stage("embed")
+    if not chunked:
+        return
+    embedder = session.embedder(encoder=encoder)
+    for c in chunked:
+        marker = embedder.embed_unit(c)
+        session.record_unit(marker)
+        if progress:
+            progress({"event": "unit", **marker})
+
+
+def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], int]], progress: Progress | None) -> None:
+    import ray
+
+    from engine.runtime import init_ray, plan_pool
+
+    st = session.state
+    assert st is not None
+    session.stage("embed")
+    init_ray(st.cfg.runtime.address)
+    copy_only = [{"chunked": json.dumps(c)} for c, m in chunked if m == 0]
+    to_embed = [{"chunked": json.dumps(c)} for c, m in chunked if m > 0]
+    lookup_ref = ray.put(st.lookup)
+    warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+    rows: list[dict[str, Any]] = []
+    if copy_only:
+        ds = ray.data.from_items(copy_only, override_num_blocks=max(1, min(len(copy_only), 1000)))
+        ds = ds.map(_copy_task, fn_kwargs={"cfg": st.cfg, "run_id": st.run_id, "identity": st.live.model,
+                                           "lookup": lookup_ref}, num_cpus=0.5)
+        rows.extend(ds.iter_rows())
+    if to_embed:
+        pool = plan_pool(ray.cluster_resources(), st.cfg.embed.device, st.cfg.runtime.workers,
+                         st.cfg.runtime.threads_per_worker)
+        n = max(1, min(pool.actors, len(to_embed)))
+        log.info("embedding pool for %d units with changed chunks: %s", len(to_embed), pool.reason)
+        ds = ray.data.from_items(to_embed, override_num_blocks=max(1, min(len(to_embed), 1000)))
+        ds = ds.map_batches(
+            _RefreshActor,
+            fn_constructor_kwargs={"cfg": st.cfg, "run_id": st.run_id, "identity": st.live.model,
+                                   "lookup": lookup_ref, "threads": pool.threads_per_actor},
+            batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=n, max_size=n),
+            num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
+            max_restarts=3, max_task_retries=3,  # a unit's writes are idempotent: retry it on a new actor
+        )
+        rows.extend(ds.iter_rows())
+    for row in rows:
+        marker = json.loads(row["marker"])
+        session.record_unit(marker)
+        if progress:
+            progress({"event": "unit", **marker})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="embedctl refresh job (Ray driver)")
+    p.add_argument("--config", required=True, help="YAML/JSON config (same keys as `embedctl refresh` flags)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config (offline), print it resolved as JSON, exit")
+    p.add_argument("--check-store", action="store_true",
+                   help="with --dry-run: also read the store (live version, its run, model/chunker compatibility, "
+                        "the lease) without writing anything")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import EmbedctlError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        flat = load_config_file(args.config)
+        if args.address:
+            flat["address"] = args.address
+        rcfg = RefreshConfig.from_flat(flat)
+        if args.dry_run:
+            print(json.dumps(dry_run(rcfg, check_store=args.check_store), sort_keys=True, default=str))
+            return 0
+        summary = run_refresh_job(rcfg, progress=lambda e: log.info("%s", json.dumps(_short(e))))
+    except EmbedctlError as err:
+        from engine.storage import redact
+
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return err.exit_code
+    print(f"{SUMMARY_MARKER} {json.dumps(summary, sort_keys=True, default=str)}")
+    return exit_code(summary)
+
+
+def dry_run(rcfg: RefreshConfig, *, check_store: bool = False) -> dict[str, Any]:
+    """The resolved config (offline: CI lints ConfigMaps where the store is unreachable); with
+    ``check_store`` also the live version, the refresh run id and the compatibility verdict."""
+    out: dict[str, Any] = {"config": rcfg.to_dict()}
+    if check_store:
+        out["plan"] = RefreshSession(rcfg).describe_plan()
+    return out
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 published/built/up to date; 7 a gate failed (nothing published); 5 the alias moved meanwhile."""
+    return {"gate_failed": 7, "conflict": 5}.get(str(summary.get("status")), 0)
+
+
+def _short(event: dict[str, Any]) -> dict[str, Any]:
+    keep = ("event", "run_id", "unit_id", "units", "pending", "docs", "accepted", "chunks", "refresh")
+    return {k: v for k, v in event.items() if k in keep}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
