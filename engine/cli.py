@@ -31,6 +31,8 @@ COMMANDS: dict[str, str] = {
     "gc": "engine.commands.publish:gc",
     "serve": "engine.commands.publish:serve",
     "doctor": "engine.commands.publish:doctor",
+    "mine-negatives": "engine.commands.mining:mine_negatives",
+    "finetune": "engine.commands.mining:finetune",
 }
 
 # One-line help shown by `embedctl --help` without importing the command modules.
@@ -47,6 +49,8 @@ SHORT_HELP: dict[str, str] = {
     "gc": "Delete index versions no alias or retained history can point to (--dry-run first).",
     "serve": "HTTP /search, /healthz, /version for an alias; hot-swaps versions without downtime.",
     "doctor": "Check a store: access, and that it enforces conditional writes (needed to publish).",
+    "mine-negatives": "Mine hard negatives for (query, positive) pairs against an index, on Ray (triplets Parquet).",
+    "finetune": "Fine-tune an embedding model on mined triplets; benchmark before and after.",
 }
 
 

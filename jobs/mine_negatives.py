@@ -1,0 +1,166 @@
+"""Ray driver for hard-negative mining: `python jobs/mine_negatives.py --config job.yaml` (also `embedctl mine-negatives`).
+
+Spreads work as: query batches -> a pool of mining actors, each holding the corpus shards
+memory-mapped and the query encoder once (plus BM25 / a cross-encoder when asked). At most
+two batches are in flight per actor, so the driver never holds more than a few batches of
+results, and a worker's memory is its shards plus one batch whatever the number of queries.
+Each batch is committed to the output's staging folder; rerunning after a crash redoes only
+the batches without a commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+from engine.mining import (
+    BatchRunner, MiningJobConfig, MiningSource, finalize_mining, prepare_mining, read_pairs, resolve_source,
+)
+
+log = logging.getLogger("embedctl.jobs.mine_negatives")
+SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
+IN_FLIGHT_PER_ACTOR = 2
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class _MiningActor:
+    """One mining worker: loads the corpus and model in ``__init__``, then mines batches."""
+
+    def __init__(self, cfg: MiningJobConfig, source: MiningSource, max_positives: int, threads: int):
+        self.runner = BatchRunner(cfg, source, max_positives=max_positives, threads=threads)
+
+    def run(self, batch_index: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.runner.run(batch_index, groups)
+
+
+def plan_mining_pool(resources: dict[str, float], device: str, workers: int | None, threads: int | None,
+                     batches: int) -> Any:
+    """The embed job's pool rule (engine.runtime.plan_pool: fractional CPUs, never one full CPU per
+    actor on a small machine), capped at the number of batches."""
+    from engine.runtime import PoolPlan, plan_pool
+
+    plan = plan_pool(resources, device, workers, threads)
+    if plan.actors > max(1, batches) and not workers:
+        n = max(1, batches)
+        plan = PoolPlan(n, plan.cpus_per_actor, plan.gpus_per_actor, plan.threads_per_actor, plan.cpus_per_task,
+                        plan.reason + f" (capped to {n}: one per batch)")
+    return plan
+
+
+def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run (or resume) the mining job on Ray; returns the summary."""
+    t0 = time.perf_counter()
+    prep = prepare_mining(cfg)  # every check happens here, before Ray starts
+    if prep.finished is not None:
+        if progress:
+            progress({"event": "already_done", "out": cfg.out})
+        return prep.finished
+    if progress:
+        progress({"event": "planned", "queries": len(prep.pairs.groups), "pairs": prep.pairs.pairs,
+                  "batches": len(prep.batches), "pending": len(prep.pending), "corpus_rows": prep.source.rows})
+    pool_info: dict[str, Any] = {"mode": "ray", "actors": 0}
+    if prep.pending:
+        import ray
+
+        from engine.errors import EmbedctlError
+        from engine.runtime import init_ray
+
+        init_ray(cfg.runtime.address)
+        pool = plan_mining_pool(ray.cluster_resources(), cfg.runtime.device, cfg.runtime.workers,
+                                cfg.runtime.threads_per_worker, len(prep.pending))
+        log.info("mining pool: %s", pool.reason)
+        pool_info = {"mode": "ray", "actors": pool.actors, "cpus_per_actor": pool.cpus_per_actor,
+                     "gpus_per_actor": pool.gpus_per_actor, "threads_per_actor": pool.threads_per_actor,
+                     "reason": pool.reason}
+        actor_cls = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
+                               max_restarts=2, max_task_retries=2)(_MiningActor)
+        actors = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
+                  for _ in range(pool.actors)]
+        todo = list(prep.pending)
+        in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch)
+        load = [0] * len(actors)
+
+        def submit(a: int) -> None:
+            i = todo.pop(0)
+            ref = actors[a].run.remote(i, [g.to_dict() for g in prep.batches[i]])
+            in_flight[ref] = (a, i)
+            load[a] += 1
+
+        for a in range(len(actors)):
+            for _ in range(IN_FLIGHT_PER_ACTOR):
+                if todo:
+                    submit(a)
+        try:
+            while in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                a, i = in_flight.pop(done[0])
+                load[a] -= 1
+                try:
+                    stats = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, EmbedctlError):
+                        raise cause from err
+                    raise
+                if progress:
+                    progress({"event": "batch", "batch": i, "queries": stats["queries"], "rows": stats["rows_written"],
+                              "peak_rss_bytes": stats["worker"]["peak_rss_bytes"]})
+                if todo:
+                    submit(a)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+    return finalize_mining(prep, time.perf_counter() - t0, pool_info)
+
+
+def dry_run(cfg: MiningJobConfig) -> dict[str, Any]:
+    """Resolve the source and read the pairs without writing anything."""
+    cfg.validate()
+    source = resolve_source(cfg)
+    pairs = read_pairs(cfg.pairs, cfg.endpoint_url)
+    b = cfg.runtime.batch_size
+    return {"config": cfg.to_dict(), "source": source.to_dict(), "queries": len(pairs.groups), "pairs": pairs.pairs,
+            "pair_rejects": pairs.rejects, "max_positives_per_query": pairs.max_positives,
+            "batches": -(-len(pairs.groups) // b), "window": cfg.mining.range_max + (
+                cfg.mining.window_extra if cfg.mining.window_extra is not None else pairs.max_positives)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="embedctl mine-negatives job (Ray driver)")
+    p.add_argument("--config", required=True, help="YAML/JSON job config (same keys as `embedctl mine-negatives` flags)")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="validate, resolve the source, read the pairs, print JSON, exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.config import load_config_file
+    from engine.errors import EmbedctlError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        flat = load_config_file(args.config)
+        if args.address:
+            flat["address"] = args.address
+        cfg = MiningJobConfig.from_flat(flat)
+        if args.dry_run:
+            print(json.dumps(dry_run(cfg), sort_keys=True, default=str))
+            return 0
+        summary = run_mining_job(cfg, progress=lambda e: log.info("%s", json.dumps(e)))
+    except EmbedctlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"{SUMMARY_MARKER} {json.dumps(summary, sort_keys=True, default=str)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
