@@ -31,6 +31,10 @@ COMMANDS: dict[str, str] = {
     "gc": "engine.commands.publish:gc",
     "serve": "engine.commands.publish:serve",
     "doctor": "engine.commands.publish:doctor",
+    "benchmark": "engine.commands.quality:benchmark_group",
+    "calibrate": "engine.commands.quality:calibrate",
+    "canary": "engine.commands.quality:canary",
+    "drift": "engine.commands.quality:drift",
     "mine-negatives": "engine.commands.mining:mine_negatives",
     "finetune": "engine.commands.mining:finetune",
 }
@@ -49,6 +53,10 @@ SHORT_HELP: dict[str, str] = {
     "gc": "Delete index versions no alias or retained history can point to (--dry-run first).",
     "serve": "HTTP /search, /healthz, /version for an alias; hot-swaps versions without downtime.",
     "doctor": "Check a store: access, and that it enforces conditional writes (needed to publish).",
+    "benchmark": "Offline benchmarks (queries, graded judgments, corpus fingerprint): benchmark build|show|pairs.",
+    "calibrate": "Fit similarity thresholds for an index version from labelled pairs (PR curve, F-beta, plot).",
+    "canary": "Known-good queries against an alias: recall@k, MRR, scores, empty rate vs a baseline; exit 7 on a drop.",
+    "drift": "Compare recent queries and their top scores with calibration time; exit 7 past the limits.",
     "mine-negatives": "Mine hard negatives for (query, positive) pairs against an index, on Ray (triplets Parquet).",
     "finetune": "Fine-tune an embedding model on mined triplets; benchmark before and after.",
 }

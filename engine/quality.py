@@ -514,6 +514,47 @@ def load_benchmark(path: str | os.PathLike[str]) -> Benchmark:
                      benchmark_id=d.get("benchmark_id", ""), created_at=d.get("created_at", ""))
 
 
+def make_pairs(bench: Benchmark, *, searcher: Any = None, depth: int = 20, unjudged_per_query: int = 0,
+               seed: int = 0) -> list[LabelledPair]:
+    """Calibration pairs from a benchmark: relevant docs (gain >= the benchmark's
+    ``relevant_min_gain``) are positives; judged non-relevant docs (gain 0) are negatives;
+    judged docs in between (e.g. Cranfield's "minimum interest") are left out, since neither
+    answer is wrong for them. With a ``searcher``, up to ``unjudged_per_query`` unjudged docs
+    from each query's top ``depth`` are sampled as extra negatives: the hard negatives a
+    threshold actually has to reject (pooled judgments assume unjudged means non-relevant).
+    """
+    import random
+
+    rng = random.Random(seed)
+    min_gain = bench.relevant_min_gain
+    queries = bench.judged_queries()
+    tops: list[list[tuple[str, float]]] = [[] for _ in queries]
+    if searcher is not None and unjudged_per_query > 0:
+        tops = [doc_ranking(r) for r in search_all(searcher, [q["text"] for q in queries], depth)]
+    pairs: list[LabelledPair] = []
+    for q, ranking in zip(queries, tops):
+        judged = bench.qrels.get(q["query_id"], {})
+        for doc, gain in sorted(judged.items()):
+            if gain >= min_gain:
+                pairs.append(LabelledPair(q["text"], doc, True))
+            elif gain <= 0:
+                pairs.append(LabelledPair(q["text"], doc, False))
+        unjudged = [d for d, _ in ranking if d not in judged]
+        for doc in rng.sample(unjudged, min(unjudged_per_query, len(unjudged))):
+            pairs.append(LabelledPair(q["text"], doc, False))
+    return pairs
+
+
+def write_pairs(pairs: Sequence[LabelledPair], path: str | os.PathLike[str]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps({"query": pair.query, "doc_id": pair.doc_id, "relevant": int(pair.relevant)}) + "\n")
+    os.replace(tmp, p)
+
+
 # =============================================================================================
 # calibration math: precision-recall curve, F-beta optimum, relative-to-best, floor
 # =============================================================================================
@@ -1387,23 +1428,24 @@ def _prom_label(value: Any) -> str:
 
 
 def prometheus_text(samples: Sequence[tuple[str, str, Mapping[str, Any], float | None]]) -> str:
-    """Prometheus text exposition (0.0.4) of gauges: ``(name, help, labels, value)`` samples;
-    one HELP/TYPE block per metric name, None values skipped."""
-    lines: list[str] = []
-    declared: set[str] = set()
+    """Prometheus text exposition (0.0.4) of gauges: ``(name, help, labels, value)`` samples,
+    grouped so each metric's samples follow its one HELP/TYPE header (the format requires a
+    family to be contiguous); None values are skipped."""
+    families: dict[str, tuple[str, list[str]]] = {}
     for name, help_text, labels, value in samples:
-        if value is None:
-            continue
         if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", name):
             raise ValueError(f"invalid Prometheus metric name {name!r}")
-        if name not in declared:
-            lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
-            lines.append(f"# TYPE {name} gauge")
-            declared.add(name)
+        if value is None:
+            continue
         lab = ",".join(f'{k}="{_prom_label(v)}"' for k, v in labels.items())
         v = float(value)
         text = "NaN" if math.isnan(v) else ("+Inf" if v == math.inf else "-Inf" if v == -math.inf else repr(v))
-        lines.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
+        families.setdefault(name, (help_text, []))[1].append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
+    lines: list[str] = []
+    for name, (help_text, rows) in families.items():
+        lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}")
+        lines.append(f"# TYPE {name} gauge")
+        lines.extend(rows)
     return "\n".join(lines) + "\n"
 
 

@@ -353,3 +353,156 @@ def test_drift_stats_alerts():
     hot = {"top1": rng.normal(0.4, 0.05, 50).tolist(), "topk_mean": [0.3] * 50, "lengths": [3] * 50, "empty_rate": 0.5}
     rep = Q.drift_stats(ref, emb, hot, emb)
     assert rep["drifted"] and len(rep["alerts"]) == 3  # scores, lengths, empty rate (embeddings unchanged)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration records, canaries and drift against stored versions (tiny exact-search versions)
+# ---------------------------------------------------------------------------------------------
+
+from tests.version_utils import embed as tiny_embed  # noqa: E402
+from tests.version_utils import make_version, tiny_loader  # noqa: E402
+
+TOPICS = ["wing lift airfoil", "shock wave supersonic", "heat transfer plate", "boundary layer laminar",
+          "flutter panel vibration", "nozzle jet exhaust", "buckling cylinder shell", "cone pressure hypersonic"]
+DOCS = {f"d{i}": f"{t} report {i}" for i, t in enumerate(TOPICS)}
+
+
+def tiny_pairs() -> list[Q.LabelledPair]:
+    pairs = []
+    for i, t in enumerate(TOPICS):
+        pairs.append(Q.LabelledPair(t, f"d{i}", True))
+        pairs += [Q.LabelledPair(t, f"d{j}", False) for j in (i + 1, i + 3) if j < len(TOPICS)]
+    return pairs
+
+
+@pytest.fixture
+def tiny_store(tmp_path):
+    store = open_store(str(tmp_path / "store"))
+    make_version(store, "docs", "v1", DOCS, manifest_extra={"source_run": "r1", "params": {"nlist": 1}})
+    return store
+
+
+def calibrate_tiny(store, version="v1", **kw):
+    return Q.calibrate(store, "docs", version, tiny_pairs(), Q.CalibrationConfig(depth=8, **kw), loader=tiny_loader,
+                       query_encoder=tiny_embed, pairs_source="tiny")
+
+
+def test_calibration_record_png_and_newest_wins(tiny_store):
+    rec = calibrate_tiny(tiny_store)
+    prefix = Q.calibration_prefix("docs", "v1")
+    keys = set(tiny_store.list(prefix))
+    cid = rec["calibration_id"]
+    assert {f"{prefix}/{cid}.json", f"{prefix}/{cid}.png", f"{prefix}/{cid}.queries.npy"} == keys
+    assert tiny_store.read_bytes(f"{prefix}/{cid}.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rec["version_id"] == "v1" and rec["source_run"] == "r1" and rec["index_kind"] == "flat"
+    assert rec["pairs"]["n"] == len(tiny_pairs()) and rec["pairs"]["relevant"] == 8
+    a = rec["absolute"]
+    assert 0 < a["f_beta"] <= 1 and a["tp"] + a["fn"] == 8
+    # the stored point is what the stored curve and threshold give
+    assert min(rec["curve"]["threshold"]) <= a["threshold"] <= max(rec["curve"]["threshold"])
+    assert rec["floor"]["score"] is not None and rec["relative"]["delta"] >= 0
+    assert len(rec["reference"]["top1"]) == len(TOPICS)
+    rec2 = calibrate_tiny(tiny_store, beta=2.0, rule="relative")
+    assert Q.list_calibrations(tiny_store, "docs", "v1") == sorted([cid, rec2["calibration_id"]])
+    newest = Q.load_calibration(tiny_store, "docs", "v1")
+    assert newest["calibration_id"] == rec2["calibration_id"] and newest["rule"] == "relative"
+    th = Q.resolve_threshold(tiny_store, "docs", "v1", "auto")
+    assert th.rule == "relative" and th.source == rec2["calibration_id"]
+    st = Q.calibration_status(tiny_store, "docs", "v1")
+    assert st["calibrated"] and not st["needs_recalibration"] and st["reasons"] == [] and not st["inherited"]
+
+
+def test_status_says_when_thresholds_come_from_another_version(tiny_store):
+    assert Q.calibration_status(tiny_store, "docs", "v1")["needs_recalibration"]
+    with pytest.raises(NotFoundError, match="no calibration"):
+        Q.resolve_threshold(tiny_store, "docs", "v1", "auto")
+    rec = calibrate_tiny(tiny_store)
+    # same model, index and corpus, rebuilt as v2: inherited, says so, still fits
+    make_version(tiny_store, "docs", "v2", DOCS, manifest_extra={"source_run": "r1", "params": {"nlist": 1},
+                                                                "parent_version": "v1"})
+    st = Q.calibration_status(tiny_store, "docs", "v2")
+    assert st["calibrated_on"] == "v1" and st["inherited"] and not st["needs_recalibration"]
+    assert st["reasons"] == ["calibrated on another version (v1)"]
+    assert Q.resolve_threshold(tiny_store, "docs", "v2", "auto").calibrated_on == "v1"
+    # refreshed corpus (v3, child of v2) and a new quantization (v4): recalibration required
+    make_version(tiny_store, "docs", "v3", DOCS, manifest_extra={"source_run": "r2", "params": {"nlist": 1},
+                                                                "parent_version": "v2"})
+    make_version(tiny_store, "docs", "v4", DOCS, manifest_extra={"source_run": "r1", "params": {"pq": 4},
+                                                                "parent_version": "v1"})
+    make_version(tiny_store, "docs", "v5", DOCS, manifest_extra={"source_run": "r1", "params": {"nlist": 1},
+                                                                "parent_version": "v1",
+                                                                "model": {"name": "other", "dim": 16}})
+    for v, why in (("v3", "corpus changed"), ("v4", "quantization changed"), ("v5", "model changed")):
+        st = Q.calibration_status(tiny_store, "docs", v)
+        assert st["needs_recalibration"] and st["calibrated_on"] == "v1", v
+        assert any(why in r for r in st["reasons"]), (v, st["reasons"])
+        with pytest.raises(ConfigError, match="no longer fit"):
+            Q.resolve_threshold(tiny_store, "docs", v, "auto")
+        assert Q.resolve_threshold(tiny_store, "docs", v, "auto", allow_stale=True).threshold == \
+            rec["absolute"]["threshold"]
+    # a record copied into another version's folder still names the version it was fitted on
+    src = Q.calibration_prefix("docs", "v1")
+    for key in tiny_store.list(src):
+        tiny_store.write_bytes(key.replace("/v1/", "/v3/"), tiny_store.read_bytes(key))
+    st = Q.calibration_status(tiny_store, "docs", "v3")
+    assert st["calibrated_on"] == "v1" and st["needs_recalibration"] and st["inherited"]
+    assert Q.resolve_threshold(tiny_store, "docs", "v1", "0.25").threshold == 0.25
+    assert Q.resolve_threshold(tiny_store, "docs", "v1", None) is None
+
+
+def publish(store, version):
+    from engine.publish import publish_version
+
+    publish_version(store, "docs", version, "live", check_conditional_writes=False)
+
+
+def test_canary_fails_when_the_alias_moves_to_a_worse_version(tiny_store, tmp_path):
+    calibrate_tiny(tiny_store)
+    publish(tiny_store, "v1")
+    canaries = [Q.Canary(text, (doc,), f"c{doc}") for doc, text in DOCS.items()]  # exact texts: rank 1
+    good = Q.run_canary(tiny_store, "docs", canaries, k=3, loader=tiny_loader)
+    assert good["passed"] and good["versions"][0]["version"] == "v1"
+    st = good["versions"][0]["stats"]
+    assert st["recall@3"] == 1.0 and st["mrr@3"] == 1.0 and st["empty_rate"] == 0.0
+    assert good["versions"][0]["calibration"]["calibrated"]
+    # a deliberately worse version: the same ids on shuffled texts
+    ids = list(DOCS)
+    make_version(tiny_store, "docs", "bad", {ids[i]: DOCS[ids[(i + 3) % len(ids)]] for i in range(len(ids))},
+                 manifest_extra={"source_run": "r1", "params": {"nlist": 1}})
+    publish(tiny_store, "bad")
+    bad = Q.run_canary(tiny_store, "docs", canaries, k=3, baseline=good, loader=tiny_loader)
+    assert not bad["passed"] and bad["versions"][0]["version"] == "bad"
+    failures = bad["versions"][0]["failures"]
+    assert any("recall@3 dropped" in f for f in failures)
+    assert bad["versions"][0]["baseline_diff"]["recall@3"] < -0.5
+    assert not bad["versions"][0]["calibration"]["calibrated"]
+    with pytest.raises(GateError, match="canary failed on docs/live"):
+        Q.canary_gate(bad)
+    Q.canary_gate(good)  # passes silently
+    # weighted rollout: both versions are checked; Prometheus labels them apart
+    from engine.publish import publish_version
+
+    publish_version(tiny_store, "docs", "v1", "live", check_conditional_writes=False)
+    publish_version(tiny_store, "docs", "bad", "live", weighted=20, check_conditional_writes=False)
+    both = Q.run_canary(tiny_store, "docs", canaries, k=3, baseline=good, loader=tiny_loader)
+    assert [r["version"] for r in both["versions"]] == ["v1", "bad"]
+    assert [r["passed"] for r in both["versions"]] == [True, False] and not both["passed"]
+    parser = pytest.importorskip("prometheus_client.parser")
+    fams = {f.name: f for f in parser.text_string_to_metric_families(Q.canary_prometheus(both))}
+    passed = {s.labels["version"]: s.value for s in fams["embedctl_canary_passed"].samples}
+    assert passed == {"v1": 1.0, "bad": 0.0}
+
+
+def test_drift_against_calibration_time(tiny_store):
+    calibrate_tiny(tiny_store)
+    publish(tiny_store, "v1")
+    same = Q.run_drift(tiny_store, "docs", TOPICS * 3, loader=tiny_loader, query_encoder=tiny_embed)
+    assert same["version"] == "v1" and same["calibration_fits"]
+    assert same["embedding"]["novel_rate"] == 0.0 and same["embedding"]["centroid_similarity"] > 0.99
+    assert not same["drifted"], same["alerts"]
+    odd = [f"zq{i} xr{i} unrelated words{i} here{i} and{i} more{i} tokens{i}" for i in range(40)]
+    moved = Q.run_drift(tiny_store, "docs", odd, loader=tiny_loader, query_encoder=tiny_embed)
+    assert moved["drifted"] and moved["embedding"]["novel_rate"] >= 0.3  # 16-dim hashed vectors collide
+    with pytest.raises(GateError, match="drift on docs/live"):
+        Q.drift_gate(moved)
+    assert "embedctl_drift_alerting" in Q.drift_prometheus(moved)
