@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import json
 import logging
 import os
 import re
@@ -259,8 +260,6 @@ def read_alias(store: Store, index: str, alias: str = DEFAULT_ALIAS, *, missing_
 
 
 def _loads(data: bytes, store: Store, key: str) -> dict[str, Any]:
-    import json
-
     try:
         doc = json.loads(data)
     except json.JSONDecodeError as err:
@@ -663,6 +662,8 @@ def index_status(store: Store, index: str, *, history_limit: int | None = 20) ->
         elif vid in routed:
             row["error"] = "an alias routes here but the version has no manifest"
         rows.append(row)
+    if not rows and not aliases:
+        raise NotFoundError(f"index {index!r} has no versions and no aliases in {store.describe()}")
     return {"index": index, "store": store.describe(), "versions": rows, "aliases": aliases}
 
 
