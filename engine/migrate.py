@@ -425,6 +425,64 @@ def check_weights(weights: Sequence[float]) -> tuple[float, ...]:
     return w
 
 
+BUILD_KEY_ALIASES = {"index_kind": "kind", "index_factory": "factory"}
+RUN_KEYS = ("store", "endpoint_url", "migration_id", "until", "break_lock")
+
+
+def parse_duration(value: str | float | int | None, what: str) -> float | None:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or a number of seconds -> seconds."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip().lower()
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{what} must be a duration like 30s, 15m, 12h, 7d (or seconds), got {value!r}") from None
+
+
+def plan_from_flat(flat: Mapping[str, Any]) -> tuple[MigrationPlan, dict[str, Any]]:
+    """A plan from flat keys (a config file and flags share them; flags win before this call).
+
+    Plan keys (``index``, ``alias``, ``benchmark``, ``weights``/``weight``, ...) are taken as they
+    are; embed-job keys (``model``, ``dim``, ``corpus``, ``chunk_tokens``, ...) go to the green
+    build's embed job; ``index_kind`` and a nested ``build:`` mapping go to the index builder;
+    ``store``, ``endpoint_url``, ``migration_id``, ``until``, ``break_lock`` are returned apart.
+    Unknown keys are an error."""
+    d = {str(k).replace("-", "_"): v for k, v in flat.items() if v is not None}
+    embed = dict(d.pop("embed", None) or {})
+    build = dict(d.pop("build", None) or {})
+    run = {k: d.pop(k) for k in RUN_KEYS if k in d}
+    if "weight" in d:
+        d["weights"] = d.pop("weight")
+    if "retention" in d:
+        d["retention_s"] = parse_duration(d.pop("retention"), "retention")
+    if "soak" in d:
+        d["soak_s"] = parse_duration(d.pop("soak"), "soak")
+    for key in list(d):
+        if key == "dim":
+            embed["truncate_dim"] = d.pop(key)
+        elif key in EMBED_KEYS:
+            embed[key] = d.pop(key)
+        elif key in BUILD_KEY_ALIASES:
+            build[BUILD_KEY_ALIASES[key]] = d.pop(key)
+    if "dim" in embed:
+        embed["truncate_dim"] = embed.pop("dim")
+    plan_names = {f.name for f in fields(MigrationPlan)}
+    unknown = set(d) - plan_names
+    if unknown:
+        allowed = sorted((plan_names - {"embed", "build"}) | set(EMBED_KEYS) | {"dim", "weight", "retention", "soak"} |
+                         set(BUILD_KEY_ALIASES) | set(RUN_KEYS))
+        raise ConfigError(f"unknown migration config keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
+    if "index" not in d:
+        raise ConfigError("a migration needs --index (the index whose alias moves to the new model)")
+    return MigrationPlan.from_dict({**d, "embed": embed, "build": build}), run
+
+
 def default_migration_id(plan: MigrationPlan) -> str:
     """Same plan -> same id, so rerunning the same command resumes the same migration."""
     h = hashlib.sha256(json.dumps(plan.identity(), sort_keys=True, default=str).encode()).hexdigest()
