@@ -70,9 +70,14 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
             items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
         ds = ds.map(_chunk_task, fn_kwargs={"cfg": cfg, "plan_meta": plan_meta}, num_cpus=pool.cpus_per_task)
-        extra: dict[str, Any] = {}
+        actor_env: dict[str, str] = {}
+        if not pool.gpus_per_actor:
+            # Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker before torch loads, and OpenMP keeps
+            # that per thread: torch.set_num_threads later is not enough. Set it at process start.
+            actor_env["OMP_NUM_THREADS"] = str(pool.threads_per_actor)
         if os.environ.get("EMBEDCTL_TEST_CRASH_ONCE"):  # fault-injection hook for the retry test
-            extra["runtime_env"] = {"env_vars": {"EMBEDCTL_TEST_CRASH_ONCE": os.environ["EMBEDCTL_TEST_CRASH_ONCE"]}}
+            actor_env["EMBEDCTL_TEST_CRASH_ONCE"] = os.environ["EMBEDCTL_TEST_CRASH_ONCE"]
+        extra: dict[str, Any] = {"runtime_env": {"env_vars": actor_env}} if actor_env else {}
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         ds = ds.map_batches(
             _EmbedActor,
