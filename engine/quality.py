@@ -897,6 +897,16 @@ def score_pairs(searcher: Any, pairs: Sequence[LabelledPair], depth: int = 100) 
                        depth)
 
 
+def evaluate_thresholds(sp: ScoredPairs, thresholds: Thresholds, beta: float = 1.0) -> dict[str, float]:
+    """Precision/recall/F-beta of a threshold rule on scored pairs (e.g. held-out pairs, to
+    check that a calibration generalises beyond the pairs it was fitted on)."""
+    keep = np.zeros(len(sp.pairs), dtype=bool)
+    for i, (s, top) in enumerate(zip(sp.scores, sp.top_scores)):
+        if not math.isnan(s):
+            keep[i] = s >= thresholds.cutoff(float(top))
+    return point_at(sp.scores, sp.labels, keep, beta)
+
+
 # =============================================================================================
 # calibration records in the store
 # =============================================================================================

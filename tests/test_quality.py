@@ -402,6 +402,10 @@ def test_calibration_record_png_and_newest_wins(tiny_store):
     assert min(rec["curve"]["threshold"]) <= a["threshold"] <= max(rec["curve"]["threshold"])
     assert rec["floor"]["score"] is not None and rec["relative"]["delta"] >= 0
     assert len(rec["reference"]["top1"]) == len(TOPICS)
+    # re-scoring the pairs and applying the stored rule reproduces the stored operating point
+    sp = Q.score_pairs(tiny_loader(tiny_store, "docs", "v1"), tiny_pairs(), depth=8)
+    again = Q.evaluate_thresholds(sp, Q.Thresholds.from_calibration(rec, rule="absolute"))
+    assert again == rec["absolute"]["with_floor"]
     rec2 = calibrate_tiny(tiny_store, beta=2.0, rule="relative")
     assert Q.list_calibrations(tiny_store, "docs", "v1") == sorted([cid, rec2["calibration_id"]])
     newest = Q.load_calibration(tiny_store, "docs", "v1")
@@ -506,3 +510,62 @@ def test_drift_against_calibration_time(tiny_store):
     with pytest.raises(GateError, match="drift on docs/live"):
         Q.drift_gate(moved)
     assert "embedctl_drift_alerting" in Q.drift_prometheus(moved)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI (benchmark verbs; calibrate/canary/drift run against real index versions below)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(args, capsys):
+    from engine.cli import main
+
+    code = 0
+    try:
+        main(args)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_benchmark_build_refuses_unknown_docs_then_drops_them(tmp_path, bench_files, capsys):
+    q, r = bench_files
+    corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"doc_id": d, "text": "x"}) for d in
+                                                     ("d1", "d2", "d3", "d4", "d5")])
+    args = ["benchmark", "build", "--queries", str(q), "--qrels", str(r), "--corpus", str(corpus), "--gains",
+            "cranfield", "--out", str(tmp_path / "b.json")]
+    code, out, err = run_cli(args, capsys)
+    assert code == 3 and "1 of 6 judgments point at documents that are not in the corpus" in err
+    assert "--drop-unknown" in err and not (tmp_path / "b.json").exists()
+    code, out, err = run_cli(args + ["--drop-unknown", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["summary"]["unknown_doc_judgments_dropped"] == 1 and doc["corpus"]["docs"] == 5
+    code, out, _ = run_cli(["benchmark", "show", str(tmp_path / "b.json")], capsys)
+    assert code == 0 and "coverage 80.0%" in out and "by lang" in out
+    code, out, _ = run_cli(["benchmark", "pairs", str(tmp_path / "b.json"), "--out", str(tmp_path / "pairs.jsonl")], capsys)
+    assert code == 0 and "pairs" in out
+    pairs = Q.read_pairs(tmp_path / "pairs.jsonl")
+    # query 1: d1 (gain 4) and d2 (gain 2) relevant, d3 (-1 -> 0) non-relevant; query 2: d1; query 3: d4 (gain 1)
+    assert sorted((p.doc_id, p.relevant) for p in pairs) == [("d1", True), ("d1", True), ("d2", True),
+                                                             ("d3", False), ("d4", True)]
+
+
+def test_cli_benchmark_build_against_an_embed_run(tmp_path, bench_files, capsys):
+    from engine.config import EmbedJobConfig
+    from engine.pipeline import run_locally
+    from tests.corpus_utils import write_corpus
+
+    docs = [{"doc_id": d, "title": d, "text": f"text of {d}"} for d in ("d1", "d2", "d3", "d4", "d9")]
+    write_corpus(tmp_path / "corpus", docs)
+    m = run_locally(EmbedJobConfig.from_flat({"corpus": str(tmp_path / "corpus"), "store": str(tmp_path / "store"),
+                                              "model": "hash:8"}))
+    q, r = bench_files
+    code, out, err = run_cli(["benchmark", "build", "--queries", str(q), "--qrels", str(r), "--store",
+                              str(tmp_path / "store"), "--corpus-run", m["run_id"], "--out", str(tmp_path / "b.json"),
+                              "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["corpus"]["source"]["run"] == m["run_id"] and doc["corpus"]["docs"] == 5
+    assert doc["corpus"]["fingerprint"] == Q.corpus_fingerprint(d["doc_id"] for d in docs)

@@ -154,7 +154,8 @@ def benchmark_show(benchmark: str, as_json: bool) -> None:
 
 @benchmark_group.command("pairs")
 @click.argument("benchmark", type=click.Path(exists=True, dir_okay=False))
-@store_options
+@click.option("--store", default=None, envvar="EMBEDCTL_STORE", help="Store holding --index (for hard negatives).")
+@click.option("--endpoint-url", default=None, envvar="EMBEDCTL_S3_ENDPOINT_URL")
 @click.option("--index", default=None, help="With --version: sample unjudged top results as hard negatives.")
 @click.option("--version", "version", default=None)
 @click.option("--unjudged-per-query", type=click.IntRange(min=0), default=3, show_default=True,
@@ -163,7 +164,7 @@ def benchmark_show(benchmark: str, as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pairs file to write (JSONL).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-def benchmark_pairs(benchmark: str, store: str, endpoint_url: str | None, index: str | None, version: str | None,
+def benchmark_pairs(benchmark: str, store: str | None, endpoint_url: str | None, index: str | None, version: str | None,
                     unjudged_per_query: int, depth: int, seed: int, out: str, as_json: bool) -> None:
     """Labelled (query, doc_id, relevant) pairs for `calibrate`, from a benchmark.
 
@@ -177,8 +178,8 @@ def benchmark_pairs(benchmark: str, store: str, endpoint_url: str | None, index:
     bench = Q.load_benchmark(benchmark)
     searcher = None
     if index or version:
-        if not (index and version):
-            raise ConfigError("--index and --version go together")
+        if not (index and version and store):
+            raise ConfigError("hard negatives need --store, --index and --version together")
         searcher = Q.default_loader(_open(store, endpoint_url), index, version)
     pairs = Q.make_pairs(bench, searcher=searcher, depth=depth,
                          unjudged_per_query=unjudged_per_query if searcher else 0, seed=seed)
