@@ -1146,9 +1146,11 @@ class Migration:
             result = fn(**options)
         except GateError as err:
             self._record_failure(name, err, status_after=None)
+            self._try_report()  # a reviewer sees why it stopped (and the rollback, if any)
             raise
         except EmbedctlError as err:
             self._record_failure(name, err, status_after="failed")
+            self._try_report()
             raise
         seconds = round(time.monotonic() - t0, 3)
 
@@ -1160,6 +1162,13 @@ class Migration:
         self.state.update(finish, event={"event": "phase-done", "phase": name, "seconds": seconds})
         self.tools.say(f"{name}: done in {seconds:.1f} s")
         return result
+
+    def _try_report(self) -> None:
+        try:
+            if self.store.exists(self.key("compare.json")) or self.store.exists(self.key("report.html")):
+                self.write_report()
+        except Exception:  # noqa: BLE001 - the report must never hide the error that stopped the phase
+            log.exception("could not rewrite the report of migration %s", self.migration_id)
 
     def _record_failure(self, name: str, err: Exception, status_after: str | None) -> None:
         def fail(d: dict[str, Any]) -> None:

@@ -426,7 +426,9 @@ def render_migration_report(data: Mapping[str, Any], *, charts: bool = True) -> 
     # --- phases -------------------------------------------------------------------------------
     out.append("<h2>Phases</h2>")
     rows = []
-    for name, ph in (state.get("phases") or {}).items():
+    order = ("baseline", "build", "compare", "calibrate", "rollout", "cutover")
+    phases = state.get("phases") or {}
+    for name, ph in sorted(phases.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         rows.append([esc(name), _pill(ph.get("status")), fmt(ph.get("attempts")), esc(ph.get("started_at")),
                      esc(ph.get("finished_at")), fmt(ph.get("seconds"), 1), esc(ph.get("error") or "")])
     out.append(_table(["phase", "status", "attempts", "started", "finished", "seconds", "error"], rows,
