@@ -48,7 +48,7 @@ from engine.chunking import ChunkConfig, content_hash
 from engine.config import SECTIONS, EmbedConfig, EmbedJobConfig, RuntimeConfig, from_flat
 from engine.corpus import CorpusConfig
 from engine.embedding import Encoder
-from engine.errors import ConfigError, ConflictError, IntegrityError, NotFoundError
+from engine.errors import ConfigError, ConflictError, GateError, IntegrityError, NotFoundError
 from engine.pipeline import UnitEmbedder, read_part, state_key
 from engine.storage import Store, json_bytes, open_store
 from engine.tokenization import WhitespaceTokenizer
@@ -83,14 +83,14 @@ class RefreshConfig:
     publish_to: str | None = None  # alias to swap to the new version (None: build only)
     endpoint_url: str | None = None
     run_id: str | None = None  # default: refresh-<hash of parent run, config, inputs> (a rerun resumes)
-    version_id: str | None = None  # default: derived from the run id
     strategy: Strategy = "auto"  # incremental | rebuild | auto (decide from the change and drift)
     rebuild_fraction: float = 0.2  # auto: rebuild when (new+changed+deleted chunks)/live chunks exceeds this
     drift_threshold: float = 1.5  # auto: rebuild when new vectors sit this much farther from their IVF centroid
     max_incremental_chain: int = 20  # auto: rebuild after this many incremental versions in a row
     recall_gate: float | None = None  # min recall@10 vs exact search (None: the index builder's default)
     canary: str | None = None  # canary set to check before publishing (engine.quality)
-    lease_ttl_s: float = 300.0  # a crashed refresh's lease expires after this long
+    lease_ttl_s: float = 120.0  # a crashed refresh's lease expires after this long (renewed every ttl/4)
+    lease_wait_s: float = 0.0  # wait this long for a held lease before failing (a retried cluster job)
     break_lease: bool = False  # take the lease even if it looks alive (you know its holder is dead)
     executor: Executor = "auto"  # where the chunk/embed stages run (jobs/refresh.py decides for auto)
     local_max_docs: int = 50_000  # auto: chunk in the driver when the snapshot has at most this many docs
@@ -104,8 +104,6 @@ class RefreshConfig:
         check_name("alias", self.from_alias)
         if self.publish_to is not None:
             check_name("alias", self.publish_to)
-        if self.version_id is not None:
-            check_name("version", self.version_id)
         if self.strategy not in ("auto", "incremental", "rebuild"):
             raise ConfigError(f"strategy must be auto, incremental or rebuild, got {self.strategy!r}")
         if self.executor not in ("auto", "local", "ray"):
@@ -116,6 +114,8 @@ class RefreshConfig:
             raise ConfigError(f"drift_threshold must be positive, got {self.drift_threshold}")
         if self.lease_ttl_s < 1:
             raise ConfigError(f"lease_ttl_s must be at least 1 second, got {self.lease_ttl_s}")
+        if self.lease_wait_s < 0:
+            raise ConfigError(f"lease_wait_s must be >= 0, got {self.lease_wait_s}")
         if self.recall_gate is not None and not 0 <= self.recall_gate <= 1:
             raise ConfigError(f"recall_gate must be in [0, 1], got {self.recall_gate}")
 
@@ -831,6 +831,7 @@ class RefreshState:
     run_id: str
     prepared: Any = None  # engine.pipeline.PreparedRun
     lookup: VectorLookup | None = None
+    inputs_unchanged: bool = False
     attempt_counts: dict[str, int] = field(default_factory=lambda: {"reused": 0, "embedded": 0})
 
 
@@ -864,13 +865,41 @@ class RefreshSession:
             self._check_not_weighted(self.rcfg.publish_to)
         cfg = embed_job_config(self.rcfg, live)
         cfg.validate()
+        _cstore, cplan = plan_corpus(cfg.corpus, find_duplicates=False)
+        inputs = sorted((f.key, f.fingerprint) for f in cplan.files)
         if cfg.run_id is None:
-            _cstore, cplan = plan_corpus(cfg.corpus, find_duplicates=False)
-            run_id = refresh_run_id(cfg, live, [(f.key, f.fingerprint) for f in cplan.files])
-            cfg = dataclasses.replace(cfg, run_id=run_id)
+            cfg = dataclasses.replace(cfg, run_id=refresh_run_id(cfg, live, inputs))
         assert cfg.run_id is not None
         self.state = RefreshState(live=live, cfg=cfg, run_id=cfg.run_id)
+        # Byte-identical input files under the same chunker and model: nothing can have changed.
+        live_inputs = sorted((str(f.get("key")), str(f.get("fingerprint"))) for f in live.run_manifest.get("inputs", []))
+        ident = cfg.identity_dict()
+        live_ident = live.run_manifest.get("identity") or {}
+        same = all(json.dumps(ident.get(k), sort_keys=True, default=str) == json.dumps(live_ident.get(k), sort_keys=True,
+                                                                                         default=str)
+                   for k in ("chunk", "embed"))
+        self.state.inputs_unchanged = bool(inputs) and inputs == live_inputs and same
         return self.state
+
+    def up_to_date(self) -> dict[str, Any] | None:
+        """The summary of a refresh with nothing to do (same input files as the live run), else None.
+
+        Checked before the lease: an hourly schedule on an unchanged corpus costs one listing."""
+        st = self.plan()
+        if not st.inputs_unchanged:
+            return None
+        c = st.live.run_manifest.get("counts") or {}
+        docs, chunks = int(c.get("accepted", 0)), int(c.get("chunks", 0))
+        self.timings["wall_seconds"] = self.clock() - self.t0
+        return {"index": self.rcfg.index, "from_alias": self.rcfg.from_alias, "from_version": st.live.version_id,
+                "run_id": None, "status": "up_to_date", "version_id": None, "strategy": None, "published": False,
+                "reason": f"the snapshot's files are byte-identical to those of the live run {st.live.run_id}",
+                "docs": {"new": 0, "changed": 0, "unchanged": docs, "deleted": 0},
+                "chunks": {"new": 0, "changed": 0, "unchanged": chunks, "deleted": 0}, "live_chunks": chunks,
+                "snapshot_chunks": chunks, "embedding_calls": 0, "embedding_calls_this_attempt": 0,
+                "reused_vectors": 0, "saved_embedding_calls": chunks, "publish_to": self.rcfg.publish_to,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()},
+                "full_embed": full_embed_cost(baseline_of(st.live.run_manifest), chunks, self.timings["wall_seconds"])}
 
     def _check_not_weighted(self, alias: str) -> None:
         from engine.publish import read_alias
@@ -894,23 +923,28 @@ class RefreshSession:
                      "stale": stale, "state": why}
         return {"index": self.rcfg.index, "from_alias": self.rcfg.from_alias, "from_version": st.live.version_id,
                 "alias_generation": st.live.alias_generation, "live_run": st.live.run_id, "run_id": st.run_id,
-                "version_id": self.version_id, "publish_to": self.rcfg.publish_to,
+                "publish_to": self.rcfg.publish_to,
                 "model": st.live.model.get("name"), "dim": st.live.model.get("dim"),
                 "config": json.loads(json.dumps(st.cfg.to_dict(), default=str)),
                 "refresh": {k: v for k, v in self.rcfg.to_dict().items() if k != "overrides"},
                 "resumes_existing_run": self.store.exists(layout.run_manifest_key(st.run_id)), "lease": lease}
 
-    @property
-    def version_id(self) -> str:
-        st = self.plan()
-        return self.rcfg.version_id or st.run_id
-
     # -- lease --------------------------------------------------------------------------------
     def __enter__(self) -> RefreshSession:
         st = self.plan()
-        self.lease = acquire_lease(self.store, self.rcfg.index, ttl_s=self.rcfg.lease_ttl_s,
-                                   info={"run_id": st.run_id, "from_version": st.live.version_id, "stage": "starting"},
-                                   break_lease=self.rcfg.break_lease)
+        deadline = time.monotonic() + self.rcfg.lease_wait_s
+        while True:
+            try:
+                self.lease = acquire_lease(self.store, self.rcfg.index, ttl_s=self.rcfg.lease_ttl_s,
+                                           info={"run_id": st.run_id, "from_version": st.live.version_id,
+                                                 "stage": "starting"}, break_lease=self.rcfg.break_lease)
+                break
+            except ConflictError:
+                if time.monotonic() >= deadline:
+                    raise
+                log.info("refresh lease of %s is held; waiting (up to %.0f s more)", self.rcfg.index,
+                         deadline - time.monotonic())
+                time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
         self.keeper = LeaseKeeper(self.lease).__enter__()
         return self
 
@@ -1016,7 +1050,132 @@ class RefreshSession:
         return self._close(summary, manifest)
 
     def build_gate_publish(self, diff: RefreshDiff, manifest: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError  # filled in below (index integration)
+        """Decide incremental vs rebuild, build the version, run the gates, publish if they pass."""
+        st = self.state
+        assert st is not None
+        out: dict[str, Any] = {"published": False, "publish": None, "gates": {}}
+        self.stage("index")
+        t = self.clock()
+        decision = self.decide(diff, manifest)
+        out.update(strategy=decision["strategy"], strategy_reason=decision["reason"], checks=decision["checks"])
+        record = {**decision, "parent_version": st.live.version_id, "parent_run": st.live.run_id,
+                  "refresh_run": st.run_id, "diff": diff.summary(), "incremental_chain": decision["chain"]}
+        try:
+            if decision["strategy"] == "incremental":
+                vman = update_version(self.store, self.rcfg.index, st.live.version_manifest, decision["version_id"],
+                                      manifest, diff, record, gate_recall=self.gate_threshold())
+            else:
+                vman = rebuild_version(self.store, self.rcfg.index, st.run_id, st.live.version_manifest, record,
+                                       gate_recall=self.rcfg.recall_gate)
+        except GateError as err:
+            self.timings["index_seconds"] = self.clock() - t
+            out.update(status="gate_failed", version_id=decision.get("version_id"), reason=str(err),
+                       gates={"recall": {"passed": False, "detail": str(err)}})
+            return out
+        self.timings["index_seconds"] = self.clock() - t
+        version_id = str(vman["version_id"])
+        rg = vman.get("recall_gate") or {}
+        out["version_id"] = version_id
+        out["gates"]["recall"] = {"passed": bool(rg.get("passed", True)), "recall": rg.get("recall"),
+                                  "threshold": rg.get("threshold"), "k": rg.get("k"),
+                                  "detail": f"recall@{rg.get('k')} {rg.get('recall')} vs threshold {rg.get('threshold')}"}
+        stall_point("gates")
+        t = self.clock()
+        if self.rcfg.canary:
+            out["gates"]["canary"] = self.canary_gate(version_id, diff)
+        self.timings["gate_seconds"] = self.clock() - t
+        failed = [name for name, g in out["gates"].items() if g and not g.get("passed")]
+        if failed:
+            out.update(status="gate_failed", reason=f"gate(s) {', '.join(failed)} failed on version {version_id}; "
+                       f"alias {self.rcfg.publish_to or self.rcfg.from_alias!r} left on {st.live.version_id}")
+            return out
+        if not self.rcfg.publish_to:
+            out.update(status="built", reason=f"no --publish-to: version {version_id} is built and gated; publish it "
+                       f"with embedctl publish --index {self.rcfg.index} --version {version_id} --alias "
+                       f"{self.rcfg.from_alias}")
+            return out
+        return {**out, **self.publish(version_id, diff)}
+
+    def gate_threshold(self) -> float | None:
+        st = self.state
+        assert st is not None
+        if self.rcfg.recall_gate is not None:
+            return self.rcfg.recall_gate
+        return (st.live.version_manifest.get("recall_gate") or {}).get("threshold")
+
+    def decide(self, diff: RefreshDiff, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Incremental or rebuild (saved in the run's state, so a resumed refresh keeps its choice)."""
+        st = self.state
+        assert st is not None
+        key = state_key(st.run_id, "refresh", "decision.json")
+        if self.store.exists(key):
+            saved = self.store.read_json(key)
+            if saved.get("parent_version") == st.live.version_id and self.rcfg.strategy in ("auto", saved["strategy"]):
+                return saved  # a resumed refresh keeps its choice (and its version id)
+        strategy, reason, checks = choose_strategy(self.store, self.rcfg, diff, st.live.version_manifest, manifest)
+        chain = int(((st.live.version_manifest.get("refresh") or {}).get("incremental_chain")) or 0)
+        decision = {"strategy": strategy, "reason": reason, "checks": checks, "parent_version": st.live.version_id,
+                    "chain": chain + 1 if strategy == "incremental" else 0,
+                    "version_id": new_version_id() if strategy == "incremental" else None}
+        self.store.write_json(key, decision)  # under the lease: no other writer
+        log.info("refresh %s: %s (%s)", st.run_id, strategy, reason)
+        return decision
+
+    def canary_gate(self, version_id: str, diff: RefreshDiff) -> dict[str, Any]:
+        """The canary set on the new version against the live version as the baseline.
+
+        Canaries whose every expected document was deleted are retired (reported, not run)."""
+        from engine.quality import Canary, run_canary
+
+        st = self.state
+        assert st is not None and self.rcfg.canary
+        canaries = load_canaries(self.rcfg.canary, self.rcfg.endpoint_url)
+        gone = set(diff.deleted_doc_ids)
+        kept = [c for c in canaries if set(c.expected) - gone]
+        retired = [c.id or c.query for c in canaries if not set(c.expected) - gone]
+        kept = [Canary(c.query, tuple(d for d in c.expected if d not in gone), c.id) for c in kept]
+        if not kept:
+            return {"passed": True, "detail": f"all {len(canaries)} canaries expect deleted documents: none to run",
+                    "retired": retired}
+        baseline = run_canary(self.store, self.rcfg.index, kept, version=st.live.version_id)
+        report = run_canary(self.store, self.rcfg.index, kept, version=version_id, baseline=baseline)
+        v = report["versions"][0]
+        k = report["k"]
+        return {"passed": bool(report["passed"]), "failures": v["failures"], "retired": retired,
+                "recall": v["stats"].get(f"recall@{k}"), "baseline_recall": baseline["versions"][0]["stats"].get(
+                    f"recall@{k}"),
+                "detail": (f"{len(kept)} canaries: recall@{k} {v['stats'].get(f'recall@{k}')} (live "
+                           f"{baseline['versions'][0]['stats'].get(f'recall@{k}')})"
+                           + (f"; {'; '.join(v['failures'])}" if v["failures"] else ""))}
+
+    def publish(self, version_id: str, diff: RefreshDiff) -> dict[str, Any]:
+        """The CAS swap (expecting the alias still on the version we diffed against)."""
+        from engine.publish import publish_version
+
+        st = self.state
+        assert st is not None and self.rcfg.publish_to
+        self.stage("publish")
+        stall_point("publish")
+        if self.keeper is not None:
+            self.keeper.check()  # fencing: a refresh that lost its lease must not publish
+        t = self.clock()
+        expect = st.live.version_id if self.rcfg.publish_to == self.rcfg.from_alias else None
+        d = diff.docs
+        reason = (f"refresh {st.run_id}: {d['changed']} changed, {d['new']} new, {d['deleted']} deleted docs "
+                  f"(from {st.live.version_id})")
+        try:
+            res = publish_version(self.store, self.rcfg.index, version_id, self.rcfg.publish_to, expect_current=expect,
+                                  reason=reason)
+        except ConflictError as err:
+            self.timings["publish_seconds"] = self.clock() - t
+            return {"status": "conflict", "published": False,
+                    "reason": f"alias {self.rcfg.publish_to!r} moved while the refresh ran ({err}); version "
+                              f"{version_id} is built but not published: rerun the refresh to rebase on the new live "
+                              "version, or publish it yourself"}
+        self.timings["publish_seconds"] = self.clock() - t
+        return {"status": "published", "published": True, "reason": None,
+                "publish": {"alias": res.alias, "version": res.version, "generation": res.generation,
+                            "previous": res.previous, "changed": res.changed}}
 
     def _unit_stats(self, manifest: dict[str, Any]) -> dict[str, int]:
         """Reuse counts over every attempt (per-unit records written after each commit)."""
@@ -1076,10 +1235,569 @@ def run_refresh_locally(rcfg: RefreshConfig, encoder: Encoder | None = None) -> 
     """The whole refresh in this process, without Ray (tests, small corpora). ``encoder``
     replaces the model for the chunks that need one (a counting encoder in tests)."""
     session = RefreshSession(rcfg)
-    session.plan()  # refusals come before the lease
+    quick = session.up_to_date()  # refusals (and a byte-identical snapshot) come before the lease
+    if quick is not None:
+        return {**quick, "executor": "none"}
     with session:
         session.prepare()
         session.embed_locally(encoder)
         summary = session.finish()
     summary["executor"] = "driver"
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# the index version: incremental update of a copy of the live shards, or a rebuild
+# ---------------------------------------------------------------------------------------------
+
+MIN_DRIFT_SAMPLE = 50  # fewer added vectors than this cannot make the drift check call for a rebuild
+DRIFT_SAMPLE = 2048  # vectors per side measured by the drift check
+GATE_QUERIES = 256
+
+
+def new_version_id() -> str:
+    """The index builder's naming (``v<UTC ts>-<hex>``), so ``--version latest`` finds refreshed versions too."""
+    from engine.index import new_version_id as builder_id
+
+    return builder_id()
+
+
+def live_build_config(store: Store, index: str, vman: dict[str, Any]) -> dict[str, Any]:
+    """The build settings behind a version: carried in ``refresh.build_config`` by refreshed versions, else the
+    builder's saved state (found by ``build_key``), else reconstructed from ``params``."""
+    from engine.index import BuildConfig
+
+    carried = (vman.get("refresh") or {}).get("build_config")
+    if carried:
+        return dict(carried)
+    if vman.get("build_key"):
+        key = layout.join(layout.index_prefix(index), "builds", str(vman["build_key"])[:24], "state.json")
+        with contextlib.suppress(NotFoundError, IntegrityError):
+            cfg = store.read_json(key).get("config")
+            if cfg:
+                return dict(cfg)
+    params = vman.get("params") or {}
+    names = {f.name for f in fields(BuildConfig)}
+    cfg = {k: v for k, v in (params.get("overrides") or {}).items() if k in names}
+    cfg.update(kind=params.get("requested_kind") or vman.get("kind") or "ivfpq",
+               rescore=params.get("rescore") or "int8", memory_budget=params.get("memory_budget"))
+    gate = vman.get("recall_gate") or {}
+    if "threshold" in gate:
+        cfg["gate_recall"] = gate["threshold"]
+    if gate.get("k"):
+        cfg["gate_k"] = int(gate["k"])
+    return cfg
+
+
+def choose_strategy(store: Store, rcfg: RefreshConfig, diff: RefreshDiff, vman: dict[str, Any],
+                    run_manifest: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """(strategy, reason, checks): update a copy of the live shards when the change is small and the trained
+    quantizer still fits the new vectors; rebuild when much changed, when the builder would now choose another
+    index for this many vectors, after a long chain of incremental versions, or when the new vectors drift."""
+    from engine.index import BuildConfig, choose_params
+
+    checks: dict[str, Any] = {"changed_fraction": round(diff.changed_fraction, 6),
+                              "rebuild_fraction": rcfg.rebuild_fraction}
+    chain = int(((vman.get("refresh") or {}).get("incremental_chain")) or 0)
+    checks["incremental_chain"] = chain
+    if rcfg.strategy == "rebuild":
+        return "rebuild", "rebuild asked for (--strategy rebuild)", checks
+    problems = _incremental_blockers(vman)
+    if problems:
+        if rcfg.strategy == "incremental":
+            raise ConfigError(f"--strategy incremental is impossible: {problems}; use --strategy rebuild or auto")
+        return "rebuild", f"the live version cannot be updated in place: {problems}", checks
+    new_rows = diff.snapshot_chunks
+    try:
+        cfg = BuildConfig.from_dict(live_build_config(store, rcfg.index, vman))
+        params = choose_params(new_rows, int(vman["dim"]), cfg, parallelism=max(1, len(vman.get("shards") or [])))
+        live_p = vman.get("params") or {}
+        checks["builder_would_choose"] = {"kind": params.kind, "factory": params.factory}
+        same_shape = params.kind == vman.get("kind") and (params.kind == "flat" or params.factory == live_p.get("factory"))
+    except ConfigError as err:
+        checks["builder_would_choose"] = f"(cannot tell: {err})"
+        same_shape = True
+    if rcfg.strategy == "incremental":
+        checks["drift"] = quantizer_drift(store, rcfg.index, vman, run_manifest, diff)
+        return "incremental", "incremental asked for (--strategy incremental)", checks
+    if diff.changed_fraction > rcfg.rebuild_fraction:
+        return "rebuild", (f"{diff.changed_fraction:.1%} of the live chunks changed, over --rebuild-fraction "
+                           f"{rcfg.rebuild_fraction:.0%}: a rebuild retrains and rebalances"), checks
+    if not same_shape:
+        w = checks["builder_would_choose"]
+        return "rebuild", (f"at {new_rows:,} vectors the builder chooses {w['kind']} {w['factory']} instead of the live "
+                           f"{vman.get('kind')} {(vman.get('params') or {}).get('factory')}"), checks
+    if chain >= rcfg.max_incremental_chain:
+        return "rebuild", (f"{chain} incremental versions in a row (limit --max-incremental-chain "
+                           f"{rcfg.max_incremental_chain}): rebuild to reset drift and fragmentation"), checks
+    drift = quantizer_drift(store, rcfg.index, vman, run_manifest, diff)
+    checks["drift"] = drift
+    ratio = drift.get("ratio")
+    if ratio is not None and ratio > rcfg.drift_threshold and drift.get("added", 0) >= MIN_DRIFT_SAMPLE:
+        return "rebuild", (f"the new vectors fit the trained quantizer {ratio:.2f}x worse than the live ones "
+                           f"({drift['measure']}), over --drift-threshold {rcfg.drift_threshold}"), checks
+    if ratio is None:
+        fit = "no trained quantizer (exact search)" if vman.get("kind") == "flat" else f"drift: {drift.get('measure')}"
+    elif drift.get("added", 0) < MIN_DRIFT_SAMPLE:
+        fit = (f"drift {ratio:.2f} ({drift['measure']}) not judged: {drift.get('added', 0)} added vectors are under "
+               f"the {MIN_DRIFT_SAMPLE} a rebuild decision needs")
+    else:
+        fit = f"the quantizer still fits: drift {ratio:.2f} <= {rcfg.drift_threshold} ({drift['measure']})"
+    return "incremental", (f"{diff.changed_fraction:.1%} of the chunks changed (<= {rcfg.rebuild_fraction:.0%}); "
+                           f"{fit}"), checks
+
+
+def _incremental_blockers(vman: dict[str, Any]) -> str:
+    shards = vman.get("shards")
+    if not isinstance(shards, list) or not shards:
+        return "it has no shards"
+    for s in shards:
+        if "index" not in (s.get("files") or {}) or "ids" not in (s.get("files") or {}):
+            return f"shard {s.get('shard')} has no FAISS file or id map (not built by embedctl build-index)"
+    if vman.get("kind") not in ("flat", "ivfpq", "binary-rerank"):
+        return f"unknown index kind {vman.get('kind')!r}"
+    return ""
+
+
+def read_run_rows(store: Store, run_manifest: dict[str, Any], chunk_ids: set[str] | None = None,
+                  limit: int | None = None, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """(chunk ids, doc ids, vectors [n, dim] float32) of a run's rows: those in ``chunk_ids``, or a seeded
+    sample of ``limit`` rows. Reads the id column of every part, vectors only of parts that hold wanted rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dim = int(run_manifest["dim"])
+    parts = [o["key"] for o in run_manifest["outputs"]["embeddings"] if int(o.get("rows", 0)) > 0]
+    if chunk_ids is None and limit is not None:
+        total = sum(int(o["rows"]) for o in run_manifest["outputs"]["embeddings"])
+        rng = np.random.default_rng(seed)
+        pick = set(rng.choice(total, size=min(limit, total), replace=False).tolist()) if total else set()
+    cids: list[str] = []
+    dids: list[str] = []
+    vecs: list[np.ndarray] = []
+    offset = 0
+    for key in parts:
+        ids = _read_columns(store, key, ["chunk_id"]).column(0)
+        if chunk_ids is not None:
+            mask = pc.is_in(ids, value_set=pa.array(sorted(chunk_ids), pa.string()))
+            rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        else:
+            rows = np.array([r - offset for r in range(offset, offset + len(ids)) if r in pick], dtype=np.int64)
+        offset += len(ids)
+        if not len(rows):
+            continue
+        t = _read_columns(store, key, ["chunk_id", "doc_id", "embedding"]).take(pa.array(rows, pa.int64()))
+        cids += t.column("chunk_id").to_pylist()
+        dids += t.column("doc_id").to_pylist()
+        vecs.append(_vectors(t).astype(np.float32))
+    mat = np.concatenate(vecs) if vecs else np.zeros((0, dim), dtype=np.float32)
+    return cids, dids, mat
+
+
+def _download(store: Store, key: str, path: str) -> str:
+    from engine.storage import LocalStore
+
+    if isinstance(store, LocalStore):
+        return str(store.local_path(key))
+    store.download_file(key, path)
+    return path
+
+
+def quantizer_drift(store: Store, index: str, vman: dict[str, Any], run_manifest: dict[str, Any],
+                    diff: RefreshDiff) -> dict[str, Any]:
+    """How much worse the trained quantizer encodes the added vectors than the ones it already holds.
+
+    Measured with the version's own trained index (``trained.faiss``): mean squared reconstruction error
+    (IVF-PQ: ``sa_encode``/``sa_decode``; IVF-Flat: distance to the nearest list centroid; binary IVF: Hamming
+    distance to the nearest centroid), added vectors vs a sample of unchanged ones; plus, with int8 rescore
+    vectors, the share of components clipped by the stored int8 ranges. ``ratio`` = added / unchanged."""
+    import tempfile
+
+    files = vman.get("files") or {}
+    out: dict[str, Any] = {"ratio": None, "added": len(diff.add_ids)}
+    if not diff.add_ids or (not files.get("trained") and not files.get("rescore_ranges")):
+        out["measure"] = "nothing to measure" if diff.add_ids else "no added vectors"
+        return out
+    added_ids = set(diff.add_ids)
+    rng = np.random.default_rng(0)
+    if len(added_ids) > DRIFT_SAMPLE:
+        added_ids = set(rng.choice(sorted(added_ids), size=DRIFT_SAMPLE, replace=False).tolist())
+    _c, _d, added = read_run_rows(store, run_manifest, added_ids)
+    cids, _d2, base = read_run_rows(store, run_manifest, limit=DRIFT_SAMPLE + len(diff.add_ids), seed=1)
+    keep = [i for i, c in enumerate(cids) if c not in set(diff.add_ids)][:DRIFT_SAMPLE]
+    base = base[keep]
+    out["baseline"] = len(base)
+    if not len(base) or not len(added):
+        out["measure"] = "too few vectors"
+        return out
+    prefix = layout.version_prefix(index, str(vman["version_id"]))
+    ratios: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="embedctl-drift-") as tmp:
+        if files.get("trained"):
+            import faiss
+
+            path = _download(store, layout.join(prefix, files["trained"]), os.path.join(tmp, "trained.faiss"))
+            binary = vman.get("kind") == "binary-rerank"
+            trained = faiss.read_index_binary(path) if binary else faiss.read_index(path)
+            err_a, err_b = _quantization_error(trained, added, binary), _quantization_error(trained, base, binary)
+            out.update(added_error=round(err_a, 6), baseline_error=round(err_b, 6))
+            if err_b > 1e-9:
+                ratios["quantizer"] = err_a / err_b
+        if files.get("rescore_ranges"):
+            path = _download(store, layout.join(prefix, files["rescore_ranges"]), os.path.join(tmp, "ranges.npy"))
+            ranges = np.load(path, allow_pickle=False).astype(np.float32)  # [2, dim] lo, hi
+            clip_a, clip_b = _clip_rate(added, ranges), _clip_rate(base, ranges)
+            out.update(added_int8_clipped=round(clip_a, 6), baseline_int8_clipped=round(clip_b, 6))
+            ratios["int8 ranges"] = clip_a / max(clip_b, 1e-3)  # a 0.1% floor: a clean baseline is not a 0 divisor
+    if ratios:
+        worst = max(ratios, key=lambda k: ratios[k])
+        out.update(ratio=round(ratios[worst], 4), measure=worst, ratios={k: round(v, 4) for k, v in ratios.items()})
+    else:
+        out["measure"] = "nothing trained"
+    return out
+
+
+def _quantization_error(trained: Any, x: np.ndarray, binary: bool) -> float:
+    """Mean squared reconstruction error of ``x`` [n, dim] under a trained index (see ``quantizer_drift``).
+
+    Computed from the parts (pre-transform, coarse centroid, then the product quantizer on the residual)
+    rather than ``sa_encode``/``sa_decode``, which crash on a deserialised IVF-PQ fast-scan index."""
+    import faiss
+
+    from engine.index import pack_sign_bits
+
+    if binary:
+        ivf_b = faiss.downcast_IndexBinary(trained)
+        if not hasattr(ivf_b, "quantizer"):
+            return 0.0
+        d, _ = ivf_b.quantizer.search(pack_sign_bits(x), 1)
+        return float(np.mean(d))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    ivf = faiss.try_extract_index_ivf(trained)
+    if ivf is None:
+        return 0.0
+    ivf = faiss.downcast_index(ivf)
+    xt = np.ascontiguousarray(trained.apply_chain(len(x), x)) if isinstance(trained, faiss.IndexPreTransform) else x
+    _, assign = ivf.quantizer.search(xt, 1)  # [n, 1] nearest list
+    residual = xt - ivf.quantizer.reconstruct_batch(assign.ravel()) if getattr(ivf, "by_residual", True) else xt
+    pq = getattr(ivf, "pq", None)
+    if pq is None:  # IVF-Flat: the list centroid is all the quantization there is
+        return float(np.mean((residual ** 2).sum(1)))
+    residual = np.ascontiguousarray(residual, dtype=np.float32)
+    rec = pq.decode(pq.compute_codes(residual))  # [n, d'] the residual as the PQ code gives it back
+    return float(np.mean(((residual - rec) ** 2).sum(1)))
+
+
+def _clip_rate(x: np.ndarray, ranges: np.ndarray) -> float:
+    lo, hi = ranges[0], ranges[1]
+    return float(np.mean((x < lo) | (x > hi)))
+
+
+def _assign_adds(sizes: list[int], n_add: int) -> list[int]:
+    """How many added rows each shard takes: fill the smallest shards first (water-filling)."""
+    take = [0] * len(sizes)
+    cur = list(sizes)
+    for _ in range(n_add):
+        i = min(range(len(cur)), key=lambda j: (cur[j], j))
+        take[i] += 1
+        cur[i] += 1
+    return take if n_add < 100_000 else _assign_adds_fast(sizes, n_add)
+
+
+def _assign_adds_fast(sizes: list[int], n_add: int) -> list[int]:
+    total = sum(sizes) + n_add
+    target = -(-total // len(sizes))
+    take = [max(0, target - s) for s in sizes]
+    extra = sum(take) - n_add
+    for i in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        cut = min(extra, take[i])
+        take[i] -= cut
+        extra -= cut
+    return take
+
+
+def update_version(store: Store, index: str, live: dict[str, Any], version_id: str, run_manifest: dict[str, Any],
+                   diff: RefreshDiff, record: dict[str, Any], *, gate_recall: float | None) -> dict[str, Any]:
+    """The incremental path: copy the live version's shards, remove the changed/deleted chunks' ids, add the
+    changed/new chunks' vectors under fresh ids (above every live id, so each shard's id map stays sorted),
+    measure recall against exact search over the refresh run, and commit the manifest (create-only).
+
+    A rerun after a crash rewrites the same files; a version whose manifest exists is returned as is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.index import encode_rescore, index_from_bytes, pack_sign_bits, read_version_manifest
+
+    if store.exists(layout.version_manifest_key(index, version_id)):
+        return read_version_manifest(store, index, version_id)
+    t0 = time.perf_counter()
+    src = layout.version_prefix(index, str(live["version_id"]))
+    dst = layout.version_prefix(index, version_id)
+    kind = str(live["kind"])
+    binary = kind == "binary-rerank"
+    params = live.get("params") or {}
+    rescore = str(params.get("rescore") or "none")
+    live_files = live.get("files") or {}
+    ranges = None
+    if rescore == "int8" and live_files.get("rescore_ranges"):
+        ranges = np.load(_io_bytes(store.read_bytes(layout.join(src, live_files["rescore_ranges"]))),
+                         allow_pickle=False)
+    # The vectors that come in: changed and new chunks, from the refresh run (stored or just embedded).
+    add_cids, add_dids, add_vecs = read_run_rows(store, run_manifest, set(diff.add_ids))
+    order = np.argsort(np.array(add_cids, dtype=object), kind="stable") if add_cids else np.zeros(0, np.int64)
+    add_cids = [add_cids[i] for i in order]
+    add_dids = [add_dids[i] for i in order]
+    add_vecs = add_vecs[order] if len(order) else add_vecs
+    if len(add_cids) != len(diff.add_ids):
+        raise IntegrityError(f"refresh run {run_manifest['run_id']} holds {len(add_cids)} of the {len(diff.add_ids)} "
+                             "chunks to add; rerun the refresh (it resumes)")
+    add_vecs = _normalize(add_vecs)
+    remove = set(diff.remove_ids)
+    shards = sorted(live["shards"], key=lambda s: int(s["shard"]))
+    # Pass 1: id maps (small) -> what each shard loses, the id space's top.
+    id_maps, removed_rows, max_id = [], [], -1
+    for s in shards:
+        t = _read_columns(store, layout.join(src, s["files"]["ids"]), ["id", "chunk_id", "doc_id"])
+        id_maps.append(t)
+        ids = t.column("id").to_numpy()
+        if len(ids):
+            max_id = max(max_id, int(ids.max()))
+        gone = np.array([c in remove for c in t.column("chunk_id").to_pylist()], dtype=bool)
+        removed_rows.append(gone)
+    found = sum(int(g.sum()) for g in removed_rows)
+    if found != len(remove):
+        raise IntegrityError(f"version {live['version_id']} holds {found} of the {len(remove)} chunks the diff "
+                             "removes; its id maps do not match its source run")
+    takes = _assign_adds([len(t) - int(g.sum()) for t, g in zip(id_maps, removed_rows)], len(add_cids))
+    new_ids = np.arange(max_id + 1, max_id + 1 + len(add_cids), dtype=np.int64)
+    artifacts: list[dict[str, Any]] = []
+    out_shards: list[dict[str, Any]] = []
+    cursor = 0
+    import faiss
+
+    for s, t, gone, take in zip(shards, id_maps, removed_rows, takes):
+        files = dict(s["files"])
+        lo, hi = cursor, cursor + take
+        cursor = hi
+        if not gone.any() and take == 0:
+            for role, key in files.items():  # untouched shard: same bytes under the new version
+                artifacts.append(_copy_artifact(store, layout.join(src, key), layout.join(dst, key), key, live))
+            out_shards.append(dict(s))
+            continue
+        with contextlib.ExitStack() as stack:
+            import tempfile
+
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="embedctl-refresh-shard-"))
+            idx = index_from_bytes(store.read_bytes(layout.join(src, files["index"])), binary)
+            ids = t.column("id").to_numpy()
+            if gone.any():
+                n = idx.remove_ids(faiss.IDSelectorBatch(ids[gone]))
+                if n != int(gone.sum()):
+                    raise IntegrityError(f"shard {s['shard']}: removed {n} of {int(gone.sum())} ids")
+            if take:
+                x = add_vecs[lo:hi]
+                idx.add_with_ids(pack_sign_bits(x) if binary else x, new_ids[lo:hi])
+            keep = ~gone
+            table = pa.table({
+                "id": pa.concat_arrays([pa.array(ids[keep], pa.int64()), pa.array(new_ids[lo:hi], pa.int64())]),
+                "chunk_id": pa.concat_arrays([t.column("chunk_id").combine_chunks().filter(pa.array(keep)),
+                                              pa.array(add_cids[lo:hi], pa.string())]),
+                "doc_id": pa.concat_arrays([t.column("doc_id").combine_chunks().filter(pa.array(keep)),
+                                            pa.array(add_dids[lo:hi], pa.string())]),
+            })
+            if idx.ntotal != table.num_rows:
+                raise IntegrityError(f"shard {s['shard']}: {idx.ntotal} vectors but {table.num_rows} id map rows")
+            paths = {role: os.path.join(tmp, os.path.basename(key)) for role, key in files.items()}
+            (faiss.write_index_binary if binary else faiss.write_index)(idx, paths["index"])
+            pq.write_table(table, paths["ids"], compression="zstd", write_statistics=True)
+            if "rescore" in files:
+                old = np.load(_download(store, layout.join(src, files["rescore"]), paths["rescore"] + ".old"),
+                              allow_pickle=False)
+                new = np.concatenate([old[keep], encode_rescore(add_vecs[lo:hi], rescore, ranges)])
+                np.save(paths["rescore"], new, allow_pickle=False)
+            stall_point("shard")
+            size = 0
+            for role, key in files.items():
+                digest = store.upload_file(layout.join(dst, key), paths[role])
+                nbytes = os.path.getsize(paths[role])
+                size += nbytes
+                artifacts.append({"key": key, "bytes": nbytes, "sha256": digest})
+            ids_now = table.column("id").to_numpy()
+            out_shards.append({**s, "rows": int(table.num_rows), "bytes": size,
+                               "id_start": int(ids_now.min()) if len(ids_now) else 0,
+                               "id_end": int(ids_now.max()) + 1 if len(ids_now) else 0})
+    for role in ("trained", "rescore_ranges"):
+        if live_files.get(role):
+            key = live_files[role]
+            artifacts.append(_copy_artifact(store, layout.join(src, key), layout.join(dst, key), key, live))
+    files_out = {r: k for r, k in live_files.items() if r in ("trained", "rescore_ranges")}
+    rows = sum(int(s["rows"]) for s in out_shards)
+    if rows != diff.snapshot_chunks:
+        raise IntegrityError(f"the updated version holds {rows} vectors, the snapshot has {diff.snapshot_chunks} chunks")
+    record = {**record, "build_config": live_build_config(store, index, live),
+              "seconds": {"update": round(time.perf_counter() - t0, 3)}}
+    manifest = {k: v for k, v in live.items() if k not in ("timings", "recall_gate", "build_key", "refresh")}
+    manifest.update(
+        version_id=version_id, index=index, created_at=_utc_now(), source_run=run_manifest["run_id"],
+        source={"run_id": run_manifest["run_id"], "embeddings": [[o["key"], o["rows"], o["sha256"]]
+                                                                 for o in run_manifest["outputs"]["embeddings"]]},
+        parent_version=str(live["version_id"]), shards=out_shards, files=files_out, artifacts=artifacts,
+        counts={"vectors": rows, "shards": len(out_shards)}, recall_gate=None, refresh=record,
+    )
+    stall_point("gate")
+    t1 = time.perf_counter()
+    threshold = gate_recall if gate_recall is not None else (live.get("recall_gate") or {}).get("threshold")
+    gate = measure_recall(store, index, manifest, run_manifest, k=int((live.get("recall_gate") or {}).get("k") or 10),
+                          threshold=threshold)
+    manifest["recall_gate"] = gate
+    report = {"version_id": version_id, "index": index, "refresh": record, "recall_gate": gate}
+    data = json_bytes(report)
+    store.write_bytes(layout.join(dst, "build-report.json"), data)
+    manifest["artifacts"].append({"key": "build-report.json", "bytes": len(data),
+                                  "sha256": hashlib.sha256(data).hexdigest()})
+    manifest["files"]["report"] = "build-report.json"
+    manifest["timings"] = {"update_s": record["seconds"]["update"], "gate_s": round(time.perf_counter() - t1, 3),
+                           "total_s": round(time.perf_counter() - t0, 3)}
+    if not gate["passed"]:
+        store.delete_prefix(dst)  # nothing of a failed version stays where searchers look
+        raise GateError(f"recall gate failed for the refreshed {index}: recall@{gate['k']} = {gate['recall']:.4f} "
+                        f"against exact search is below {gate['threshold']}; nothing was published. Rerun with "
+                        "--strategy rebuild")
+    try:
+        store.put_if_absent(layout.version_manifest_key(index, version_id), json_bytes(manifest))
+    except ConflictError:
+        manifest = read_version_manifest(store, index, version_id)
+    return manifest
+
+
+def _io_bytes(data: bytes) -> Any:
+    import io
+
+    return io.BytesIO(data)
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _copy_artifact(store: Store, src: str, dst: str, key: str, live: dict[str, Any]) -> dict[str, Any]:
+    """Copy one artifact of the live version (verified against the live manifest's sha256)."""
+    import tempfile
+
+    want = {a["key"]: a for a in live.get("artifacts", [])}.get(key)
+    from engine.storage import LocalStore
+
+    if isinstance(store, LocalStore):
+        digest = store.upload_file(dst, store.local_path(src), sha256=want["sha256"] if want else None)
+        return {"key": key, "bytes": store.size(dst), "sha256": digest}
+    with tempfile.TemporaryDirectory(prefix="embedctl-copy-") as tmp:
+        path = os.path.join(tmp, "f")
+        store.download_file(src, path)
+        digest = store.upload_file(dst, path, sha256=want["sha256"] if want else None)
+        return {"key": key, "bytes": os.path.getsize(path), "sha256": digest}
+
+
+def measure_recall(store: Store, index: str, manifest: dict[str, Any], run_manifest: dict[str, Any], *, k: int,
+                   threshold: float | None, queries: int = GATE_QUERIES, seed: int = 0) -> dict[str, Any]:
+    """Recall@k of the (not yet committed) version against exact search over every vector of its run.
+
+    Gate queries are vectors sampled from the run (their own chunk excluded), like the builder's gate;
+    exact neighbours are computed part by part, so memory stays at one part."""
+    from engine.index import exact_topk, merge_topk
+    from engine.search import Searcher
+
+    t0 = time.perf_counter()
+    qcids, _qd, qvecs = read_run_rows(store, run_manifest, limit=queries, seed=seed)
+    qvecs = _normalize(qvecs)
+    if not len(qvecs):
+        return {"k": k, "queries": 0, "recall": None, "threshold": threshold, "passed": True,
+                "note": "no vectors: nothing to measure"}
+    depth = k + 1
+    best_s, best_i, all_cids = [], [], []
+    offset = 0
+    for o in run_manifest["outputs"]["embeddings"]:
+        if not int(o.get("rows", 0)):
+            continue
+        t = _read_columns(store, o["key"], ["chunk_id", "embedding"])
+        v = _normalize(_vectors(t).astype(np.float32))
+        ids = np.arange(offset, offset + len(v), dtype=np.int64)
+        s, i = exact_topk(qvecs, v, ids, depth)
+        best_s.append(s)
+        best_i.append(i)
+        all_cids += t.column("chunk_id").to_pylist()
+        offset += len(v)
+        s_m, i_m = merge_topk(best_s, best_i, depth)
+        best_s, best_i = [s_m], [i_m]
+    ex_s, ex_i = best_s[0], best_i[0]
+    row_of = {c: r for r, c in enumerate(all_cids)}
+    self_rows = np.array([row_of[c] for c in qcids], dtype=np.int64)
+    searcher = Searcher.load_manifest(store, index, manifest, verify=True)
+    try:
+        s_f, i_f = searcher.search_ids(qvecs, depth)
+        hits = searcher._hits(s_f, i_f)  # version ids -> chunk ids
+    finally:
+        searcher.close()
+    found = np.full((len(qvecs), depth), -1, dtype=np.int64)
+    for q, row in enumerate(hits):
+        for j, h in enumerate(row[:depth]):
+            found[q, j] = row_of.get(h.chunk_id, -2)
+    from engine.index import _drop_self, knn_recall_mean
+
+    _s1, f_k = _drop_self(np.where(found >= 0, 0.0, -np.inf).astype(np.float32), found, self_rows, k)
+    e_s, e_k = _drop_self(ex_s, ex_i, self_rows, k)
+    recall = knn_recall_mean(f_k, e_k, e_s, k)
+    return {"k": k, "queries": int(len(qvecs)), "query_source": "vectors sampled from the refresh run, the query's "
+            "own chunk excluded; exact neighbours over the whole run", "recall": round(recall, 4),
+            "threshold": threshold, "passed": threshold is None or recall >= threshold,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "nprobe": (manifest.get("params") or {}).get("nprobe"),
+            "rescore_multiplier": (manifest.get("params") or {}).get("rescore_multiplier")}
+
+
+def rebuild_version(store: Store, index: str, run_id: str, live: dict[str, Any], record: dict[str, Any], *,
+                    gate_recall: float | None) -> dict[str, Any]:
+    """The rebuild path: the index builder on the refresh run, with the live version's build settings.
+
+    The builder resumes by its own build key. The refresh record goes into the version manifest when the
+    builder takes ``manifest_extra``; otherwise into ``refresh.json`` beside the manifest (and the run)."""
+    import inspect
+
+    from engine.index import BuildConfig, build_index
+
+    cfg_d = live_build_config(store, index, live)
+    if gate_recall is not None:
+        cfg_d["gate_recall"] = gate_recall
+    cfg = BuildConfig.from_dict(cfg_d)
+    record = {**record, "build_config": cfg.to_dict()}
+    kwargs: dict[str, Any] = {"parent_version": str(live["version_id"])}
+    extra_ok = "manifest_extra" in inspect.signature(build_index).parameters
+    if extra_ok:
+        kwargs["manifest_extra"] = {"refresh": record}
+    result = build_index(store, run_id, index, cfg, **kwargs)
+    manifest = result.manifest
+    if not extra_ok or "refresh" not in manifest:
+        side = layout.join(layout.version_prefix(index, result.version_id), "refresh.json")
+        if not store.exists(side):
+            store.write_json(side, record)
+        manifest = dict(manifest, refresh=record)  # what the summary reports (the stored manifest lacks it)
+    return manifest
+
+
+def load_canaries(path: str, endpoint_url: str | None = None) -> list[Any]:
+    """A canary set from a local file or an s3:// object (``engine.quality.read_canaries`` formats)."""
+    import tempfile
+
+    from engine.quality import read_canaries
+
+    if not path.startswith("s3://"):
+        return read_canaries(path)
+    parent, name = path.rsplit("/", 1)
+    with tempfile.TemporaryDirectory(prefix="embedctl-canary-") as tmp:
+        local = os.path.join(tmp, name)
+        open_store(parent, endpoint_url=endpoint_url).download_file(name, local)
+        return read_canaries(local)

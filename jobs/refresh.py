@@ -73,7 +73,9 @@ def _copy_task(row: dict[str, Any], cfg: Any, run_id: str, identity: dict[str, A
 def run_refresh_job(rcfg: RefreshConfig, progress: Progress | None = None, encoder: Encoder | None = None) -> dict[str, Any]:
     """Run (or resume) a refresh and return its summary. ``encoder`` (tests) forces the in-driver path."""
     session = RefreshSession(rcfg)
-    session.plan()  # every refusal (alias, model/chunker mismatch, rollout) happens before the lease
+    quick = session.up_to_date()  # every refusal (alias, model/chunker, rollout) comes before the lease, and so
+    if quick is not None:         # does "the snapshot's files are the live run's files"
+        return {**quick, "executor": "none"}
     with session:
         st = session.prepare()
         prepared = st.prepared
