@@ -61,7 +61,7 @@ SHORT_HELP: dict[str, str] = {
     "gc": "Delete index versions no alias or retained history can point to (--dry-run first).",
     "serve": "HTTP /search, /healthz, /version for an alias; hot-swaps versions without downtime.",
     "doctor": "Check a store: access, and that it enforces conditional writes (needed to publish).",
-    "benchmark": "Offline benchmarks (queries, graded judgments, corpus fingerprint): benchmark build|show|pairs.",
+    "benchmark": "Offline benchmarks (queries, graded judgments, corpus fingerprint): build|show|pairs|evaluate.",
     "calibrate": "Fit similarity thresholds for an index version from labelled pairs (PR curve, F-beta, plot).",
     "canary": "Known-good queries against an alias: recall@k, MRR, scores, empty rate vs a baseline; exit 7 on a drop.",
     "drift": "Compare recent queries and their top scores with calibration time; exit 7 past the limits.",

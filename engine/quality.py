@@ -515,19 +515,19 @@ def load_benchmark(path: str | os.PathLike[str]) -> Benchmark:
 
 
 def make_pairs(bench: Benchmark, *, searcher: Any = None, depth: int = 20, unjudged_per_query: int = 0,
-               seed: int = 0) -> list[LabelledPair]:
+               seed: int = 0, min_gain: float | None = None) -> list[LabelledPair]:
     """Calibration pairs from a benchmark: relevant docs (gain >= the benchmark's
     ``relevant_min_gain``) are positives; judged non-relevant docs (gain 0) are negatives;
     judged docs in between (e.g. Cranfield's "minimum interest") are left out, since neither
-    answer is wrong for them. With a ``searcher``, up to ``unjudged_per_query`` unjudged docs
+    answer is wrong for them (``min_gain`` overrides the benchmark's cut). With a ``searcher``, up to ``unjudged_per_query`` unjudged docs
     from each query's top ``depth`` are sampled as extra negatives: the hard negatives a
     threshold actually has to reject (pooled judgments assume unjudged means non-relevant).
     """
     import random
 
     rng = random.Random(seed)
-    min_gain = bench.relevant_min_gain
-    queries = bench.judged_queries()
+    min_gain = bench.relevant_min_gain if min_gain is None else min_gain
+    queries = [q for q in bench.queries if any(g >= min_gain for g in bench.qrels.get(q["query_id"], {}).values())]
     tops: list[list[tuple[str, float]]] = [[] for _ in queries]
     if searcher is not None and unjudged_per_query > 0:
         tops = [doc_ranking(r) for r in search_all(searcher, [q["text"] for q in queries], depth)]
@@ -553,6 +553,86 @@ def write_pairs(pairs: Sequence[LabelledPair], path: str | os.PathLike[str]) -> 
         for pair in pairs:
             f.write(json.dumps({"query": pair.query, "doc_id": pair.doc_id, "relevant": int(pair.relevant)}) + "\n")
     os.replace(tmp, p)
+
+
+def evaluate_benchmark(searcher: Any, bench: Benchmark, *, ks: Sequence[int] = (10, 100), store: Store | None = None,
+                       exact: bool = True, nprobe: int | None = None) -> dict[str, Any]:
+    """recall@k, MRR@k and graded nDCG@k of a searcher on a benchmark, overall and per ``lang``
+    and per ``type`` when the benchmark's queries carry them, beside exact search.
+
+    Runs the index builder's evaluation (``engine.evaluate.evaluate_searcher``) once at the
+    largest ``k`` and recomputes every metric at each ``k`` from its per-query rankings with
+    ``engine.metrics``: nDCG on the graded gains, recall and MRR on the docs whose gain reaches
+    the benchmark's ``relevant_min_gain``. Queries with no relevant doc are skipped (counted).
+    """
+    import tempfile
+
+    from engine import metrics
+    from engine.evaluate import EvalConfig, Query, evaluate_searcher
+
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"ks must be positive integers, got {list(ks)!r}")
+    kmax = ks[-1]
+    graded = {q: {d: g for d, g in docs.items() if g > 0} for q, docs in bench.qrels.items()}
+    queries = [Query(q["query_id"], q["text"]) for q in bench.queries]
+    with tempfile.TemporaryDirectory(prefix="embedctl-eval-") as tmp:
+        path = os.path.join(tmp, "per_query.jsonl")
+        summary = evaluate_searcher(searcher, queries, graded, EvalConfig(k=kmax, exact=exact, nprobe=nprobe),
+                                    store=store, per_query_path=path)
+        per_query = [json.loads(line) for line in open(path, encoding="utf-8")]
+    meta = {q["query_id"]: q for q in bench.queries}
+    rows: dict[str, list[dict[str, float]]] = {"index": [], "exact": []}
+    groups: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {"lang": {}, "type": {}}
+    skipped = 0
+    for rec in per_query:
+        qid = rec["query_id"]
+        relevant = {d: 1.0 for d in bench.relevant(qid)}
+        if "index" not in rec or not relevant:
+            skipped += 1
+            continue
+        for side in ("index", "exact"):
+            if side not in rec:
+                continue
+            docs = rec[side]["docs"]
+            row: dict[str, float] = {}
+            for k in ks:
+                row.update({f"ndcg@{k}": metrics.ndcg_at_k(docs, graded[qid], k),
+                            f"recall@{k}": metrics.recall_at_k(docs, relevant, k),
+                            f"mrr@{k}": metrics.mrr_at_k(docs, relevant, k)})
+            rows[side].append(row)
+            for col in ("lang", "type"):
+                value = meta[qid].get(col)
+                if value not in (None, ""):
+                    groups[col].setdefault(str(value), {"index": [], "exact": []})[side].append(row)
+    if not rows["index"]:
+        raise SchemaError("no benchmark query has a relevant document (check relevant_min_gain and the qrels)")
+
+    def table(side_rows: Mapping[str, list[dict[str, float]]]) -> dict[str, Any]:
+        out: dict[str, Any] = {"queries": len(side_rows["index"]),
+                               "index": {k: round(v, 6) for k, v in metrics.mean_metrics(side_rows["index"]).items()}}
+        if side_rows["exact"]:
+            out["exact"] = {k: round(v, 6) for k, v in metrics.mean_metrics(side_rows["exact"]).items()}
+        return out
+
+    corpus_match = None
+    if store is not None and bench.corpus.get("fingerprint") and searcher.manifest.get("source_run"):
+        ids, _ = run_doc_ids(store, str(searcher.manifest["source_run"]))
+        corpus_match = corpus_fingerprint(ids) == bench.corpus["fingerprint"]
+        if not corpus_match:
+            log.warning("benchmark %s was judged against another corpus than %s/%s indexes; unjudged new docs "
+                        "count as misses", bench.benchmark_id, searcher.index, searcher.version_id)
+    result: dict[str, Any] = {
+        "benchmark": bench.benchmark_id, "index": searcher.index, "version": searcher.version_id,
+        "kind": searcher.manifest.get("kind"), "ks": ks, "queries": len(bench.queries),
+        "evaluated": len(rows["index"]), "skipped_no_relevant": skipped,
+        "relevant_min_gain": bench.relevant_min_gain, "corpus_match": corpus_match, **table(rows),
+        f"recall_vs_exact@{kmax}": summary["metrics"].get(f"recall_vs_exact@{kmax}"), "timings": summary["timings"],
+    }
+    for col, by in groups.items():
+        if by:
+            result[f"by_{col}"] = {value: table(r) for value, r in sorted(by.items())}
+    return result
 
 
 # =============================================================================================
@@ -641,7 +721,9 @@ class OperatingPoint:
     at_score: float  # the lowest kept calibration score (threshold is between it and the next lower one)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+        # the boundary keeps full precision: rounding could move it across a calibration score
+        return {k: (round(v, 6) if isinstance(v, float) and k not in ("threshold", "at_score") else v)
+                for k, v in asdict(self).items()}
 
 
 def best_fbeta(curve: PRCurve, beta: float = 1.0) -> OperatingPoint:
@@ -841,24 +923,62 @@ def doc_ranking(hits: Sequence[Any]) -> list[tuple[str, float]]:
     return sorted(best.items(), key=lambda kv: -kv[1])
 
 
-def search_all(searcher: Any, queries: Sequence[str], k: int, batch: int = 256) -> list[list[Any]]:
-    """Top-``k`` chunk hits for every query, in batches (the searcher encodes the texts)."""
+def _accepts(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def search_all(searcher: Any, queries: Sequence[str], k: int, batch: int = 256,
+               vectors: np.ndarray | None = None) -> list[list[Any]]:
+    """Top-``k`` hits for every query, in batches. Asks for one hit per document when the
+    searcher can (so ``k`` counts documents, as judgments do); ``vectors`` [n, dim] skips
+    re-encoding queries already embedded with the version's model."""
+    collapse = {"collapse_docs": True} if _accepts(searcher.search, "collapse_docs") else {}
     out: list[list[Any]] = []
     for i in range(0, len(queries), batch):
-        out.extend(list(r) for r in searcher.search(list(queries[i:i + batch]), k=k))
+        if vectors is not None and hasattr(searcher, "search_vectors"):
+            res = searcher.search_vectors(vectors[i:i + batch], k=k, **collapse)
+        else:
+            res = searcher.search(list(queries[i:i + batch]), k=k, **collapse)
+        out.extend(list(r) for r in res)
     return out
+
+
+def searcher_encoder(searcher: Any) -> QueryEncoder | None:
+    """The searcher's own query encoder, if it exposes one (``engine.search.Searcher`` does)."""
+    fn = getattr(searcher, "encode_queries", None)
+    if callable(fn):
+        return fn
+    enc = getattr(searcher, "encoder", None)
+    if enc is not None and callable(getattr(enc, "encode_queries", None)):
+        return enc.encode_queries
+    return None
+
+
+def encode_and_search(searcher: Any, queries: Sequence[str], k: int, query_encoder: QueryEncoder | None = None,
+                      ) -> tuple[np.ndarray | None, list[list[Any]]]:
+    """Search, embedding the queries only once: with the searcher's own encoder, the vectors
+    go to ``search_vectors`` and come back for drift references. ``query_encoder`` (tests)
+    embeds for the caller while the searcher embeds for itself. (vectors [n, dim] | None, hits)."""
+    own = searcher_encoder(searcher)
+    if query_encoder is None and own is not None and hasattr(searcher, "search_vectors"):
+        vecs = np.asarray(own(list(queries)), dtype=np.float32)
+        return vecs, search_all(searcher, queries, k, vectors=vecs)
+    hits = search_all(searcher, queries, k)
+    vecs = np.asarray(query_encoder(list(queries)), dtype=np.float32) if query_encoder is not None else None
+    return vecs, hits
 
 
 def query_encoder_for(searcher: Any, manifest: Mapping[str, Any]) -> QueryEncoder:
     """The version's query encoder: the searcher's own if it exposes one, else the model the
     manifest names (refusing a fingerprint mismatch)."""
-    for attr in ("encode_queries",):
-        fn = getattr(searcher, attr, None)
-        if callable(fn):
-            return fn
-    enc = getattr(searcher, "encoder", None)
-    if enc is not None and callable(getattr(enc, "encode_queries", None)):
-        return enc.encode_queries
+    own = searcher_encoder(searcher)
+    if own is not None:
+        return own
     from engine.embedding import encoder_from_identity
 
     model = manifest.get("model")
@@ -879,22 +999,24 @@ class ScoredPairs:
     queries: list[str]  # unique query texts, first-seen order
     query_top: dict[str, list[float]]  # query -> its top-k doc scores (best first)
     depth: int
+    query_vectors: np.ndarray | None = None  # [len(queries), dim] when the queries were embedded here
 
 
-def score_pairs(searcher: Any, pairs: Sequence[LabelledPair], depth: int = 100) -> ScoredPairs:
+def score_pairs(searcher: Any, pairs: Sequence[LabelledPair], depth: int = 100, *,
+                query_encoder: QueryEncoder | None = None) -> ScoredPairs:
     """Score each (query, doc) pair the way search would: run the query through the version's
     index (quantization included) to ``depth`` chunks and take the doc's best chunk score."""
     if depth < 1:
         raise ConfigError(f"depth must be >= 1, got {depth}")
     queries = list(dict.fromkeys(p.query for p in pairs))
-    results = search_all(searcher, queries, depth)
+    vecs, results = encode_and_search(searcher, queries, depth, query_encoder)
     ranked = {q: doc_ranking(r) for q, r in zip(queries, results)}
     lookup = {q: dict(r) for q, r in ranked.items()}
     scores = np.array([lookup[p.query].get(p.doc_id, np.nan) for p in pairs], dtype=np.float64)
     tops = np.array([ranked[p.query][0][1] if ranked[p.query] else np.nan for p in pairs], dtype=np.float64)
     labels = np.array([p.relevant for p in pairs], dtype=bool)
     return ScoredPairs(list(pairs), scores, tops, labels, queries, {q: [s for _, s in r] for q, r in ranked.items()},
-                       depth)
+                       depth, vecs)
 
 
 def evaluate_thresholds(sp: ScoredPairs, thresholds: Thresholds, beta: float = 1.0) -> dict[str, float]:
@@ -1143,7 +1265,7 @@ def calibrate(store: Store, index: str, version: str, pairs: Sequence[LabelledPa
     manifest = version_manifest(store, index, version)
     if searcher is None:
         searcher = (loader or default_loader)(store, index, version)
-    sp = score_pairs(searcher, pairs, cfg.depth)
+    sp = score_pairs(searcher, pairs, cfg.depth, query_encoder=query_encoder)
     curve = pr_curve(sp.scores, sp.labels)
     op = best_fbeta(curve, cfg.beta)
     floor = cfg.floor if cfg.floor is not None else choose_floor(sp.scores, sp.labels, cfg.floor_recall)
@@ -1159,8 +1281,10 @@ def calibrate(store: Store, index: str, version: str, pairs: Sequence[LabelledPa
     th_rel = Thresholds("relative", op.threshold, rel.threshold, floor)
     tops = [s[0] if s else None for s in sp.query_top.values()]
     ref_queries = sp.queries[:MAX_REFERENCE_QUERIES]
-    encode = query_encoder or query_encoder_for(searcher, manifest)
-    emb = np.asarray(encode(ref_queries), dtype=np.float32)  # [n_ref, dim]
+    if sp.query_vectors is not None:
+        emb = sp.query_vectors[:MAX_REFERENCE_QUERIES]  # [n_ref, dim]
+    else:
+        emb = np.asarray(query_encoder_for(searcher, manifest)(ref_queries), dtype=np.float32)
     buf = io.BytesIO()
     np.save(buf, emb.astype(np.float16), allow_pickle=False)
     emb_bytes = buf.getvalue()
@@ -1176,9 +1300,9 @@ def calibrate(store: Store, index: str, version: str, pairs: Sequence[LabelledPa
                   "non_relevant_not_retrieved": int((~sp.labels & ~retrieved).sum())},
         "beta": cfg.beta, "rule": cfg.rule,
         "absolute": {**op.to_dict(), "with_floor": combined},
-        "relative": {"delta": round(rel.threshold, 6), **{k: v for k, v in rel.to_dict().items()
+        "relative": {"delta": rel.threshold, **{k: v for k, v in rel.to_dict().items()
                                                           if k not in ("threshold", "at_score")}},
-        "floor": {"score": None if floor is None else round(float(floor), 6),
+        "floor": {"score": None if floor is None else float(floor),
                   "chosen": "fixed" if cfg.floor is not None else f"keeps {cfg.floor_recall:g} of relevant pairs",
                   **floor_point},
         "average_precision": round(curve.average_precision(), 6),
@@ -1634,19 +1758,22 @@ def run_drift(store: Store, index: str, queries: Sequence[str], *, alias: str = 
         raise NotFoundError(f"drift compares with calibration time, but {index}/{version} was never calibrated; run "
                             f"`embedctl calibrate --index {index} --version {version} --pairs PAIRS` first")
     manifest = version_manifest(store, index, version)
+    model_changes = [r for r in calibration_differences(rec, manifest) if r.startswith("model changed")]
+    if model_changes:
+        raise ConfigError(f"{index}/{version} has no calibration of its own model (the newest is from "
+                          f"{rec.get('version_id')}: {model_changes[0]}); queries embedded by two models cannot be "
+                          f"compared: run `embedctl calibrate --index {index} --version {version} --pairs PAIRS` first")
     searcher = (loader or default_loader)(store, index, version)
     try:
         ref_meta = rec["reference"]
         k = int(ref_meta.get("k", 10))
-        results = search_all(searcher, list(queries), max(k, 1))
-        query_top = {}
-        for q, r in zip(queries, results):
-            query_top.setdefault(q, [s for _, s in doc_ranking(r)])
+        unique = list(dict.fromkeys(queries))
+        vecs, results = encode_and_search(searcher, unique, max(k, 1), query_encoder)
+        query_top = {q: [s for _, s in doc_ranking(r)] for q, r in zip(unique, results)}
         profile = query_profile(query_top, k)
         th = Thresholds.from_calibration(rec)
         profile["empty_rate"] = _empty_rate([s[0] if s else None for s in query_top.values()], th)
-        encode = query_encoder or query_encoder_for(searcher, manifest)
-        cur_emb = np.asarray(encode(list(query_top)), dtype=np.float32)
+        cur_emb = vecs if vecs is not None else np.asarray(query_encoder_for(searcher, manifest)(unique), np.float32)
     finally:
         close = getattr(searcher, "close", None)
         if callable(close):

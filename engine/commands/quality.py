@@ -46,6 +46,7 @@ def benchmark_group() -> None:
       embedctl benchmark build --queries q.jsonl --qrels qrels.tsv --store ./store --corpus-run RUN --out bench.json
       embedctl benchmark show bench.json
       embedctl benchmark pairs bench.json --store ./store --index docs --version v1 --out pairs.jsonl
+      embedctl benchmark evaluate bench.json --store ./store --index docs --alias live -k 10 -k 100
     """
 
 
@@ -162,10 +163,13 @@ def benchmark_show(benchmark: str, as_json: bool) -> None:
               help="Unjudged docs from each query's top --depth taken as negatives (needs --index/--version).")
 @click.option("--depth", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--relevant-min-gain", type=float, default=None,
+              help="Gain from which a judged doc is a positive [the benchmark's].")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Pairs file to write (JSONL).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def benchmark_pairs(benchmark: str, store: str | None, endpoint_url: str | None, index: str | None, version: str | None,
-                    unjudged_per_query: int, depth: int, seed: int, out: str, as_json: bool) -> None:
+                    unjudged_per_query: int, depth: int, seed: int, relevant_min_gain: float | None, out: str,
+                    as_json: bool) -> None:
     """Labelled (query, doc_id, relevant) pairs for `calibrate`, from a benchmark.
 
     Relevant: gain >= the benchmark's relevant-min-gain. Non-relevant: judged with gain 0, plus
@@ -182,7 +186,8 @@ def benchmark_pairs(benchmark: str, store: str | None, endpoint_url: str | None,
             raise ConfigError("hard negatives need --store, --index and --version together")
         searcher = Q.default_loader(_open(store, endpoint_url), index, version)
     pairs = Q.make_pairs(bench, searcher=searcher, depth=depth,
-                         unjudged_per_query=unjudged_per_query if searcher else 0, seed=seed)
+                         unjudged_per_query=unjudged_per_query if searcher else 0, seed=seed,
+                         min_gain=relevant_min_gain)
     Q.write_pairs(pairs, out)
     summary = {"out": out, "pairs": len(pairs), "relevant": sum(p.relevant for p in pairs),
                "non_relevant": sum(not p.relevant for p in pairs), "queries": len({p.query for p in pairs})}
@@ -191,6 +196,52 @@ def benchmark_pairs(benchmark: str, store: str | None, endpoint_url: str | None,
     else:
         click.echo(f"{summary['pairs']} pairs ({summary['relevant']} relevant, {summary['non_relevant']} non-relevant) "
                    f"over {summary['queries']} queries -> {out}")
+
+
+@benchmark_group.command("evaluate")
+@click.argument("benchmark", type=click.Path(exists=True, dir_okay=False))
+@store_options
+@click.option("--index", required=True, help="Index name.")
+@click.option("--version", "version", default=None, help="Version id, or 'latest'.")
+@click.option("--alias", default=None, help="Use the version this alias points to.")
+@click.option("-k", "ks", type=click.IntRange(1), multiple=True, default=(10, 100), show_default=True,
+              help="Cutoffs (repeatable).")
+@click.option("--no-exact", is_flag=True, help="Skip the exact-search baseline.")
+@click.option("--nprobe", type=click.IntRange(1), default=None)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the JSON result here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def benchmark_evaluate(benchmark: str, store: str, endpoint_url: str | None, index: str, version: str | None,
+                       alias: str | None, ks: tuple[int, ...], no_exact: bool, nprobe: int | None, out: str | None,
+                       as_json: bool) -> None:
+    """recall@k, MRR@k, nDCG@k of a version on a benchmark, per lang and per type when present.
+
+    \b
+    Example:
+      embedctl benchmark evaluate cranfield.json --store ./store --index cranfield --alias live -k 10 -k 100
+    """
+    from engine import quality as Q
+    from engine.search import Searcher, resolve_version
+
+    st = _open(store, endpoint_url)
+    vid = resolve_version(st, index, version, alias)
+    with Searcher.load(st, index, vid, verify=True) as searcher:
+        res = Q.evaluate_benchmark(searcher, Q.load_benchmark(benchmark), ks=ks, store=st, exact=not no_exact,
+                                   nprobe=nprobe)
+    if out:
+        Q.write_text_atomic(out, json.dumps(res, indent=1, sort_keys=True) + "\n")
+    if as_json:
+        emit_json(res)
+        return
+    names = list(res["index"])
+    click.echo(f"{index}/{vid} ({res['kind']}) on {res['benchmark']}: {res['evaluated']} queries "
+               f"({res['skipped_no_relevant']} without a relevant doc skipped)"
+               + ("" if res["corpus_match"] in (None, True) else "; WARNING: judged against another corpus"))
+    click.echo(f"  {'':20}{'queries':>8}" + "".join(f"{n:>12}" for n in names))
+    rows = [("all", res)] + [(f"{col}={v}", t) for col in ("lang", "type") for v, t in res.get(f"by_{col}", {}).items()]
+    for label, t in rows:
+        for side in ("index", "exact"):
+            if side in t:
+                click.echo(f"  {(label + ' ' + side):20}{t['queries']:>8}" + "".join(f"{t[side][n]:>12.4f}" for n in names))
 
 
 # ---------------------------------------------------------------------------------------------
