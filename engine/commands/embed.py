@@ -184,12 +184,16 @@ def plan(as_json: bool, sample_docs: int, workers: int, throughput: float | None
 
 
 @click.command()
-@click.option("--store", default="./demo-store", show_default=True, help="Where the demo's corpus and runs go.")
+@click.option("--store", default="./demo-store", show_default=True, help="Where the demo's corpus, runs and index go.")
 @click.option("--docs", type=int, default=200, show_default=True, help="How many stdlib docstrings to use.")
 @click.option("--model", default=None, help="Model (default: the packaged all-MiniLM-L6-v2).")
+@click.option("--query", default="read and write compressed archive files", show_default=True,
+              help="The query searched at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
-def demo(store: str, docs: int, model: str | None, as_json: bool) -> None:
-    """Run the pipeline end to end on a corpus built from Python's own docstrings (no download).
+def demo(store: str, docs: int, model: str | None, query: str, as_json: bool) -> None:
+    """Run the whole pipeline on a corpus built from Python's own docstrings (no download).
+
+    embed (Ray) -> build-index -> publish to alias 'live' -> search the alias.
 
     \b
     Example:
@@ -199,6 +203,10 @@ def demo(store: str, docs: int, model: str | None, as_json: bool) -> None:
 
     from engine.config import EmbedJobConfig
     from engine.demo import write_demo_corpus
+    from engine.index import BuildConfig, build_index
+    from engine.publish import publish_version
+    from engine.search import Searcher, resolve_version
+    from engine.storage import open_store
     from jobs.embed import run_embed_job
 
     corpus = write_demo_corpus(os.path.join(store, "demo-corpus"), limit=docs)
@@ -211,11 +219,22 @@ def demo(store: str, docs: int, model: str | None, as_json: bool) -> None:
     from engine.pipeline import run_summary
 
     summary = run_summary(manifest, store)
-    summary["steps"] = ["embed"]
+    st = open_store(store)
+    built = build_index(st, manifest["run_id"], "demo", BuildConfig(kind="flat"))
+    swap = publish_version(st, "demo", built.version_id, "live", reason="embedctl demo")
+    searcher = Searcher.load(st, "demo", resolve_version(st, "demo", alias="live"))
+    hits = searcher.search([query], k=5, collapse_docs=True)[0]
+    summary.update(steps=["embed", "build-index", "publish", "search"], index="demo", version=built.version_id,
+                   alias="live", alias_generation=getattr(swap, "generation", None), query=query,
+                   hits=[{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": round(float(h.score), 4)} for h in hits])
     if as_json:
         emit_json(summary)
-    else:
-        c = summary["counts"]
-        click.echo(f"demo run {summary['run_id']}: {c['accepted']} docs -> {c['chunks']} chunks "
-                   f"({c['tokens']} tokens), dim {summary['dim']}, {summary['timings']['wall_seconds']:.1f} s\n"
-                   f"embeddings: {os.path.join(store, 'runs', summary['run_id'], 'embeddings')}")
+        return
+    c = summary["counts"]
+    click.echo(f"embed: run {summary['run_id']}: {c['accepted']} docs -> {c['chunks']} chunks "
+               f"({c['tokens']} tokens), dim {summary['dim']}, {summary['timings']['wall_seconds']:.1f} s\n"
+               f"build-index: demo/{built.version_id} ({built.manifest['kind']}, {built.manifest['counts']['vectors']} vectors)\n"
+               f"publish: alias demo/live -> {built.version_id}\n"
+               f"search {query!r}:")
+    for h in hits:
+        click.echo(f"  {h.score:.3f}  {h.doc_id}")
