@@ -42,7 +42,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -313,59 +312,13 @@ def _ensure_history(store: Store, state: AliasState) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _default_verifier() -> Verifier:
-    """``engine.index.verify_version`` (the index builder's, authoritative), else ours."""
-    try:
-        from engine.index import verify_version as index_verify
-    except ImportError:
-        return verify_version
-    return index_verify
-
-
 def verify_version(store: Store, index: str, version_id: str) -> dict[str, Any]:
-    """Check a version is complete and intact: its manifest exists and names it, every
-    artifact key stays inside the version prefix, and each artifact exists with the size and
-    sha256 the manifest promises. Returns the manifest; raises IntegrityError/NotFoundError."""
-    check_name("index", index)
-    check_name("version", version_id)
-    mkey = layout.version_manifest_key(index, version_id)
-    try:
-        manifest = _loads(store.read_bytes(mkey), store, mkey)
-    except NotFoundError:
-        raise NotFoundError(f"version {version_id!r} of index {index!r} has no manifest in {store.describe()}: "
-                            "it does not exist or its upload never finished") from None
-    if manifest.get("version_id", version_id) != version_id or manifest.get("index", index) != index:
-        raise IntegrityError(f"manifest {store.describe(mkey)} describes {manifest.get('index')}/"
-                             f"{manifest.get('version_id')}, not {index}/{version_id}")
-    artifacts = manifest.get("artifacts")
-    if not isinstance(artifacts, list) or not artifacts:
-        raise IntegrityError(f"manifest {store.describe(mkey)} lists no artifacts")
-    prefix = layout.version_prefix(index, version_id)
-    checked: list[tuple[str, int, str]] = []
-    for art in artifacts:
-        if not isinstance(art, Mapping) or not {"key", "bytes", "sha256"} <= set(art):
-            raise IntegrityError(f"manifest {store.describe(mkey)} has a malformed artifact entry {art!r}")
-        key = check_key(str(art["key"]))  # refuses '..', absolute paths, other buckets
-        if key == "manifest.json":
-            raise IntegrityError(f"manifest {store.describe(mkey)} lists itself as an artifact")
-        checked.append((join(prefix, key), int(art["bytes"]), str(art["sha256"])))
+    """The index builder's ``engine.index.verify_version`` (imported lazily, so importing this
+    module stays light): manifest shape, key safety (no ``..``, absolute paths or other
+    buckets), each artifact's existence, size and sha256. Returns the manifest."""
+    from engine.index import verify_version as verify
 
-    def check(item: tuple[str, int, str]) -> None:
-        full, size, sha = item
-        try:
-            got_size = store.size(full)
-        except NotFoundError:
-            raise IntegrityError(f"{store.describe(full)} is missing (listed in the manifest of "
-                                 f"{index}/{version_id})") from None
-        if got_size != size:
-            raise IntegrityError(f"{store.describe(full)} is {got_size} bytes, the manifest says {size}")
-        got = store.sha256(full)
-        if got != sha:
-            raise IntegrityError(f"{store.describe(full)} is corrupt: sha256 {got[:12]}, manifest {sha[:12]}")
-
-    with ThreadPoolExecutor(max_workers=min(8, len(checked))) as pool:
-        list(pool.map(check, checked))
-    return manifest
+    return verify(store, index, version_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +459,7 @@ def _swap(store: Store, index: str, alias: str, target: Target, current: AliasSt
         log.info("%s/%s is already on %s; nothing to do", index, alias, target.describe())
         return _result(current, action, changed=False, verified=[], history_key=None)
 
-    verify = verifier or _default_verifier()
+    verify = verifier or verify_version
     for v in target.versions:
         verify(store, index, v)  # raises: a broken version is never published
     log.info("verified %s of %s", ", ".join(target.versions), index)
@@ -574,7 +527,7 @@ def copy_version(src: Store, dst: Store, index: str, version: str, *, verifier: 
     ones, each checked after upload), then the manifest last, byte for byte. Idempotent: a
     complete identical copy is left alone; a different manifest under the same id is refused
     (versions are immutable)."""
-    verify = verifier or _default_verifier()
+    verify = verifier or verify_version
     manifest = verify(src, index, version)
     mkey = layout.version_manifest_key(index, version)
     manifest_bytes = src.read_bytes(mkey)
@@ -704,14 +657,35 @@ def _protected(store: Store, index: str, keep: int) -> tuple[dict[str, str], set
     return keep_why, ever
 
 
+def _build_activity(store: Store, index: str) -> dict[str, float]:
+    """version id -> newest mtime under the build-state folder that names it (engine.index
+    keeps ``indexes/<index>/builds/<key>/state.json`` with a ``version_id``)."""
+    prefix = join(layout.index_prefix(index), "builds")
+    folders: dict[str, list[Any]] = {}
+    for info in store.list_info(prefix):
+        folders.setdefault(info.key[len(prefix) + 1:].split("/", 1)[0], []).append(info)
+    out: dict[str, float] = {}
+    for key, infos in folders.items():
+        try:
+            state = store.read_json(join(prefix, key, "state.json"))
+        except (NotFoundError, IntegrityError):
+            continue
+        vid = state.get("version_id") if isinstance(state, dict) else None
+        if isinstance(vid, str):
+            out[vid] = max(out.get(vid, 0.0), max(i.mtime for i in infos))
+    return out
+
+
 def gc_index(store: Store, index: str, *, keep: int, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S,
              now: float | None = None) -> GcReport:
     """Delete the versions of ``index`` that no alias and none of the ``keep`` newest history
     records of any alias can point to. Nothing else is ever deleted (no alias, no history).
 
     A version that no alias or history record has *ever* named may be a build or upload in
-    progress: it is kept until its newest object is ``grace_s`` old (default one hour;
-    0 removes crash leftovers at once). A dry run reports what would go and deletes nothing.
+    progress: it is kept until its last activity is ``grace_s`` old (default one hour; 0
+    removes crash leftovers at once). Activity is the newest object of the version, or of the
+    index builder's state folder (``builds/<key>/``, whose ``state.json`` names the version:
+    shard markers land there while a build runs). A dry run reports and deletes nothing.
     """
     check_name("index", index)
     if keep < 0:
@@ -720,9 +694,10 @@ def gc_index(store: Store, index: str, *, keep: int, dry_run: bool = False, grac
     now = time.time() if now is None else now
     versions = _versions_on_store(store, index)
     keep_why, ever = _protected(store, index, keep)
+    building = _build_activity(store, index)
     for vid in sorted(versions):
         objs = versions[vid]
-        age = now - max(o.mtime for o in objs)
+        age = now - max([o.mtime for o in objs] + [building.get(vid, 0.0)])
         if vid in keep_why:
             report.kept.append({"version": vid, "why": keep_why[vid]})
             continue

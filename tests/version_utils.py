@@ -1,103 +1,69 @@
-"""Test helpers for publish/serve: tiny index versions that follow the version-manifest
-contract (engine/layout.py), and a searcher over them.
+"""Test helpers for publish/serve: real index versions, tiny and fast.
 
-``make_version`` writes a few files plus a manifest whose ``artifacts`` list {key, bytes,
-sha256}. ``TinySearcher`` loads such a version (verifying it with
-``engine.publish.verify_version``) and answers queries with exact inner-product search over
-hashed bag-of-words vectors, so every answer is a deterministic function of (version, query)
-and a test can recompute it independently.
+``build_version`` writes a small embed run (seeded clustered vectors, model ``hash:16``) and
+builds a flat index version from it with ``engine.index.build_index``; every chunk and doc id
+starts with the given tag, so a search answer shows which version produced it. ``Versions``
+builds them on demand by short name (``v["v1"]``) and remembers the real version ids.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
+import zlib
 from typing import Any
 
-import numpy as np
-
 from engine import layout
-from engine.publish import verify_version
-from engine.storage import Store, join, json_bytes, sha256_bytes
+from engine.index import BuildConfig, build_index
+from engine.search import Searcher
+from engine.storage import Store, join
+from tests.index_utils import clustered_vectors, make_run
 
 DIM = 16
+ROWS = 60
+TINY = BuildConfig(kind="flat", rescore="none", gate_queries=8)
 
 
-@dataclass(frozen=True)
-class Hit:
-    chunk_id: str
-    doc_id: str
-    score: float
+def build_version(store: Store, index: str, tag: str, *, rows: int = ROWS) -> str:
+    """A complete, verified flat version whose ids all start with ``tag-``; returns its id."""
+    vectors = clustered_vectors(rows, DIM, seed=zlib.crc32(tag.encode()) % 10_000)
+    run_id = f"run-{index}-{tag}"
+    make_run(store, run_id, vectors, parts=1, chunk_ids=[f"{tag}-c{i:03d}" for i in range(rows)],
+             doc_ids=[f"{tag}-d{i // 2:03d}" for i in range(rows)])
+    return build_index(store, run_id, index, TINY).version_id
 
 
-def embed(texts: list[str]) -> np.ndarray:
-    """Hashed bag of words, L2-normalised. [n, DIM] float32"""
-    out = np.zeros((len(texts), DIM), dtype=np.float32)
-    for i, text in enumerate(texts):
-        for tok in text.lower().split():
-            h = int.from_bytes(hashlib.sha256(tok.encode()).digest()[:4], "little")
-            out[i, h % DIM] += 1.0 if (h >> 8) & 1 else -1.0
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    return out / np.maximum(norms, 1e-9)
+class Versions(dict):
+    """name -> real version id, building each version the first time its name is used."""
+
+    def __init__(self, store: Store, index: str):
+        super().__init__()
+        self.store, self.index = store, index
+
+    def __missing__(self, name: str) -> str:
+        self[name] = build_version(self.store, self.index, name)
+        return self[name]
+
+    def name_of(self, version_id: str) -> str:
+        return next(n for n, vid in self.items() if vid == version_id)
+
+    def prefix(self, name: str) -> str:
+        return layout.version_prefix(self.index, self[name])
+
+    def artifact(self, name: str, suffix: str) -> str:
+        """The store key of the version's first artifact whose key ends with ``suffix``."""
+        manifest = self.store.read_json(layout.version_manifest_key(self.index, self[name]))
+        key = next(a["key"] for a in manifest["artifacts"] if a["key"].endswith(suffix))
+        return join(self.prefix(name), key)
 
 
-def make_version(store: Store, index: str, version_id: str, docs: dict[str, str] | None = None,
-                 *, manifest_extra: dict[str, Any] | None = None, write_manifest: bool = True) -> dict[str, Any]:
-    """Write a complete version: docs.json (ids and texts), vectors.npy, and the manifest."""
-    docs = docs or {f"{version_id}-d{i}": f"document {i} of {version_id} about topic{i % 3}" for i in range(6)}
-    prefix = layout.version_prefix(index, version_id)
-    files = {
-        "shards/0/docs.json": json_bytes({"version": version_id, "docs": docs}),
-        "shards/0/vectors.npy": embed(list(docs.values())).tobytes(),
-    }
-    artifacts = []
-    for key, data in files.items():
-        store.write_bytes(join(prefix, key), data)
-        artifacts.append({"key": key, "bytes": len(data), "sha256": sha256_bytes(data)})
-    manifest = {"version_id": version_id, "index": index, "created_at": "2026-11-27T00:00:00Z",
-                "model": {"name": "test-hash", "dim": DIM}, "dim": DIM, "metric": "ip", "kind": "flat",
-                "shards": [{"shard": 0, "rows": len(docs), "files": {"docs": "shards/0/docs.json",
-                                                                     "vectors": "shards/0/vectors.npy"}}],
-                "artifacts": artifacts, **(manifest_extra or {})}
-    if write_manifest:
-        store.write_json(layout.version_manifest_key(index, version_id), manifest)
-    return manifest
+def versions_in(store: Store, index: str) -> set[str]:
+    """Version ids with any object under the index's versions/ folder."""
+    prefix = join(layout.index_prefix(index), "versions")
+    return {k[len(prefix) + 1:].split("/")[0] for k in store.list(prefix)}
 
 
-class TinySearcher:
-    """Loads a ``make_version`` version after verifying it; exact search over its vectors."""
+def answers(store: Store, index: str, version_id: str, queries: list[str], k: int = 3) -> list[list[dict[str, Any]]]:
+    """What a freshly loaded version answers, one query at a time: the reference for served answers."""
+    from engine.serve import hit_to_dict
 
-    loads: list[str] = []  # version ids loaded, in order (for assertions)
-
-    def __init__(self, version_id: str, manifest: dict[str, Any], docs: dict[str, str]):
-        self.version_id = version_id
-        self.manifest = manifest
-        self.ids = list(docs)
-        self.vectors = embed(list(docs.values()))
-        self.closed = False
-
-    @classmethod
-    def load(cls, store: Store, index: str, version_id: str, *, verify: bool = True) -> TinySearcher:
-        manifest = verify_version(store, index, version_id) if verify else \
-            store.read_json(layout.version_manifest_key(index, version_id))
-        docs = json.loads(store.read_bytes(join(layout.version_prefix(index, version_id), "shards/0/docs.json")))
-        cls.loads.append(version_id)
-        return cls(version_id, manifest, docs["docs"])
-
-    def search(self, queries: list[str], k: int = 10, **_: Any) -> list[list[Hit]]:
-        assert not self.closed, f"search on closed version {self.version_id}"
-        out = []
-        for q in queries:
-            # One query at a time, rounded: a batch and a single query rank ties identically.
-            row = np.round(embed([q])[0] @ self.vectors.T, 5)  # [n_docs]
-            order = sorted(range(len(row)), key=lambda j: (-row[j], self.ids[j]))[:k]
-            out.append([Hit(f"{self.ids[j]}#0", self.ids[j], float(row[j])) for j in order])
-        return out
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def tiny_loader(store: Store, index: str, version_id: str) -> TinySearcher:
-    return TinySearcher.load(store, index, version_id, verify=True)
+    with Searcher.load(store, index, version_id) as s:
+        return [[hit_to_dict(h) for h in s.search([q], k=k)[0]] for q in queries]
