@@ -37,6 +37,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
@@ -302,9 +303,10 @@ def check_model_unchanged(cfg: EmbedJobConfig, live: LiveVersion) -> None:
 
 
 def refresh_run_id(cfg: EmbedJobConfig, live: LiveVersion, input_fingerprints: list[tuple[str, str]]) -> str:
-    """Same live version + same config + same snapshot -> same id, so a rerun resumes the run."""
-    h = hashlib.sha256(json.dumps({"parent_run": live.run_id, "parent_version": live.version_id,
-                                   "identity": cfg.identity_dict()}, sort_keys=True, default=str).encode())
+    """Same live run + same config + same snapshot -> same id, so a rerun resumes the run. (The live *version*
+    is not part of it: the run's bytes do not depend on it; the index decision checks it separately.)"""
+    h = hashlib.sha256(json.dumps({"parent_run": live.run_id, "identity": cfg.identity_dict()}, sort_keys=True,
+                                  default=str).encode())
     for key, fp in sorted(input_fingerprints):
         h.update(f"{key}\x00{fp}".encode())
     return f"refresh-{h.hexdigest()[:12]}"
@@ -511,10 +513,23 @@ def _hash_keys(hashes: list[str]) -> np.ndarray:
     return np.array([bytes.fromhex(h[:32]) for h in hashes], dtype="S16")
 
 
+_FILESYSTEMS: weakref.WeakKeyDictionary[Store, Any] = weakref.WeakKeyDictionary()
+_FS_LOCK = threading.Lock()
+
+
+def _filesystem(store: Store) -> Any:
+    """One pyarrow filesystem per store object (building an S3 one resolves credentials: ~25 ms)."""
+    with _FS_LOCK:
+        fs = _FILESYSTEMS.get(store)
+        if fs is None:
+            fs = _FILESYSTEMS[store] = store.arrow_filesystem()
+        return fs
+
+
 def _read_columns(store: Store, key: str, columns: list[str]) -> pa.Table:
     import pyarrow.parquet as pq
 
-    with store.arrow_filesystem().open_input_file(store.arrow_path(key)) as f:
+    with _filesystem(store).open_input_file(store.arrow_path(key)) as f:
         return pq.read_table(f, columns=columns)
 
 

@@ -181,13 +181,12 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
     init_ray(st.cfg.runtime.address)
     copy_only = [{"chunked": json.dumps(c)} for c, m in chunked if m == 0]
     to_embed = [{"chunked": json.dumps(c)} for c, m in chunked if m > 0]
-    lookup_ref = ray.put(st.lookup)
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
     rows: list[dict[str, Any]] = []
     if copy_only:
         ds = ray.data.from_items(copy_only, override_num_blocks=max(1, min(len(copy_only), 1000)))
         ds = ds.map(_copy_task, fn_kwargs={"cfg": st.cfg, "run_id": st.run_id, "identity": st.live.model,
-                                           "lookup": lookup_ref}, num_cpus=0.5)
+                                           "lookup": st.lookup}, num_cpus=0.5)
         rows.extend(ds.iter_rows())
     if to_embed:
         pool = plan_pool(ray.cluster_resources(), st.cfg.embed.device, st.cfg.runtime.workers,
@@ -198,7 +197,7 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
         ds = ds.map_batches(
             _RefreshActor,
             fn_constructor_kwargs={"cfg": st.cfg, "run_id": st.run_id, "identity": st.live.model,
-                                   "lookup": lookup_ref, "threads": pool.threads_per_actor},
+                                   "lookup": st.lookup, "threads": pool.threads_per_actor},
             batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=n, max_size=n),
             num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
             max_restarts=3, max_task_retries=3,  # a unit's writes are idempotent: retry it on a new actor
