@@ -1,13 +1,17 @@
-"""Publish benchmark: upload (multipart, verified), verification, alias swap latency, searcher
-hot-swap time, and HTTP queries during publish -> rollback -> publish.
+"""Publish benchmark: upload (multipart, verified), verification, alias swap latency, and a
+serving searcher's hot swaps under HTTP load.
 
-Runs against local disk and a moto S3 server it starts on loopback (moto keeps objects in
-memory in one Python process, so its throughput is a floor for a real S3, not an estimate).
+Two kinds of versions, both on local disk and on a moto S3 server this script starts on
+loopback (moto keeps objects in memory in one Python process: its throughput is a floor
+for a real S3, not an estimate):
 
-    .venv/bin/python benchmarks/bench_publish.py                 # 4 shards x 16 MiB
-    .venv/bin/python benchmarks/bench_publish.py --shard-mib 64 --shards 4 --json
+- synthetic versions of ``--shards`` x ``--shard-mib`` random files (upload, verify, swap);
+- real index versions (the stdlib-docstring demo corpus embedded in-process with
+  ``--model``, default the deterministic ``hash:64`` encoder, then ``build_index`` flat)
+  served by ``AliasSearcher`` + ``SearchServer`` while publish -> rollback -> publish run.
 
-Prints a markdown table (or JSON) of the figures.
+    .venv/bin/python benchmarks/bench_publish.py
+    .venv/bin/python benchmarks/bench_publish.py --shard-mib 64 --model ""   # packaged MiniLM
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ from engine.publish import copy_version, publish_version, rollback_alias, verify
 from engine.storage import MiB, Store, join, open_store, sha256_file, wait_for  # noqa: E402
 
 IDX = "bench"
+SERVE_IDX = "serve"
+QUERIES = ["parse command line options", "compress a file", "regular expressions", "send an email",
+           "read a csv file", "random numbers", "date and time arithmetic", "http server"]
 
 
 def free_port() -> int:
@@ -80,7 +87,33 @@ def build_local_version(store: Store, version: str, shards: int, shard_mib: int)
                 f.write(os.urandom(MiB))
         artifacts.append({"key": key, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
     store.write_json(layout.version_manifest_key(IDX, version),
-                     {"version_id": version, "index": IDX, "artifacts": artifacts, "kind": "synthetic"})
+                     {"version_id": version, "index": IDX, "artifacts": artifacts, "kind": "flat", "dim": 0,
+                      "shards": [], "model": {"name": "synthetic"}})
+
+
+def build_real_versions(store: Store, tmp: Path, model: str | None) -> list[str]:
+    """Two real versions of SERVE_IDX from two halves of the stdlib-docstring corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.config import EmbedJobConfig
+    from engine.demo import stdlib_docs
+    from engine.index import BuildConfig, build_index
+    from engine.pipeline import run_locally
+
+    docs = stdlib_docs(300)
+    out = []
+    for i, part in enumerate((docs[: len(docs) // 2], docs[len(docs) // 2:])):
+        corpus = tmp / f"corpus-{i}"
+        corpus.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(part), corpus / "part-0.parquet")
+        flat = {"corpus": str(corpus), "store": store.uri, "model": model, "unit_rows": 64}
+        if getattr(store, "endpoint_url", None):
+            flat["endpoint_url"] = store.endpoint_url  # type: ignore[attr-defined]
+        cfg = EmbedJobConfig.from_flat(flat)
+        manifest = run_locally(cfg)
+        out.append(build_index(store, manifest["run_id"], SERVE_IDX, BuildConfig(kind="flat")).version_id)
+    return out
 
 
 def timed(fn: Any) -> float:
@@ -101,36 +134,25 @@ def swap_latency(store: Store, n: int) -> float:
     return statistics.median(times)
 
 
-def hot_swap_and_load(store: Store, seconds: float) -> dict[str, Any]:
-    """Serve the alias over HTTP with the real searcher when it exists, else a trivial one,
-    and hammer it from 4 threads while publish -> rollback -> publish run."""
+def hot_swap_and_load(store: Store, blue: str, green: str, seconds: float) -> dict[str, Any]:
+    """Serve SERVE_IDX over HTTP (the real Searcher) and query it from 4 threads while
+    publish(green) -> rollback -> publish(green) run; count answers and failures."""
     from engine.serve import AliasSearcher, SearchServer
 
-    try:
-        from engine.search import Searcher  # noqa: F401
-        loader = None
-    except ImportError:  # a stand-in that only verifies (issue 3 not landed)
-        class _Verified:
-            def __init__(self, v: str, m: dict) -> None:
-                self.version_id, self.manifest = v, m
-
-            def search(self, queries: list[str], k: int = 10) -> list[list[Any]]:
-                return [[{"chunk_id": "c", "doc_id": self.version_id, "score": 1.0}] for _ in queries]
-
-        def loader(st: Store, index: str, v: str) -> Any:
-            return _Verified(v, verify_version(st, index, v))
-
-    s = AliasSearcher(store, IDX, "live", poll_interval=0.05, loader=loader).start()
+    publish_version(store, SERVE_IDX, blue)
+    s = AliasSearcher(store, SERVE_IDX, "live", poll_interval=0.05).start()
     server = SearchServer(s, port=0).start()
     stop = threading.Event()
     ok, failed = [0], [0]
     lock = threading.Lock()
 
-    def client() -> None:
+    def client(worker: int) -> None:
         host, port = server.url.removeprefix("http://").split(":")
         conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        body = json.dumps({"queries": ["wing lift"], "k": 5}).encode()
+        i = worker
         while not stop.is_set():
+            body = json.dumps({"queries": [QUERIES[i % len(QUERIES)]], "k": 10}).encode()
+            i += 1
             try:
                 conn.request("POST", "/search", body=body, headers={"Content-Type": "application/json"})
                 resp = conn.getresponse()
@@ -143,19 +165,19 @@ def hot_swap_and_load(store: Store, seconds: float) -> dict[str, Any]:
                 conn.close()
                 conn = http.client.HTTPConnection(host, int(port), timeout=30)
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     swaps = []
     try:
-        for action, target in (("publish", "v2"), ("rollback", "v1"), ("publish", "v2")):
+        for action, target in (("publish", green), ("rollback", blue), ("publish", green)):
             time.sleep(seconds / 4)
             t1 = time.perf_counter()
             if action == "publish":
-                publish_version(store, IDX, target)
+                publish_version(store, SERVE_IDX, target)
             else:
-                rollback_alias(store, IDX)
+                rollback_alias(store, SERVE_IDX)
             assert wait_for(lambda: s.status().get("version") == target, timeout=300)
             swaps.append(time.perf_counter() - t1)
         time.sleep(seconds / 4)
@@ -170,7 +192,7 @@ def hot_swap_and_load(store: Store, seconds: float) -> dict[str, Any]:
             "publish_to_serving_s": statistics.median(swaps)}
 
 
-def bench(store: Store, build: Store, args: argparse.Namespace, label: str) -> dict[str, Any]:
+def bench(store: Store, build: Store, tmp: Path, args: argparse.Namespace, label: str) -> dict[str, Any]:
     total = args.shards * args.shard_mib * MiB
     out: dict[str, Any] = {"backend": label, "version_mib": total / MiB}
     for v in ("v1", "v2"):
@@ -180,9 +202,8 @@ def bench(store: Store, build: Store, args: argparse.Namespace, label: str) -> d
     out["verify_mib_s"] = total / MiB / out["verify_s"]
     publish_version(store, IDX, "v1")
     out["swap_median_ms"] = 1000 * swap_latency(store, args.swaps)
-    if store.read_json(layout.alias_key(IDX, "live"))["version"] != "v1":
-        rollback_alias(store, IDX, to="v1")
-    out.update(hot_swap_and_load(store, args.load_seconds))
+    blue, green = build_real_versions(store, tmp, args.model or None)
+    out.update(hot_swap_and_load(store, blue, green, args.load_seconds))
     return out
 
 
@@ -192,6 +213,8 @@ def main() -> None:
     ap.add_argument("--shard-mib", type=int, default=16)
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--load-seconds", type=float, default=8.0)
+    ap.add_argument("--model", default="hash:64",
+                    help="encoder of the served versions ('' = the packaged all-MiniLM-L6-v2)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-publish-"))
@@ -200,16 +223,18 @@ def main() -> None:
         build = open_store(tmp / "build")
         for v in ("v1", "v2"):
             build_local_version(build, v, args.shards, args.shard_mib)
-        rows = [bench(open_store(tmp / "store"), build, args, "local disk"),
+        os.environ.setdefault("EMBEDCTL_CACHE_DIR", str(tmp / "searcher-cache"))
+        rows = [bench(open_store(tmp / "store"), build, tmp / "local", args, "local disk"),
                 bench(open_store("s3://bench/emb", endpoint_url=url, multipart_threshold=8 * MiB,
-                                 multipart_chunksize=8 * MiB), build, args, "S3 (moto, loopback)")]
+                                 multipart_chunksize=8 * MiB), build, tmp / "s3", args, "S3 (moto, loopback)")]
     finally:
         moto.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"version: {args.shards} shards x {args.shard_mib} MiB; {os.cpu_count()} CPUs")
+    print(f"synthetic version: {args.shards} shards x {args.shard_mib} MiB; served versions: stdlib docstrings, "
+          f"model {args.model or 'all-MiniLM-L6-v2'}, flat; {os.cpu_count()} CPUs")
     print("| backend | upload (verified) MiB/s | verify MiB/s | alias swap (median) | publish -> serving | "
           "HTTP q/s during swaps | failed queries |")
     print("|---|---|---|---|---|---|---|")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -467,3 +468,26 @@ def test_credentials_never_appear_in_logs_manifests_or_errors(s3_endpoint, s3_bu
     for text in outputs + stored:
         for value in (secret, key_id, token):
             assert value not in text
+
+
+def test_gc_grace_follows_a_running_build(tmp_path):
+    """A never-published version is kept while its files, or the builder's state folder that
+    names it, changed within the grace period; after that it is an orphan."""
+    store = open_store(tmp_path / "store")
+    v = Versions(store, IDX)
+    publish_version(store, IDX, v["v1"])
+    vid = v["v2"]  # built, never published
+    old = time.time() - 7200
+    for key in store.list(layout.version_prefix(IDX, vid)):
+        os.utime(store.local_path(key), (old, old))
+    builds = join(layout.index_prefix(IDX), "builds")
+    state_keys = [k for k in store.list(builds) if k.endswith("state.json") and store.read_json(k)["version_id"] == vid]
+    assert state_keys  # engine.index keeps its state there
+    # The build folder was touched recently (a shard marker just landed): kept.
+    rep = gc_index(store, IDX, keep=0, dry_run=True)
+    assert [k["version"] for k in rep.kept if "never published" in k["why"]] == [vid]
+    for key in store.list(state_keys[0].rsplit("/", 1)[0]):
+        os.utime(store.local_path(key), (old, old))
+    rep = gc_index(store, IDX, keep=0)
+    assert [r["version"] for r in rep.deleted] == [vid]
+    assert versions_in(store, IDX) == {v["v1"]}
