@@ -64,6 +64,7 @@ Sampling = Literal["top", "random"]
 SearchMode = Literal["auto", "exact", "ann"]
 SOURCES = ("embedding", "bm25", "random")
 CACHE_FORMAT = "mining-shard-v1"
+MIN_PIECE_CHARS = 32  # a chunk shorter than this inside a positive's text is not taken for a piece of it
 # Removal rules in the order they are applied (the summary lists them in this order).
 RULES = ("duplicate_text", "positive", "duplicate_of_positive", "absolute_margin", "relative_margin", "max_score",
          "min_score", "beyond_range_max", "below_range_min", "cross_encoder")
@@ -437,7 +438,8 @@ class MiningSource:
     run_config: dict[str, Any]
     index: str | None = None
     version_id: str | None = None
-    ann: bool = False  # the version holds an ANN index that engine.search can load
+    ann: bool = False  # the version holds FAISS shards that engine.search can load
+    index_kind: str | None = None  # ivfpq | binary-rerank | flat
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -448,8 +450,9 @@ class MiningSource:
 
 def resolve_version_id(store: Store, index: str, version: str | None, alias: str | None) -> str:
     """The version an index/version/alias names: engine.index's resolver when present, else the alias document."""
+    resolve_version: Callable[..., Any] | None
     try:
-        from engine.index import resolve_version  # the index builder's, authoritative
+        from engine.search import resolve_version  # the index builder's, authoritative ("latest" too)
     except ImportError:
         resolve_version = None
     if resolve_version is not None:
@@ -472,6 +475,7 @@ def resolve_source(cfg: MiningJobConfig) -> MiningSource:
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     version_id = None
     ann = False
+    index_kind = None
     run_id = cfg.run
     if cfg.index:
         version_id = resolve_version_id(store, cfg.index, cfg.version, cfg.alias)
@@ -484,7 +488,8 @@ def resolve_source(cfg: MiningJobConfig) -> MiningSource:
         if not run_id:
             raise NotFoundError(f"version {version_id!r} of index {cfg.index!r} names no source_run; mining needs the "
                                 "embed run's vectors and texts (pass --run RUN_ID)")
-        ann = str(vman.get("kind", "")).lower() not in ("", "flat", "exact")
+        ann = bool(vman.get("shards"))
+        index_kind = str(vman.get("kind") or "")
     assert run_id
     rkey = layout.run_manifest_key(run_id)
     if not store.exists(rkey):
@@ -500,7 +505,8 @@ def resolve_source(cfg: MiningJobConfig) -> MiningSource:
         raise NotFoundError(f"embed run {run_id!r} has no embeddings to mine from")
     return MiningSource(store=cfg.store, endpoint_url=cfg.endpoint_url, run_id=run_id, model=man["model"],
                         dim=int(man["dim"]), rows=sum(p[1] for p in parts), parts=parts,
-                        run_config=man.get("config") or {}, index=cfg.index, version_id=version_id, ann=ann)
+                        run_config=man.get("config") or {}, index=cfg.index, version_id=version_id, ann=ann,
+                        index_kind=index_kind)
 
 
 def run_chunker(run_config: dict[str, Any]) -> Any:
@@ -510,7 +516,16 @@ def run_chunker(run_config: dict[str, Any]) -> Any:
 
     flat = json.loads(json.dumps(run_config))
     flat.pop("runtime", None)
+    if not flat.get("chunk"):
+        log.warning("the run manifest records no chunker settings; negatives carry chunk texts without a title prefix")
+        return _NoPrefix()
     return make_chunker(EmbedJobConfig.from_flat(flat))
+
+
+class _NoPrefix:
+    @staticmethod
+    def prefix_for(title: str | None) -> str:
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +587,11 @@ def materialize_part(store: Store, part: tuple[str, int, str], prefix_for: Calla
             keys = np.lib.format.open_memmap(tmp / "keys.npy", mode="w+", dtype=np.uint64, shape=(n, 5))
             schema = pa.schema([("chunk_id", pa.string()), ("doc_id", pa.string()), ("text", pa.string()),
                                 ("chunk_text", pa.string())])
-            cols = ["chunk_id", "doc_id", "text", "title", "content_hash", "embedding"]
+            have = set(pf.schema_arrow.names)
+            missing = {"chunk_id", "doc_id", "text", "embedding"} - have
+            if missing:
+                raise SchemaError(f"{store.describe(key)} lacks column(s) {sorted(missing)} of the embed run contract")
+            cols = [c for c in ("chunk_id", "doc_id", "text", "title", "content_hash", "embedding") if c in have]
             off = 0
             with ipc.new_file(str(tmp / "meta.arrow"), schema) as writer:
                 for batch in pf.iter_batches(batch_size=4096, columns=cols):
@@ -582,9 +601,10 @@ def materialize_part(store: Store, part: tuple[str, int, str], prefix_for: Calla
                     chunk_ids = batch.column("chunk_id").to_pylist()
                     doc_ids = batch.column("doc_id").to_pylist()
                     texts = batch.column("text").to_pylist()
-                    titles = batch.column("title").to_pylist()
-                    hashes = batch.column("content_hash").to_pylist()
+                    titles = batch.column("title").to_pylist() if "title" in have else [None] * b
                     embedded = [prefix_for(t) + x for t, x in zip(titles, texts)]
+                    hashes = batch.column("content_hash").to_pylist() if "content_hash" in have else \
+                        [hashlib.sha256(e.encode("utf-8", "surrogatepass")).hexdigest() for e in embedded]
                     for i in range(b):
                         keys[off + i] = (doc_key(doc_ids[i]), chunk_key(chunk_ids[i]), int(hashes[i][:16], 16),
                                          norm_key(embedded[i]), norm_key(texts[i]))
@@ -818,6 +838,9 @@ class PositiveInfo:
     rows: np.ndarray  # corpus rows of every positive (all chunks of a positive document)
     norm_keys: set[int]  # normalised-text keys of every positive
     margin_score: float  # the lowest positive score (sentence-transformers: the safe side)
+    # normalised texts of positives found in no document: a chunk they contain is a piece of them
+    containers: list[str] = field(default_factory=list)
+    dup_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # rows found to be such pieces
 
 
 def apply_rules(c: Candidates, keys: np.ndarray, pos: PositiveInfo, cfg: MiningConfig, window: int | None,
@@ -840,9 +863,10 @@ def apply_rules(c: Candidates, keys: np.ndarray, pos: PositiveInfo, cfg: MiningC
     drop = np.isin(c.rows, pos.rows)
     counts["positive"] += int(drop.sum())
     alive = ~drop
-    if pos.norm_keys:
-        pk = np.fromiter(pos.norm_keys, dtype=np.uint64)
-        dup = alive & (np.isin(keys[:, KEY_NORM], pk) | np.isin(keys[:, KEY_CHUNK_NORM], pk))
+    if pos.norm_keys or pos.dup_rows.size:
+        pk = np.fromiter(pos.norm_keys, dtype=np.uint64, count=len(pos.norm_keys))
+        dup = alive & (np.isin(keys[:, KEY_NORM], pk) | np.isin(keys[:, KEY_CHUNK_NORM], pk)
+                       | np.isin(c.rows, pos.dup_rows))
         counts["duplicate_of_positive"] += int(dup.sum())
         alive &= ~dup
     s = c.scores
@@ -1050,9 +1074,13 @@ class NegativeMiner:
     def _search_mode(self) -> str:
         mode = self.rules.search
         if mode == "auto":
-            mode = "ann" if self.source.ann and self.corpus.n > self.rules.exact_max_rows else "exact"
-        if mode == "ann" and not self.source.index:
-            raise ConfigError("--search ann needs --index with --version/--alias (a run has no ANN index)")
+            # exact search over the run's vectors is affordable up to exact_max_rows and never misses a
+            # candidate; past that (and when the version is a real ANN index) the index does the search
+            big = self.corpus.n > self.rules.exact_max_rows
+            mode = "ann" if self.source.ann and self.source.index_kind != "flat" and big else "exact"
+        if mode == "ann" and not (self.source.index and self.source.ann):
+            raise ConfigError("--search ann needs --index with --version/--alias naming a version with FAISS shards "
+                              "(a run alone has no ANN index); use --search exact")
         return mode
 
     @property
@@ -1098,7 +1126,7 @@ class NegativeMiner:
     def _ann_search(self, qvecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """ANN candidates from the index version, rescored exactly with the run's vectors (ANN scores
         are approximate; margins need true scores), re-sorted by the exact score."""
-        hits = self.ann.search_vectors(qvecs, k=k)
+        hits = self.ann.search_vectors(qvecs, k=k, model=self.source.model)
         rows = np.full((qvecs.shape[0], k), -1, dtype=np.int64)
         for i, hs in enumerate(hits):
             ids = [h["chunk_id"] if isinstance(h, dict) else h.chunk_id for h in hs][:k]
@@ -1132,6 +1160,7 @@ class NegativeMiner:
         for qi, g in enumerate(groups):
             rows_all: list[np.ndarray] = []
             norms: set[int] = set()
+            containers: list[str] = []
             resolved: list[tuple[float, str, str] | None] = []
             for pi, (pid, ptext) in enumerate(g.positives):
                 rows = self.corpus.rows_for_id(pid) if pid else np.zeros(0, dtype=np.int64)
@@ -1152,10 +1181,11 @@ class NegativeMiner:
                 elif ptext:
                     resolved.append(None)
                     pending.append((qi, pi, ptext))
+                    containers.append(norm_text(ptext))
                 else:
                     resolved.append(None)  # an id that is not in the corpus and no text: cannot score
             infos.append(PositiveInfo(np.unique(np.concatenate(rows_all)) if rows_all else np.zeros(0, np.int64),
-                                      norms, math.nan))
+                                      norms, math.nan, containers))
             per_pair.append(resolved)
         if pending:
             t0 = time.perf_counter()
@@ -1168,6 +1198,17 @@ class NegativeMiner:
             st.pairs_unresolved += sum(1 for p in per_pair[qi] if p is None)
             info.margin_score = min(scores) if scores else math.nan
         return infos, per_pair
+
+    def _with_pieces(self, pos: PositiveInfo, rows: np.ndarray) -> PositiveInfo:
+        """Mark candidates whose chunk text lies inside a positive's text (the positive is a whole document
+        given as text, the corpus holds its chunks): they are that positive, not negatives."""
+        texts = self.corpus.column(rows, "chunk_text")
+        pieces = [r for r, t in zip(rows.tolist(), texts)
+                  if len(t or "") >= MIN_PIECE_CHARS and any(norm_text(t) in c for c in pos.containers)]
+        if not pieces:
+            return pos
+        return PositiveInfo(pos.rows, pos.norm_keys, pos.margin_score, pos.containers,
+                            np.union1d(pos.dup_rows, np.asarray(pieces, dtype=np.int64)))
 
     def _text_col(self) -> str:
         return "text" if self.rules.negative_text == "embedded" else "chunk_text"
@@ -1195,6 +1236,8 @@ class NegativeMiner:
             else:
                 cands = self._random_candidates(rng, qvec)
             st.candidates += len(cands)
+            if pos.containers:
+                pos = self._with_pieces(pos, cands.rows[: self.window])
             pool = apply_rules(cands, self.corpus.key_rows(cands.rows), pos, rules,
                                self.window if source != "random" else None, ranked=source != "random",
                                counts=st.removed)
@@ -1236,10 +1279,14 @@ class NegativeMiner:
 
     def _cross_encoder_filter(self, groups: list[QueryGroup], chosen: list[list[tuple[int, float, int, str]]],
                               reserve: list[list[tuple[int, float, int, str]]], st: BatchStats) -> None:
-        """Score chosen negatives with the cross-encoder; drop those above ce_max_score and refill from the reserve."""
+        """Score chosen negatives with the cross-encoder; drop those above ce_max_score (likely false
+        negatives) and refill from the reserve in its order (rank order for top sampling, the seeded
+        draw order for random). Refills are scored a few at a time per query, all queries of the batch
+        in one ``predict`` call per round, so a batch needs a handful of calls, not one per drop."""
         t0 = time.perf_counter()
         limit = float(self.rules.ce_max_score)  # type: ignore[arg-type]
-        checked: list[list[tuple[int, float, int, str]]] = [[] for _ in groups]
+        kept: list[list[tuple[int, float, int, str]]] = [[] for _ in groups]
+        need = [len(c) for c in chosen]
         todo = [list(c) for c in chosen]
         while any(todo):
             pairs_idx = [(qi, item) for qi, items in enumerate(todo) for item in items]
@@ -1247,16 +1294,21 @@ class NegativeMiner:
             scores = self.cross_encoder.predict([(groups[qi].query, t) for (qi, _), t in zip(pairs_idx, texts)],
                                                 batch_size=self.rules.ce_batch_size, show_progress_bar=False)
             st.ce_scored += len(pairs_idx)
-            todo = [[] for _ in groups]
             for (qi, item), s in zip(pairs_idx, np.asarray(scores, dtype=np.float64).ravel()):
                 if s > limit:
                     st.removed["cross_encoder"] += 1
-                    if reserve[qi]:
-                        todo[qi].append(reserve[qi].pop(0))
-                else:
-                    checked[qi].append(item)
+                elif len(kept[qi]) < need[qi]:
+                    kept[qi].append(item)
+                else:  # scored as a spare and not needed: back to the front of the reserve
+                    reserve[qi].insert(0, item)
+            todo = [[] for _ in groups]
+            for qi in range(len(groups)):
+                short = need[qi] - len(kept[qi])
+                if short > 0 and reserve[qi]:
+                    take = min(len(reserve[qi]), max(2 * short, 4))  # a few spares: fewer rounds
+                    todo[qi], reserve[qi] = reserve[qi][:take], reserve[qi][take:]
         for qi in range(len(groups)):
-            chosen[qi] = checked[qi]
+            chosen[qi] = kept[qi]
         st.seconds["cross_encoder"] += time.perf_counter() - t0
 
     # -- a batch ----------------------------------------------------------------------------
@@ -1582,6 +1634,7 @@ def build_summary(prep: PreparedMining, total: BatchStats, cuts: list[float | No
                   workers: dict[str, Any] | None) -> dict[str, Any]:
     cfg = prep.cfg
     considered = total.candidates
+    mining_s = float((workers or {}).get("mining_seconds") or wall_seconds)
     removed = {k: {"count": v, "share": round(v / considered, 4) if considered else 0.0}
                for k, v in total.removed.items() if k in RULES}
     return {
@@ -1607,9 +1660,12 @@ def build_summary(prep: PreparedMining, total: BatchStats, cuts: list[float | No
         "curriculum": {"field": "curriculum_stage", "stages": cfg.mining.curriculum_stages,
                        "difficulty": "mean negative score - positive score (higher = harder)",
                        "cut_points": [_r(c) for c in cuts], "distribution": total.hist["difficulty"].summary()},
-        "timings": {"wall_seconds": round(wall_seconds, 3),
+        "timings": {"wall_seconds": round(wall_seconds, 3), "mining_seconds": round(mining_s, 3),
                     **{f"worker_{k}_seconds": round(v, 3) for k, v in total.seconds.items()}},
-        "throughput": {"queries_per_second": round(total.queries / wall_seconds, 2) if wall_seconds else None},
+        "throughput": {
+            # the mining phase (workers loaded, batches flowing) and the whole command (start-up included)
+            "queries_per_second": round(total.queries / mining_s, 2) if mining_s else None,
+            "end_to_end_queries_per_second": round(total.queries / wall_seconds, 2) if wall_seconds else None},
         "workers": {"pool": workers, "processes": [{"pid": pid, **w} for pid, w in sorted(per_worker.items())],
                     "peak_rss_bytes_max": max((w["peak_rss_bytes"] for w in per_worker.values()), default=None)},
     }
@@ -1622,13 +1678,20 @@ def run_mining_locally(cfg: MiningJobConfig, encoder: Encoder | None = None,
     prep = prepare_mining(cfg)
     if prep.finished is not None:
         return prep.finished
+    info: dict[str, Any] = {"mode": "local", "actors": 1}
+    if progress:
+        progress({"event": "planned", "queries": len(prep.pairs.groups), "pairs": prep.pairs.pairs,
+                  "batches": len(prep.batches), "pending": len(prep.pending), "corpus_rows": prep.source.rows})
     if prep.pending:
         runner = BatchRunner(cfg, prep.source, max_positives=prep.pairs.max_positives, encoder=encoder)
+        info["startup_seconds"] = round(time.perf_counter() - t0, 3)
+        t_mine = time.perf_counter()
         for i in prep.pending:
             d = runner.run(i, prep.batches[i])
             if progress:
                 progress({"event": "batch", "batch": i, "queries": d["queries"], "rows": d["rows_written"]})
-    return finalize_mining(prep, time.perf_counter() - t0, {"mode": "local", "actors": 1})
+        info["mining_seconds"] = round(time.perf_counter() - t_mine, 3)
+    return finalize_mining(prep, time.perf_counter() - t0, info)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -35,6 +35,11 @@ class _MiningActor:
     def __init__(self, cfg: MiningJobConfig, source: MiningSource, max_positives: int, threads: int):
         self.runner = BatchRunner(cfg, source, max_positives=max_positives, threads=threads)
 
+    def ready(self) -> dict[str, Any]:
+        from engine.mining import current_rss_bytes
+
+        return {"pid": os.getpid(), "load_seconds": self.runner.miner.load_seconds, "rss_bytes": current_rss_bytes()}
+
     def run(self, batch_index: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
         return self.runner.run(batch_index, groups)
 
@@ -82,6 +87,11 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
                                max_restarts=2, max_task_retries=2)(_MiningActor)
         actors = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
                   for _ in range(pool.actors)]
+        # wait for every actor to load its shards and model, so the mining phase is timed on its own
+        loaded = ray.get([a.ready.remote() for a in actors])
+        pool_info["startup_seconds"] = round(time.perf_counter() - t0, 3)
+        pool_info["actor_load_seconds"] = [round(x["load_seconds"], 3) for x in loaded]
+        t_mine = time.perf_counter()
         todo = list(prep.pending)
         in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch)
         load = [0] * len(actors)
@@ -116,6 +126,7 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
         finally:
             for actor in actors:
                 ray.kill(actor)
+        pool_info["mining_seconds"] = round(time.perf_counter() - t_mine, 3)
     return finalize_mining(prep, time.perf_counter() - t0, pool_info)
 
 
