@@ -34,21 +34,23 @@ def _open(store: str, endpoint_url: str | None) -> Any:
     return open_store(store, endpoint_url=endpoint_url)
 
 
+def _fmt_target(version: str | None, weighted: dict[str, Any] | None) -> str:
+    """``v2`` or ``v2 (90%) + v3 (10%)``."""
+    if weighted:
+        g = float(weighted["green_weight"])
+        return f"{weighted['blue']} ({100 - g:g}%) + {weighted['green']} ({g:g}%)"
+    return version or "nothing"
+
+
 def _echo_swap(res: Any, as_json: bool) -> None:
     if as_json:
         emit_json(res.to_dict())
         return
-    target = res.version
-    if res.weighted:
-        w = res.weighted
-        target = f"{w['blue']} + {w['green']} at {w['green_weight']}% green"
+    target = _fmt_target(res.version, res.weighted)
     if not res.changed:
         click.echo(f"{res.index}/{res.alias} already on {target} (generation {res.generation}); nothing changed")
         return
-    prev = res.previous or "nothing"
-    if res.previous_weighted:
-        pw = res.previous_weighted
-        prev = f"{pw['blue']} + {pw['green']} at {pw['green_weight']}% green"
+    prev = _fmt_target(res.previous, res.previous_weighted)
     click.echo(f"{res.action}: {res.index}/{res.alias} {prev} -> {target} (generation {res.generation}; "
                f"verified {', '.join(res.verified)})")
 
@@ -166,15 +168,14 @@ def status(store: str, endpoint_url: str | None, index: str, history_limit: int,
     if not st["aliases"]:
         click.echo("  (none)")
     for name, a in st["aliases"].items():
-        w = a["weighted"]
-        target = a["version"] if not w else f"{w['blue']} ({100 - float(w['green_weight']):g}%) + {w['green']} " \
-                                            f"({float(w['green_weight']):g}%)"
+        target = _fmt_target(a["version"], a["weighted"])
         click.echo(f"  {name} -> {target}  generation {a['generation']}, {a['action']} at {a['updated_at']} "
                    f"by {a['updated_by']}")
         for rec in a["history"]:
             why = f"  ({rec['why']})" if rec.get("why") else ""
-            click.echo(f"    #{rec['generation']:<4} {rec['action']:<8} {rec.get('from') or '-'} -> {rec['to']}  "
-                       f"{rec['when']}  {rec['by']}{why}")
+            swap = f"{_fmt_target(rec.get('from'), rec.get('from_weighted'))} -> " \
+                   f"{_fmt_target(rec.get('to'), rec.get('to_weighted'))}"
+            click.echo(f"    #{rec['generation']:<4} {rec['action']:<8} {swap}  {rec['when']}  {rec['by']}{why}")
         if a["history_count"] > len(a["history"]):
             click.echo(f"    ... {a['history_count'] - len(a['history'])} older records (--history 0 shows all)")
 
