@@ -88,6 +88,10 @@ MANIFEST_FORMAT = 1
 TRAINED_KEY = "trained.faiss"
 RANGES_KEY = "rescore-ranges.npy"
 REPORT_KEY = "build-report.json"
+MANIFEST_KEYS = frozenset({
+    "format", "version_id", "index", "created_at", "engine_version", "model", "dim", "metric", "kind", "params",
+    "source_run", "source", "parent_version", "shards", "files", "artifacts", "counts", "recall_gate", "thresholds",
+    "build_key", "timings"})
 
 Progress = Callable[[dict[str, Any]], None]
 Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
@@ -477,16 +481,17 @@ def encode_rescore(x: np.ndarray, dtype: str, ranges: np.ndarray | None) -> np.n
 def rescore_scores(queries: np.ndarray, candidates: np.ndarray, dtype: str, ranges: np.ndarray | None) -> np.ndarray:
     """Inner products of each query with its candidates' stored vectors.
 
-    queries [q, d] float32; candidates [q, c, d] int8 or float16 -> scores [q, c] float32. For
-    int8, q·deq(x) = q·(lo + 128·step) + (q ∘ step)·codes, so codes are never dequantized.
+    queries [q, d] float32; candidates [q, c, d] int8 or float16 -> scores [q, c] float32. One
+    matrix-vector product per query, so a query scores the same alone or in any batch.
     """
     q = np.asarray(queries, dtype=np.float32)
     if dtype == "int8":
-        assert ranges is not None
-        step = _int8_step(ranges)
-        base = q @ (ranges[0] + 128.0 * step)  # [q]
-        return base[:, None] + np.einsum("qcd,qd->qc", candidates.astype(np.float32), q * step)
-    return np.einsum("qcd,qd->qc", candidates.astype(np.float32), q)
+        if ranges is None:
+            raise ValueError("int8 rescore vectors need calibrated ranges")
+        cand = dequantize_int8(candidates, ranges)  # [q, c, d]
+    else:
+        cand = np.asarray(candidates, dtype=np.float32)
+    return np.matmul(cand, q[:, :, None])[:, :, 0]
 
 
 # =============================================================================================
@@ -1282,19 +1287,24 @@ def _nprobe_candidates(nlist: int) -> list[int]:
 def build_index(store: Store, run_id: str, index: str, cfg: BuildConfig | None = None, *,
                 mapper: Mapper | None = None, progress: Progress | None = None, parallelism: int = 1,
                 task_threads: int | None = None, parent_version: str | None = None,
-                force: bool = False) -> BuildResult:
+                force: bool = False, manifest_extra: Mapping[str, Any] | None = None) -> BuildResult:
     """Build (or resume, or return the finished) index version of ``run_id`` under ``index``.
 
     ``mapper`` spreads the shard tasks (default: one after the other in this process);
     ``parallelism`` is how many run at once, used to choose the shard count. ``parent_version``
     defaults to the newest existing version of the index. ``force`` starts a new version even
-    if the same build finished before. Raises GateError when recall is below the gate.
+    if the same build finished before. ``manifest_extra`` adds top-level keys to the manifest
+    (e.g. a refresh record); it may not replace the builder's own. Raises GateError when recall
+    is below the gate.
     """
     from engine.publish import check_name
 
     cfg = cfg or BuildConfig()
     cfg.validate()
     check_name("index", index)
+    clash = set(manifest_extra or {}) & MANIFEST_KEYS
+    if clash:
+        raise ConfigError(f"manifest_extra may not replace the builder's manifest keys {sorted(clash)}")
     mapper = mapper or local_mapper
     t_start = time.perf_counter()
     run = read_run(store, run_id)
@@ -1386,6 +1396,8 @@ def build_index(store: Store, run_id: str, index: str, cfg: BuildConfig | None =
                                                                      json_bytes(report))})
     manifest["files"]["report"] = REPORT_KEY
     manifest.update(params=params_dict, recall_gate=gate, timings=timings)
+    assert set(manifest) <= MANIFEST_KEYS, set(manifest) - MANIFEST_KEYS
+    manifest.update(manifest_extra or {})
     try:
         store.put_if_absent(layout.version_manifest_key(index, version_id), json_bytes(manifest))
     except ConflictError:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -258,9 +259,20 @@ class Searcher:
         """Load from a manifest in hand (the build's gate uses it before the manifest is written)."""
         where = store.describe(layout.version_manifest_key(index, str(manifest.get("version_id"))))
         _check_manifest_shape(manifest, where)
+        remote = not isinstance(store, LocalStore)
         paths = _materialize(store, index, manifest, cache_dir)
         if verify:
-            verify_artifacts(store, index, manifest, files=None if isinstance(store, LocalStore) else paths)
+            try:
+                verify_artifacts(store, index, manifest, files=paths if remote else None)
+            except IntegrityError:
+                if not remote:
+                    raise
+                # A damaged cached copy is fetched again, once; a damaged stored object still fails.
+                log.warning("cached files of %s/%s failed verification; downloading them again", index,
+                            manifest["version_id"])
+                shutil.rmtree(cache_dir_for(store, index, str(manifest["version_id"]), cache_dir), ignore_errors=True)
+                paths = _materialize(store, index, manifest, cache_dir)
+                verify_artifacts(store, index, manifest, files=paths)
         searcher = cls(index, manifest, paths, device=device, encoder=encoder, where=where)
         log.info("loaded %s/%s: %s, %d vectors in %d shard(s)", index, manifest["version_id"], manifest["kind"],
                  searcher.rows, len(searcher._shards))
