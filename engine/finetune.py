@@ -61,7 +61,7 @@ class FinetuneConfig:
     max_steps: int | None = None
     eval_set: str | None = None  # benchmark folder
     general_eval: str | None = None  # a second benchmark folder, or "stdlib"
-    eval_gain: str = "binary"  # binary | graded | cranfield
+    eval_gain: str = "binary"  # binary | linear | cranfield (engine.evaluate.GAINS)
     eval_max_queries: int | None = None
     device: str = "auto"
     seed: int = 42
@@ -77,8 +77,8 @@ class FinetuneConfig:
             raise ConfigError("--epochs must be > 0 and --batch-size >= 2 (in-batch negatives need company)")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
-        if self.eval_gain not in ("binary", "graded", "cranfield"):
-            raise ConfigError(f"--eval-gain must be binary, graded or cranfield, got {self.eval_gain!r}")
+        if self.eval_gain not in ("binary", "linear", "cranfield"):
+            raise ConfigError(f"--eval-gain must be binary, linear or cranfield, got {self.eval_gain!r}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"--device must be cpu, cuda or auto, got {self.device!r}")
         if self.num_negatives is not None and self.num_negatives < 0:
@@ -159,41 +159,36 @@ class Benchmark:
     name: str
     doc_ids: list[str]
     docs: list[str]
-    queries: dict[str, str]  # query_id -> text
-    qrels: dict[str, dict[str, int]]  # query_id -> doc_id -> grade (> 0 relevant)
+    queries: dict[str, str]  # query_id -> text (only judged queries)
+    qrels: dict[str, dict[str, float]]  # query_id -> doc_id -> gain (> 0)
 
 
-def load_benchmark(path: str | os.PathLike[str]) -> Benchmark:
+def load_benchmark(path: str | os.PathLike[str], gain: str = "binary") -> Benchmark:
     """A folder with corpus.jsonl (doc_id, text, optional title), queries.jsonl (query_id, text) and
-    qrels.tsv (query_id, doc_id, grade; header optional)."""
+    qrels.tsv (query_id, doc_id, grade, with a header); grades become gains by ``engine.evaluate.GAINS``."""
+    from engine.evaluate import load_qrels, load_queries
+
     root = Path(path)
     for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
         if not (root / name).exists():
             raise NotFoundError(f"benchmark {root} has no {name} (it needs corpus.jsonl, queries.jsonl, qrels.tsv)")
     doc_ids, docs = [], []
-    for line in (root / "corpus.jsonl").read_text(encoding="utf-8").splitlines():
+    for n, line in enumerate((root / "corpus.jsonl").read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
-        d = json.loads(line)
-        text, title = str(d.get("text") or ""), str(d.get("title") or "")
-        if not text.strip():
-            continue
-        doc_ids.append(str(d["doc_id"]))
-        docs.append(text if not title or text.startswith(title) else f"{title}\n{text}")
-    queries = {}
-    for line in (root / "queries.jsonl").read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            q = json.loads(line)
-            queries[str(q["query_id"])] = str(q["text"])
-    qrels: dict[str, dict[str, int]] = {}
+        try:
+            d = json.loads(line)
+            text, title, did = str(d.get("text") or ""), str(d.get("title") or ""), str(d["doc_id"])
+        except (json.JSONDecodeError, KeyError) as err:
+            raise SchemaError(f"{root / 'corpus.jsonl'}:{n}: a document needs 'doc_id' and 'text' ({err})") from None
+        if text.strip():
+            doc_ids.append(did)
+            docs.append(text if not title or text.startswith(title) else f"{title}\n{text}")
     known = set(doc_ids)
-    for line in (root / "qrels.tsv").read_text(encoding="utf-8").splitlines():
-        parts = line.split("\t")
-        if len(parts) < 3 or not parts[2].lstrip("-").isdigit():
-            continue  # header or malformed
-        qid, did, grade = parts[0], parts[1], int(parts[2])
-        if grade > 0 and did in known and qid in queries:
-            qrels.setdefault(qid, {})[did] = grade
+    queries = {q.query_id: q.text for q in load_queries(root / "queries.jsonl")}
+    qrels = {q: {d: g for d, g in rel.items() if d in known}
+             for q, rel in load_qrels(root / "qrels.tsv", gain).items() if q in queries}
+    qrels = {q: rel for q, rel in qrels.items() if rel}
     return Benchmark(root.name, doc_ids, docs, {q: t for q, t in queries.items() if q in qrels}, qrels)
 
 
@@ -227,17 +222,19 @@ def stdlib_benchmark(limit: int = 300) -> Benchmark:
         doc_ids.append(row["doc_id"])
         docs.append(rest)
         queries[row["doc_id"]] = head
-        qrels[row["doc_id"]] = {row["doc_id"]: 1}
+        qrels[row["doc_id"]] = {row["doc_id"]: 1.0}
     return Benchmark("stdlib-docstrings", doc_ids, docs, queries, qrels)
 
 
-def resolve_benchmark(spec: str) -> Benchmark:
-    return stdlib_benchmark() if spec == "stdlib" else load_benchmark(spec)
+def resolve_benchmark(spec: str, gain: str = "binary") -> Benchmark:
+    return stdlib_benchmark() if spec == "stdlib" else load_benchmark(spec, gain)
 
 
-def evaluate(model: Any, bench: Benchmark, *, gain: str = "binary", exclude_queries: set[str] | None = None,
+def evaluate(model: Any, bench: Benchmark, *, exclude_queries: set[str] | None = None,
              max_queries: int | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
-    """nDCG@10, MRR@10, Recall@10/100 by exact cosine search with a SentenceTransformer (or Encoder)."""
+    """nDCG@10, MRR@10, Recall@10/100 (engine.metrics) by exact cosine search with a SentenceTransformer
+    (or an engine Encoder)."""
+    from engine.metrics import query_metrics, recall_at_k
     from engine.mining import norm_text
 
     qids = sorted(bench.queries)
@@ -256,30 +253,16 @@ def evaluate(model: Any, bench: Benchmark, *, gain: str = "binary", exclude_quer
     k = min(100, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), 1)
-    ndcg, mrr, r10, r100 = [], [], [], []
+    per_query = []
     for i, q in enumerate(qids):
-        rel = bench.qrels[q]
-        gains = {d: _gain(g, gain) for d, g in rel.items()}
         ranked = [bench.doc_ids[j] for j in order[i]]
-        dcg = sum(gains.get(d, 0.0) / math.log2(r + 2) for r, d in enumerate(ranked[:10]))
-        ideal = sorted(gains.values(), reverse=True)[:10]
-        idcg = sum(g / math.log2(r + 2) for r, g in enumerate(ideal))
-        ndcg.append(dcg / idcg if idcg else 0.0)
-        first = next((r for r, d in enumerate(ranked[:10]) if d in rel), None)
-        mrr.append(0.0 if first is None else 1.0 / (first + 1))
-        r10.append(len(set(ranked[:10]) & set(rel)) / len(rel))
-        r100.append(len(set(ranked[:100]) & set(rel)) / len(rel))
-    return {"queries": len(qids), "docs": len(bench.docs), "excluded_as_trained_on": excluded,
-            "ndcg@10": round(float(np.mean(ndcg)), 4), "mrr@10": round(float(np.mean(mrr)), 4),
-            "recall@10": round(float(np.mean(r10)), 4), "recall@100": round(float(np.mean(r100)), 4)}
-
-
-def _gain(grade: int, mode: str) -> float:
-    if mode == "binary":
-        return 1.0
-    if mode == "cranfield":  # 1 = complete answer ... 4 = minimum interest
-        return float(max(0, 5 - grade))
-    return float(grade)
+        m = query_metrics(ranked, bench.qrels[q], 10)
+        m["recall@100"] = recall_at_k(ranked, bench.qrels[q], 100)
+        per_query.append(m)
+    out: dict[str, Any] = {"queries": len(qids), "docs": len(bench.docs), "excluded_as_trained_on": excluded}
+    for key in ("ndcg@10", "mrr@10", "recall@10", "recall@100"):
+        out[key] = round(float(np.mean([m[key] for m in per_query])), 4)
+    return out
 
 
 def _encode(model: Any, texts: list[str], batch_size: int, *, query: bool) -> np.ndarray:
@@ -415,14 +398,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     trained_queries = {norm_text(q) for q in table.column(cols[0]).to_pylist()}
     benches = {}
     if cfg.eval_set:
-        benches["benchmark"] = resolve_benchmark(cfg.eval_set)
+        benches["benchmark"] = resolve_benchmark(cfg.eval_set, cfg.eval_gain)
     if cfg.general_eval:
-        benches["general"] = resolve_benchmark(cfg.general_eval)
+        benches["general"] = resolve_benchmark(cfg.general_eval, "binary")
 
     def score_all() -> dict[str, Any]:
-        return {k: evaluate(model, b, gain=cfg.eval_gain if k == "benchmark" else "binary",
-                            exclude_queries=trained_queries, max_queries=cfg.eval_max_queries, seed=cfg.seed)
-                for k, b in benches.items()}
+        return {k: evaluate(model, b, exclude_queries=trained_queries, max_queries=cfg.eval_max_queries,
+                            seed=cfg.seed) for k, b in benches.items()}
 
     t0 = time.perf_counter()
     before = score_all()

@@ -158,8 +158,8 @@ class _Progress:
               help="Benchmark folder (corpus.jsonl, queries.jsonl, qrels.tsv) scored before and after.")
 @click.option("--general-eval", default=None,
               help="A second benchmark to catch forgetting: a folder, or 'stdlib' (Python docstrings, built in).")
-@click.option("--eval-gain", type=click.Choice(["binary", "graded", "cranfield"]), default=None,
-              help="qrels grades -> gains: binary (grade >= 1), graded (the grade), cranfield (5 - grade) [binary].")
+@click.option("--eval-gain", type=click.Choice(["binary", "linear", "cranfield"]), default=None,
+              help="qrels grades -> gains: binary (grade >= 1), linear (the grade), cranfield (5 - grade) [binary].")
 @click.option("--eval-max-queries", type=int, default=None, help="Evaluate on at most N queries (seeded sample).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[auto]")
 @click.option("--seed", type=int, default=None, help="[42]")
