@@ -1526,16 +1526,22 @@ def run_canary(store: Store, index: str, canaries: Sequence[Canary], *, alias: s
                 close()
         th = None
         cal: dict[str, Any] = {"calibrated": False}
+        warnings: list[str] = []
         if use_thresholds:
+            # the thresholds `search --threshold auto` would apply: none when they no longer fit
             cal = calibration_status(store, index, v)
             rec = load_calibration(store, index, v)
-            th = Thresholds.from_calibration(rec) if rec is not None else None
+            if rec is not None and not cal["needs_recalibration"]:
+                th = Thresholds.from_calibration(rec)
+            else:
+                warnings.append("no calibration fits this version (" + "; ".join(cal["reasons"]) +
+                                "): the empty-result rate is about raw hits; recalibrate")
         stats = canary_stats(canaries, rankings, k, th)
         diff, failures = compare_canary(stats, base, limits)
         results.append({"version": v, "stats": stats, "baseline_diff": diff, "failures": failures,
-                        "passed": not failures, "calibration": {key: cal.get(key) for key in
-                                                               ("calibrated", "calibration_id", "calibrated_on",
-                                                                "needs_recalibration")}})
+                        "passed": not failures, "warnings": warnings,
+                        "calibration": {key: cal.get(key) for key in ("calibrated", "calibration_id", "calibrated_on",
+                                                                      "needs_recalibration")}})
     return {"format": CANARY_FORMAT, "kind": "canary", "index": index, "alias": None if version else alias,
             "target": target, "created_at": _now_iso(), "k": k, "limits": asdict(limits),
             "baseline": None if base is None else {"created_at": (baseline or {}).get("created_at"),

@@ -520,7 +520,9 @@ def test_canary_fails_when_the_alias_moves_to_a_worse_version(store, v1, tmp_pat
     assert not bad["passed"] and bad["versions"][0]["version"] == worse
     failures = bad["versions"][0]["failures"]
     assert any("recall@3 dropped" in f for f in failures), failures
-    assert not bad["versions"][0]["calibration"]["calibrated"] or bad["versions"][0]["calibration"]["needs_recalibration"]
+    # the worse version inherits v1's calibration of another model: not applied, and said so
+    assert bad["versions"][0]["calibration"]["needs_recalibration"] and good["versions"][0]["warnings"] == []
+    assert "model changed" in bad["versions"][0]["warnings"][0] and bad["versions"][0]["stats"]["thresholds"] is None
     with pytest.raises(GateError, match="canary failed on docs/live"):
         Q.canary_gate(bad)
     Q.canary_gate(good)  # passes silently

@@ -404,6 +404,8 @@ def _echo_canary(report: dict[str, Any]) -> None:
         click.echo(f"  empty-result rate {_f(st['empty_rate'])}{delta('empty_rate')} under the stored threshold ({th})")
         for m in st["misses"][:5]:
             click.echo(f"  missed {m['id']}: expected {m['expected']}, got {m['got']}")
+        for w in r.get("warnings", []):
+            click.echo(f"  WARNING: {w}")
         for f in r["failures"]:
             click.echo(f"  FAIL: {f}")
 
