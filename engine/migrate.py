@@ -427,6 +427,7 @@ def check_weights(weights: Sequence[float]) -> tuple[float, ...]:
 
 BUILD_KEY_ALIASES = {"index_kind": "kind", "index_factory": "factory"}
 RUN_KEYS = ("store", "endpoint_url", "migration_id", "until", "break_lock")
+INPUT_FIELDS = ("benchmark", "canaries", "queries", "pairs")  # files copied into the store at start
 
 
 def parse_duration(value: str | float | int | None, what: str) -> float | None:
@@ -729,21 +730,13 @@ def _parse_state(data: bytes, where: str) -> dict[str, Any]:
 # collaborators: the embed job, the index builder, the searcher (injectable)
 # =============================================================================================
 
-FALLBACK_KIND = "flat-exact"  # what _build_flat_version writes when engine.index is not installed
-
-
 def default_loader(store: Store, index: str, version: str) -> Any:
-    """A verified searcher for ``version``: the index builder's ``engine.search.Searcher``; our
-    exact flat searcher for versions this module built itself (or when engine.search is absent)."""
-    manifest = store.read_json(layout.version_manifest_key(index, version))
-    if manifest.get("kind") != FALLBACK_KIND:
-        try:
-            from engine.search import Searcher
-        except ImportError:
-            pass
-        else:
-            return Searcher.load(store, index, version, verify=True)
-    return FlatSearcher.load(store, index, version)
+    """A searcher for ``version``, fully verified (checksums) before it answers: the index
+    builder's ``engine.search.Searcher``, which embeds queries with the model the version's
+    manifest names (so blue and green each use their own model and dimension)."""
+    from engine.search import Searcher
+
+    return Searcher.load(store, index, version, verify=True)
 
 
 def local_embed_runner(cfg: Any) -> dict[str, Any]:
@@ -754,127 +747,13 @@ def local_embed_runner(cfg: Any) -> dict[str, Any]:
 
 
 def default_index_builder(store: Store, index: str, run_id: str, *, parent_version: str | None,
-                          options: Mapping[str, Any], fallback_version: str) -> dict[str, Any]:
+                          options: Mapping[str, Any]) -> dict[str, Any]:
     """Build a version from an embed run with ``engine.index.build_index`` (resumable: a rerun
-    continues or returns the same version). Without engine.index/engine.search installed, an
-    exact flat version named ``fallback_version``. Returns the version manifest."""
-    try:
-        from engine.index import BuildConfig, build_index
-        import engine.search  # noqa: F401 - the builder's recall gate loads the version with it
-    except ImportError:
-        log.warning("engine.index/engine.search are not installed: building %s/%s as an exact flat version",
-                    index, fallback_version)
-        return _build_flat_version(store, index, run_id, fallback_version, parent_version=parent_version)
+    continues the build, or returns the version it finished). Returns the version manifest."""
+    from engine.index import BuildConfig, build_index
+
     result = build_index(store, run_id, index, BuildConfig.from_dict(dict(options)), parent_version=parent_version)
     return dict(result.manifest)
-
-
-def _build_flat_version(store: Store, index: str, run_id: str, version_id: str, *,
-                        parent_version: str | None) -> dict[str, Any]:
-    """The smallest version the layout contract allows: all vectors in one exact shard.
-    (Used only without engine.index; idempotent: an existing manifest is returned as it is.)"""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from engine.pipeline import read_part
-    from engine.storage import sha256_bytes
-
-    mkey = layout.version_manifest_key(index, version_id)
-    if store.exists(mkey):
-        return store.read_json(mkey)
-    run = store.read_json(layout.run_manifest_key(run_id))
-    ids: list[pa.Table] = []
-    vecs: list[np.ndarray] = []
-    for part in run["outputs"]["embeddings"]:
-        t = read_part(store, part["key"])
-        ids.append(t.select(["chunk_id", "doc_id"]))
-        col = t.column("embedding").combine_chunks()
-        dim = col.type.list_size
-        vecs.append(col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32))
-    matrix = np.concatenate(vecs) if vecs else np.zeros((0, int(run["dim"])), np.float32)  # [n, dim]
-    table = pa.concat_tables(ids) if ids else pa.table({"chunk_id": pa.array([], pa.string()),
-                                                       "doc_id": pa.array([], pa.string())})
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    files = {"shards/0/ids.parquet": buf.getvalue().to_pybytes(), "shards/0/vectors.f32": matrix.tobytes()}
-    prefix = layout.version_prefix(index, version_id)
-    artifacts = []
-    for key, data in files.items():
-        store.write_bytes(join(prefix, key), data)
-        artifacts.append({"key": key, "bytes": len(data), "sha256": sha256_bytes(data)})
-    manifest = {"version_id": version_id, "index": index, "created_at": _now(), "model": run["model"],
-                "dim": int(matrix.shape[1]), "metric": "cosine", "kind": FALLBACK_KIND, "params": {},
-                "source_run": run_id, "parent_version": parent_version,
-                "shards": [{"shard": 0, "rows": int(matrix.shape[0]),
-                            "files": {"ids": "shards/0/ids.parquet", "vectors": "shards/0/vectors.f32"}}],
-                "artifacts": artifacts, "recall_gate": {"kind": "exact", "recall": 1.0}, "thresholds": None,
-                "rows": int(matrix.shape[0])}
-    store.write_bytes(mkey, json_bytes(manifest))  # last: the version is complete from here on
-    return manifest
-
-
-@dataclass(frozen=True)
-class Hit:
-    chunk_id: str
-    doc_id: str
-    score: float
-
-
-class FlatSearcher:
-    """Exact inner-product search over a ``flat-exact`` version, queries embedded by the model
-    the version's manifest names (``encoder_from_identity`` refuses a fingerprint mismatch)."""
-
-    def __init__(self, version_id: str, manifest: dict[str, Any], vectors: np.ndarray, chunk_ids: list[str],
-                 doc_ids: list[str]):
-        from engine.embedding import encoder_from_identity
-
-        self.version_id = version_id
-        self.manifest = manifest
-        self.vectors = vectors  # [n, dim] float32, L2-normalised
-        self.chunk_ids = chunk_ids
-        self.doc_ids = doc_ids
-        self.encoder = encoder_from_identity(dict(manifest["model"]))
-        if self.encoder.dim != vectors.shape[1]:
-            raise IntegrityError(f"version {version_id}: the model embeds {self.encoder.dim} dims but the vectors "
-                                 f"have {vectors.shape[1]}")
-
-    @classmethod
-    def load(cls, store: Store, index: str, version_id: str) -> FlatSearcher:
-        import pyarrow.parquet as pq
-
-        from engine.publish import verify_version
-
-        manifest = verify_version(store, index, version_id)
-        if manifest.get("kind") != FALLBACK_KIND:
-            raise ConfigError(f"{index}/{version_id} is a {manifest.get('kind')!r} version: it needs engine.search")
-        prefix = layout.version_prefix(index, version_id)
-        files = manifest["shards"][0]["files"]
-        import io
-
-        table = pq.read_table(io.BytesIO(store.read_bytes(join(prefix, files["ids"]))))
-        vecs = np.frombuffer(store.read_bytes(join(prefix, files["vectors"])), dtype=np.float32)
-        vecs = vecs.reshape(-1, int(manifest["dim"]))
-        return cls(version_id, manifest, vecs, [str(x) for x in table.column("chunk_id").to_pylist()],
-                   [str(x) for x in table.column("doc_id").to_pylist()])
-
-    def encode_queries(self, texts: list[str]) -> np.ndarray:
-        return self.encoder.encode_queries(list(texts))
-
-    def search(self, queries: Sequence[str], k: int = 10, **_: Any) -> list[list[Hit]]:
-        q = self.encode_queries(list(queries))  # [nq, dim]
-        if len(self.chunk_ids) == 0:
-            return [[] for _ in queries]
-        scores = q @ self.vectors.T  # [nq, n]
-        kk = min(k, scores.shape[1])
-        out = []
-        for row in scores:
-            top = np.argpartition(-row, kk - 1)[:kk]
-            top = top[np.lexsort((top, -row[top]))]  # best first, ties by position (deterministic)
-            out.append([Hit(self.chunk_ids[j], self.doc_ids[j], float(row[j])) for j in top])
-        return out
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -944,30 +823,30 @@ def canary_figures(canaries: Sequence[Any], rankings: Sequence[Sequence[tuple[st
             "misses": misses[:20]}
 
 
-def _load_canaries(plan: MigrationPlan, bench: Any | None) -> list[Any]:
+def _load_canaries(path: str | None, bench: Any | None) -> list[Any]:
     from engine.quality import Canary, read_canaries
 
-    if plan.canaries:
-        return read_canaries(plan.canaries)
+    if path:
+        return read_canaries(path)
     if bench is None:
         return []
     return [Canary(q["text"], tuple(sorted(bench.relevant(q["query_id"]))), q["query_id"])
             for q in bench.queries if bench.relevant(q["query_id"])]
 
 
-def _load_benchmark(plan: MigrationPlan) -> Any | None:
-    if not plan.benchmark:
+def _load_benchmark(path: str | None) -> Any | None:
+    if not path:
         return None
     from engine.quality import load_benchmark
 
-    return load_benchmark(plan.benchmark)
+    return load_benchmark(path)
 
 
-def _query_set(plan: MigrationPlan, bench: Any | None) -> list[dict[str, Any]]:
-    if plan.queries:
+def _query_set(path: str | None, bench: Any | None) -> list[dict[str, Any]]:
+    if path:
         from engine.quality import read_queries
 
-        return read_queries(plan.queries)
+        return read_queries(path)
     assert bench is not None  # MigrationPlan.validate
     return list(bench.queries)
 
@@ -1051,6 +930,7 @@ class Migration:
         self.by = by or whoami()
         self.break_lock = break_lock
         self.state = MigrationState(store, index, migration_id, lock_ttl_s=lock_ttl_s)
+        self._inputs_dir: str | None = None
 
     # --- finding and creating -----------------------------------------------------------------
     @classmethod
@@ -1059,6 +939,7 @@ class Migration:
         mid = migration_id or default_migration_id(plan)
         m = cls(store, plan.index, mid, **kw)
         m.state.create(plan, m.by)
+        m._store_inputs(plan)
         return m
 
     @classmethod
@@ -1077,6 +958,61 @@ class Migration:
         m = cls(store, index, migration_id, **kw)
         m.state.read()  # NotFoundError with a hint when it does not exist
         return m
+
+    def _store_inputs(self, plan: MigrationPlan) -> None:
+        """Copy the benchmark, canary, query and pair files into the store beside the state, once:
+        every phase (on any machine, after any crash) reads the very bytes the migration
+        started with, and a file edited meanwhile cannot make baseline and compare disagree."""
+        from pathlib import Path
+
+        from engine.storage import sha256_bytes
+
+        recorded = self.read().get("inputs") or {}
+        new: dict[str, Any] = {}
+        for name in INPUT_FIELDS:
+            path = getattr(plan, name)
+            if not path:
+                continue
+            p = Path(path)
+            if not p.is_file():
+                if name in recorded:
+                    continue  # started elsewhere: the stored copy is what counts
+                raise NotFoundError(f"--{name} {path} does not exist")
+            data = p.read_bytes()
+            digest = sha256_bytes(data)
+            if name in recorded:
+                if recorded[name]["sha256"] != digest:
+                    log.warning("%s %s changed since migration %s started; the copy stored then is used", name, path,
+                                self.migration_id)
+                continue
+            key = self.key(join("inputs", f"{name}-{p.name}"))
+            self.store.write_bytes(key, data)
+            new[name] = {"source": str(p.resolve()), "key": key, "sha256": digest, "bytes": len(data)}
+        if new:
+            self.state.update(lambda d: d.setdefault("inputs", {}).update(
+                {k: v for k, v in new.items() if k not in (d.get("inputs") or {})}), need_lock=False)
+
+    def input_path(self, name: str) -> str | None:
+        """A local file holding the input ``name`` (benchmark, canaries, queries, pairs) as it
+        was when the migration started (from the store), or None when the plan has none."""
+        import tempfile
+        from pathlib import Path
+
+        info = (self.read().get("inputs") or {}).get(name)
+        if info is None:
+            return getattr(self.plan, name)
+        if self._inputs_dir is None:
+            import shutil
+            import weakref
+
+            self._inputs_dir = tempfile.mkdtemp(prefix="embedctl-migrate-inputs-")
+            weakref.finalize(self, shutil.rmtree, self._inputs_dir, ignore_errors=True)
+        local = Path(self._inputs_dir) / info["key"].rsplit("/", 1)[-1].split("-", 1)[1]
+        if not local.exists():
+            tmp = local.with_name(local.name + ".part")
+            self.store.download_file(info["key"], tmp)
+            tmp.replace(local)
+        return str(local)
 
     @property
     def plan(self) -> MigrationPlan:
@@ -1127,7 +1063,7 @@ class Migration:
             if doc["phases"][earlier]["status"] != "done":
                 raise ConfigError(f"phase {name!r} needs {earlier!r} first: run `embedctl migrate {earlier} "
                                   f"--index {self.index} --migration {self.migration_id}` (or `migrate run`)")
-        if doc["status"] == "cut_over" and name != "cutover":
+        if doc["status"] == "cut_over" and name not in ("cutover", "compare"):  # compare never touches the alias
             raise ConfigError(f"migration {self.migration_id} is cut over; only `migrate rollback` can change it now")
         t0 = time.monotonic()
         started = _now()
@@ -1206,8 +1142,8 @@ class Migration:
         facts = _version_facts(manifest)
         self.state.update(lambda d: d.update(blue=facts))
         self.tools.say(f"baseline: blue is {blue} ({facts['model'].get('name')}, {facts['dim']} dims)")
-        bench = _load_benchmark(plan)
-        canaries = _load_canaries(plan, bench)
+        bench = _load_benchmark(self.input_path("benchmark"))
+        canaries = _load_canaries(self.input_path("canaries"), bench)
         searcher = self.tools.loader(self.store, self.index, blue)
         try:
             out: dict[str, Any] = {"version": blue, "k": plan.k, "created_at": _now()}
@@ -1263,7 +1199,7 @@ class Migration:
         if not flat.get("corpus"):
             raise ConfigError(f"blue ({blue.get('version')}) names no embed run this store holds, so the corpus to "
                               "re-embed is unknown: give --corpus")
-        flat["store"] = self.store.uri if not hasattr(self.store, "bucket") else self.store.describe()
+        flat["store"] = self.store.uri
         if getattr(self.store, "endpoint_url", None):
             flat.setdefault("endpoint_url", self.store.endpoint_url)  # type: ignore[attr-defined]
         flat["run_id"] = f"{self.migration_id}-green"
@@ -1288,7 +1224,7 @@ class Migration:
                               "dim and prompts); there is nothing to migrate")
         _pause_point("build.after-embed")
         options = dict(plan.build)
-        if "kind" not in options and blue.get("kind") and blue.get("kind") != FALLBACK_KIND:
+        if "kind" not in options and blue.get("kind"):
             # Blue's index kind (what was asked for: a small corpus may have been built flat);
             # nlist, pq_m, ... are chosen again for green's dimension.
             options["kind"] = (blue.get("params") or {}).get("requested_kind") or blue["kind"]
@@ -1296,7 +1232,7 @@ class Migration:
                 options.setdefault("rescore", blue["params"]["rescore"])
         self.tools.say(f"build: building the green index version from run {cfg.run_id} ({options or 'defaults'})")
         manifest = self.tools.index_builder(self.store, self.index, cfg.run_id, parent_version=blue["version"],
-                                            options=options, fallback_version=f"{self.migration_id}-green")
+                                            options=options)
         version = str(manifest["version_id"])
         from engine.publish import verify_version
 
@@ -1315,9 +1251,9 @@ class Migration:
         doc = self.read()
         plan = MigrationPlan.from_dict(doc["plan"])
         k = plan.k
-        bench = _load_benchmark(plan)
-        queries = _query_set(plan, bench)
-        canaries = _load_canaries(plan, bench)
+        bench = _load_benchmark(self.input_path("benchmark"))
+        queries = _query_set(self.input_path("queries"), bench)
+        canaries = _load_canaries(self.input_path("canaries"), bench)
         blue_v, green_v = doc["blue"]["version"], doc["green"]["version"]
         out: dict[str, Any] = {"k": k, "blue": blue_v, "green": green_v, "created_at": _now()}
         results: dict[str, list[list[Any]]] = {}
@@ -1326,10 +1262,12 @@ class Migration:
         for side, version in (("blue", blue_v), ("green", green_v)):
             searcher = self.tools.loader(self.store, self.index, version)
             try:
-                results[side] = search_hits(searcher, [q["text"] for q in queries], k)
+                # Canaries are often the benchmark's own queries: embed each distinct text once.
+                texts = list(dict.fromkeys([str(q["text"]) for q in queries] + [c.query for c in canaries]))
+                by_text = dict(zip(texts, search_hits(searcher, texts, k)))
+                results[side] = [by_text[str(q["text"])] for q in queries]
                 if canaries:
-                    ch = search_hits(searcher, [c.query for c in canaries], k)
-                    canary_rankings[side] = [dedupe_docs(h, k) for h in ch]
+                    canary_rankings[side] = [dedupe_docs(by_text[c.query], k) for c in canaries]
             finally:
                 _close(searcher)
             _pause_point(f"compare.searched-{side}")
@@ -1393,29 +1331,20 @@ class Migration:
 
     # --- phase 4: calibrate -----------------------------------------------------------------------
     def calibration_pairs(self, plan: MigrationPlan, green_searcher: Any | None = None) -> tuple[list[Any], str]:
-        """The labelled pairs: the plan's file, else derived from the benchmark (judged relevant
-        docs as positives; judged non-relevant ones plus the unjudged docs green ranks highest
-        as negatives: the TREC convention that unjudged means not relevant)."""
-        from engine.quality import LabelledPair, read_pairs
+        """The labelled pairs: the plan's file, else ``quality.make_pairs`` on the benchmark
+        (judged relevant docs as positives; judged non-relevant docs, plus 5 unjudged docs from
+        each query's top 20 on green, as negatives: the hard negatives a threshold for green
+        must reject, under the pooling convention that unjudged means not relevant)."""
+        from engine.quality import make_pairs, read_pairs
 
         if plan.pairs:
-            return read_pairs(plan.pairs), plan.pairs
-        bench = _load_benchmark(plan)
+            return read_pairs(self.input_path("pairs") or plan.pairs), plan.pairs
+        bench = _load_benchmark(self.input_path("benchmark"))
         if bench is None:
             raise ConfigError("calibration needs labelled pairs: give --pairs (query, doc_id, relevant) or a --benchmark "
                               "to derive them from")
-        judged = bench.judged_queries()
-        hits = search_hits(green_searcher, [q["text"] for q in judged], plan.k) if green_searcher is not None else []
-        pairs: list[Any] = []
-        for i, q in enumerate(judged):
-            qrels = bench.qrels.get(q["query_id"], {})
-            rel = bench.relevant(q["query_id"])
-            pairs += [LabelledPair(q["text"], d, True) for d in sorted(rel)]
-            pairs += [LabelledPair(q["text"], d, False) for d, g in sorted(qrels.items()) if d not in rel]
-            if hits:
-                unjudged = [d for d, _ in dedupe_docs(hits[i], plan.k) if d not in qrels][:5]
-                pairs += [LabelledPair(q["text"], d, False) for d in unjudged]
-        return pairs, f"derived from benchmark {bench.benchmark_id}"
+        pairs = make_pairs(bench, searcher=green_searcher, depth=20, unjudged_per_query=5 if green_searcher else 0)
+        return pairs, f"derived from benchmark {bench.benchmark_id} (+5 unjudged negatives per query from green's top 20)"
 
     def _phase_calibrate(self) -> dict[str, Any]:
         from engine.quality import CalibrationConfig, calibrate, load_calibration
@@ -1538,9 +1467,9 @@ class Migration:
         from engine.serve import AliasSearcher
 
         k = plan.k
-        bench = _load_benchmark(plan)
-        canaries = _load_canaries(plan, bench)
-        probe = [c.query for c in canaries] or [q["text"] for q in _query_set(plan, bench)][:100]
+        bench = _load_benchmark(self.input_path("benchmark"))
+        canaries = _load_canaries(self.input_path("canaries"), bench)
+        probe = [c.query for c in canaries] or [q["text"] for q in _query_set(self.input_path("queries"), bench)][:100]
         blue, green = doc["blue"]["version"], doc["green"]["version"]
         failures: list[str] = []
         gates: dict[str, Any] = {"weight": weight, "generation": generation}
@@ -1595,11 +1524,16 @@ class Migration:
             failures.append(f"error rate {gates['error_rate']:.4f} over {queries} queries is above "
                             f"{plan.max_error_rate:.4f}")
         if canaries:
-            g = self.tools.loader(self.store, self.index, green)
-            try:
-                green_fig = canary_figures(canaries, [dedupe_docs(h, k) for h in search_hits(g, [c.query for c in canaries], k)], k)
-            finally:
-                _close(g)
+            # Green alone on the canaries: a version is immutable, so the compare phase's figures
+            # still hold (recomputed only when compare ran without canaries).
+            green_fig = (self._read_optional("compare.json") or {}).get("canary")
+            if not green_fig or green_fig.get("canaries") != len(canaries):
+                g = self.tools.loader(self.store, self.index, green)
+                try:
+                    green_fig = canary_figures(canaries, [dedupe_docs(h, k) for h in
+                                                          search_hits(g, [c.query for c in canaries], k)], k)
+                finally:
+                    _close(g)
             blue_recall = (baseline.get("canary") or {}).get("canary_recall")
             served_fig = canary_figures(canaries, served, k) if len(served) == len(canaries) else {}
             gates.update(green_recall=green_fig["canary_recall"], blue_recall=blue_recall,
