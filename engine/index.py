@@ -814,11 +814,19 @@ def make_float_index(factory: str, dim: int) -> faiss.Index:
 
 
 def make_binary_index(factory: str, dim: int) -> faiss.IndexBinary:
+    """``BFlat``: a bare IndexBinaryFlat holding only the codes — its result positions are rows of
+    the shard's id map (``id_mode: row``), which saves the 8-byte id per vector an IDMap would
+    keep in RAM (1/7 of a 384-bit code). Other factories keep global ids."""
     faiss = import_faiss()
     bits = _binary_bits(dim)
     if factory == "BFlat":
-        return faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(bits))
+        return faiss.IndexBinaryFlat(bits)
     return faiss.index_binary_factory(bits, factory)
+
+
+def id_mode_for(kind: str, factory: str) -> str:
+    """``row``: the FAISS file returns positions in the shard's id map; ``global``: it returns ids."""
+    return "row" if kind == "binary-rerank" and factory == "BFlat" else "global"
 
 
 def index_to_bytes(index: Any, binary: bool) -> bytes:
@@ -981,10 +989,11 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     else:
         index = make_binary_index(task.factory, task.dim) if binary else make_float_index(task.factory, task.dim)
     t1 = time.perf_counter()
-    if binary:
-        index.add_with_ids(pack_sign_bits(vecs), ids)
+    x = pack_sign_bits(vecs) if binary else vecs
+    if id_mode_for(task.kind, task.factory) == "row":
+        index.add(x)
     else:
-        index.add_with_ids(vecs, ids)
+        index.add_with_ids(x, ids)
     t_add = time.perf_counter() - t1
 
     names = shard_files(task.shard, task.rescore)
@@ -1005,6 +1014,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     marker = {"shard": task.shard, "rows": int(len(ids)), "id_start": task.id_start, "id_end": task.id_end,
+              "id_mode": id_mode_for(task.kind, task.factory),
               "files": files, "seconds": {"read": round(t_read, 3), "add": round(t_add, 3),
                                           "total": round(time.perf_counter() - t0, 3)}}
     store.write_bytes(_exact_key(task.state_prefix, task.shard), _npz_bytes(scores=ex_scores, ids=ex_ids))
@@ -1356,6 +1366,7 @@ def build_index(store: Store, run_id: str, index: str, cfg: BuildConfig | None =
     shards = []
     for r in shard_results:
         shards.append({"shard": r["shard"], "rows": r["rows"], "id_start": r["id_start"], "id_end": r["id_end"],
+                       "id_mode": r["id_mode"],
                        "bytes": sum(f["bytes"] for f in r["files"].values()),
                        "files": {role: f["key"] for role, f in r["files"].items()}})
         artifacts.extend(dict(f) for f in r["files"].values())

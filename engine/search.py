@@ -169,6 +169,7 @@ class _Shard:
         self.number = int(entry["shard"])
         self.rows = int(entry["rows"])
         self.binary = binary
+        self.row_ids = entry.get("id_mode", "global") == "row"  # FAISS returns id-map rows, not ids
         self.index = _read_faiss(paths[files["index"]], binary)
         if self.index.ntotal != self.rows:
             raise IntegrityError(f"shard {self.number} holds {self.index.ntotal} vectors, the manifest says {self.rows}")
@@ -396,12 +397,17 @@ class Searcher:
         want = min(k * mult if rescore else k, shard.rows)
         params, _keep = _search_params(shard.index, nprobe, shard.binary)
         x = pack_sign_bits(q) if shard.binary else q
-        dist, ids = shard.index.search(x, want, params=params) if params is not None else shard.index.search(x, want)
+        dist, found = shard.index.search(x, want, params=params) if params is not None else shard.index.search(x, want)
+        valid = found >= 0
+        if shard.row_ids:
+            rows = np.where(valid, found, 0)  # [q, want] row of each candidate in the shard
+            ids = np.where(valid, shard.ids[rows], -1)
+        else:
+            ids = found
+            rows = np.where(valid, np.searchsorted(shard.ids, found), 0)
         if not rescore:
             return dist.astype(np.float32), ids
         assert shard.rescore is not None
-        valid = ids >= 0
-        rows = np.where(valid, np.searchsorted(shard.ids, ids), 0)  # [q, want] row of each candidate
         cand = shard.rescore[rows.ravel()].reshape(rows.shape[0], rows.shape[1], -1)  # [q, want, dim]
         scores = rescore_scores(q, cand, self.rescore_dtype, self.ranges)
         scores = np.where(valid, scores, -np.inf).astype(np.float32)
