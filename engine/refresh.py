@@ -1605,13 +1605,14 @@ def update_version(store: Store, index: str, live: dict[str, Any], version_id: s
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="embedctl-refresh-shard-"))
             idx = index_from_bytes(store.read_bytes(layout.join(src, files["index"])), binary)
             ids = t.column("id").to_numpy()
+            rows = s.get("id_mode") == "row"  # a bare BFlat shard (engine.index) holds id-map rows, not ids
             if gone.any():
-                n = idx.remove_ids(faiss.IDSelectorBatch(ids[gone]))
+                n = idx.remove_ids(faiss.IDSelectorBatch(np.nonzero(gone)[0] if rows else ids[gone]))
                 if n != int(gone.sum()):
                     raise IntegrityError(f"shard {s['shard']}: removed {n} of {int(gone.sum())} ids")
             if take:
-                x = add_vecs[lo:hi]
-                idx.add_with_ids(pack_sign_bits(x) if binary else x, new_ids[lo:hi])
+                x = pack_sign_bits(add_vecs[lo:hi]) if binary else add_vecs[lo:hi]
+                idx.add(x) if rows else idx.add_with_ids(x, new_ids[lo:hi])
             keep = ~gone
             table = pa.table({
                 "id": pa.concat_arrays([pa.array(ids[keep], pa.int64()), pa.array(new_ids[lo:hi], pa.int64())]),
