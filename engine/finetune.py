@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -202,7 +201,8 @@ def write_benchmark(out: str | os.PathLike[str], source: str | os.PathLike[str],
              if ln.strip() and (query_ids is None or str(json.loads(ln)["query_id"]) in query_ids)]
     (dst / "queries.jsonl").write_text("\n".join(lines) + "\n")
     qrels = (src / "qrels.tsv").read_text().splitlines()
-    keep = [ln for ln in qrels if query_ids is None or ln.split("\t")[0] in query_ids or not ln.split("\t")[0].isdigit()]
+    keep = [ln for ln in qrels
+            if query_ids is None or ln.split("\t")[0] in query_ids or not ln.split("\t")[0].isdigit()]
     (dst / "qrels.tsv").write_text("\n".join(keep) + "\n")
     return dst
 

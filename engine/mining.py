@@ -386,7 +386,7 @@ def read_pairs(uri: str, endpoint_url: str | None = None) -> PairSet:
     groups: dict[str, QueryGroup] = {}
     rejects: dict[str, int] = {}
     pairs = 0
-    for q, p, pid, qid in zip(queries, positives, pos_ids, qids):
+    for q, p, pid, qid in zip(queries, positives, pos_ids, qids, strict=True):
         if not q or not q.strip():
             rejects["empty_query"] = rejects.get("empty_query", 0) + 1
             continue
@@ -602,15 +602,14 @@ def materialize_part(store: Store, part: tuple[str, int, str], prefix_for: Calla
                     doc_ids = batch.column("doc_id").to_pylist()
                     texts = batch.column("text").to_pylist()
                     titles = batch.column("title").to_pylist() if "title" in have else [None] * b
-                    embedded = [prefix_for(t) + x for t, x in zip(titles, texts)]
+                    embedded = [prefix_for(t) + x for t, x in zip(titles, texts, strict=True)]
                     hashes = batch.column("content_hash").to_pylist() if "content_hash" in have else \
                         [hashlib.sha256(e.encode("utf-8", "surrogatepass")).hexdigest() for e in embedded]
                     for i in range(b):
                         keys[off + i] = (doc_key(doc_ids[i]), chunk_key(chunk_ids[i]), int(hashes[i][:16], 16),
                                          norm_key(embedded[i]), norm_key(texts[i]))
-                    writer.write_batch(pa.record_batch([pa.array(chunk_ids, pa.string()), pa.array(doc_ids, pa.string()),
-                                                        pa.array(embedded, pa.string()), pa.array(texts, pa.string())],
-                                                       schema=schema))
+                    arrays = [pa.array(v, pa.string()) for v in (chunk_ids, doc_ids, embedded, texts)]
+                    writer.write_batch(pa.record_batch(arrays, schema=schema))
                     off += b
             if off != rows:
                 raise IntegrityError(f"{store.describe(key)} holds {off} rows, the run manifest says {rows}")
@@ -681,6 +680,12 @@ class MinedCorpus:
         rows = self._index(KEY_DOC).lookup(doc_key(ident))
         return rows if rows.size else self._index(KEY_CHUNK).lookup(chunk_key(ident))
 
+    def rows_of_documents(self, rows: np.ndarray) -> np.ndarray:
+        """Every row of the documents that ``rows`` belong to (sorted, unique)."""
+        doc_keys = np.unique(self.key_rows(rows)[:, KEY_DOC])
+        idx = self._index(KEY_DOC)
+        return np.unique(np.concatenate([idx.lookup(int(k)) for k in doc_keys] + [np.asarray(rows, np.int64)]))
+
     def rows_for_chunk_ids(self, chunk_ids: list[str]) -> np.ndarray:
         idx = self._index(KEY_CHUNK)
         out = np.full(len(chunk_ids), -1, dtype=np.int64)
@@ -725,7 +730,7 @@ class MinedCorpus:
         out: list[Any] = [None] * rows.size
         for s, pos, local in self._split(rows):
             vals = self.metas[s].column(name).take(local).to_pylist()
-            for p, v in zip(pos.tolist(), vals):
+            for p, v in zip(pos.tolist(), vals, strict=True):
                 out[p] = v
         return out
 
@@ -1108,9 +1113,14 @@ class NegativeMiner:
         return self._ce
 
     # -- candidates -------------------------------------------------------------------------
-    def _embedding_candidates(self, qvecs: np.ndarray) -> list[Candidates]:
+    def query_window(self, g: QueryGroup, pos: PositiveInfo) -> int:
+        """range_max + max positives per query (sentence-transformers' window), widened by the extra
+        chunks of multi-chunk positive documents, which would otherwise eat into it."""
+        return self.window + max(0, int(pos.rows.size) - len(g.positives))
+
+    def _embedding_candidates(self, qvecs: np.ndarray, window: int) -> list[Candidates]:
         """Top ``window`` by embedding similarity (+ slack for duplicate texts), per query."""
-        k = min(self.corpus.n, self.window + max(8, self.window // 8))
+        k = min(self.corpus.n, window + max(8, window // 8))
         if self.search_mode == "ann":
             rows, scores = self._ann_search(qvecs, k)
         else:
@@ -1139,13 +1149,13 @@ class NegativeMiner:
             rows[i], scores[i] = rows[i][order], scores[i][order]
         return rows, scores
 
-    def _bm25_candidates(self, query: str, qvec: np.ndarray) -> Candidates:
-        rows, _ = self.bm25.top(query, self.window + max(8, self.window // 8))
+    def _bm25_candidates(self, query: str, qvec: np.ndarray, window: int) -> Candidates:
+        rows, _ = self.bm25.top(query, window + max(8, window // 8))
         scores = self.corpus.vectors_for(rows) @ qvec if rows.size else np.zeros(0, dtype=np.float32)
         return Candidates(rows, scores.astype(np.float32), np.arange(rows.size, dtype=np.int32), "bm25")
 
-    def _random_candidates(self, rng: np.random.Generator, qvec: np.ndarray) -> Candidates:
-        m = min(self.corpus.n, self.window)
+    def _random_candidates(self, rng: np.random.Generator, qvec: np.ndarray, window: int) -> Candidates:
+        m = min(self.corpus.n, window)
         rows = rng.choice(self.corpus.n, size=m, replace=False).astype(np.int64)  # random order
         scores = self.corpus.vectors_for(rows) @ qvec
         return Candidates(rows, scores.astype(np.float32), np.full(rows.size, -1, dtype=np.int32), "random")
@@ -1169,10 +1179,13 @@ class NegativeMiner:
                 if ptext:
                     norms.add(norm_key(ptext))
                 if rows.size:
-                    rows_all.append(rows)
+                    # the positive is a document: every chunk of it is excluded (a chunk id or a text
+                    # names one chunk; its siblings are just as relevant), and so are copies of them
+                    doc_rows = self.corpus.rows_of_documents(rows)
+                    rows_all.append(doc_rows)
                     scores = self.corpus.vectors_for(rows) @ qvecs[qi]
                     best = int(np.argmax(scores))
-                    keys = self.corpus.key_rows(rows)
+                    keys = self.corpus.key_rows(doc_rows)
                     norms.update(int(k) for k in keys[:, KEY_NORM])
                     norms.update(int(k) for k in keys[:, KEY_CHUNK_NORM])
                     text = ptext or self.corpus.column(rows[best:best + 1], self._text_col())[0]
@@ -1191,7 +1204,7 @@ class NegativeMiner:
             t0 = time.perf_counter()
             pvecs = self.encoder.encode_passages([t for _, _, t in pending])  # [p, dim]
             st.seconds["encode"] += time.perf_counter() - t0
-            for (qi, pi, text), v in zip(pending, pvecs):
+            for (qi, pi, text), v in zip(pending, pvecs, strict=True):
                 per_pair[qi][pi] = (float(v @ qvecs[qi]), text, groups[qi].positives[pi][0] or "")
         for qi, info in enumerate(infos):
             scores = [p[0] for p in per_pair[qi] if p is not None]
@@ -1203,7 +1216,7 @@ class NegativeMiner:
         """Mark candidates whose chunk text lies inside a positive's text (the positive is a whole document
         given as text, the corpus holds its chunks): they are that positive, not negatives."""
         texts = self.corpus.column(rows, "chunk_text")
-        pieces = [r for r, t in zip(rows.tolist(), texts)
+        pieces = [r for r, t in zip(rows.tolist(), texts, strict=True)
                   if len(t or "") >= MIN_PIECE_CHARS and any(norm_text(t) in c for c in pos.containers)]
         if not pieces:
             return pos
@@ -1220,6 +1233,7 @@ class NegativeMiner:
         rules = self.rules
         rng = query_rng(rules.seed, g.key)
         n = rules.num_negatives
+        window = self.query_window(g, pos)
         if rules.strategy == "mixed":
             want = quotas(parse_mix(rules.mix), n)
         else:
@@ -1232,14 +1246,14 @@ class NegativeMiner:
                 assert emb is not None
                 cands = emb
             elif source == "bm25":
-                cands = self._bm25_candidates(g.query, qvec)
+                cands = self._bm25_candidates(g.query, qvec, window)
             else:
-                cands = self._random_candidates(rng, qvec)
+                cands = self._random_candidates(rng, qvec, window)
             st.candidates += len(cands)
             if pos.containers:
-                pos = self._with_pieces(pos, cands.rows[: self.window])
+                pos = self._with_pieces(pos, cands.rows[:window])
             pool = apply_rules(cands, self.corpus.key_rows(cands.rows), pos, rules,
-                               self.window if source != "random" else None, ranked=source != "random",
+                               window if source != "random" else None, ranked=source != "random",
                                counts=st.removed)
             order = sample_order(pool, rules.sampling, rng)
             pools[source] = [(int(pool.rows[i]), float(pool.scores[i]), int(pool.ranks[i]), source) for i in order]
@@ -1291,10 +1305,10 @@ class NegativeMiner:
         while any(todo):
             pairs_idx = [(qi, item) for qi, items in enumerate(todo) for item in items]
             texts = self.corpus.column(np.array([it[0] for _, it in pairs_idx], dtype=np.int64), self._text_col())
-            scores = self.cross_encoder.predict([(groups[qi].query, t) for (qi, _), t in zip(pairs_idx, texts)],
-                                                batch_size=self.rules.ce_batch_size, show_progress_bar=False)
+            inputs = [(groups[qi].query, t) for (qi, _), t in zip(pairs_idx, texts, strict=True)]
+            scores = self.cross_encoder.predict(inputs, batch_size=self.rules.ce_batch_size, show_progress_bar=False)
             st.ce_scored += len(pairs_idx)
-            for (qi, item), s in zip(pairs_idx, np.asarray(scores, dtype=np.float64).ravel()):
+            for (qi, item), s in zip(pairs_idx, np.asarray(scores, dtype=np.float64).ravel(), strict=True):
                 if s > limit:
                     st.removed["cross_encoder"] += 1
                 elif len(kept[qi]) < need[qi]:
@@ -1320,7 +1334,8 @@ class NegativeMiner:
         st.seconds["encode"] += time.perf_counter() - t0
         infos, per_pair = self._positives(groups, qvecs, st)
         t0 = time.perf_counter()
-        emb = self._embedding_candidates(qvecs) if self.rules.uses("embedding") else [None] * len(groups)
+        window = max((self.query_window(g, p) for g, p in zip(groups, infos, strict=True)), default=self.window)
+        emb = self._embedding_candidates(qvecs, window) if self.rules.uses("embedding") else [None] * len(groups)
         st.seconds["search"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         chosen: list[list[tuple[int, float, int, str]]] = []
@@ -1348,7 +1363,7 @@ class NegativeMiner:
         texts = iter(self.corpus.column(all_rows, self._text_col()))
         chunk_ids = iter(self.corpus.column(all_rows, "chunk_id"))
         doc_ids = iter(self.corpus.column(all_rows, "doc_id"))
-        for g, negs, pairs in zip(groups, chosen, per_pair):
+        for g, negs, pairs in zip(groups, chosen, per_pair, strict=True):
             negs = sorted(negs, key=lambda it: -it[1])  # highest score first, as sentence-transformers resorts
             neg_text = [next(texts) for _ in negs]
             neg_chunk = [next(chunk_ids) for _ in negs]
@@ -1710,7 +1725,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if c["rows_incomplete"]:
         lines.append(f"{c['rows_incomplete']} rows ({c['queries_incomplete']} queries) found fewer than "
                      f"{summary['config']['num_negatives']} negatives"
-                     + (" and were written with nulls" if summary["config"]["keep_incomplete"] else " and were left out")
+                     + (" and were written with nulls" if summary["config"]["keep_incomplete"]
+                        else " and were left out")
                      + "; widen --range-max or loosen the margins to find more")
     if c["pairs_unresolved"]:
         lines.append(f"{c['pairs_unresolved']} pairs named a positive id that is not in the corpus and gave no text")

@@ -1,4 +1,4 @@
-"""Ray driver for hard-negative mining: `python jobs/mine_negatives.py --config job.yaml` (also `embedctl mine-negatives`).
+"""Ray driver for hard-negative mining: `python jobs/mine_negatives.py --config job.yaml` (`embedctl mine-negatives`).
 
 Spreads work as: query batches -> a pool of mining actors, each holding the corpus shards
 memory-mapped and the query encoder once (plus BM25 / a cross-encoder when asked). At most
@@ -144,9 +144,11 @@ def dry_run(cfg: MiningJobConfig) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="embedctl mine-negatives job (Ray driver)")
-    p.add_argument("--config", required=True, help="YAML/JSON job config (same keys as `embedctl mine-negatives` flags)")
+    p.add_argument("--config", required=True,
+                   help="YAML/JSON job config (same keys as `embedctl mine-negatives` flags)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dry-run", action="store_true", help="validate, resolve the source, read the pairs, print JSON, exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, resolve the source, read the pairs, print JSON, exit")
     return p
 
 

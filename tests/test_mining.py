@@ -56,6 +56,12 @@ def world(tmp_path_factory):
                   "positive": docs[4]["text"]})
     pairs.append({"query_id": "qx", "query": "wing flutter at mach two", "positive_id": None,
                   "positive": "a text about wing flutter at mach two that no document holds"})
+    # a positive named by the id of its second chunk: the first chunk (which the query matches best)
+    # belongs to the same document and must not become a negative
+    emb = pq.read_table(tmp / "store" / "runs" / manifest["run_id"] / "embeddings").to_pylist()
+    chunk1 = next(r["chunk_id"] for r in emb if r["doc_id"] == "d0004" and r["chunk_index"] == 1)
+    pairs.append({"query_id": "qc", "query": " ".join(docs[4]["text"].split()[:8]), "positive_id": chunk1,
+                  "positive": None})
     pq.write_table(pa.Table.from_pylist(pairs), tmp / "pairs.parquet")
     return {"tmp": tmp, "store": str(tmp / "store"), "run": manifest["run_id"], "pairs": str(tmp / "pairs.parquet"),
             "docs": docs, "manifest": manifest}
@@ -220,6 +226,7 @@ def test_every_positive_and_copies_of_positive_text_are_excluded(world):
     assert by_q["qt"][0]["positive"] == world["docs"][4]["text"]
     assert all(d != "d0004" for d, _ in negatives(by_q["qt"][0], 5))
     assert by_q["qx"][0]["positive_score"] > 0 and by_q["qx"][0]["positive_id"] is None
+    assert all(d != "d0004" for d, _ in negatives(by_q["qc"][0], 5))
     assert s["counts"]["pairs_unresolved"] == 0 and s["pairs"]["rejects"] == {}
 
 
@@ -414,7 +421,7 @@ def test_job_driver_dry_run(world, tmp_path):
                        capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
-    assert plan["queries"] == 32 and plan["max_positives_per_query"] == 2 and plan["window"] == 32
+    assert plan["queries"] == 33 and plan["max_positives_per_query"] == 2 and plan["window"] == 32
     assert not (tmp_path / "o.parquet").exists()
 
 

@@ -54,7 +54,8 @@ def _flat(kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--workers", type=int, default=None, help="Mining actors [sized from the cluster's resources].")
 @click.option("--threads-per-worker", type=int, default=None, help="torch threads per CPU actor.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Encoder device [auto].")
-@click.option("--cache-dir", default=None, help="Where workers keep memory-mapped shards [<tmp>/embedctl-mining-cache].")
+@click.option("--cache-dir", default=None,
+              help="Where workers keep memory-mapped shards [<tmp>/embedctl-mining-cache].")
 @click.option("--address", default=None, help="Ray address [RAY_ADDRESS, else a local Ray].")
 @click.option("--local", is_flag=True, default=None, help="Run in this process without Ray (small corpora).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output mined with other settings.")
@@ -123,8 +124,8 @@ class _Progress:
             if self.enabled and event["pending"]:
                 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-                self.bar = Progress(TextColumn("[bold]mine"), BarColumn(), TextColumn("{task.completed}/{task.total} batches"),
-                                    TimeElapsedColumn())
+                self.bar = Progress(TextColumn("[bold]mine"), BarColumn(),
+                                    TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn())
                 self.bar.start()
                 self.task = self.bar.add_task("mine", total=event["pending"])
         elif event["event"] == "batch":
