@@ -1303,7 +1303,8 @@ def calibrate(store: Store, index: str, version: str, pairs: Sequence[LabelledPa
         "relative": {"delta": rel.threshold, **{k: v for k, v in rel.to_dict().items()
                                                           if k not in ("threshold", "at_score")}},
         "floor": {"score": None if floor is None else float(floor),
-                  "chosen": "fixed" if cfg.floor is not None else f"keeps {cfg.floor_recall:g} of relevant pairs",
+                  "chosen": "fixed" if cfg.floor is not None else
+                  f"keeps {cfg.floor_recall:.0%} of the retrieved relevant pairs",
                   **floor_point},
         "average_precision": round(curve.average_precision(), 6),
         "empty_rate": {"absolute": _empty_rate(tops, th_abs), "relative": _empty_rate(tops, th_rel)},

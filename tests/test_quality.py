@@ -692,3 +692,65 @@ def test_cli_calibrate_canary_drift_end_to_end(store, v1, tmp_path, capsys):
     code, out, err = run_cli(["drift", "--store", root, "--index", "docs", "--version", v1, "--queries", str(recent)],
                              capsys)
     assert code == 0 and out.startswith("OK"), (out, err)
+
+
+class RankingSearcher:
+    """A stand-in searcher with fixed document rankings (for hand-computed metrics)."""
+
+    index, version_id, kind = "fake", "v0", "flat"
+    manifest = {"kind": "flat"}
+
+    def __init__(self, rankings: dict[str, list[tuple[str, float]]]):
+        self.texts = list(rankings)
+        self.rankings = rankings
+
+    def encode_queries(self, texts):
+        return np.array([[self.texts.index(t)] for t in texts], dtype=np.float32)  # [n, 1]: the query's position
+
+    def search_vectors(self, vectors, k=10, **_):
+        return [[Hit(f"{d}#0", d, s) for d, s in self.rankings[self.texts[int(v[0])]][:k]] for v in vectors]
+
+    def search(self, queries, k=10, **_):
+        return self.search_vectors(self.encode_queries(queries), k)
+
+
+def test_graded_ndcg_recall_mrr_by_hand_with_ties():
+    # A: d1 (gain 1, below the relevant cut of 2), d3 (gain 3) at rank 3, d5 (gain 2) not retrieved.
+    #   DCG@3 = 1/log2(2) + 3/log2(4) = 2.5; IDCG@3 = 3 + 2/log2(3) + 1/log2(4) = 4.76186 -> 0.525005
+    #   recall@3 = |{d3}| / |{d3, d5}| = 0.5; MRR@3 = 1/3 (d1 does not count as relevant)
+    # B: two equally graded docs, tied scores, in either order: nDCG 1, recall 1, MRR 1
+    rankings = {"a": [("d1", 0.9), ("d2", 0.8), ("d3", 0.7), ("d4", 0.6)], "b": [("e2", 0.5), ("e1", 0.5)]}
+    bench = Q.build_benchmark([{"query_id": "A", "text": "a"}, {"query_id": "B", "text": "b"}],
+                              {"A": {"d1": 1.0, "d3": 3.0, "d5": 2.0}, "B": {"e1": 2.0, "e2": 2.0}},
+                              grades={"scheme": "identity", "relevant_min_gain": 2})
+    res = Q.evaluate_benchmark(RankingSearcher(rankings), bench, ks=(3,), exact=False)
+    ndcg_a = 2.5 / (3 + 2 / math.log2(3) + 0.5)
+    assert ndcg_a == pytest.approx(0.525005, abs=1e-6)
+    assert res["index"]["ndcg@3"] == pytest.approx((ndcg_a + 1) / 2, abs=1e-6)
+    assert res["index"]["recall@3"] == pytest.approx(0.75) and res["index"]["mrr@3"] == pytest.approx((1 / 3 + 1) / 2)
+    rankings["b"].reverse()  # the tie broken the other way: nothing changes
+    assert Q.evaluate_benchmark(RankingSearcher(rankings), bench, ks=(3,), exact=False)["index"] == res["index"]
+    # doc collapse: a document counts once, at its best chunk; equal scores keep the searcher's order
+    hits = [Hit("x#1", "x", 0.7), Hit("y#0", "y", 0.9), Hit("x#0", "x", 0.95), Hit("z#0", "z", 0.7)]
+    assert Q.doc_ranking(hits) == [("x", 0.95), ("y", 0.9), ("z", 0.7)]
+    assert Q.doc_ranking([Hit("b#0", "b", 0.5), Hit("a#0", "a", 0.5)]) == [("b", 0.5), ("a", 0.5)]
+
+
+@pytest.mark.s3
+def test_calibrations_live_on_s3_and_travel_with_a_copy(store, v1, s3_bucket, tmp_path, monkeypatch):
+    from engine.publish import copy_version
+
+    monkeypatch.setenv("EMBEDCTL_CACHE_DIR", str(tmp_path / "cache"))
+    s3 = open_store(s3_bucket + "/store")
+    rec = calibrate(store, v1)
+    copy_version(store, s3, "docs", v1)
+    assert Q.load_calibration(s3, "docs", v1) is None  # the copy carries only the manifest's artifacts...
+    assert Q.copy_calibrations(store, s3, "docs", v1) == 1  # ...calibrations follow explicitly
+    assert Q.copy_calibrations(store, s3, "docs", v1) == 0  # idempotent
+    assert Q.load_calibration(s3, "docs", v1)["calibration_id"] == rec["calibration_id"]
+    rec2 = calibrate(s3, v1)  # calibrating straight on S3 (search through the downloaded version)
+    assert Q.list_calibrations(s3, "docs", v1) == [rec["calibration_id"], rec2["calibration_id"]]
+    assert rec2["absolute"]["threshold"] == rec["absolute"]["threshold"]  # same version, same pairs
+    st = Q.calibration_status(s3, "docs", v1)
+    assert st["calibration_id"] == rec2["calibration_id"] and not st["needs_recalibration"]
+    assert Q.reference_embeddings(s3, "docs", Q.load_calibration(s3, "docs", v1)).shape == (len(TOPICS), 32)

@@ -296,13 +296,13 @@ def calibrate(store: str, endpoint_url: str | None, index: str, version: str, pa
     a, r, fl, p = rec["absolute"], rec["relative"], rec["floor"], rec["pairs"]
     click.echo(f"calibrated {index}/{version} ({rec['calibration_id']}) on {p['n']} pairs "
                f"({p['relevant']} relevant, {p['relevant_not_retrieved']} of them not in the top {p['depth']})")
-    click.echo(f"  absolute  score >= {a['threshold']:.4f}   P {a['precision']:.3f}  R {a['recall']:.3f}  "
-               f"F{beta:g} {a['f_beta']:.3f}")
-    click.echo(f"  relative  top - {r['delta']:.4f}          P {r['precision']:.3f}  R {r['recall']:.3f}  "
-               f"F{beta:g} {r['f_beta']:.3f}")
-    click.echo(f"  floor     score >= {_f(fl['score'])}   ({fl['chosen']})")
-    click.echo(f"  AP {rec['average_precision']:.3f}; empty-result rate {rec['empty_rate']}; "
-               f"search --threshold auto applies the {rec['rule']} rule")
+    rows = [("absolute", f"score >= {a['threshold']:.4f}", a), ("relative", f"top - {r['delta']:.4f}", r)]
+    for name, rule, pt in rows:
+        click.echo(f"  {name:<9} {rule:<17} P {pt['precision']:.3f}  R {pt['recall']:.3f}  F{beta:g} {pt['f_beta']:.3f}")
+    click.echo(f"  {'floor':<9} {'score >= ' + _f(fl['score']):<17} ({fl['chosen']})")
+    empty = ", ".join(f"{k} {v:.1%}" for k, v in rec["empty_rate"].items())
+    click.echo(f"  AP {rec['average_precision']:.3f}; queries left empty: {empty}; "
+               f"`search --threshold auto` applies the {rec['rule']} rule")
     if rec.get("plot"):
         click.echo(f"  plot      {st.describe(Q.calibration_prefix(index, version) + '/' + rec['plot'])}")
 
