@@ -266,7 +266,8 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{e['mrr@10']:.3f} | {th} | {f1} | {f1h} |")
     b, a = can["baseline"], can["after_swap"]
     lines += ["", f"canary ({can['canaries']} held-out queries, k=10): recall@10 {b['recall@10']:.3f} -> "
-              f"{a['recall@10']:.3f}, MRR@10 {b['mrr@10']:.3f} -> {a['mrr@10']:.3f} after the swap to tiny-pq: {can['gate']}"]
+              f"{a['recall@10']:.3f}, MRR@10 {b['mrr@10']:.3f} -> {a['mrr@10']:.3f} after the swap to tiny-pq: "
+              f"{can['gate']}"]
     for label, d in dr.items():
         lines.append(f"drift {label}: {'ALERT' if d['drifted'] else 'ok'} (novel {d['novel_rate']:.0%}, "
                      f"top-1 PSI {d['top1_psi']}, mean top-1 {d['top1_mean']})")

@@ -466,7 +466,8 @@ def build_benchmark(queries: list[dict[str, Any]], qrels: dict[str, dict[str, fl
         "corpus_coverage": round(len(judged_docs) / len(corpus_ids), 4) if corpus_ids else None,
         "relevant_coverage": round(len(rel_docs) / len(corpus_ids), 4) if corpus_ids else None,
         "unknown_doc_judgments_dropped": len(unknown),
-        "gain_histogram": {f"{g:g}": n for g, n in sorted(_count(g for d in qrels.values() for g in d.values()).items())},
+        "gain_histogram": {f"{g:g}": n for g, n in
+                           sorted(_count(g for d in qrels.values() for g in d.values()).items())},
     }
     for col in ("lang", "type"):
         values = [str(q[col]) for q in queries if q.get(col) not in (None, "")]
@@ -519,7 +520,8 @@ def make_pairs(bench: Benchmark, *, searcher: Any = None, depth: int = 20, unjud
     """Calibration pairs from a benchmark: relevant docs (gain >= the benchmark's
     ``relevant_min_gain``) are positives; judged non-relevant docs (gain 0) are negatives;
     judged docs in between (e.g. Cranfield's "minimum interest") are left out, since neither
-    answer is wrong for them (``min_gain`` overrides the benchmark's cut). With a ``searcher``, up to ``unjudged_per_query`` unjudged docs
+    answer is wrong for them (``min_gain`` overrides the benchmark's cut). With a ``searcher``,
+    up to ``unjudged_per_query`` unjudged docs
     from each query's top ``depth`` are sampled as extra negatives: the hard negatives a
     threshold actually has to reject (pooled judgments assume unjudged means non-relevant).
     """
@@ -1125,7 +1127,8 @@ def calibration_differences(record: Mapping[str, Any], manifest: Mapping[str, An
     if _fingerprint_of(record.get("model")) != _fingerprint_of(have["model"]) or \
             (record.get("model") or {}).get("dim") != have["model"].get("dim"):
         reasons.append(f"model changed ({(record.get('model') or {}).get('name')} -> {have['model'].get('name')})")
-    if record.get("index_kind") != have["index_kind"] or (record.get("index_params") or None) != (have["index_params"] or None):
+    same_params = (record.get("index_params") or None) == (have["index_params"] or None)
+    if record.get("index_kind") != have["index_kind"] or not same_params:
         reasons.append(f"quantization changed (index {record.get('index_kind')} {record.get('index_params')} -> "
                        f"{have['index_kind']} {have['index_params']})")
     if record.get("source_run") != have["source_run"] or \
@@ -1239,7 +1242,7 @@ def _empty_rate(tops: Sequence[float | None], th: Thresholds) -> float:
     return round(empty / len(tops), 6)
 
 
-def query_profile(query_top: Mapping[str, Sequence[float]], k: int) -> dict[str, list[float]]:
+def query_profile(query_top: Mapping[str, Sequence[float]], k: int) -> dict[str, Any]:
     """Per-query top-1 score, mean top-``k`` score and length in words (NaN-free: queries
     with no hit are counted by ``empty``)."""
     top1, topk, lengths = [], [], []
@@ -1359,7 +1362,8 @@ def plot_calibration(curve: PRCurve, op: OperatingPoint, scores: np.ndarray, lab
         ok_s = ~np.isnan(s)
         if ok_s.any():
             bins = np.linspace(np.nanmin(s), np.nanmax(s), 40)
-            ax2.hist(s[ok_s & ~y], bins=bins, alpha=0.55, color="tab:grey", label=f"non-relevant ({int((ok_s & ~y).sum())})")
+            ax2.hist(s[ok_s & ~y], bins=bins, alpha=0.55, color="tab:grey",
+                     label=f"non-relevant ({int((ok_s & ~y).sum())})")
             ax2.hist(s[ok_s & y], bins=bins, alpha=0.55, color="tab:green", label=f"relevant ({int((ok_s & y).sum())})")
         ax2.axvline(op.threshold, color="tab:red", label=f"threshold {op.threshold:.3f}")
         if floor is not None:
@@ -1409,7 +1413,11 @@ def canary_stats(canaries: Sequence[Canary], rankings: Sequence[Sequence[tuple[s
 
     if len(canaries) != len(rankings):
         raise ValueError(f"{len(canaries)} canaries but {len(rankings)} rankings")
-    recalls, rrs, hits, topk_scores, top1 = [], [], [], [], []
+    recalls: list[float] = []
+    rrs: list[float] = []
+    hits: list[float] = []
+    topk_scores: list[float] = []
+    top1: list[float] = []
     empty = kept_recall_n = 0
     misses: list[dict[str, Any]] = []
     for c, ranking in zip(canaries, rankings):
@@ -1545,8 +1553,9 @@ def run_canary(store: Store, index: str, canaries: Sequence[Canary], *, alias: s
                                                                       "needs_recalibration")}})
     return {"format": CANARY_FORMAT, "kind": "canary", "index": index, "alias": None if version else alias,
             "target": target, "created_at": _now_iso(), "k": k, "limits": asdict(limits),
-            "baseline": None if base is None else {"created_at": (baseline or {}).get("created_at"),
-                                                   "version": ((baseline or {}).get("versions") or [{}])[0].get("version")},
+            "baseline": None if base is None else {
+                "created_at": (baseline or {}).get("created_at"),
+                "version": ((baseline or {}).get("versions") or [{}])[0].get("version")},
             "passed": all(r["passed"] for r in results), "versions": results}
 
 
@@ -1599,9 +1608,11 @@ def canary_prometheus(report: Mapping[str, Any]) -> str:
         lab = {"index": report["index"], "alias": report.get("alias") or "", "version": r["version"]}
         labk = {**lab, "k": k}
         samples += [
-            ("embedctl_canary_recall", "Canary recall@k (share of expected docs in the top k).", labk, st[f"recall@{k}"]),
+            ("embedctl_canary_recall", "Canary recall@k (share of expected docs in the top k).", labk,
+             st[f"recall@{k}"]),
             ("embedctl_canary_mrr", "Canary mean reciprocal rank within the top k.", labk, st[f"mrr@{k}"]),
-            ("embedctl_canary_hit_rate", "Share of canaries with an expected doc in the top k.", labk, st[f"hit_rate@{k}"]),
+            ("embedctl_canary_hit_rate", "Share of canaries with an expected doc in the top k.", labk,
+             st[f"hit_rate@{k}"]),
             ("embedctl_canary_empty_rate", "Share of canaries with no result under the stored threshold.", lab,
              st["empty_rate"]),
         ]
@@ -1610,7 +1621,8 @@ def canary_prometheus(report: Mapping[str, Any]) -> str:
                             {**labk, "stat": q}, st["topk_scores"][q]))
             samples.append(("embedctl_canary_top1_score", "Top-1 score distribution of canary queries.",
                             {**lab, "stat": q}, st["top1_scores"][q]))
-        samples.append(("embedctl_canary_passed", "1 if the canary passed its limits, else 0.", lab, float(r["passed"])))
+        samples.append(("embedctl_canary_passed", "1 if the canary passed its limits, else 0.", lab,
+                        float(r["passed"])))
         samples.append(("embedctl_canary_queries", "Number of canary queries.", lab, float(st["canaries"])))
     samples.append(("embedctl_canary_last_run_timestamp_seconds", "When the canary ran (unix time).",
                     {"index": report["index"], "alias": report.get("alias") or ""}, ts))
@@ -1701,19 +1713,20 @@ def embedding_drift(reference: np.ndarray, current: np.ndarray, novelty_quantile
     cutoff = float(np.quantile(loo, novelty_quantile))
     return {"centroid_similarity": round(cos, 6), "novelty_cutoff": round(cutoff, 6),
             "novel_rate": round(float(np.mean(nn_cur < cutoff)), 6), "expected_novel_rate": novelty_quantile,
-            "nn_similarity": {"reference": score_distribution(loo.tolist()), "current": score_distribution(nn_cur.tolist())}}
+            "nn_similarity": {"reference": score_distribution(loo.tolist()),
+                              "current": score_distribution(nn_cur.tolist())}}
 
 
 def drift_stats(reference: Mapping[str, Any], ref_embeddings: np.ndarray, current: Mapping[str, Any],
                 cur_embeddings: np.ndarray, limits: DriftLimits = DriftLimits()) -> dict[str, Any]:
     """Compare two query profiles (``query_profile`` + ``empty_rate``) and their embeddings."""
     emb = embedding_drift(ref_embeddings, cur_embeddings)
-    score = {"psi": psi(reference["top1"], current["top1"]), "ks": ks_statistic(reference["top1"], current["top1"]),
+    score: dict[str, Any] = {"psi": psi(reference["top1"], current["top1"]), "ks": ks_statistic(reference["top1"], current["top1"]),
              "psi_noise": psi_noise(len(reference["top1"]), len(current["top1"])),
              "reference": score_distribution(reference["top1"]), "current": score_distribution(current["top1"]),
              "topk_mean": {"reference": score_distribution(reference["topk_mean"]),
                            "current": score_distribution(current["topk_mean"])}}
-    length = {"psi": psi(reference["lengths"], current["lengths"]),
+    length: dict[str, Any] = {"psi": psi(reference["lengths"], current["lengths"]),
               "psi_noise": psi_noise(len(reference["lengths"]), len(current["lengths"])),
               "reference": score_distribution(reference["lengths"]), "current": score_distribution(current["lengths"])}
     empty = {"reference": reference.get("empty_rate"), "current": current.get("empty_rate"),

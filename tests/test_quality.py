@@ -108,8 +108,10 @@ def test_relative_rule_separates_what_no_absolute_threshold_can():
     for _ in range(200):
         top = rng.uniform(0.3, 0.9)
         for _ in range(3):
-            scores.append(top - rng.uniform(0, 0.04)); tops.append(top); labels.append(True)
-            scores.append(top - rng.uniform(0.1, 0.3)); tops.append(top); labels.append(False)
+            for gap, relevant in (((0, 0.04), True), ((0.1, 0.3), False)):
+                scores.append(top - rng.uniform(*gap))
+                tops.append(top)
+                labels.append(relevant)
     scores, tops, labels = np.array(scores), np.array(tops), np.array(labels)
     absolute = Q.best_fbeta(Q.pr_curve(scores, labels))
     rel = Q.best_relative(scores, tops, labels)
@@ -347,7 +349,8 @@ def test_drift_stats_alerts():
     rng = np.random.default_rng(7)
     emb = unit(rng.normal(size=(50, 8)))
     ref = {"top1": rng.normal(0.7, 0.05, 50).tolist(), "topk_mean": [0.5] * 50, "lengths": [8] * 50, "empty_rate": 0.02}
-    calm = {"top1": rng.normal(0.7, 0.05, 50).tolist(), "topk_mean": [0.5] * 50, "lengths": [8] * 50, "empty_rate": 0.02}
+    calm = {"top1": rng.normal(0.7, 0.05, 50).tolist(), "topk_mean": [0.5] * 50, "lengths": [8] * 50,
+            "empty_rate": 0.02}
     rep = Q.drift_stats(ref, emb, calm, emb)
     assert not rep["drifted"], rep["alerts"]
     hot = {"top1": rng.normal(0.4, 0.05, 50).tolist(), "topk_mean": [0.3] * 50, "lengths": [3] * 50, "empty_rate": 0.5}
@@ -394,7 +397,8 @@ def build(store, tmp_path, *, model="hash:32", kind="flat", docs=None, parent=No
     corpus = write_corpus(tmp_path / f"corpus-{tag}", docs or topic_docs())
     m = run_locally(EmbedJobConfig.from_flat({"corpus": str(corpus), "store": str(tmp_path / "store"), "model": model,
                                               "progress": False}))
-    cfg = BuildConfig(kind=kind, rescore="int8" if kind == "binary-rerank" else "none", gate_queries=8, gate_recall=None)
+    cfg = BuildConfig(kind=kind, rescore="int8" if kind == "binary-rerank" else "none", gate_queries=8,
+                      gate_recall=None)
     return build_index(store, m["run_id"], "docs", cfg, parent_version=parent, force=True).version_id
 
 
@@ -588,7 +592,8 @@ def test_cli_benchmark_build_refuses_unknown_docs_then_drops_them(tmp_path, benc
     assert doc["summary"]["unknown_doc_judgments_dropped"] == 1 and doc["corpus"]["docs"] == 5
     code, out, _ = run_cli(["benchmark", "show", str(tmp_path / "b.json")], capsys)
     assert code == 0 and "coverage 80.0%" in out and "by lang" in out
-    code, out, _ = run_cli(["benchmark", "pairs", str(tmp_path / "b.json"), "--out", str(tmp_path / "pairs.jsonl")], capsys)
+    code, out, _ = run_cli(["benchmark", "pairs", str(tmp_path / "b.json"), "--out", str(tmp_path / "pairs.jsonl")],
+                           capsys)
     assert code == 0 and "pairs" in out
     pairs = Q.read_pairs(tmp_path / "pairs.jsonl")
     # query 1: d1 (gain 4) and d2 (gain 2) relevant, d3 (-1 -> 0) non-relevant; query 2: d1; query 3: d4 (gain 1)
@@ -618,7 +623,8 @@ def test_cli_benchmark_build_against_an_embed_run(tmp_path, bench_files, capsys)
 def topic_benchmark(tmp_path) -> Q.Benchmark:
     queries = [{"query_id": f"q{t}", "text": words, "lang": "en" if t % 2 else "fr",
                 "type": "keyword" if t < 4 else "question"} for t, words in enumerate(TOPICS)]
-    qrels = {f"q{t}": {f"d{t}0": 3.0, f"d{t}1": 2.0, f"d{t}2": 1.0, f"d{(t + 1) % 8}0": 0.0} for t in range(len(TOPICS))}
+    qrels = {f"q{t}": {f"d{t}0": 3.0, f"d{t}1": 2.0, f"d{t}2": 1.0, f"d{(t + 1) % 8}0": 0.0}
+             for t in range(len(TOPICS))}
     qrels["q7"] = {"d00": 0.0}  # no relevant doc: skipped and counted
     return Q.build_benchmark(queries, qrels, corpus_ids={d["doc_id"] for d in topic_docs()}, name="topics",
                              grades={"scheme": "identity", "relevant_min_gain": 2})
@@ -643,7 +649,8 @@ def test_evaluate_benchmark_breaks_down_by_lang_and_type(store, v1, tmp_path):
         rows.append({"ndcg@3": metrics.ndcg_at_k(docs, g, 3), "recall@3": metrics.recall_at_k(docs, rel, 3)})
     assert res["index"]["ndcg@3"] == pytest.approx(np.mean([r["ndcg@3"] for r in rows]), abs=1e-6)
     assert res["index"]["recall@3"] == pytest.approx(np.mean([r["recall@3"] for r in rows]), abs=1e-6)
-    assert set(res["by_lang"]) == {"en", "fr"} and res["by_lang"]["en"]["queries"] + res["by_lang"]["fr"]["queries"] == 7
+    assert set(res["by_lang"]) == {"en", "fr"}
+    assert res["by_lang"]["en"]["queries"] + res["by_lang"]["fr"]["queries"] == 7
     assert res["by_type"]["keyword"]["queries"] == 4 and res["by_type"]["question"]["queries"] == 3
     n = res["by_lang"]["en"]["queries"]
     weighted = (n * res["by_lang"]["en"]["index"]["mrr@10"] + (7 - n) * res["by_lang"]["fr"]["index"]["mrr@10"]) / 7

@@ -69,7 +69,8 @@ def benchmark_group() -> None:
 @click.option("--name", default=None, help="Benchmark name [the --out file's stem].")
 @click.option("--drop-unknown", is_flag=True, help="Drop judgments of docs missing from the corpus (counted) "
                                                    "instead of refusing the benchmark.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Benchmark file to write (.json or .json.gz).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Benchmark file to write (.json or .json.gz).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def benchmark_build(queries: str, qrels: str, corpus_run: str | None, store: str | None, endpoint_url: str | None,
                     corpus_path: str | None, id_column: str, gains: str, relevant_min_gain: float, name: str | None,
@@ -241,7 +242,8 @@ def benchmark_evaluate(benchmark: str, store: str, endpoint_url: str | None, ind
     for label, t in rows:
         for side in ("index", "exact"):
             if side in t:
-                click.echo(f"  {(label + ' ' + side):20}{t['queries']:>8}" + "".join(f"{t[side][n]:>12.4f}" for n in names))
+                cells = "".join(f"{t[side][n]:>12.4f}" for n in names)
+                click.echo(f"  {(label + ' ' + side):20}{t['queries']:>8}{cells}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +300,8 @@ def calibrate(store: str, endpoint_url: str | None, index: str, version: str, pa
                f"({p['relevant']} relevant, {p['relevant_not_retrieved']} of them not in the top {p['depth']})")
     rows = [("absolute", f"score >= {a['threshold']:.4f}", a), ("relative", f"top - {r['delta']:.4f}", r)]
     for name, rule, pt in rows:
-        click.echo(f"  {name:<9} {rule:<17} P {pt['precision']:.3f}  R {pt['recall']:.3f}  F{beta:g} {pt['f_beta']:.3f}")
+        click.echo(f"  {name:<9} {rule:<17} P {pt['precision']:.3f}  R {pt['recall']:.3f}  "
+                   f"F{beta:g} {pt['f_beta']:.3f}")
     click.echo(f"  {'floor':<9} {'score >= ' + _f(fl['score']):<17} ({fl['chosen']})")
     empty = ", ".join(f"{k} {v:.1%}" for k, v in rec["empty_rate"].items())
     click.echo(f"  AP {rec['average_precision']:.3f}; queries left empty: {empty}; "
@@ -387,7 +390,7 @@ def _echo_canary(report: dict[str, Any]) -> None:
     for r in report["versions"]:
         st, d = r["stats"], r["baseline_diff"]
 
-        def delta(key: str) -> str:
+        def delta(key: str, d: dict[str, Any] = d) -> str:
             return f" ({d[key]:+.4f})" if d.get(key) is not None else ""
 
         mark = "PASS" if r["passed"] else "FAIL"
@@ -460,7 +463,8 @@ def drift(store: str, endpoint_url: str | None, index: str, alias: str, version:
                    f"({report['calibration_id']}{'' if report['calibration_fits'] else ', STALE calibration'})")
         click.echo(f"  queries   centroid cos {e['centroid_similarity']:.4f}; novel {e['novel_rate']:.1%} "
                    f"(~{e['expected_novel_rate']:.0%} expected); length PSI {_f(ln['psi'], 3)}")
-        click.echo(f"  top-1     mean {_f(s['reference']['mean'])} -> {_f(s['current']['mean'])}; PSI {_f(s['psi'], 3)} "
+        click.echo(f"  top-1     mean {_f(s['reference']['mean'])} -> {_f(s['current']['mean'])}; "
+                   f"PSI {_f(s['psi'], 3)} "
                    f"(noise ~{_f(s['psi_noise'], 3)}), KS {_f(s['ks'], 3)}")
         click.echo(f"  empty     {_f(em['reference'])} -> {_f(em['current'])}")
         for a in report["alerts"]:
