@@ -1120,6 +1120,25 @@ def version_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+QUANTIZATION_KEYS = ("factory", "nlist", "pq_m", "pq_nbits", "rescore", "rescore_multiplier", "nprobe")
+
+
+def quantization_of(kind: Any, params: Any) -> dict[str, Any]:
+    """The part of an index's kind/params that changes its scores or its candidate lists (not
+    the build's reasoning, timings or RAM estimates)."""
+    out: dict[str, Any] = {"kind": kind}
+    if isinstance(params, Mapping):
+        out.update({k: params.get(k) for k in QUANTIZATION_KEYS if params.get(k) is not None})
+    elif params is not None:
+        out["params"] = params
+    return out
+
+
+def _describe_quantization(q: Mapping[str, Any]) -> str:
+    rest = ", ".join(f"{k} {v}" for k, v in q.items() if k not in ("kind", "factory"))
+    return f"{q.get('kind')} {q.get('factory') or ''}".strip() + (f" ({rest})" if rest else "")
+
+
 def calibration_differences(record: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[str]:
     """Why ``record`` does not fit the version ``manifest`` describes (empty: it fits)."""
     have = version_identity(manifest)
@@ -1127,10 +1146,10 @@ def calibration_differences(record: Mapping[str, Any], manifest: Mapping[str, An
     if _fingerprint_of(record.get("model")) != _fingerprint_of(have["model"]) or \
             (record.get("model") or {}).get("dim") != have["model"].get("dim"):
         reasons.append(f"model changed ({(record.get('model') or {}).get('name')} -> {have['model'].get('name')})")
-    same_params = (record.get("index_params") or None) == (have["index_params"] or None)
-    if record.get("index_kind") != have["index_kind"] or not same_params:
-        reasons.append(f"quantization changed (index {record.get('index_kind')} {record.get('index_params')} -> "
-                       f"{have['index_kind']} {have['index_params']})")
+    q_rec = quantization_of(record.get("index_kind"), record.get("index_params"))
+    q_have = quantization_of(have["index_kind"], have["index_params"])
+    if q_rec != q_have:
+        reasons.append(f"quantization changed ({_describe_quantization(q_rec)} -> {_describe_quantization(q_have)})")
     if record.get("source_run") != have["source_run"] or \
             (record.get("corpus_fingerprint") or None) != (have["corpus_fingerprint"] or None):
         reasons.append(f"corpus changed (run {record.get('source_run')} -> {have['source_run']})")
