@@ -427,7 +427,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
     model.save(str(tmp_out))
-    report = {
+    report: dict[str, Any] = {
         "kind": "finetune",
         "base_model": {"name": name, "path": base_path, "fingerprint": model_fingerprint(base_path)},
         "out": str(out.resolve()),

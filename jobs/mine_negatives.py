@@ -83,9 +83,9 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
         pool_info = {"mode": "ray", "actors": pool.actors, "cpus_per_actor": pool.cpus_per_actor,
                      "gpus_per_actor": pool.gpus_per_actor, "threads_per_actor": pool.threads_per_actor,
                      "reason": pool.reason}
-        actor_cls = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
-                               max_restarts=2, max_task_retries=2)(_MiningActor)
-        actors = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
+        actor_cls: Any = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor,
+                                    max_restarts=2, max_task_retries=2)(_MiningActor)
+        actors: list[Any] = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
                   for _ in range(pool.actors)]
         # wait for every actor to load its shards and model, so the mining phase is timed on its own
         loaded = ray.get([a.ready.remote() for a in actors])

@@ -205,6 +205,7 @@ def finalize_mining(prep: PreparedMining, wall_seconds: float, workers: dict[str
                     part_no += 1
             os.unlink(local)
         if writer is not None:
+            assert out.single_file is not None
             writer.close()
             digest, size = sha256_file(local_single), os.path.getsize(local_single)
             out.store.upload_file(out.single_file, local_single)

@@ -130,5 +130,5 @@ class BatchStats:
             self.removed[k] = self.removed.get(k, 0) + v
         for k, h in o.hist.items():
             self.hist[k].merge(h)
-        for k, v in o.seconds.items():
-            self.seconds[k] = self.seconds.get(k, 0.0) + v
+        for k, sec in o.seconds.items():
+            self.seconds[k] = self.seconds.get(k, 0.0) + sec
