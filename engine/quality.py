@@ -1188,6 +1188,21 @@ def calibration_status(store: Store, index: str, version: str) -> dict[str, Any]
     }
 
 
+def calibration_line(status: Mapping[str, Any]) -> str:
+    """One line for ``embedctl status`` from ``calibration_status``."""
+    if not status.get("calibrated"):
+        return "not calibrated (embedctl calibrate ...)"
+    th = status.get("threshold")
+    what = str(status.get("rule"))
+    if isinstance(th, (int, float)):
+        what = f"{what} rule, threshold {th:.4f}, F{status.get('beta') or 1:g} {status.get('f_beta') or 0:.3f}"
+    if status.get("needs_recalibration"):
+        return f"RECALIBRATE: {'; '.join(status.get('reasons') or [])} [{what}]"
+    if status.get("calibrated_on") != status.get("version"):
+        return f"{status.get('calibration_id')} inherited from {status.get('calibrated_on')} (still fits) [{what}]"
+    return f"{status.get('calibration_id')} [{what}]"
+
+
 def resolve_threshold(store: Store, index: str, version: str, spec: str | float | None, *,
                       rule: Rule | None = None, allow_stale: bool = False) -> Thresholds | None:
     """What ``search --threshold SPEC`` filters with: None (no filter), a number (absolute), or
@@ -1740,7 +1755,8 @@ def drift_stats(reference: Mapping[str, Any], ref_embeddings: np.ndarray, curren
                 cur_embeddings: np.ndarray, limits: DriftLimits = DriftLimits()) -> dict[str, Any]:
     """Compare two query profiles (``query_profile`` + ``empty_rate``) and their embeddings."""
     emb = embedding_drift(ref_embeddings, cur_embeddings)
-    score: dict[str, Any] = {"psi": psi(reference["top1"], current["top1"]), "ks": ks_statistic(reference["top1"], current["top1"]),
+    score: dict[str, Any] = {
+             "psi": psi(reference["top1"], current["top1"]), "ks": ks_statistic(reference["top1"], current["top1"]),
              "psi_noise": psi_noise(len(reference["top1"]), len(current["top1"])),
              "reference": score_distribution(reference["top1"]), "current": score_distribution(current["top1"]),
              "topk_mean": {"reference": score_distribution(reference["topk_mean"]),

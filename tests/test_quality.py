@@ -452,6 +452,7 @@ def test_calibration_record_png_and_newest_wins(store, v1):
 
 def test_status_says_when_thresholds_come_from_another_version(store, v1, tmp_path):
     assert Q.calibration_status(store, "docs", v1)["needs_recalibration"]
+    assert Q.calibration_line(Q.calibration_status(store, "docs", v1)).startswith("not calibrated")
     with pytest.raises(NotFoundError, match="no calibration"):
         Q.resolve_threshold(store, "docs", v1, "auto")
     rec = calibrate(store, v1)
@@ -480,10 +481,13 @@ def test_status_says_when_thresholds_come_from_another_version(store, v1, tmp_pa
         store.write_bytes(key.replace(f"/{v1}/", f"/{v}/"), store.read_bytes(key))
     st = Q.calibration_status(store, "docs", v)
     assert st["calibrated_on"] == v1 and st["needs_recalibration"] and st["inherited"]
+    assert Q.calibration_line(st).startswith("RECALIBRATE: calibrated on another version")
+    assert "inherited from" in Q.calibration_line(Q.calibration_status(store, "docs", twin))
     # recalibrating the version itself clears it
     calibrate(store, v)
     st = Q.calibration_status(store, "docs", v)
     assert st["calibrated_on"] == v and not st["needs_recalibration"] and st["reasons"] == []
+    assert Q.calibration_line(st).startswith(st["calibration_id"] + " [absolute rule, threshold ")
     assert Q.resolve_threshold(store, "docs", v1, "0.25").threshold == 0.25
     assert Q.resolve_threshold(store, "docs", v1, None) is None
 
