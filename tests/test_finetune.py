@@ -138,3 +138,22 @@ def test_refusals(triplets, tmp_path):
         FinetuneConfig.from_flat({"triplets": "t", "out": "o", "loss": "contrastive"})
     with pytest.raises(ConfigError):
         FinetuneConfig.from_flat({"triplets": "t", "out": "o", "batch_size": 1})
+
+
+def test_job_driver_dry_run_and_s3_output(triplets, tmp_path, s3_bucket):
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text(f"triplets: {triplets}\nout: {s3_bucket}/models/ft\nloss: infonce\nmax_steps: 1\n")
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "finetune.py"),
+                        "--config", str(cfg), "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["loss"] == "infonce"
+    from engine.storage import open_store
+    from jobs.finetune import _train
+
+    report = _train(FinetuneConfig.from_flat({"triplets": str(triplets), "out": f"{s3_bucket}/models/ft",
+                                              "batch_size": 4, "max_steps": 1, "device": "cpu"}))
+    store = open_store(f"{s3_bucket}/models/ft")
+    assert report["out"].startswith("s3://") and store.exists("modules.json") and store.exists("model.safetensors")
+    assert store.exists("embedctl_finetune.json") and store.exists("1_Pooling/config.json")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        _train(FinetuneConfig.from_flat({"triplets": str(triplets), "out": f"{s3_bucket}/models/ft"}))
