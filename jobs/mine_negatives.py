@@ -47,15 +47,22 @@ class _MiningActor:
 def plan_mining_pool(resources: dict[str, float], device: str, workers: int | None, threads: int | None,
                      batches: int) -> Any:
     """The embed job's pool rule (engine.runtime.plan_pool: fractional CPUs, never one full CPU per
-    actor on a small machine), capped at the number of batches."""
+    actor on a small machine), with no more actors than batches."""
     from engine.runtime import PoolPlan, plan_pool
 
     plan = plan_pool(resources, device, workers, threads)
+    note = ""
     if plan.actors > max(1, batches) and not workers:
-        n = max(1, batches)
-        plan = PoolPlan(n, plan.cpus_per_actor, plan.gpus_per_actor, plan.threads_per_actor, plan.cpus_per_task,
-                        plan.reason + f" (capped to {n}: one per batch)")
-    return plan
+        plan = plan_pool(resources, device, max(1, batches), threads)
+        note = f" (one per batch: {max(1, batches)} batch(es))"
+    cpus = float(resources.get("CPU", 1.0))
+    if cpus <= 2 and plan.cpus_per_actor >= 1 and not plan.gpus_per_actor:
+        # a small machine: reserve half a CPU (the reservation is logical; torch threads are set apart),
+        # so Ray always has room for its own tasks and for a second job
+        plan = PoolPlan(plan.actors, 0.5, 0.0, plan.threads_per_actor, plan.cpus_per_task,
+                        plan.reason.replace(f"x {plan.cpus_per_actor:g} CPU", "x 0.5 CPU"))
+    return PoolPlan(plan.actors, plan.cpus_per_actor, plan.gpus_per_actor, plan.threads_per_actor,
+                    plan.cpus_per_task, plan.reason + note)
 
 
 def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> dict[str, Any]:

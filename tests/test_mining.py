@@ -470,3 +470,16 @@ def test_agrees_with_sentence_transformers_mine_hard_negatives(tmp_path):
     both = key_o & key_s
     assert len(both) >= 0.95 * len(key_s) and len(both) >= 0.95 * len(key_o)
     assert len(ours) == len(st)
+
+
+def test_pool_plan_never_reserves_a_full_cpu_per_actor_on_two_cpus():
+    from jobs.mine_negatives import plan_mining_pool
+
+    for workers in (None, 1, 2):
+        plan = plan_mining_pool({"CPU": 2.0}, "cpu", workers, None, batches=10)
+        assert plan.cpus_per_actor < 1 and plan.actors * plan.cpus_per_actor <= 1.0
+        assert plan.threads_per_actor * plan.actors <= 2
+    big = plan_mining_pool({"CPU": 16.0}, "cpu", None, None, batches=3)
+    assert big.actors == 3 and big.threads_per_actor == 5  # no more actors than batches
+    gpu = plan_mining_pool({"CPU": 8.0, "GPU": 2.0}, "auto", None, None, batches=10)
+    assert gpu.actors == 2 and gpu.gpus_per_actor == 1.0
