@@ -765,3 +765,23 @@ def test_calibrations_live_on_s3_and_travel_with_a_copy(store, v1, s3_bucket, tm
     st = Q.calibration_status(s3, "docs", v1)
     assert st["calibration_id"] == rec2["calibration_id"] and not st["needs_recalibration"]
     assert Q.reference_embeddings(s3, "docs", Q.load_calibration(s3, "docs", v1)).shape == (len(TOPICS), 32)
+
+
+def test_canary_and_query_file_formats(tmp_path, bench_files):
+    q, r = bench_files
+    b = Q.build_benchmark(Q.read_queries(q), Q.read_qrels(r, Q.parse_gain_map("cranfield")), name="t",
+                          grades={"scheme": "cranfield", "relevant_min_gain": 2})
+    Q.save_benchmark(b, tmp_path / "b.json")
+    from_bench = Q.read_canaries(tmp_path / "b.json")  # a benchmark is a canary set: its relevant docs
+    assert [(c.id, c.expected) for c in from_bench] == [("1", ("d1", "d2")), ("2", ("d1",)), ("3", ("d9",))]
+    jl = write_lines(tmp_path / "c.jsonl", [json.dumps({"query": "wing", "doc_id": "a"}),
+                                            json.dumps({"query": "wing", "doc_id": "b"}),  # merged
+                                            json.dumps({"query": "shock", "expected": ["c", "d"], "id": "s"})])
+    assert [(c.query, c.expected, c.id) for c in Q.read_canaries(jl)] == [("wing", ("a", "b"), "wing"),
+                                                                         ("shock", ("c", "d"), "s")]
+    tsv = write_lines(tmp_path / "c.tsv", ["query\tdoc_id", "heat\tx|y"])
+    assert Q.read_canaries(tsv)[0].expected == ("x|y",)  # a TSV doc_id column is taken as is
+    assert Q.read_query_texts(write_lines(tmp_path / "q.txt", ["a b", "", "c"])) == ["a b", "c"]
+    assert Q.read_query_texts(jl) == ["wing", "wing", "shock"]
+    with pytest.raises(SchemaError, match="both relevant and non-relevant"):
+        Q.read_pairs(write_lines(tmp_path / "p.jsonl", [json.dumps({"query": "a", "doc_id": "d", "relevant": 1})]))
