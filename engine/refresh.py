@@ -643,6 +643,7 @@ class ReusingEncoder(Encoder):
         self.lookup = lookup
         self._load_inner = load_inner
         self._inner = inner
+        self.fresh: dict[str, np.ndarray] = {}  # content hash -> vector embedded ahead (``embed_ahead``)
         self.counts = {"reused": 0, "embedded": 0}
 
     @property
@@ -673,14 +674,29 @@ class ReusingEncoder(Encoder):
         misses: dict[str, list[int]] = {}
         for i in np.flatnonzero(~hit):
             misses.setdefault(hashes[i], []).append(int(i))
-        if misses:
-            firsts = [idx[0] for idx in misses.values()]
-            vecs = self.inner.encode_passages([texts[i] for i in firsts])  # [n_unique_misses, dim]
-            for v, idx in zip(vecs, misses.values()):
-                out[idx] = v
+        todo = [h for h in misses if h not in self.fresh]
+        if todo:
+            vecs = self.inner.encode_passages([texts[misses[h][0]] for h in todo])  # [n_unique_misses, dim]
+            self.fresh.update(zip(todo, vecs))
+        for h, idx in misses.items():
+            out[idx] = self.fresh[h]
         self.counts["reused"] += int(hit.sum())
-        self.counts["embedded"] += len(misses)
+        self.counts["embedded"] += len(misses)  # unseen texts of this unit (embedded here or just ahead)
         return out
+
+    def embed_ahead(self, texts: list[str]) -> int:
+        """Embed every unseen text among ``texts`` in one pass (one model warm-up, full batches) and keep the
+        vectors for the units that follow. Returns how many texts went to the model."""
+        hashes = [content_hash(t) for t in texts]
+        known = self.lookup.contains(hashes)
+        todo: dict[str, str] = {}
+        for h, t, k in zip(hashes, texts, known):
+            if not k and h not in self.fresh:
+                todo.setdefault(h, t)
+        if todo:
+            vecs = self.inner.encode_passages(list(todo.values()))  # [n_unseen, dim]
+            self.fresh.update(zip(todo, vecs))
+        return len(todo)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         return self.inner.encode_queries(texts)
@@ -694,7 +710,8 @@ class RefreshEmbedder(UnitEmbedder):
     in ``_state/refresh/<unit>.json`` after the unit's commit."""
 
     def __init__(self, cfg: EmbedJobConfig, run_id: str, identity: dict[str, Any], lookup: VectorLookup,
-                 threads: int | None = None, encoder: Encoder | None = None):
+                 threads: int | None = None, encoder: Encoder | None = None,
+                 load_inner: Callable[[], Encoder] | None = None):
         e = cfg.embed
 
         def load() -> Encoder:
@@ -703,7 +720,7 @@ class RefreshEmbedder(UnitEmbedder):
             return encoder_from_identity(identity, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens,
                                          threads=threads, compile=e.compile)
 
-        self.reusing = ReusingEncoder(identity, lookup, load_inner=load, inner=encoder)
+        self.reusing = ReusingEncoder(identity, lookup, load_inner=load_inner or load, inner=encoder)
         super().__init__(cfg, run_id, threads=threads, encoder=self.reusing)
         self.units_done = 0
 
@@ -868,6 +885,8 @@ class RefreshSession:
         self.state: RefreshState | None = None
         self.lease: Lease | None = None
         self.keeper: LeaseKeeper | None = None
+        self._embedder: RefreshEmbedder | None = None
+        self._preload: Any = None  # Future[Encoder] while the model loads in the background
 
     # -- plan (read-only) ------------------------------------------------------------------
     def plan(self) -> RefreshState:
@@ -989,31 +1008,99 @@ class RefreshSession:
         return st
 
     def embedder(self, *, threads: int | None = None, encoder: Encoder | None = None) -> RefreshEmbedder:
+        """The driver's embedder (one per session: vectors embedded ahead are shared by every unit)."""
         st = self.state
         assert st is not None and st.lookup is not None, "prepare() first"
-        return RefreshEmbedder(st.cfg, st.run_id, st.live.model, st.lookup, threads=threads, encoder=encoder)
+        if self._embedder is None:
+            preload = self._preload
+            self._embedder = RefreshEmbedder(st.cfg, st.run_id, st.live.model, st.lookup, threads=threads,
+                                             encoder=encoder, load_inner=(preload.result if preload else None))
+        return self._embedder
 
-    def unit_misses(self, chunk_key: str) -> int:
-        """How many chunks of a chunked unit need the model (their hash is not in the live run)."""
-        st = self.state
-        assert st is not None and st.lookup is not None
-        hashes = _read_columns(self.store, chunk_key, ["content_hash"]).column(0).to_pylist()
-        return int((~st.lookup.contains(list(set(hashes)))).sum())
+    def set_model_loader(self, loader: Callable[[], Encoder]) -> None:
+        """Where the model comes from when a chunk needs it (jobs/refresh.py: a model process started early)."""
+        f: Any = _LazyFuture(loader)
+        self._preload = f
 
-    def embed_locally(self, encoder: Encoder | None = None) -> None:
-        """Chunk and embed every pending unit in this process (the embed job's stages, in order)."""
-        from engine.pipeline import chunk_unit, plan_meta_for
+    def preload_model(self) -> None:
+        """Start loading the model in a background thread, so its import (seconds) overlaps chunking."""
+        if self._preload is not None:
+            return
+        from concurrent.futures import Future
+
+        st = self.plan()
+        e = st.cfg.embed
+
+        def load() -> Encoder:
+            from engine.embedding import encoder_from_identity
+
+            return encoder_from_identity(st.live.model, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens,
+                                         compile=e.compile)
+
+        future: Future[Encoder] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(load())
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits for the model
+                future.set_exception(err)
+
+        # A daemon thread: when no chunk turns out to need the model, nothing waits for it (not even exit).
+        threading.Thread(target=run, name="embedctl-model-preload", daemon=True).start()
+        self._preload = future
+
+    def chunk_locally(self) -> list[tuple[dict[str, Any], Any]]:
+        """Chunk every pending unit here (the embed job's chunk stage); (summary, chunk table) per unit."""
+        from engine.pipeline import chunk_unit_table, plan_meta_for
 
         st = self.state
         assert st is not None and st.prepared is not None, "prepare() first"
-        self.stage("embed")
-        t = self.clock()
+        self.stage("chunk")
         meta = plan_meta_for(st.prepared)
-        embedder = self.embedder(encoder=encoder) if st.prepared.pending else None
-        for unit in st.prepared.pending:
-            chunked = chunk_unit(st.cfg, meta, unit, st.prepared.plan.duplicates.get(unit.file, {}))
-            assert embedder is not None
-            self.record_unit(embedder.embed_unit(chunked))
+        return [chunk_unit_table(st.cfg, meta, u, st.prepared.plan.duplicates.get(u.file, {}))
+                for u in st.prepared.pending]
+
+    def embed_ahead(self, tables: list[Any], encoder: Encoder | None = None) -> int:
+        """Embed the unseen chunks of all ``tables`` in one pass; returns how many went to the model."""
+        from engine.pipeline import embed_inputs, make_chunker
+
+        st = self.state
+        assert st is not None
+        chunker = make_chunker(st.cfg)
+        texts = [t for table in tables for t in embed_inputs(table, chunker)]
+        return self.embedder(encoder=encoder).reusing.embed_ahead(texts)
+
+    def write_units(self, chunked: list[dict[str, Any]], encoder: Encoder | None = None,
+                    progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Commit each chunked unit: stored and just-embedded vectors into its embeddings part."""
+        if not chunked:
+            return
+        embedder = self.embedder(encoder=encoder)
+        for c in chunked:
+            marker = embedder.embed_unit(c)
+            self.record_unit(marker)
+            if progress:
+                progress({"event": "unit", **marker})
+
+    def unit_misses_in(self, table: Any) -> int:
+        """How many distinct chunk texts of a chunk table need the model (their hash is not in the live run)."""
+        st = self.state
+        assert st is not None and st.lookup is not None
+        hashes = list(set(table.column("content_hash").to_pylist()))
+        return int((~st.lookup.contains(hashes)).sum())
+
+    def embed_locally(self, encoder: Encoder | None = None) -> None:
+        """Chunk every pending unit, embed all unseen chunks in one pass, commit the units (in this process)."""
+        t = self.clock()
+        if encoder is None:
+            self.preload_model()
+        done = self.chunk_locally()
+        self.timings["chunk_seconds"] = self.clock() - t
+        t = self.clock()
+        self.stage("embed")
+        if done:
+            self.embed_ahead([table for _c, table in done], encoder)
+            self.write_units([c for c, _t in done], encoder)
         self.timings["embed_seconds"] = self.clock() - t
 
     def record_unit(self, marker: dict[str, Any]) -> None:
@@ -1220,6 +1307,21 @@ class RefreshSession:
                    timings=summary["timings"], full_embed=summary["full_embed"])
         self.store.write_json(layout.run_manifest_key(summary["run_id"]), dict(manifest, refresh=rec))
         return summary
+
+
+class _LazyFuture:
+    """``result()`` calls the loader once (a Future-like for ``set_model_loader``)."""
+
+    def __init__(self, loader: Callable[[], Encoder]):
+        self._loader = loader
+        self._value: Encoder | None = None
+        self._lock = threading.Lock()
+
+    def result(self) -> Encoder:
+        with self._lock:
+            if self._value is None:
+                self._value = self._loader()
+            return self._value
 
 
 def baseline_of(run_manifest: dict[str, Any]) -> dict[str, Any] | None:

@@ -70,6 +70,103 @@ def _copy_task(row: dict[str, Any], cfg: Any, run_id: str, identity: dict[str, A
     return {"marker": json.dumps(marker)}
 
 
+class ModelProcess:
+    """The model in a child process, started as soon as the refresh knows which model it needs, so the
+    model's import and load (seconds: torch + sentence-transformers) run beside planning and chunking on
+    another core instead of after them (a thread would share the GIL with the chunker).
+
+    A plain subprocess (``python -c``), not multiprocessing: ``spawn`` would re-run an unguarded
+    ``__main__`` of the caller. Requests and replies are length-prefixed pickles over its stdin/stdout;
+    it exits when its stdin closes (the driver ended or died)."""
+
+    def __init__(self, identity: dict[str, Any], *, device: str, dtype: str, batch_tokens: int):
+        import subprocess
+        import threading
+
+        self.dim = int(identity["dim"])
+        args = json.dumps({"identity": identity, "device": device, "dtype": dtype, "batch_tokens": batch_tokens})
+        self._proc = subprocess.Popen([sys.executable, "-c", "from jobs.refresh import _model_server; _model_server()",
+                                       args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._lock = threading.Lock()
+
+    def encode_passages(self, texts: list[str]) -> Any:
+        """[n, dim] float32, L2-normalised, from the child's encoder (waits for it to finish loading)."""
+        from engine.errors import ConfigError
+
+        with self._lock:
+            try:
+                _send(self._proc.stdin, list(texts))
+                ok, value = _recv(self._proc.stdout)
+            except (EOFError, OSError, BrokenPipeError) as err:
+                raise ConfigError(f"the model process died (exit code {self._proc.poll()}); see its log above") from err
+        if not ok:
+            raise ConfigError(f"the model process failed: {value}")
+        return value
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()  # still loading a model nobody needs, or done: stop it either way
+        self._proc.wait(timeout=10)
+        for f in (self._proc.stdin, self._proc.stdout):
+            if f is not None:
+                f.close()
+
+
+def _send(f: Any, obj: Any) -> None:
+    import pickle
+    import struct
+
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    f.write(struct.pack("<Q", len(data)) + data)
+    f.flush()
+
+
+def _recv(f: Any) -> Any:
+    import pickle
+    import struct
+
+    head = f.read(8)
+    if len(head) < 8:
+        raise EOFError("the other end closed")
+    (n,) = struct.unpack("<Q", head)
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError("the other end closed mid-message")
+    return pickle.loads(data)
+
+
+def _model_server() -> None:
+    """Child process: load the encoder, then answer ``encode_passages`` requests until stdin closes."""
+    import os
+
+    out = os.fdopen(os.dup(1), "wb")  # replies only; anything the libraries print goes to stderr
+    os.dup2(2, 1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = json.loads(sys.argv[1])
+    try:
+        from engine.embedding import encoder_from_identity
+
+        enc: Any = encoder_from_identity(args["identity"], device=args["device"], dtype=args["dtype"],
+                                         batch_tokens=args["batch_tokens"])
+        error = None
+    except Exception as err:  # noqa: BLE001 - reported to the driver on its first request
+        enc, error = None, f"{type(err).__name__}: {err}"
+    inp = sys.stdin.buffer
+    while True:
+        try:
+            texts = _recv(inp)
+        except EOFError:
+            return
+        if enc is None:
+            _send(out, (False, error))
+            continue
+        try:
+            _send(out, (True, enc.encode_passages(texts)))
+        except Exception as err:  # noqa: BLE001
+            _send(out, (False, f"{type(err).__name__}: {err}"))
+
+
 def run_refresh_job(rcfg: RefreshConfig, progress: Progress | None = None, encoder: Encoder | None = None) -> dict[str, Any]:
     """Run (or resume) a refresh and return its summary. ``encoder`` (tests) forces the in-driver path."""
     session = RefreshSession(rcfg)
@@ -82,44 +179,59 @@ def run_refresh_job(rcfg: RefreshConfig, progress: Progress | None = None, encod
         if progress:
             progress({"event": "planned", "run_id": st.run_id, "units": len(prepared.plan.units),
                       "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
-        executor = rcfg.executor
+        executor = "local" if encoder is not None else rcfg.executor
         pending_docs = sum(u.rows for u in prepared.pending)
-        if encoder is not None:
-            executor = "local"
+        chunk_here = executor == "local" or (executor == "auto" and pending_docs <= rcfg.local_max_docs)
         t = time.perf_counter()
-        if executor == "local" or (executor == "auto" and pending_docs <= rcfg.local_max_docs):
-            chunked = _chunk_in_driver(session)
+        tables: dict[str, Any] = {}
+        model_proc = None
+        if chunk_here and encoder is None and executor != "ray":
+            model_proc = _start_model(session)  # its import overlaps chunking; never waited for if unused
+        if chunk_here:
+            done = session.chunk_locally()
+            chunked = [(c, session.unit_misses_in(table)) for c, table in done]
+            tables = {c["unit_id"]: table for c, table in done}
         else:
             chunked = _chunk_on_ray(session)
         session.timings["chunk_seconds"] = time.perf_counter() - t
         misses = sum(m for _c, m in chunked)
         t = time.perf_counter()
+        session.stage("embed")
         if executor == "local" or (executor == "auto" and misses <= rcfg.local_max_embed):
             where = "driver"
-            _embed_in_driver(session, [c for c, _m in chunked], encoder, progress)
+            need = [tables[c["unit_id"]] if c["unit_id"] in tables else _read_chunks(session, c)
+                    for c, m in chunked if m]
+            session.embed_ahead(need, encoder)  # one batched pass over every unseen chunk
+            session.write_units([c for c, _m in chunked], encoder, progress)
         else:
             where = "ray"
             _embed_on_ray(session, chunked, progress)
+        session.timings["embed_seconds"] = time.perf_counter() - t
+        if model_proc is not None:
+            model_proc.close()
         log.info("refresh %s: %d units, %d chunks needed the model; embedded in the %s", st.run_id, len(chunked),
                  misses, where)
-        session.timings["embed_seconds"] = time.perf_counter() - t
         summary = session.finish()
         summary["executor"] = where
         return summary
 
 
-def _chunk_in_driver(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
-    from engine.pipeline import chunk_unit, plan_meta_for
-
+def _start_model(session: RefreshSession) -> ModelProcess | None:
+    """A model process for the driver path (not for the instant hash test encoder)."""
     st = session.state
-    assert st is not None and st.prepared is not None
-    session.stage("chunk")
-    meta = plan_meta_for(st.prepared)
-    out = []
-    for unit in st.prepared.pending:
-        c = chunk_unit(st.cfg, meta, unit, st.prepared.plan.duplicates.get(unit.file, {}))
-        out.append((c, session.unit_misses(c["chunk_file"]["key"])))
-    return out
+    assert st is not None
+    if str(st.live.model.get("name", "")).startswith("hash:"):
+        return None
+    e = st.cfg.embed
+    proc = ModelProcess(st.live.model, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens)
+    session.set_model_loader(lambda: proc)  # type: ignore[arg-type, return-value]
+    return proc
+
+
+def _read_chunks(session: RefreshSession, chunked: dict[str, Any]) -> Any:
+    from engine.pipeline import read_part
+
+    return read_part(session.store, chunked["chunk_file"]["key"])
 
 
 def _items(session: RefreshSession) -> list[dict[str, str]]:
@@ -155,21 +267,6 @@ def _chunk_on_ray(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
     return [(json.loads(r["chunked"]), int(r["misses"])) for r in ds.iter_rows()]
 
 
-def _embed_in_driver(session: RefreshSession, chunked: list[dict[str, Any]], encoder: Encoder | None,
-                     progress: Progress | None) -> None:
-    st = session.state
-    assert st is not None
-    session.stage("embed")
-    if not chunked:
-        return
-    embedder = session.embedder(encoder=encoder)
-    for c in chunked:
-        marker = embedder.embed_unit(c)
-        session.record_unit(marker)
-        if progress:
-            progress({"event": "unit", **marker})
-
-
 def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], int]], progress: Progress | None) -> None:
     import ray
 
@@ -177,7 +274,6 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
 
     st = session.state
     assert st is not None
-    session.stage("embed")
     init_ray(st.cfg.runtime.address)
     copy_only = [{"chunked": json.dumps(c)} for c, m in chunked if m == 0]
     to_embed = [{"chunked": json.dumps(c)} for c, m in chunked if m > 0]

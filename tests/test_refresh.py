@@ -364,6 +364,7 @@ def _summary(stdout: str) -> dict:
     return json.loads(line.split(" ", 1)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["unit:3", "shard", "publish"])
 def test_refresh_killed_at_any_point_then_rerun_finishes_without_duplicates(tmp_path, stage):
     docs = make_docs(240, seed=12)
@@ -495,3 +496,46 @@ def test_ray_path_equals_the_in_process_path(ray_session, tmp_path):
     ma = open_store(str(tmp_path / "a")).read_json(layout.run_manifest_key(on_ray["run_id"]))
     mb = open_store(str(tmp_path / "b")).read_json(layout.run_manifest_key(local["run_id"]))
     assert [o["sha256"] for o in ma["outputs"]["embeddings"]] == [o["sha256"] for o in mb["outputs"]["embeddings"]]
+
+
+def test_model_process_reports_a_missing_model_clearly():
+    from jobs.refresh import ModelProcess
+
+    proc = ModelProcess({"name": "no-such-model", "path": "/nonexistent/model", "dim": 8}, device="cpu",
+                        dtype="auto", batch_tokens=1024)
+    try:
+        with pytest.raises(ConfigError, match="the model process failed: ConfigError: model 'no-such-model'"):
+            proc.encode_passages(["a text"])
+    finally:
+        proc.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
+    """The packaged MiniLM: new chunks are embedded by the early-started model process, old ones reused."""
+    from engine.embedding import load_encoder
+    from jobs.refresh import run_refresh_job
+
+    docs = make_docs(40, seed=16)
+    uri = str(tmp_path / "store")
+    write_corpus(tmp_path / "v1", docs, files=1)
+    run = run_locally(EmbedJobConfig.from_flat({"corpus": str(tmp_path / "v1"), "store": uri, "unit_rows": 16}))
+    store = open_store(uri)
+    publish_version(store, IDX, build_index(store, run["run_id"], IDX, BuildConfig.from_dict({"kind": "flat"}))
+                    .version_id, "live")
+    write_corpus(tmp_path / "v2", change(docs, modify=[3], delete=[], add=1), files=1)
+    s = run_refresh_job(RefreshConfig.from_flat({"corpus": str(tmp_path / "v2"), "store": uri, "index": IDX,
+                                                 "alias": "live", "unit_rows": 16}))
+    assert s["status"] == "published" and s["executor"] == "driver"
+    assert s["embedding_calls"] == s["chunks"]["new"] + s["chunks"]["changed"] >= 2
+    # The new document's vector is the model's own (encoded here, compared with the process's result).
+    man = store.read_json(layout.run_manifest_key(s["run_id"]))
+    rows = {}
+    for o in man["outputs"]["embeddings"]:
+        t = pq.read_table(os.path.join(uri, o["key"]), columns=["doc_id", "text", "title", "embedding"])
+        for d, x, ti, e in zip(*(t.column(c).to_pylist() for c in ("doc_id", "text", "title", "embedding"))):
+            rows.setdefault(d, (x, ti, e))
+    text, title, vec = rows["added000"]
+    want = load_encoder(None).encode_passages([f"{title}\n{text}"])[0]
+    np.testing.assert_allclose(vec, want, atol=1e-4)
