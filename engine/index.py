@@ -1342,6 +1342,12 @@ def build_index(store: Store, run_id: str, index: str, cfg: BuildConfig | None =
         params = IndexParams(**state["params"])
     version_id = state["version_id"]
     prefix = layout.version_prefix(index, version_id)
+    lost = [state[r]["key"] for r in ("trained", "ranges") if r in state
+            and not _committed(store, prefix, {"files": {r: state[r]}})]
+    if lost:  # e.g. gc removed an abandoned build's files: train again rather than fail
+        log.warning("build %s: trained artifacts %s are gone; training again", index, lost)
+        for r in ("trained", "ranges", "trained_at"):
+            state.pop(r, None)
     if store.exists(layout.version_manifest_key(index, version_id)):
         raise ConflictError(f"version {version_id} of {index} already has a manifest but its build state says "
                             "building; remove the build state or rerun with --force")

@@ -349,7 +349,8 @@ class Searcher:
             return self._hits(*self.search_ids(q, k, nprobe=nprobe, rescore_multiplier=rescore_multiplier))
         want = k * COLLAPSE_FANOUT
         while True:
-            hits = self._hits(*self.search_ids(q, want, nprobe=nprobe, rescore_multiplier=rescore_multiplier))
+            hits = self._hits(*self.search_ids(q, want, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
+                                               depth_k=k))
             collapsed = [_best_per_doc(h)[:k] for h in hits]
             short = any(len(c) < k and len(h) >= want for c, h in zip(collapsed, hits))
             if not short or want >= self.rows:
@@ -357,8 +358,12 @@ class Searcher:
             want = min(want * 4, self.rows)
 
     def search_ids(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
-                   rescore_multiplier: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Raw merged results: (scores [q, k] float32, global ids [q, k] int64; -1 / -inf pad)."""
+                   rescore_multiplier: int | None = None, depth_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Raw merged results: (scores [q, k] float32, global ids [q, k] int64; -1 / -inf pad).
+
+        Each shard re-ranks ``max(k, depth_k x rescore_multiplier)`` candidates (``depth_k``
+        defaults to ``k``; document collapse asks for more chunk hits than the k documents it
+        returns, without multiplying the candidate depth again)."""
         if self.closed:
             raise ConfigError(f"searcher for {self.index}/{self.version_id} is closed")
         if k < 1:
@@ -373,8 +378,10 @@ class Searcher:
         nprobe = nprobe or self.default_nprobe
         mult = rescore_multiplier or self.default_multiplier
 
+        depth = max(k, (depth_k or k) * mult)
+
         def one(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
-            return self._search_shard(shard, q, k, nprobe, mult)
+            return self._search_shard(shard, q, k, nprobe, depth)
 
         results = list(self._pool.map(one, self._shards)) if self._pool else [one(s) for s in self._shards]
         return merge_topk([r[0] for r in results], [r[1] for r in results], k)
@@ -392,9 +399,9 @@ class Searcher:
         return normalize_rows(np.array(v, dtype=np.float32, order="C"))
 
     def _search_shard(self, shard: _Shard, q: np.ndarray, k: int, nprobe: int | None,
-                      mult: int) -> tuple[np.ndarray, np.ndarray]:
+                      depth: int) -> tuple[np.ndarray, np.ndarray]:
         rescore = shard.rescore is not None
-        want = min(k * mult if rescore else k, shard.rows)
+        want = min(depth if rescore else k, shard.rows)
         params, _keep = _search_params(shard.index, nprobe, shard.binary)
         x = pack_sign_bits(q) if shard.binary else q
         dist, found = shard.index.search(x, want, params=params) if params is not None else shard.index.search(x, want)

@@ -414,3 +414,26 @@ def test_resume_after_kill_9(tmp_path, corpus):
         return {a["key"]: a["sha256"] for a in m["artifacts"] if a["key"] != "build-report.json"}
     assert files(res.manifest) == files(ref.manifest)
     assert res.manifest["recall_gate"]["recall"] == ref.manifest["recall_gate"]["recall"]
+
+
+def test_resume_retrains_when_its_files_were_collected(store, corpus):
+    """A build abandoned long enough for gc to remove its files trains again instead of failing."""
+    make_run(store, "r1", corpus, parts=2)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_training(event):
+        if event["event"] == "trained":
+            raise Crash()
+
+    with pytest.raises(Crash):
+        build_index(store, "r1", "idx", BuildConfig(nlist=32, shards=2), progress=crash_after_training)
+    state_key = next(k for k in store.list(layout.index_prefix("idx")) if k.endswith("state.json"))
+    vid = store.read_json(state_key)["version_id"]
+    store.delete_prefix(layout.version_prefix("idx", vid))  # what gc does to an old unpublished build
+    events = []
+    res = build_index(store, "r1", "idx", BuildConfig(nlist=32, shards=2), progress=events.append)
+    assert res.resumed and res.version_id == vid
+    assert [e.get("reused") for e in events if e["event"] == "trained"] == [False]
+    verify_version(store, "idx", vid)
