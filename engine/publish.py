@@ -610,6 +610,9 @@ def index_status(store: Store, index: str, *, history_limit: int | None = 20) ->
                 row.update({k: m.get(k) for k in ("created_at", "kind", "dim", "metric", "parent_version")})
                 model = m.get("model") or {}
                 row["model"] = model.get("name") if isinstance(model, Mapping) else model
+                from engine.quality import calibration_status
+
+                row["calibration"] = calibration_status(store, index, vid)
             except Exception as err:  # noqa: BLE001 - status reports, it does not fail
                 row["error"] = str(err)
         elif vid in routed:

@@ -492,6 +492,19 @@ def test_status_says_when_thresholds_come_from_another_version(store, v1, tmp_pa
     assert Q.resolve_threshold(store, "docs", v1, None) is None
 
 
+def test_index_status_reports_stale_calibrations(store, v1, tmp_path, capsys):
+    from engine.publish import index_status
+
+    calibrate(store, v1)
+    other = build(store, tmp_path, model="hash:16", parent=v1, tag="c")
+    rows = {r["version"]: r for r in index_status(store, "docs")["versions"]}
+    assert rows[v1]["calibration"]["calibrated"] and not rows[v1]["calibration"]["needs_recalibration"]
+    assert rows[other]["calibration"]["needs_recalibration"]
+    code, out, _err = run_cli(["status", "--store", store.uri, "--index", "docs"], capsys)
+    assert code == 0
+    assert "calibration: RECALIBRATE: calibrated on another version" in out
+
+
 def test_thresholds_on_real_search_results(store, v1):
     from engine.search import Searcher
 

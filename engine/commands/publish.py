@@ -164,6 +164,10 @@ def status(store: str, endpoint_url: str | None, index: str, history_limit: int,
                    f"{extra}{served}")
         if v.get("error"):
             click.echo(f"    ! {v['error']}")
+        if v.get("calibration") is not None:
+            from engine.quality import calibration_line
+
+            click.echo(f"    calibration: {calibration_line(v['calibration'])}")
     click.echo("aliases:")
     if not st["aliases"]:
         click.echo("  (none)")
