@@ -159,6 +159,16 @@ def main() -> int:
         blue = default_index_builder(store, IDX, blue_run["run_id"], parent_version=None, options={"kind": "flat"})["version_id"]
         publish_version(store, IDX, blue, reason="Cranfield blue (MiniLM 384)")
     bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in open(CRANFIELD / "corpus.jsonl")})
+    # Blue's own thresholds (what production runs with today), so the report shows how far
+    # green's calibrated threshold lands from them.
+    from engine.quality import calibrate, load_benchmark, load_calibration, make_pairs
+
+    blue = read_alias(store, IDX).version
+    if load_calibration(store, IDX, blue, inherit=False) is None:
+        s = default_loader(store, IDX, blue)
+        pairs = make_pairs(load_benchmark(bench), searcher=s, depth=20, unjudged_per_query=5)
+        calibrate(store, IDX, blue, pairs, searcher=s, pairs_source="cranfield benchmark")
+        s.close()
     embed = {"model": args.green_model} if args.green_model else {"truncate_dim": args.dim}
     plan = MigrationPlan(index=IDX, embed=embed, benchmark=str(bench), k=args.k, weights=tuple(
         float(w) for w in args.weights.split(",")), max_recall_drop=args.max_recall_drop, soak_s=2.0)
@@ -214,6 +224,7 @@ def main() -> int:
     lat = sorted(load.latencies)
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "load_average_at_end": [round(x, 1) for x in os.getloadavg()],  # other work on the machine skews timings
         "blue": {"version": doc["blue"]["version"], "model": doc["blue"]["model"].get("name"), "dim": doc["blue"]["dim"]},
         "green": {"version": doc["green"]["version"], "model": doc["green"]["model"].get("name"),
                   "dim": doc["green"]["dim"], "truncate_dim": doc["green"]["model"].get("truncate_dim")},

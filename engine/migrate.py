@@ -525,6 +525,29 @@ def list_migrations(store: Store, index: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda s: s.get("created_at", ""))
 
 
+def retained_versions(store: Store, index: str, *, now: str | None = None) -> dict[str, str]:
+    """Versions that migrations of ``index`` still need, with why, for garbage collection:
+    blue and green of every unfinished migration (green may not be on any alias yet, e.g.
+    while a reviewer reads the report), and blue of a cut-over migration until its retention
+    ends (the instant rollback target)."""
+    now = now or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out: dict[str, str] = {}
+    for doc in list_migrations(store, index):
+        mid = doc.get("migration_id")
+        blue = (doc.get("blue") or {}).get("version")
+        green = (doc.get("green") or {}).get("version")
+        status = doc.get("status")
+        if status == "cut_over":
+            until = doc.get("retain_until")
+            if blue and until and until > now:
+                out.setdefault(blue, f"migration {mid}: blue retained for rollback until {until}")
+        elif status != "abandoned":
+            for side, v in (("blue", blue), ("green", green)):
+                if v:
+                    out.setdefault(v, f"migration {mid} ({status}) uses it as {side}")
+    return out
+
+
 def _hostname() -> str:
     return os.environ.get("EMBEDCTL_HOSTNAME") or socket.gethostname()
 
@@ -800,27 +823,17 @@ def benchmark_metrics(bench: Any, rankings: Mapping[str, Sequence[str]], k: int)
     return mean_metrics(list(per.values())), per
 
 
-def canary_figures(canaries: Sequence[Any], rankings: Sequence[Sequence[tuple[str, float]]], k: int) -> dict[str, Any]:
-    """Recall@k, MRR@k and hit rate of a canary set from doc-level rankings, plus top-1 scores."""
-    from engine.metrics import mrr_at_k, recall_at_k
+def canary_figures(canaries: Sequence[Any], rankings: Sequence[Sequence[tuple[str, float]]], k: int,
+                   thresholds: Any = None) -> dict[str, Any]:
+    """The canary figures the gates and the report use, from ``quality.canary_stats`` (recall@k,
+    MRR@k, hit rate, top-1 scores, empty-result rate under ``thresholds``, misses)."""
+    from engine.quality import canary_stats
 
-    recalls, rrs, hits, top1 = [], [], [], []
-    misses = []
-    for c, ranking in zip(canaries, rankings):
-        docs = [d for d, _ in ranking[:k]]
-        gains = {d: 1.0 for d in c.expected}
-        recalls.append(recall_at_k(docs, gains, k))
-        rrs.append(mrr_at_k(docs, gains, k))
-        found = bool(set(c.expected) & set(docs))
-        hits.append(1.0 if found else 0.0)
-        if ranking:
-            top1.append(ranking[0][1])
-        if not found:
-            misses.append({"id": c.id, "query": c.query, "expected": list(c.expected)[:5], "got": docs[:3]})
-    n = len(canaries)
-    return {"canaries": n, "k": k, "canary_recall": _mean(recalls), "canary_mrr": _mean(rrs),
-            "canary_hit_rate": _mean(hits), "top1": describe_scores(top1), "missed": len(misses),
-            "misses": misses[:20]}
+    st = canary_stats(canaries, rankings, k, thresholds)
+    return {"canaries": st["canaries"], "k": k, "canary_recall": st.get(f"recall@{k}"),
+            "canary_mrr": st.get(f"mrr@{k}"), "canary_hit_rate": st.get(f"hit_rate@{k}"),
+            "top1": st.get("top1_scores"), "empty_rate": st.get("empty_rate"), "missed": st.get("missed"),
+            "misses": st.get("misses")}
 
 
 def _load_canaries(path: str | None, bench: Any | None) -> list[Any]:
@@ -1038,6 +1051,8 @@ class Migration:
             if doc["status"] == "cut_over":
                 self.tools.say(f"migration {self.migration_id} is already cut over to {doc['green']['version']}")
                 return doc
+            if doc["status"] == "abandoned":
+                raise ConfigError(f"migration {self.migration_id} was abandoned; start a new one (--migration NEW_ID)")
             for phase in PHASES:
                 if doc["phases"][phase]["status"] != "done":
                     self._run_phase(phase)
@@ -1063,6 +1078,8 @@ class Migration:
             if doc["phases"][earlier]["status"] != "done":
                 raise ConfigError(f"phase {name!r} needs {earlier!r} first: run `embedctl migrate {earlier} "
                                   f"--index {self.index} --migration {self.migration_id}` (or `migrate run`)")
+        if doc["status"] == "abandoned":
+            raise ConfigError(f"migration {self.migration_id} was abandoned; start a new one (--migration NEW_ID)")
         if doc["status"] == "cut_over" and name not in ("cutover", "compare"):  # compare never touches the alias
             raise ConfigError(f"migration {self.migration_id} is cut over; only `migrate rollback` can change it now")
         t0 = time.monotonic()
@@ -1638,6 +1655,28 @@ class Migration:
         self.state.update(mark, event={"event": "rollback", "reason": reason, "from": before})
         self.tools.say(f"rollback: {plan.alias} {before} -> {blue} (generation {generation}): {reason}")
         return {"version": blue, "from": before, "generation": generation, "changed": changed, "reason": reason}
+
+    # --- abandon ---------------------------------------------------------------------------------
+    def abandon(self, reason: str | None = None) -> dict[str, Any]:
+        """Give the migration up: only while the alias serves blue alone (roll back first).
+        Its green version stops being protected from gc; the state stays as a record."""
+        with self.state.locked(by=self.by, break_lock=self.break_lock):
+            doc = self.read()
+            if doc.get("blue"):
+                alias = self._alias()
+                if alias.target.weighted is not None or alias.version != doc["blue"]["version"]:
+                    raise ConflictError(f"alias {doc['alias']} is on {alias.target.describe()}, not blue "
+                                        f"({doc['blue']['version']}) alone: run `embedctl migrate rollback` first")
+
+            def mark(d: dict[str, Any]) -> None:
+                d["status"] = "abandoned"
+                d["phase"] = None
+                d["abandoned"] = {"at": _now(), "reason": reason, "by": self.by}
+
+            self.state.update(mark, event={"event": "abandoned", "reason": reason})
+            self._try_report()
+            self.tools.say(f"migration {self.migration_id} abandoned" + (f": {reason}" if reason else ""))
+            return {"migration_id": self.migration_id, "status": "abandoned", "reason": reason}
 
     # --- reading: status and report ---------------------------------------------------------------
     def _read_optional(self, name: str) -> dict[str, Any] | None:

@@ -227,6 +227,9 @@ def _verdict(data: Mapping[str, Any]) -> tuple[str, str]:
     if status == "rolled_back":
         why = (state.get("rollback") or {}).get("reason") or "rolled back"
         return "bad", f"Rolled back to blue: {esc(why)}"
+    if status == "abandoned":
+        why = (state.get("abandoned") or {}).get("reason") or "no reason given"
+        return "bad", f"Abandoned: {esc(why)}. The alias serves blue; green may be garbage-collected."
     if status == "cut_over":
         return "ok", f"Cut over: the alias serves green alone; blue is kept until {esc(state.get('retain_until'))}."
     parts = []

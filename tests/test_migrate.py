@@ -307,10 +307,17 @@ def test_full_migration_on_both_backends(tmp_path, any_store_uri):
     before = m.read()
     m.run()
     assert m.read()["phases"] == before["phases"] and read_alias(store, IDX).generation == alias.generation
+    # gc must keep blue for the retention period (engine.migrate.retained_versions says why).
+    from engine.migrate import retained_versions
+
+    kept = retained_versions(store, IDX)
+    assert list(kept) == [blue["version"]] and "retained for rollback until" in kept[blue["version"]]
+    assert retained_versions(store, IDX, now="9999-01-01T00:00:00Z") == {}
     # Rollback after cutover: instant, blue is still there.
     res = m.rollback("post-cutover check")
     assert res["changed"] and read_alias(store, IDX).version == blue["version"]
     assert m.read()["status"] == "rolled_back" and m.read()["phases"]["cutover"]["status"] == "pending"
+    assert set(retained_versions(store, IDX)) == {blue["version"], green["version"]}  # unfinished again
 
 
 def test_each_version_embeds_queries_with_its_own_model(blue_local):
@@ -386,6 +393,14 @@ def test_a_failed_gate_rolls_back_by_itself_and_records_why(blue_local, tmp_path
         m.run()  # `run` does not retry a rolled-back rollout on its own
     page = store.read_bytes(m.key("report.html")).decode()
     assert "Rolled back to blue" in page and "below the minimum" in page
+    from engine.migrate import retained_versions
+
+    assert doc["green"]["version"] in retained_versions(store, IDX)  # still protected from gc...
+    m.abandon("green cannot pass the canaries")
+    assert retained_versions(store, IDX) == {}  # ...until the migration is given up
+    with pytest.raises(ConfigError, match="abandoned"):
+        m.rollout()
+    assert "Abandoned" in store.read_bytes(m.key("report.html")).decode()
 
 
 def test_calibrate_refuses_to_go_on_without_thresholds(blue_local, monkeypatch):
@@ -413,6 +428,22 @@ def test_matryoshka_green_keeps_blues_model_and_truncates(blue_local):
     m.run(until="build")
     green = m.read()["green"]
     assert green["dim"] == 8 and green["model"]["truncate_dim"] == 8 and green["model"]["native_dim"] == 32
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_build_runs_the_embed_job_on_ray(blue_local, ray_session):
+    """The green build is the same job as `embedctl embed`, on Ray (what `jobs/migrate.py` and
+    `embedctl migrate` without --in-process use)."""
+    from jobs.migrate import ray_embed_runner
+
+    store = blue_local["store"]
+    m = Migration.start(store, plan_for(blue_local), tools=Tools(embed_runner=ray_embed_runner()))
+    m.run(until="build")
+    green = m.read()["green"]
+    run = store.read_json(layout.run_manifest_key(green["run_id"]))
+    assert run["status"] == "succeeded" and run["model"]["name"] == "hash:16" and green["dim"] == 16
+    assert run["counts"]["accepted"] == len(blue_local["docs"])
 
 
 # =============================================================================================

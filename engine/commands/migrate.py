@@ -304,6 +304,22 @@ def rollback_cmd(reason: str | None, **kw: Any) -> None:
     _finish(m, result, as_json, f"rollback: {result['from']} -> {result['version']}")
 
 
+@migrate_group.command("abandon")
+@common_options
+@click.option("--reason", default=None, help="Why, for the record.")
+def abandon_cmd(reason: str | None, **kw: Any) -> None:
+    """Give a migration up (the alias must serve blue alone); gc may then remove its green version.
+
+    \b
+    Example:
+      embedctl migrate abandon --store ./store --index docs --migration mig-0123456789 --reason "model too weak"
+    """
+    as_json = kw["as_json"]
+    m = _migration(kw, may_start=False)
+    result = m.abandon(reason)
+    _finish(m, result, as_json, f"migration {m.migration_id} abandoned")
+
+
 @migrate_group.command("status")
 @common_options
 def status_cmd(**kw: Any) -> None:
