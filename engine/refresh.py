@@ -257,8 +257,6 @@ def embed_job_config(rcfg: RefreshConfig, live: LiveVersion) -> EmbedJobConfig:
             "cut over), or drop these flags to refresh with the live settings")
     flat.update({k: v for k, v in overrides.items() if k in FREE_KEYS})
     flat.update(corpus=rcfg.corpus, store=rcfg.store, endpoint_url=rcfg.endpoint_url, run_id=rcfg.run_id)
-    if rcfg.endpoint_url and not flat.get("endpoint_url"):
-        flat["endpoint_url"] = rcfg.endpoint_url
     try:
         cfg = from_flat(EmbedJobConfig, flat)
     except ConfigError as err:
@@ -886,19 +884,27 @@ class RefreshSession:
         self.lease: Lease | None = None
         self.keeper: LeaseKeeper | None = None
         self._embedder: RefreshEmbedder | None = None
+        self._resolved: tuple[LiveVersion, EmbedJobConfig] | None = None
         self._preload: Any = None  # Future[Encoder] while the model loads in the background
 
     # -- plan (read-only) ------------------------------------------------------------------
+    def resolve(self) -> tuple[LiveVersion, EmbedJobConfig]:
+        """The live version and the refresh's embed config, with every refusal (cheap: three small reads)."""
+        if self._resolved is None:
+            live = resolve_live(self.store, self.rcfg.index, self.rcfg.from_alias)
+            if self.rcfg.publish_to:
+                self._check_not_weighted(self.rcfg.publish_to)
+            cfg = embed_job_config(self.rcfg, live)
+            cfg.validate()
+            self._resolved = (live, cfg)
+        return self._resolved
+
     def plan(self) -> RefreshState:
         if self.state is not None:
             return self.state
         from engine.corpus import plan_corpus
 
-        live = resolve_live(self.store, self.rcfg.index, self.rcfg.from_alias)
-        if self.rcfg.publish_to:
-            self._check_not_weighted(self.rcfg.publish_to)
-        cfg = embed_job_config(self.rcfg, live)
-        cfg.validate()
+        live, cfg = self.resolve()
         _cstore, cplan = plan_corpus(cfg.corpus, find_duplicates=False)
         inputs = sorted((f.key, f.fingerprint) for f in cplan.files)
         if cfg.run_id is None:

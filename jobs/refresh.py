@@ -170,23 +170,34 @@ def _model_server() -> None:
 def run_refresh_job(rcfg: RefreshConfig, progress: Progress | None = None, encoder: Encoder | None = None) -> dict[str, Any]:
     """Run (or resume) a refresh and return its summary. ``encoder`` (tests) forces the in-driver path."""
     session = RefreshSession(rcfg)
-    quick = session.up_to_date()  # every refusal (alias, model/chunker, rollout) comes before the lease, and so
-    if quick is not None:         # does "the snapshot's files are the live run's files"
-        return {**quick, "executor": "none"}
+    live, cfg = session.resolve()  # every refusal (alias, model/chunker, rollout) comes first
+    executor = "local" if encoder is not None else rcfg.executor
+    if executor == "auto" and not _driver_can_embed(cfg.embed.device):
+        executor = "ray"  # device: cuda, and this driver (e.g. a RayJob head) has no GPU: embed on the cluster
+    # The model loads in its own process from now on, beside planning and chunking (killed if unused).
+    model_proc = _start_model(session, live.model, cfg) if encoder is None and executor != "ray" else None
+    try:
+        quick = session.up_to_date()  # "the snapshot's files are the live run's files": nothing to do
+        if quick is not None:
+            return {**quick, "executor": "none"}
+        return _run(session, rcfg, executor, encoder, progress, model_proc)
+    finally:
+        if model_proc is not None:
+            model_proc.close()
+
+
+def _run(session: RefreshSession, rcfg: RefreshConfig, executor: str, encoder: Encoder | None,
+         progress: Progress | None, model_proc: ModelProcess | None) -> dict[str, Any]:
     with session:
         st = session.prepare()
         prepared = st.prepared
         if progress:
             progress({"event": "planned", "run_id": st.run_id, "units": len(prepared.plan.units),
                       "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
-        executor = "local" if encoder is not None else rcfg.executor
         pending_docs = sum(u.rows for u in prepared.pending)
         chunk_here = executor == "local" or (executor == "auto" and pending_docs <= rcfg.local_max_docs)
         t = time.perf_counter()
         tables: dict[str, Any] = {}
-        model_proc = None
-        if chunk_here and encoder is None and executor != "ray":
-            model_proc = _start_model(session)  # its import overlaps chunking; never waited for if unused
         if chunk_here:
             done = session.chunk_locally()
             chunked = [(c, session.unit_misses_in(table)) for c, table in done]
@@ -205,10 +216,10 @@ def run_refresh_job(rcfg: RefreshConfig, progress: Progress | None = None, encod
             session.write_units([c for c, _m in chunked], encoder, progress)
         else:
             where = "ray"
+            if model_proc is not None:
+                model_proc.close()  # the cluster's actors embed: free this core now
             _embed_on_ray(session, chunked, progress)
         session.timings["embed_seconds"] = time.perf_counter() - t
-        if model_proc is not None:
-            model_proc.close()
         log.info("refresh %s: %d units, %d chunks needed the model; embedded in the %s", st.run_id, len(chunked),
                  misses, where)
         summary = session.finish()
@@ -216,14 +227,24 @@ def run_refresh_job(rcfg: RefreshConfig, progress: Progress | None = None, encod
         return summary
 
 
-def _start_model(session: RefreshSession) -> ModelProcess | None:
+def _driver_can_embed(device: str) -> bool:
+    """Whether this process can run the model as configured (only ``device: cuda`` needs a look at torch)."""
+    if device != "cuda":
+        return True
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _start_model(session: RefreshSession, identity: dict[str, Any], cfg: Any) -> ModelProcess | None:
     """A model process for the driver path (not for the instant hash test encoder)."""
-    st = session.state
-    assert st is not None
-    if str(st.live.model.get("name", "")).startswith("hash:"):
+    if str(identity.get("name", "")).startswith("hash:"):
         return None
-    e = st.cfg.embed
-    proc = ModelProcess(st.live.model, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens)
+    e = cfg.embed
+    proc = ModelProcess(identity, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens)
     session.set_model_loader(lambda: proc)  # type: ignore[arg-type, return-value]
     return proc
 
