@@ -156,7 +156,8 @@ def main() -> int:
     from engine.publish import read_alias
 
     if read_alias(store, IDX, missing_ok=True) is None:
-        blue = default_index_builder(store, IDX, blue_run["run_id"], parent_version=None, options={"kind": "flat"})["version_id"]
+        blue = default_index_builder(store, IDX, blue_run["run_id"], parent_version=None,
+                                     options={"kind": "flat"})["version_id"]
         publish_version(store, IDX, blue, reason="Cranfield blue (MiniLM 384)")
     bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in open(CRANFIELD / "corpus.jsonl")})
     # Blue's own thresholds (what production runs with today), so the report shows how far
@@ -225,7 +226,8 @@ def main() -> int:
     results: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "load_average_at_end": [round(x, 1) for x in os.getloadavg()],  # other work on the machine skews timings
-        "blue": {"version": doc["blue"]["version"], "model": doc["blue"]["model"].get("name"), "dim": doc["blue"]["dim"]},
+        "blue": {"version": doc["blue"]["version"], "model": doc["blue"]["model"].get("name"),
+                 "dim": doc["blue"]["dim"]},
         "green": {"version": doc["green"]["version"], "model": doc["green"]["model"].get("name"),
                   "dim": doc["green"]["dim"], "truncate_dim": doc["green"]["model"].get("truncate_dim")},
         "benchmark": {"queries": cmp_["benchmark"]["queries"], "blue": cmp_["benchmark"]["blue"],

@@ -43,7 +43,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Literal
 
@@ -573,7 +573,8 @@ def lock_state(lock: Mapping[str, Any] | None, now: float | None = None) -> tupl
         return True, f"the lock of {lock.get('by')} expired {now - expires:.0f} s ago"
     if lock.get("host") == _hostname() and lock.get("pid") and not _pid_alive(int(lock["pid"])):
         return True, f"its runner (pid {lock['pid']} on this host) is gone"
-    return False, f"held by {lock.get('by')} (pid {lock.get('pid')} on {lock.get('host')}), expires in {expires - now:.0f} s"
+    return False, (f"held by {lock.get('by')} (pid {lock.get('pid')} on {lock.get('host')}), "
+                   f"expires in {expires - now:.0f} s")
 
 
 MAX_EVENTS = 500
@@ -676,7 +677,8 @@ class MigrationState:
         def take(doc: dict[str, Any]) -> None:
             free, why = lock_state(doc.get("lock"))
             if not free and not break_lock:
-                raise ConflictError(f"migration {self.migration_id!r} of index {self.index!r} is being run: its lock is "
+                raise ConflictError(f"migration {self.migration_id!r} of index {self.index!r} is being run: its lock "
+                                    "is "
                                     f"{why}. Wait for it; if that runner is dead, its lock expires by itself, or rerun "
                                     "with --break-lock")
             if doc.get("lock") and not free:
@@ -810,7 +812,8 @@ def search_hits(searcher: Any, texts: Sequence[str], k: int, batch: int = 256) -
     return out
 
 
-def benchmark_metrics(bench: Any, rankings: Mapping[str, Sequence[str]], k: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def benchmark_metrics(bench: Any, rankings: Mapping[str, Sequence[str]],
+                      k: int) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     """Mean recall@k, MRR@k, nDCG@k over the benchmark's judged queries (doc-level rankings by
     query id), and the per-query rows."""
     from engine.metrics import mean_metrics, query_metrics
@@ -875,7 +878,8 @@ def _version_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
     rows = manifest.get("rows")
     if rows is None and isinstance(manifest.get("shards"), list):
         rows = sum(int(s.get("rows") or 0) for s in manifest["shards"])
-    return {"version": manifest.get("version_id"), "model": dict(model) if isinstance(model, Mapping) else {"name": model},
+    return {"version": manifest.get("version_id"),
+            "model": dict(model) if isinstance(model, Mapping) else {"name": model},
             "dim": manifest.get("dim") or (model.get("dim") if isinstance(model, Mapping) else None),
             "kind": manifest.get("kind"), "params": manifest.get("params"),
             "source_run": manifest.get("source_run"), "rows": rows}
@@ -1303,9 +1307,11 @@ class Migration:
         if canaries:
             out["canary"] = canary_figures(canaries, canary_rankings["green"], k)
             out["canary_blue"] = canary_figures(canaries, canary_rankings["blue"], k)
-        out["scores"] = {side: {"top1": [round(s[0][1], 5) for s in ((r.blue if side == "blue" else r.green) for r in rows) if s],
-                                "topk": [round(x, 5) for r in rows for _, x in (r.blue if side == "blue" else r.green)]}
-                         for side in ("blue", "green")}
+        out["scores"] = {}  # histogram inputs: each query's top-1 score, and every top-k score
+        for side in ("blue", "green"):
+            ranked = [r.blue if side == "blue" else r.green for r in rows]
+            out["scores"][side] = {"top1": [round(x[0][1], 5) for x in ranked if x],
+                                   "topk": [round(sc, 5) for x in ranked for _, sc in x]}
         out["per_query"] = {"query_id": [r.query_id for r in rows], "jaccard": [r.jaccard[k] for r in rows],
                             "overlap": [r.overlap[k] for r in rows], "top1_agree": [r.top1_agree for r in rows],
                             "spearman": [r.spearman for r in rows], "kendall": [r.kendall for r in rows]}
@@ -1358,10 +1364,11 @@ class Migration:
             return read_pairs(self.input_path("pairs") or plan.pairs), plan.pairs
         bench = _load_benchmark(self.input_path("benchmark"))
         if bench is None:
-            raise ConfigError("calibration needs labelled pairs: give --pairs (query, doc_id, relevant) or a --benchmark "
-                              "to derive them from")
+            raise ConfigError("calibration needs labelled pairs: give --pairs (query, doc_id, relevant) or a "
+                              "--benchmark to derive them from")
         pairs = make_pairs(bench, searcher=green_searcher, depth=20, unjudged_per_query=5 if green_searcher else 0)
-        return pairs, f"derived from benchmark {bench.benchmark_id} (+5 unjudged negatives per query from green's top 20)"
+        return pairs, (f"derived from benchmark {bench.benchmark_id} (+5 unjudged negatives per query from green's "
+                       "top 20)")
 
     def _phase_calibrate(self) -> dict[str, Any]:
         from engine.quality import CalibrationConfig, calibrate, load_calibration
@@ -1591,7 +1598,8 @@ class Migration:
                                          f"{plan.retention_s / 86400:g} days for rollback)")
             generation = res.generation
         _pause_point("cutover.swapped")
-        retain_until = datetime.fromtimestamp(time.time() + plan.retention_s, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        retain_until = datetime.fromtimestamp(time.time() + plan.retention_s,
+                                              timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
         def done(d: dict[str, Any]) -> None:
             d["status"] = "cut_over"
@@ -1701,7 +1709,8 @@ class Migration:
                        for p, v in doc["phases"].items()},
             "rollout": doc.get("rollout"), "rollback": doc.get("rollback"), "retain_until": doc.get("retain_until"),
             "alias_now": alias, "runner": None if free else doc.get("lock"), "runner_state": why,
-            "report": self.store.describe(self.key("report.html")) if self.store.exists(self.key("report.html")) else None,
+            "report": (self.store.describe(self.key("report.html"))
+                       if self.store.exists(self.key("report.html")) else None),
             "state": self.store.describe(self.state.key), "created_at": doc["created_at"],
             "updated_at": doc["updated_at"],
         }
@@ -1781,7 +1790,8 @@ def probe_http(url: str, texts: Sequence[str], k: int, generation: int, allowed:
         versions = [r.get("version") for r in answer.get("results", [])]
         if len(versions) != 1 or versions[0] not in allowed or header != versions[0]:
             errors += 1
-            failures.append(f"an answer named versions {versions} (header {header!r}), expected one of {sorted(allowed)}")
+            failures.append(f"an answer named versions {versions} (header {header!r}), expected one of "
+                            f"{sorted(allowed)}")
             continue
         by_version[versions[0]] = by_version.get(versions[0], 0) + 1
     return {"url": base, "queries": len(texts), "errors": errors, "by_version": by_version,

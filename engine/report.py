@@ -328,7 +328,8 @@ def render_migration_report(data: Mapping[str, Any], *, charts: bool = True) -> 
         out.append("<h3>Agreement between blue and green</h3>")
         out.append(_table(["measure", "value"], agree, num_cols=(1,)))
         if charts and bench.get("blue") and bench.get("green"):
-            out.append(f'<img class="chart" alt="benchmark metrics" src="{chart_metrics(bench["blue"], bench["green"])}">')
+            chart = chart_metrics(bench["blue"], bench["green"])
+            out.append(f'<img class="chart" alt="benchmark metrics" src="{chart}">')
 
     # --- charts -------------------------------------------------------------------------------
     if summ and charts:

@@ -379,7 +379,7 @@ def test_a_failed_gate_rolls_back_by_itself_and_records_why(blue_local, tmp_path
     # Green must find every canary's document in its top 5: the hashing model at 16 dims cannot.
     m = Migration.start(store, plan_for(blue_local, canaries=str(canaries), min_recall=1.0))
     m.run(until="calibrate")
-    with pytest.raises(GateError, match=r"rollout step 5% failed its gates: green canary recall@5 .* below the minimum"):
+    with pytest.raises(GateError, match=r"step 5% failed its gates: green canary recall@5 .* below the minimum"):
         m.rollout()
     doc = m.read()
     assert doc["status"] == "rolled_back" and doc["rollback"]["automatic"]

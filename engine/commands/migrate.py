@@ -60,7 +60,8 @@ def plan_options(f: Any) -> Any:
         click.option("--pairs", default=None, type=click.Path(exists=True, dir_okay=False),
                      help="Labelled (query, doc_id, relevant) pairs for calibration [derived from the benchmark]."),
         click.option("--k", type=int, default=None, help="Top-k of every comparison and gate [10]."),
-        click.option("--weight", "weights", default=None, help="Rollout steps, percent of query keys to green [5,25,100]."),
+        click.option("--weight", "weights", default=None,
+                     help="Rollout steps, percent of query keys to green [5,25,100]."),
         click.option("--min-recall", type=float, default=None, help="Gate: green's canary recall@k floor."),
         click.option("--max-recall-drop", type=float, default=None,
                      help="Gate: allowed drop of canary recall@k below blue's baseline [0.05]."),
@@ -76,7 +77,8 @@ def plan_options(f: Any) -> Any:
 def runtime_options(f: Any) -> Any:
     f = click.option("--in-process", is_flag=True,
                      help="Run the embed job in this process without Ray (small corpora, tests).")(f)
-    f = click.option("--address", default=None, help="Ray address for the embed job [RAY_ADDRESS, else a local Ray].")(f)
+    f = click.option("--address", default=None,
+                     help="Ray address for the embed job [RAY_ADDRESS, else a local Ray].")(f)
     return f
 
 
@@ -225,7 +227,7 @@ def _phase_command(name: str, doc: str) -> Any:
     return migrate_group.command(name)(cmd)
 
 
-baseline_cmd = _phase_command("baseline", """Evaluate the live (blue) version on the benchmark and canaries; store the figures.
+baseline_cmd = _phase_command("baseline", """Evaluate the live (blue) version on the benchmark and canaries.
 
     Starts the migration when plan flags (--model/--dim, --benchmark, ...) are given.
 
@@ -245,7 +247,7 @@ compare_cmd = _phase_command("compare", """Dual-run the query set on blue and gr
     Example:
       embedctl migrate compare --store ./store --index docs --redo
     """)
-calibrate_cmd = _phase_command("calibrate", """Recalibrate similarity thresholds for green (refuses to go on without them).
+calibrate_cmd = _phase_command("calibrate", """Recalibrate green's thresholds; refuses to go on if none come out.
 
     \b
     Example:
@@ -385,7 +387,8 @@ def list_cmd(store: str, endpoint_url: str | None, index: str, as_json: bool) ->
 
     rows = [{"migration_id": s["migration_id"], "status": s["status"], "phase": s["phase"],
              "blue": (s.get("blue") or {}).get("version"), "green": (s.get("green") or {}).get("version"),
-             "created_at": s["created_at"]} for s in list_migrations(open_store(store, endpoint_url=endpoint_url), index)]
+             "created_at": s["created_at"]}
+            for s in list_migrations(open_store(store, endpoint_url=endpoint_url), index)]
     if as_json:
         emit_json({"index": index, "migrations": rows})
         return
