@@ -270,6 +270,14 @@ def _binary_bits(dim: int) -> int:
     return ((dim + 7) // 8) * 8
 
 
+def ivf_ram(rows: int, dim: int, nlist: int, shards: int, code: int, fast_scan: bool) -> int:
+    """Bytes of IVF shards in RAM: codes + int64 ids, plus per shard its own copy of the coarse
+    centroids (each shard file loads on its own), plus for fast-scan codes the padding of every
+    list to blocks of 32 (half a block per list on average)."""
+    padded = rows + (max(shards, 1) * nlist * 16 if fast_scan else 0)
+    return padded * code + rows * ID_BYTES + max(shards, 1) * nlist * dim * 4
+
+
 def _leave_gate_out(train: int, rows: int, cfg: BuildConfig) -> int:
     """Shrink an automatic training sample so the gate's queries stay out of it (when rows allow)."""
     if cfg.train_size:
@@ -379,7 +387,6 @@ def choose_params(rows: int, dim: int, cfg: BuildConfig, *, parallelism: int = 1
             reasons.append(f"{nlist} lists: ~4*sqrt(N) = {target:.0f} rounded to a power of two, at most "
                            f"N/{MIN_TRAIN_PER_LIST} = {rows // MIN_TRAIN_PER_LIST} so each list trains on "
                            f">= {MIN_TRAIN_PER_LIST} points")
-        fixed = nlist * dim * 4
         if cfg.pq_m:
             if dim % cfg.pq_m:
                 raise ConfigError(f"pq_m={cfg.pq_m} must divide the dimension {dim}")
@@ -392,9 +399,10 @@ def choose_params(rows: int, dim: int, cfg: BuildConfig, *, parallelism: int = 1
             # recall after the rerank (benchmarks/bench_index.py).
             max_m = dim // 2 if rescore != "none" and dim >= 2 else dim
             cands = [m for m in range(max_m, 0, -1) if dim % m == 0 and _code_bytes(m, nbits) * 8 <= dim * 4]
-            fits = [m for m in cands if budget is None or rows * (_code_bytes(m, nbits) + ID_BYTES) + fixed <= budget]
+            fits = [m for m in cands if budget is None or ivf_ram(rows, dim, nlist, shards, _code_bytes(m, nbits),
+                                                                  nbits == 4) <= budget]
             if not fits:
-                smallest = rows * (_code_bytes(cands[-1], nbits) + ID_BYTES) + fixed if cands else 0
+                smallest = ivf_ram(rows, dim, nlist, shards, _code_bytes(cands[-1], nbits), nbits == 4) if cands else 0
                 raise ConfigError(f"{rows:,} vectors do not fit a memory budget of {human_bytes(budget or 0)} even "
                                   f"with the smallest PQ code (~{human_bytes(smallest)}); raise --memory-budget")
             pq_m = fits[0]
@@ -409,7 +417,9 @@ def choose_params(rows: int, dim: int, cfg: BuildConfig, *, parallelism: int = 1
     if rows < nlist:
         return flat(f"{rows:,} vectors cannot train {nlist} IVF lists: flat instead")
     code = _code_bytes(pq_m or 0, nbits) if pq_m else dim * 4
-    ram = rows * (code + ID_BYTES) + nlist * dim * 4
+    ram = ivf_ram(rows, dim, nlist, shards, code, "fs" in factory.split(",")[-1])
+    reasons.append(f"estimated RAM {human_bytes(ram)} over {max(shards, 1)} shard(s): {rows * dim * 4 / ram:.1f}x "
+                   "smaller than float32, counting ids, each shard's centroids and fast-scan block padding")
     if budget is not None and ram > budget:
         raise ConfigError(f"{factory} over {rows:,} vectors needs ~{human_bytes(ram)} of RAM, over the memory budget "
                           f"of {human_bytes(budget)}; lower pq_m or raise --memory-budget")
@@ -962,7 +972,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     faiss = import_faiss()
     if task.threads:
         faiss.omp_set_num_threads(task.threads)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     vec_parts, chunk_parts, doc_parts = [], [], []
     for part in task.parts:
         lo = max(task.id_start, part.start) - part.start
@@ -1016,7 +1026,8 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     marker = {"shard": task.shard, "rows": int(len(ids)), "id_start": task.id_start, "id_end": task.id_end,
               "id_mode": id_mode_for(task.kind, task.factory),
               "files": files, "seconds": {"read": round(t_read, 3), "add": round(t_add, 3),
-                                          "total": round(time.perf_counter() - t0, 3)}}
+                                          "total": round(time.perf_counter() - t0, 3),
+                                          "cpu": round(time.process_time() - cpu0, 3)}}
     store.write_bytes(_exact_key(task.state_prefix, task.shard), _npz_bytes(scores=ex_scores, ids=ex_ids))
     store.write_json(mkey, marker)  # the commit point of this shard
     return {**marker, "exact": {"scores": ex_scores, "ids": ex_ids}, "skipped": False}
@@ -1194,7 +1205,9 @@ class _Builder:
             self.emit("shard_done", shard=res["shard"], rows=res["rows"], skipped=res["skipped"],
                       done=len(results), total=len(tasks))
         self.timings["add_s"] = time.perf_counter() - t0
-        self.timings["add_task_s"] = sum(r["seconds"]["total"] for r in results.values() if not r["skipped"])
+        built = [r["seconds"] for r in results.values() if not r["skipped"]]
+        self.timings["add_task_s"] = sum(s["total"] for s in built)  # wall seconds inside the tasks
+        self.timings["add_task_cpu_s"] = sum(s.get("cpu", 0.0) for s in built)  # their CPU seconds
         missing = [t.shard for t in tasks if t.shard not in results]
         if missing:
             raise IntegrityError(f"shards {missing} returned no result; rerun the build (it resumes)")
