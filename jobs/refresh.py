@@ -210,10 +210,13 @@ def _run(session: RefreshSession, rcfg: RefreshConfig, executor: str, encoder: E
         session.stage("embed")
         if executor == "local" or (executor == "auto" and misses <= rcfg.local_max_embed):
             where = "driver"
+            # Units whose chunks all have stored vectors first: they need no model, so they are written while
+            # the model process is still loading; then one batched pass over every unseen chunk; then the rest.
+            session.write_units([c for c, m in chunked if not m], encoder, progress)
             need = [tables[c["unit_id"]] if c["unit_id"] in tables else _read_chunks(session, c)
                     for c, m in chunked if m]
-            session.embed_ahead(need, encoder)  # one batched pass over every unseen chunk
-            session.write_units([c for c, _m in chunked], encoder, progress)
+            session.embed_ahead(need, encoder)
+            session.write_units([c for c, m in chunked if m], encoder, progress)
         else:
             where = "ray"
             if model_proc is not None:
