@@ -358,7 +358,9 @@ def render_migration_report(data: Mapping[str, Any], *, charts: bool = True) -> 
             rows = [[esc(st), fmt(s["blue"].get(st)), fmt(s["green"].get(st)),
                      fmt_delta(s["delta"].get(st), good_if_positive=None)] for st in stats]
             ks = s.get("ks") or {}
-            rows.append(["KS statistic (p-value)", "", "", f"{fmt(ks.get('statistic'))} ({fmt(ks.get('pvalue'), 3)})"])
+            pv = ks.get("pvalue")
+            pv_text = "—" if pv is None else (f"{pv:.3f}" if pv >= 0.001 else f"{pv:.1e}")
+            rows.append(["KS statistic (p-value)", "", "", f"{fmt(ks.get('statistic'))} ({pv_text})"])
             out.append(f"<h3>{esc(label)}</h3>")
             out.append(_table(["", "blue", "green", "green − blue"], rows, num_cols=(1, 2, 3)))
 
