@@ -657,6 +657,11 @@ def _protected(store: Store, index: str, keep: int) -> tuple[dict[str, str], set
                 for v in named:
                     keep_why.setdefault(v, f"retained history of alias {name} (generation {rec.get('generation')})")
         ever.update(state.target.versions)
+    from engine.migrate import retained_versions  # migrations keep blue (retention) and green (review)
+
+    for v, why in retained_versions(store, index).items():
+        keep_why.setdefault(v, why)
+        ever.add(v)
     return keep_why, ever
 
 

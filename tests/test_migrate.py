@@ -313,6 +313,12 @@ def test_full_migration_on_both_backends(tmp_path, any_store_uri):
     kept = retained_versions(store, IDX)
     assert list(kept) == [blue["version"]] and "retained for rollback until" in kept[blue["version"]]
     assert retained_versions(store, IDX, now="9999-01-01T00:00:00Z") == {}
+    from engine.publish import gc_index
+
+    gc = gc_index(store, IDX, keep=0, grace_s=0)  # no history kept: only the migration protects blue
+    assert blue["version"] not in [d.get("version") for d in gc.deleted]
+    assert any(k.get("version") == blue["version"] and "retained for rollback" in str(k) for k in gc.kept)
+    assert store.exists(f"indexes/{IDX}/versions/{blue['version']}/manifest.json")
     # Rollback after cutover: instant, blue is still there.
     res = m.rollback("post-cutover check")
     assert res["changed"] and read_alias(store, IDX).version == blue["version"]
