@@ -1,0 +1,51 @@
+"""What every thin job driver shares: flags, config loading, the summary line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
+
+
+def run_driver(description: str, keys: Mapping[str, Any], required: tuple[str, ...],
+               run: Callable[[dict[str, Any]], dict[str, Any]], argv: list[str] | None = None,
+               check: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Parse ``--config/--dry-run``, validate keys (unknown = error), run, print the summary line.
+
+    ``keys`` maps every allowed key to its default; ``required`` must be set; ``check``
+    validates values offline (a dry run never touches the store).
+    """
+    from engine.config import load_config_file
+    from engine.errors import ConfigError, EmbedctlError
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML/JSON job config")
+    p.add_argument("--address", default=None, help="Ray address (unused by I/O-only jobs; accepted for symmetry)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved as JSON, exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        raw = {k.replace("-", "_"): v for k, v in load_config_file(args.config).items()}
+        unknown = set(raw) - set(keys)
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}; allowed: {', '.join(sorted(keys))}")
+        cfg = {**keys, **raw}
+        missing = [k for k in required if not cfg.get(k)]
+        if missing:
+            raise ConfigError(f"the config needs {', '.join(missing)}")
+        if check:
+            check(cfg)
+        if args.dry_run:
+            print(json.dumps(cfg, sort_keys=True, default=str))
+            return 0
+        summary = run(cfg)
+    except EmbedctlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    print(f"{SUMMARY_MARKER} {json.dumps(summary, sort_keys=True, default=str)}")
+    return 0
