@@ -319,6 +319,7 @@ def test_cross_encoder_filter_drops_and_refills(world, tmp_path, request):
                                 ce_max_score=threshold))
     out = rows(world["tmp"] / "ce.parquet")
     assert s["removed"]["cross_encoder"]["count"] > 0 and s["counts"]["cross_encoder_scored"] > 0
+    assert s["counts"]["cross_encoder_scored"] <= s["counts"]["queries"] * 4 * 3  # the per-query budget
     pairs = [(r["query"], r[f"negative_{j}"]) for r in out for j in range(1, 4)]
     assert pairs and (ce.predict(pairs, show_progress_bar=False) <= threshold + 1e-5).all()
     assert out != plain  # dropped negatives were replaced by the next candidates

@@ -44,6 +44,7 @@ def _flat(kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--seed", type=int, default=None, help="Seed of random sampling and random negatives [12345].")
 @click.option("--cross-encoder", default=None, help="CrossEncoder folder for false-negative filtering.")
 @click.option("--ce-max-score", default=None, help="Drop negatives the cross-encoder scores above X.")
+@click.option("--ce-max-checks", type=int, default=None, help="Cross-encoder scorings per query at most [4 x n].")
 @click.option("--negative-text", type=click.Choice(["embedded", "chunk"]), default=None,
               help="Negative texts as embedded (title prefix + chunk) or the bare chunk [embedded].")
 @click.option("--keep-incomplete", is_flag=True, default=None, help="Write rows with fewer negatives (nulls).")

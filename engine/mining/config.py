@@ -37,6 +37,7 @@ class MiningConfig:
     cross_encoder: str | None = None  # folder of a sentence-transformers CrossEncoder
     ce_max_score: float | None = None  # drop negatives the cross-encoder scores above this
     ce_batch_size: int = 64
+    ce_max_checks: int | None = None  # cross-encoder scorings per query at most [4 x num_negatives]
     mix: str = "embedding=3,bm25=1,random=1"  # strategy=mixed: share of each source
     seed: int = 12345
     curriculum_stages: int = 3
@@ -77,6 +78,9 @@ class MiningConfig:
                               "are dropped as likely false negatives)")
         if self.ce_max_score is not None and not self.cross_encoder:
             raise ConfigError("--ce-max-score needs --cross-encoder PATH")
+        if self.ce_max_checks is not None and self.ce_max_checks < self.num_negatives:
+            raise ConfigError(f"ce_max_checks ({self.ce_max_checks}) must be at least num_negatives "
+                              f"({self.num_negatives})")
         if self.curriculum_stages < 1:
             raise ConfigError(f"curriculum_stages must be >= 1, got {self.curriculum_stages}")
         if self.window_extra is not None and self.window_extra < 0:

@@ -166,6 +166,9 @@ def finalize_mining(prep: PreparedMining, wall_seconds: float, workers: dict[str
             cur["queries"] += st.queries
             cur["peak_rss_bytes"] = max(cur["peak_rss_bytes"], int(w.get("peak_rss_bytes", 0)))
             cur["search"] = w.get("search")
+            # resident memory after this worker's first and last batch (flat = nothing accumulates)
+            cur.setdefault("rss_bytes_first", int(w.get("rss_bytes", 0)))
+            cur["rss_bytes_last"] = int(w.get("rss_bytes", 0))
     if missing:
         raise ConfigError(f"{len(missing)} mining batches did not finish (first: {missing[:5]}); rerun the same "
                           "command to resume them")
@@ -240,6 +243,7 @@ def build_summary(prep: PreparedMining, total: BatchStats, cuts: list[float | No
                    "negatives": total.negatives, "rows_incomplete": total.rows_incomplete,
                    "queries_incomplete": total.queries_incomplete, "pairs_unresolved": total.pairs_unresolved,
                    "candidates_considered": considered, "cross_encoder_scored": total.ce_scored,
+                   "cross_encoder_budget_exhausted": total.ce_budget_exhausted,
                    "negatives_by_source": total.by_source},
         "removed": removed,
         "scores": {"positive": total.hist["positive"].summary(), "negative": total.hist["negative"].summary(),
@@ -300,6 +304,10 @@ def format_summary(summary: dict[str, Any]) -> str:
                      + (" and were written with nulls" if summary["config"]["keep_incomplete"]
                         else " and were left out")
                      + "; widen --range-max or loosen the margins to find more")
+    if c.get("cross_encoder_scored"):
+        lines.append(f"cross-encoder: {c['cross_encoder_scored']} pairs scored, "
+                     f"{summary['removed']['cross_encoder']['count']} dropped as likely false negatives, "
+                     f"{c['cross_encoder_budget_exhausted']} queries ran out of --ce-max-checks")
     if c["pairs_unresolved"]:
         lines.append(f"{c['pairs_unresolved']} pairs named a positive id that is not in the corpus and gave no text")
     t = summary["throughput"]

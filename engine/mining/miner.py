@@ -347,12 +347,17 @@ class NegativeMiner:
         """Score chosen negatives with the cross-encoder; drop those above ce_max_score (likely false
         negatives) and refill from the reserve in its order (rank order for top sampling, the seeded
         draw order for random). Refills are scored a few at a time per query, all queries of the batch
-        in one ``predict`` call per round, so a batch needs a handful of calls, not one per drop."""
+        in one ``predict`` call per round, so a batch needs a handful of calls, not one per drop. A
+        query gets at most ``ce_max_checks`` scorings: the cross-encoder's cost stays bounded even
+        when it rejects most candidates."""
         t0 = time.perf_counter()
         limit = float(self.rules.ce_max_score)  # type: ignore[arg-type]
+        budget = self.rules.ce_max_checks or 4 * self.rules.num_negatives
         kept: list[list[tuple[int, float, int, str]]] = [[] for _ in groups]
         need = [len(c) for c in chosen]
         todo = [list(c) for c in chosen]
+        checks = [len(c) for c in chosen]
+        exhausted: set[int] = set()
         while any(todo):
             pairs_idx = [(qi, item) for qi, items in enumerate(todo) for item in items]
             texts = self.corpus.column(np.array([it[0] for _, it in pairs_idx], dtype=np.int64), self._text_col())
@@ -369,11 +374,17 @@ class NegativeMiner:
             todo = [[] for _ in groups]
             for qi in range(len(groups)):
                 short = need[qi] - len(kept[qi])
-                if short > 0 and reserve[qi]:
-                    take = min(len(reserve[qi]), max(2 * short, 4))  # a few spares: fewer rounds
-                    todo[qi], reserve[qi] = reserve[qi][:take], reserve[qi][take:]
+                if short <= 0 or not reserve[qi]:
+                    continue
+                take = min(len(reserve[qi]), max(2 * short, 4), budget - checks[qi])  # a few spares: fewer rounds
+                if take <= 0:
+                    exhausted.add(qi)
+                    continue
+                todo[qi], reserve[qi] = reserve[qi][:take], reserve[qi][take:]
+                checks[qi] += take
         for qi in range(len(groups)):
             chosen[qi] = kept[qi]
+        st.ce_budget_exhausted += len(exhausted)
         st.seconds["cross_encoder"] += time.perf_counter() - t0
 
     # -- a batch ----------------------------------------------------------------------------

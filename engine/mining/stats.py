@@ -101,6 +101,7 @@ class BatchStats:
     negatives: int = 0
     candidates: int = 0
     ce_scored: int = 0
+    ce_budget_exhausted: int = 0  # queries whose cross-encoder budget ran out before num_negatives passed
     by_source: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SOURCES})
     removed: dict[str, int] = field(default_factory=lambda: {r: 0 for r in RULES})
     hist: dict[str, ScoreHistogram] = field(default_factory=lambda: {h: ScoreHistogram() for h in HISTOGRAMS})
@@ -122,7 +123,7 @@ class BatchStats:
 
     def merge(self, o: BatchStats) -> None:
         for k in ("queries", "pairs", "rows_written", "rows_incomplete", "queries_incomplete", "pairs_unresolved",
-                  "negatives", "candidates", "ce_scored"):
+                  "negatives", "candidates", "ce_scored", "ce_budget_exhausted"):
             setattr(self, k, getattr(self, k) + getattr(o, k))
         for k, v in o.by_source.items():
             self.by_source[k] = self.by_source.get(k, 0) + v
