@@ -684,9 +684,10 @@ def read_run_vectors(store: Store, run_id: str) -> tuple[np.ndarray, list[str], 
 
 
 def new_version_id(now: datetime | None = None) -> str:
-    """``v<UTC yyyymmddHHMMSS>-<6 hex>``: sorts by creation time as a string."""
+    """``v<UTC yyyymmddHHMMSS>-<6 hex>``: sorts by creation time as a string, to the microsecond
+    (the first 5 hex digits are the microseconds; the last is random)."""
     now = now or datetime.now(timezone.utc)
-    return f"v{now:%Y%m%d%H%M%S}-{secrets.token_hex(3)}"
+    return f"v{now:%Y%m%d%H%M%S}-{now.microsecond:05x}{secrets.randbelow(16):x}"
 
 
 def list_versions(store: Store, index: str) -> list[str]:

@@ -437,3 +437,16 @@ def test_resume_retrains_when_its_files_were_collected(store, corpus):
     assert res.resumed and res.version_id == vid
     assert [e.get("reused") for e in events if e["event"] == "trained"] == [False]
     verify_version(store, "idx", vid)
+
+
+def test_version_ids_sort_by_creation_time():
+    from datetime import datetime, timezone
+
+    from engine.index import new_version_id
+
+    t = datetime(2026, 1, 2, 3, 4, 5, 999_999, tzinfo=timezone.utc)
+    times = [t.replace(second=s, microsecond=us) for s in (4, 5) for us in (0, 1, 15, 16, 999_998)]
+    ids = [new_version_id(x) for x in times]
+    assert ids == sorted(ids)
+    assert new_version_id(t).startswith("v20260102030405-f423f")
+    assert new_version_id(t.replace(microsecond=1)) < new_version_id(t)
