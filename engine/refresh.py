@@ -39,8 +39,9 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -50,7 +51,7 @@ from engine.config import SECTIONS, EmbedConfig, EmbedJobConfig, RuntimeConfig, 
 from engine.corpus import CorpusConfig
 from engine.embedding import Encoder
 from engine.errors import ConfigError, ConflictError, GateError, IntegrityError, NotFoundError
-from engine.pipeline import UnitEmbedder, read_part, state_key
+from engine.pipeline import UnitEmbedder, state_key
 from engine.storage import Store, json_bytes, open_store
 from engine.tokenization import WhitespaceTokenizer
 
@@ -1596,11 +1597,15 @@ def _quantization_error(trained: Any, x: np.ndarray, binary: bool) -> float:
         d, _ = ivf_b.quantizer.search(pack_sign_bits(x), 1)
         return float(np.mean(d))
     x = np.ascontiguousarray(x, dtype=np.float32)
-    ivf = faiss.try_extract_index_ivf(trained)
-    if ivf is None:
+    extracted = faiss.try_extract_index_ivf(trained)
+    if extracted is None:
         return 0.0
-    ivf = faiss.downcast_index(ivf)
-    xt = np.ascontiguousarray(trained.apply_chain(len(x), x)) if isinstance(trained, faiss.IndexPreTransform) else x
+    ivf: Any = faiss.downcast_index(extracted)
+    xt = x
+    if isinstance(trained, faiss.IndexPreTransform):  # OPQ / PCA: the lists live in the transformed space
+        for i in range(trained.chain.size()):  # type: ignore[attr-defined]
+            vt = faiss.downcast_VectorTransform(trained.chain.at(i))  # type: ignore[attr-defined]
+            xt = np.ascontiguousarray(vt.apply(xt), dtype=np.float32)
     _, assign = ivf.quantizer.search(xt, 1)  # [n, 1] nearest list
     residual = xt - ivf.quantizer.reconstruct_batch(assign.ravel()) if getattr(ivf, "by_residual", True) else xt
     pq = getattr(ivf, "pq", None)
@@ -1703,7 +1708,7 @@ def update_version(store: Store, index: str, live: dict[str, Any], version_id: s
         lo, hi = cursor, cursor + take
         cursor = hi
         if not gone.any() and take == 0:
-            for role, key in files.items():  # untouched shard: same bytes under the new version
+            for key in files.values():  # untouched shard: same bytes under the new version
                 artifacts.append(_copy_artifact(store, layout.join(src, key), layout.join(dst, key), key, live))
             out_shards.append(dict(s))
             continue

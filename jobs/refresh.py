@@ -16,7 +16,8 @@ import logging
 import sys
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from engine.config import load_config_file
 from engine.refresh import RefreshConfig, RefreshSession, VectorLookup
@@ -285,7 +286,7 @@ def _chunk_on_ray(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
     init_ray(st.cfg.runtime.address)
     pool = plan_pool(ray.cluster_resources(), "cpu", None, None)
     items = _items(session)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+    ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
     ds = ds.map(_chunk_task, fn_kwargs={"session_cfg": st.cfg, "plan_meta": plan_meta_for(st.prepared),
                                         "lookup": st.lookup}, num_cpus=pool.cpus_per_task)
     return [(json.loads(r["chunked"]), int(r["misses"])) for r in ds.iter_rows()]
@@ -304,7 +305,7 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
     rows: list[dict[str, Any]] = []
     if copy_only:
-        ds = ray.data.from_items(copy_only, override_num_blocks=max(1, min(len(copy_only), 1000)))
+        ds: Any = ray.data.from_items(copy_only, override_num_blocks=max(1, min(len(copy_only), 1000)))
         ds = ds.map(_copy_task, fn_kwargs={"cfg": st.cfg, "run_id": st.run_id, "identity": st.live.model,
                                            "lookup": st.lookup}, num_cpus=0.5)
         rows.extend(ds.iter_rows())
@@ -313,8 +314,8 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
                          st.cfg.runtime.threads_per_worker)
         n = max(1, min(pool.actors, len(to_embed)))
         log.info("embedding pool for %d units with changed chunks: %s", len(to_embed), pool.reason)
-        ds = ray.data.from_items(to_embed, override_num_blocks=max(1, min(len(to_embed), 1000)))
-        ds = ds.map_batches(
+        ds2: Any = ray.data.from_items(to_embed, override_num_blocks=max(1, min(len(to_embed), 1000)))
+        ds2 = ds2.map_batches(
             _RefreshActor,
             fn_constructor_kwargs={"cfg": st.cfg, "run_id": st.run_id, "identity": st.live.model,
                                    "lookup": st.lookup, "threads": pool.threads_per_actor},
@@ -322,7 +323,7 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
             num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
             max_restarts=3, max_task_retries=3,  # a unit's writes are idempotent: retry it on a new actor
         )
-        rows.extend(ds.iter_rows())
+        rows.extend(ds2.iter_rows())
     for row in rows:
         marker = json.loads(row["marker"])
         session.record_unit(marker)

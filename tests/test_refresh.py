@@ -237,9 +237,9 @@ def test_rebuild_when_much_changes_and_the_reason_is_recorded(tmp_path):
     assert s["status"] == "published"
     vman = store.read_json(layout.version_manifest_key(IDX, s["version_id"]))
     assert vman["parent_version"] == v1 and vman["source_run"] == s["run_id"]
-    record = vman.get("refresh") or store.read_json(
-        layout.join(layout.version_prefix(IDX, s["version_id"]), "refresh.json"))
+    record = vman["refresh"]  # the builder's manifest_extra: the choice and the reason in the manifest itself
     assert record["strategy"] == "rebuild" and record["reason"] == s["strategy_reason"]
+    assert record["build_config"]["kind"] == "flat" and record["diff"]["docs"]["changed"] == 40
 
 
 def test_ivfpq_incremental_measures_drift_and_recall(tmp_path):
