@@ -1069,7 +1069,7 @@ def _now_iso() -> str:
 def _sample_ids(rows: int, train_size: int, gate: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """Training ids and gate query ids (disjoint when the corpus allows), sorted."""
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(rows) if rows <= 50_000_000 else None
+    perm = rng.permutation(rows) if rows <= 10_000_000 else None
     if perm is None:  # very large corpora: sample without materialising a full permutation
         chosen = np.unique(rng.integers(0, rows, size=train_size + gate * 2, dtype=np.int64))
         rng.shuffle(chosen)
