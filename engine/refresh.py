@@ -1930,3 +1930,97 @@ def load_canaries(path: str, endpoint_url: str | None = None) -> list[Any]:
         local = os.path.join(tmp, name)
         open_store(parent, endpoint_url=endpoint_url).download_file(name, local)
         return read_canaries(local)
+
+
+# ---------------------------------------------------------------------------------------------
+# a light model loader for the few texts a refresh embeds
+# ---------------------------------------------------------------------------------------------
+
+_ST = "sentence_transformers.models."
+LIGHT_STACKS = ([_ST + "Transformer", _ST + "Pooling"], [_ST + "Transformer", _ST + "Pooling", _ST + "Normalize"])
+
+
+class LightPassageEncoder(Encoder):
+    """The plainest sentence-transformers stack (Transformer -> mean Pooling -> optional Normalize) run
+    with ``transformers`` alone: ~2.5 s less start-up than importing sentence-transformers, which is most
+    of a small refresh's time. Used only by the refresh's model process, and only after it reproduced
+    vectors the live run stored (``jobs.refresh``); anything else loads the engine's own encoder."""
+
+    def __init__(self, identity: dict[str, Any], path: str, max_seq_length: int, normalize: bool,
+                 device: str = "cpu", threads: int | None = None, batch_rows: int = 64):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        self.device = device
+        self.model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
+        self.hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.normalize = normalize
+        self.batch_rows = batch_rows
+        super().__init__(name=str(identity.get("name")), path=path, fingerprint=str(identity.get("fingerprint") or ""),
+                         native_dim=int(identity.get("native_dim") or identity["dim"]), max_seq_length=max_seq_length,
+                         tokenizer=WhitespaceTokenizer(), truncate_dim=identity.get("truncate_dim"),
+                         query_prompt=identity.get("query_prompt") or "",
+                         passage_prompt=identity.get("passage_prompt") or "")
+
+    def _encode_raw(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(texts), self.native_dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch
+        for start in range(0, len(order), self.batch_rows):
+            idx = order[start:start + self.batch_rows]
+            feats = self.hf_tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                      max_length=self.max_seq_length, return_tensors="pt").to(self.device)
+            with torch.inference_mode():
+                tokens = self.model(**feats)[0]  # [b, seq, native_dim]
+                mask = feats["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+                pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # mean over real tokens
+                if self.normalize:
+                    pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            out[idx] = pooled.float().cpu().numpy()
+        self.stats["texts"] += len(texts)
+        return out
+
+
+def light_encoder(identity: dict[str, Any], *, device: str = "cpu", threads: int | None = None) -> Encoder | None:
+    """A ``LightPassageEncoder`` when the model folder is exactly Transformer -> mean Pooling (-> Normalize)
+    with no lower-casing, tokenizer/model arguments or default prompt; None otherwise (use the engine's)."""
+    from pathlib import Path
+
+    path = Path(str(identity.get("path") or ""))
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        types = [m["type"] for m in sorted(modules, key=lambda m: int(m["idx"]))]
+        if types not in LIGHT_STACKS or modules[0].get("path") not in ("", "."):
+            return None
+        sbert = json.loads((path / "sentence_bert_config.json").read_text())
+        if any(sbert.get(k) for k in ("do_lower_case", "model_args", "tokenizer_args", "config_args")) or \
+                not sbert.get("max_seq_length"):
+            return None
+        pool_dir = path / (modules[1].get("path") or "")
+        pooling = json.loads((pool_dir / "config.json").read_text())
+        modes = {k: v for k, v in pooling.items() if k.startswith("pooling_mode_") and v}
+        if set(modes) != {"pooling_mode_mean_tokens"} or pooling.get("include_prompt") is False:
+            return None
+        st_cfg = path / "config_sentence_transformers.json"
+        if st_cfg.exists() and json.loads(st_cfg.read_text()).get("default_prompt_name"):
+            return None
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    if device not in ("cpu", "auto"):
+        return None  # the light path is for the driver's CPU; GPUs get the engine's encoder
+    return LightPassageEncoder(identity, str(path), int(sbert["max_seq_length"]), len(types) == 3, "cpu", threads)
+
+
+def stored_samples(store: Store, run_manifest: dict[str, Any], cfg: EmbedJobConfig, n: int = 4) -> list[tuple[str, list[float]]]:
+    """(embed text, stored vector) of the first ``n`` chunks of a run: what a model must reproduce to be trusted."""
+    from engine.pipeline import embed_inputs, make_chunker
+
+    parts = [o["key"] for o in run_manifest["outputs"]["embeddings"] if int(o.get("rows", 0)) > 0]
+    if not parts:
+        return []
+    t = _read_columns(store, parts[0], ["text", "title", "embedding"]).slice(0, n)
+    texts = embed_inputs(t, make_chunker(cfg))
+    return [(x, v.astype(np.float32).tolist()) for x, v in zip(texts, _vectors(t))]

@@ -80,15 +80,20 @@ class ModelProcess:
     ``__main__`` of the caller. Requests and replies are length-prefixed pickles over its stdin/stdout;
     it exits when its stdin closes (the driver ended or died)."""
 
-    def __init__(self, identity: dict[str, Any], *, device: str, dtype: str, batch_tokens: int):
+    def __init__(self, identity: dict[str, Any], *, device: str, dtype: str, batch_tokens: int,
+                 samples: list[tuple[str, list[float]]] | None = None):
         import subprocess
         import threading
 
         self.dim = int(identity["dim"])
+        self.info: dict[str, Any] = {}
         args = json.dumps({"identity": identity, "device": device, "dtype": dtype, "batch_tokens": batch_tokens})
         self._proc = subprocess.Popen([sys.executable, "-c", "from jobs.refresh import _model_server; _model_server()",
                                        args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lock = threading.Lock()
+        self._ready = False
+        # Stored vectors the child must reproduce before it may use its light loader.
+        _send(self._proc.stdin, list(samples or []))
 
     def encode_passages(self, texts: list[str]) -> Any:
         """[n, dim] float32, L2-normalised, from the child's encoder (waits for it to finish loading)."""
@@ -96,6 +101,10 @@ class ModelProcess:
 
         with self._lock:
             try:
+                if not self._ready:
+                    _tag, self.info = _recv(self._proc.stdout)  # ("ready", {"loader": ..., ...})
+                    self._ready = True
+                    log.info("refresh model process: %s", self.info)
                 _send(self._proc.stdin, list(texts))
                 ok, value = _recv(self._proc.stdout)
             except (EOFError, OSError, BrokenPipeError) as err:
@@ -137,23 +146,54 @@ def _recv(f: Any) -> Any:
 
 
 def _model_server() -> None:
-    """Child process: load the encoder, then answer ``encode_passages`` requests until stdin closes."""
+    """Child process: load the encoder, then answer ``encode_passages`` requests until stdin closes.
+
+    The light loader (``engine.refresh.light_encoder``: transformers only, seconds faster) is used only when
+    it reproduces the stored vectors the driver sent (cosine >= 0.99999 on every one); otherwise, and for
+    any other model, the engine's own ``encoder_from_identity``."""
     import os
+
+    import numpy as np
 
     out = os.fdopen(os.dup(1), "wb")  # replies only; anything the libraries print goes to stderr
     os.dup2(2, 1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = json.loads(sys.argv[1])
-    try:
-        from engine.embedding import encoder_from_identity
-
-        enc: Any = encoder_from_identity(args["identity"], device=args["device"], dtype=args["dtype"],
-                                         batch_tokens=args["batch_tokens"])
-        error = None
-    except Exception as err:  # noqa: BLE001 - reported to the driver on its first request
-        enc, error = None, f"{type(err).__name__}: {err}"
     inp = sys.stdin.buffer
+    try:
+        samples = _recv(inp)
+    except EOFError:
+        return
+    enc: Any = None
+    info: dict[str, Any] = {}
+    error = None
+    try:
+        from engine.refresh import light_encoder
+
+        light = light_encoder(args["identity"], device=args["device"]) if samples else None
+        if light is not None:
+            got = light.encode_passages([t for t, _v in samples])  # [k, dim]
+            want = np.asarray([v for _t, v in samples], dtype=np.float32)
+            want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
+            cos = float((got * want).sum(1).min())
+            if cos >= 0.99999:
+                enc, info = light, {"loader": "transformers", "validated_on": len(samples), "min_cosine": cos}
+            else:
+                info = {"light_rejected": f"min cosine {cos:.6f} to the stored vectors"}
+    except Exception as err:  # noqa: BLE001 - the light path is an optimisation: fall back, say why
+        info = {"light_rejected": f"{type(err).__name__}: {err}"}
+    if enc is None:
+        try:
+            from engine.embedding import encoder_from_identity
+
+            enc = encoder_from_identity(args["identity"], device=args["device"], dtype=args["dtype"],
+                                        batch_tokens=args["batch_tokens"])
+            info["loader"] = "sentence-transformers"
+        except Exception as err:  # noqa: BLE001 - reported to the driver on its first request
+            error = f"{type(err).__name__}: {err}"
+            info["error"] = error
+    _send(out, ("ready", info))
     while True:
         try:
             texts = _recv(inp)
@@ -228,6 +268,8 @@ def _run(session: RefreshSession, rcfg: RefreshConfig, executor: str, encoder: E
                  misses, where)
         summary = session.finish()
         summary["executor"] = where
+        if model_proc is not None and model_proc.info:
+            summary["model_loader"] = model_proc.info
         return summary
 
 
@@ -245,10 +287,14 @@ def _driver_can_embed(device: str) -> bool:
 
 def _start_model(session: RefreshSession, identity: dict[str, Any], cfg: Any) -> ModelProcess | None:
     """A model process for the driver path (not for the instant hash test encoder)."""
+    from engine.refresh import stored_samples
+
     if str(identity.get("name", "")).startswith("hash:"):
         return None
     e = cfg.embed
-    proc = ModelProcess(identity, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens)
+    live = session.resolve()[0]
+    samples = stored_samples(session.store, live.run_manifest, cfg)
+    proc = ModelProcess(identity, device=e.device, dtype=e.dtype, batch_tokens=e.batch_tokens, samples=samples)
     session.set_model_loader(lambda: proc)  # type: ignore[arg-type, return-value]
     return proc
 

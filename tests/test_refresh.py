@@ -529,6 +529,8 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
                                                  "alias": "live", "unit_rows": 16}))
     assert s["status"] == "published" and s["executor"] == "driver"
     assert s["embedding_calls"] == s["chunks"]["new"] + s["chunks"]["changed"] >= 2
+    # The light loader served, after reproducing vectors the live run stored.
+    assert s["model_loader"]["loader"] == "transformers" and s["model_loader"]["validated_on"] == 4
     # The new document's vector is the model's own (encoded here, compared with the process's result).
     man = store.read_json(layout.run_manifest_key(s["run_id"]))
     rows = {}
@@ -539,3 +541,22 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
     text, title, vec = rows["added000"]
     want = load_encoder(None).encode_passages([f"{title}\n{text}"])[0]
     np.testing.assert_allclose(vec, want, atol=1e-4)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_model_process_falls_back_when_the_light_loader_does_not_reproduce_stored_vectors():
+    from engine.embedding import encoder_from_identity, load_encoder
+    from jobs.refresh import ModelProcess
+
+    ident = load_encoder(None).identity
+    texts = ["wing lift in a slipstream", "boundary layer transition"]
+    right = encoder_from_identity(ident).encode_passages(texts)
+    wrong = [(t, (-v).tolist()) for t, v in zip(texts, right)]  # not what this model gives
+    proc = ModelProcess(ident, device="cpu", dtype="auto", batch_tokens=4096, samples=wrong)
+    try:
+        got = proc.encode_passages(texts)
+        assert proc.info["loader"] == "sentence-transformers" and "light_rejected" in proc.info
+        np.testing.assert_allclose(got, right, atol=1e-5)
+    finally:
+        proc.close()

@@ -50,12 +50,17 @@ def refresh(as_json: bool, dry_run: bool, **kwargs: Any) -> None:
           --from-alias live --publish-to live --canary canaries.jsonl --json
       embedctl refresh --config refresh.yaml --dry-run
 
-    The new snapshot is diffed against the chunks of the version the alias names, by content
-    hash under the same chunker and model; unchanged chunks keep their stored vectors. The new
-    version is an incremental update of the live shards or a rebuild (the choice and why are in
-    its manifest), published by compare-and-swap only when the recall gate and the canary set
-    pass. One refresh per index at a time (a lease in the store). Rerun the same command after
-    a crash: it resumes. A different model or chunker is refused: use `embedctl migrate`.
+    The new snapshot is diffed against the chunks of the version the alias
+    names, by content hash under the same chunker and model; unchanged chunks
+    keep their stored vectors. The new version is an incremental update of the
+    live shards or a rebuild (the choice and why are in its manifest), published
+    by compare-and-swap only when the recall gate and the canary set pass. One
+    refresh per index at a time (a lease in the store). Rerun the same command
+    after a crash: it resumes. The model and chunker are the live version's:
+    model/chunk flags may only repeat them (anything else is refused: use
+    `embedctl migrate`). Exit codes: 0 published, built or up to date; 7 a gate
+    failed (the alias is untouched); 5 another refresh holds the lease, or the
+    alias moved meanwhile; 2 a refused config.
     """
     from engine.refresh import RefreshConfig, RefreshSession
     from jobs.refresh import exit_code, run_refresh_job
