@@ -179,7 +179,7 @@ def test_shard_merge_finds_every_chunk_exactly_once(store, corpus):
         for hits in everything:
             assert len(hits) == n and len({h.chunk_id for h in hits}) == n  # merged once, no duplicates
             assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
-        assert s.search_vectors(vecs[:1], n + 50)[0].__len__() == n
+        assert len(s.search_vectors(vecs[:1], n + 50)[0]) == n
 
 
 def test_parallel_mapper_matches_sequential(tmp_path, corpus):
