@@ -153,7 +153,7 @@ def main() -> None:
     res["refresh_over_full_embed_with_ray_start"] = round(res["refresh_s"] / (res["full_embed_s"] + res["ray_start_s"]), 4)
     res["refresh"] = {k: s.get(k) for k in ("status", "docs", "chunks", "embedding_calls", "reused_vectors", "reused_by_hash",
                                             "saved_embedding_calls", "strategy", "strategy_reason", "timings",
-                                            "executor", "version_id", "gates", "full_embed")}
+                                            "executor", "version_id", "gates", "full_embed", "model_loader")}
     assert read_alias(store, "cranfield", "live").version == s["version_id"]
 
     if not args.no_verify:
