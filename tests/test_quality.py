@@ -505,6 +505,34 @@ def test_index_status_reports_stale_calibrations(store, v1, tmp_path, capsys):
     assert "calibration: RECALIBRATE: calibrated on another version" in out
 
 
+def test_search_cli_threshold_auto_and_explained_empty_results(store, v1, capsys):
+    code, _out, err = run_cli(["search", "--store", store.uri, "--index", "docs", "--version", v1, "-q", "x",
+                               "--threshold", "auto"], capsys)
+    assert code == 4 and "no calibration" in err  # refused, not silently unfiltered
+    calibrate(store, v1)
+    code, out, err = run_cli(["search", "--store", store.uri, "--index", "docs", "--version", v1, "-q", "alpha",
+                              "-q", "zzz-unknown-words", "--threshold", "auto", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)["results"]
+    for r in res:
+        assert r["hits"] or r["empty_reason"]  # an empty result always says why
+    code, out, _err = run_cli(["search", "--store", store.uri, "--index", "docs", "--version", v1, "-q", "alpha",
+                               "--threshold", "0.9999", "--json"], capsys)
+    r = json.loads(out)["results"][0]
+    assert r["hits"] == [] and "0.9999" in r["empty_reason"]
+
+
+def test_evaluate_cli_accepts_a_benchmark(store, v1, tmp_path, capsys):
+    bench = topic_benchmark(tmp_path)
+    path = tmp_path / "bench.json"
+    Q.save_benchmark(bench, path)
+    code, out, err = run_cli(["evaluate", "--store", store.uri, "--index", "docs", "--version", v1, "--benchmark",
+                              str(path), "-k", "5", "--json"], capsys)
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["version"] == v1 and "lang" in json.dumps(d)
+
+
 def test_thresholds_on_real_search_results(store, v1):
     from engine.search import Searcher
 

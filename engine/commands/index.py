@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -189,10 +190,12 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
 @click.option("--docs", "collapse_docs", is_flag=True, help="One hit per document (its best chunk).")
 @click.option("--device", default="cpu", show_default=True, help="Where the query encoder runs (cpu, cuda).")
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification of the version's files.")
+@click.option("--threshold", default=None,
+              help="Drop hits below a score, or 'auto' (the version's calibrated thresholds; stale ones are refused).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
                queries: tuple[str, ...], k: int, nprobe: int | None, rescore_multiplier: int | None,
-               collapse_docs: bool, device: str, no_verify: bool, as_json: bool) -> None:
+               collapse_docs: bool, device: str, no_verify: bool, threshold: str | None, as_json: bool) -> None:
     """Search an index version with the model it was built with.
 
     \b
@@ -205,6 +208,11 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
+    thresholds = None
+    if threshold is not None:
+        from engine.quality import resolve_threshold
+
+        thresholds = resolve_threshold(st, index, vid, threshold)  # refused here, before loading, if stale
     t0 = time.perf_counter()
     searcher = Searcher.load(st, index, vid, verify=not no_verify, device=device)
     t_load = time.perf_counter() - t0
@@ -215,18 +223,24 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
         t_search = time.perf_counter() - t1
     finally:
         searcher.close()
+    reasons: list[str | None] = [None] * len(results)
+    if thresholds is not None:
+        from engine.quality import apply_thresholds_batch
+
+        results, reasons = apply_thresholds_batch(results, thresholds)
     if as_json:
-        emit_json({"index": index, "version": vid, "alias": alias, "k": k,
-                   "results": [{"query": q, "hits": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "score": h.score}
-                                                     for h in hits]} for q, hits in zip(queries, results)],
+        emit_json({"index": index, "version": vid, "alias": alias, "k": k, "threshold": threshold,
+                   "results": [{"query": q, "empty_reason": why if not hits else None,
+                                "hits": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "score": h.score}
+                                         for h in hits]} for q, hits, why in zip(queries, results, reasons)],
                    "timings": {"load_s": round(t_load, 3), "search_s": round(t_search, 3)}})
         return
     click.echo(f"{index}/{vid}" + (f" (alias {alias})" if alias else "") + f": {len(queries)} quer"
                f"{'y' if len(queries) == 1 else 'ies'} in {t_search * 1000:.0f} ms", err=True)
-    for q, hits in zip(queries, results):
+    for q, hits, why in zip(queries, results, reasons):
         click.echo(f"\n{q}")
         if not hits:
-            click.echo("  (no results)")
+            click.echo(f"  (no results: {why})" if why else "  (no results)")
         for rank, h in enumerate(hits, start=1):
             click.echo(f"  {rank:>3}  {h.score:.4f}  {h.doc_id}  {h.chunk_id}")
 
@@ -234,10 +248,12 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
 @click.command("evaluate")
 @_store_options
 @_version_options
-@click.option("--queries", "queries_path", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--queries", "queries_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help='JSON lines: {"query_id", "text"}.')
-@click.option("--qrels", "qrels_path", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--qrels", "qrels_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="TSV with a header: query_id doc_id grade.")
+@click.option("--benchmark", "benchmark_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A benchmark file (embedctl benchmark build) instead of --queries/--qrels; per lang/type breakdown.")
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--gain", type=click.Choice(["cranfield", "linear", "binary"]), default="cranfield", show_default=True,
               help="Grade -> gain: cranfield = 5-grade for grades 1..4 (1 best), linear = grade, binary = 1 if > 0.")
@@ -249,8 +265,9 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
-                 queries_path: str, qrels_path: str, k: int, gain: str, per_query_path: str | None, no_exact: bool,
-                 nprobe: int | None, rescore_multiplier: int | None, device: str, as_json: bool) -> None:
+                 queries_path: str | None, qrels_path: str | None, benchmark_path: str | None, k: int, gain: str,
+                 per_query_path: str | None, no_exact: bool, nprobe: int | None, rescore_multiplier: int | None,
+                 device: str, as_json: bool) -> None:
     """recall@k, MRR@k and graded nDCG@k of a version on judged queries, beside exact search on the same vectors.
 
     \b
@@ -259,11 +276,31 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
           --queries ../shared/data/cranfield/queries.jsonl --qrels ../shared/data/cranfield/qrels.tsv
       embedctl evaluate --store ./store --index docs --version latest --queries q.jsonl --qrels q.tsv -k 20 --json
     """
+    from engine.errors import ConfigError
     from engine.evaluate import EvalConfig, evaluate_version
     from engine.search import resolve_version
 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
+    if benchmark_path is not None:
+        if queries_path or qrels_path:
+            raise ConfigError("give --benchmark or --queries/--qrels, not both")
+        from engine.quality import evaluate_benchmark, load_benchmark
+        from engine.search import Searcher
+
+        searcher = Searcher.load(st, index, vid, device=device)
+        try:
+            result = evaluate_benchmark(searcher, load_benchmark(benchmark_path), ks=(k,), store=st,
+                                        exact=not no_exact, nprobe=nprobe)
+        finally:
+            searcher.close()
+        if as_json:
+            emit_json({"index": index, "version": vid, **result})
+        else:
+            click.echo(json.dumps({"index": index, "version": vid, **result}, indent=2, default=str))
+        return
+    if not (queries_path and qrels_path):
+        raise ConfigError("evaluate needs --queries and --qrels, or --benchmark")
     per_query_path = per_query_path or f"eval-{index}-{vid}.jsonl"
     cfg = EvalConfig(k=k, gain=gain, exact=not no_exact, nprobe=nprobe, rescore_multiplier=rescore_multiplier)
     summary = evaluate_version(st, index, vid, queries_path, qrels_path, cfg, per_query_path=per_query_path,
