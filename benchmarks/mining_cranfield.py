@@ -156,8 +156,8 @@ def mine(work: Path, run_id: str, pairs: str, out: str, workers: int, **extra: A
     from engine.mining import MiningJobConfig
     from jobs.mine_negatives import run_mining_job
 
-    shutil.rmtree(out, ignore_errors=True)
     flat = {"store": str(work / "store"), "run": run_id, "pairs": pairs, "out": out, "workers": workers,
+            "overwrite": True,
             "device": "cpu", "search": "exact", "batch_size": 64, "cache_dir": str(work / "cache"), **RULES, **extra}
     return run_mining_job(MiningJobConfig.from_flat(flat))
 
@@ -263,13 +263,16 @@ def fidelity(work: Path, run_id: str, texts: dict[str, str], grades: int) -> dic
 
 
 def memory(work: Path, run_id: str, texts: dict[str, str], grades: int) -> dict[str, Any]:
-    """Same query distribution, 10x the count: the 1x set is a seeded 10% sample of the 10x set's queries
-    (query length drives the encoder's activation memory, so the sets must not differ in kind)."""
+    """10x the queries of the same kind: the 1x set is a seeded sample of 222 queries (Cranfield queries,
+    titles and sentences), the 10x set holds each of them ten times under distinct query ids. Query length
+    drives the encoder's activation memory, so the two sets must not differ in kind, only in count."""
     ten = tenfold_pairs(texts, cranfield_pairs(texts, grades))
     qids = sorted({p["query_id"] for p in ten})
     keep = set(random.Random(3).sample(qids, len(qids) // 10))
-    p1 = write_pairs(work / "pairs" / "mem-x1.parquet", [p for p in ten if p["query_id"] in keep])
-    p10 = write_pairs(work / "pairs" / "mem-x10.parquet", ten)
+    base = [p for p in ten if p["query_id"] in keep]
+    p1 = write_pairs(work / "pairs" / "mem-x1.parquet", base)
+    p10 = write_pairs(work / "pairs" / "mem-x10.parquet",
+                      [{**p, "query_id": f"{p['query_id']}#{r}"} for r in range(10) for p in base])
     res: dict[str, Any] = {}
     for name, path in (("x1", p1), ("x10", p10)):
         s = mine(work, run_id, path, str(work / "out" / f"mem-{name}.parquet"), workers=1)

@@ -38,7 +38,10 @@ class _MiningActor:
     def ready(self) -> dict[str, Any]:
         from engine.mining import current_rss_bytes
 
-        return {"pid": os.getpid(), "load_seconds": self.runner.miner.load_seconds, "rss_bytes": current_rss_bytes()}
+        torch = sys.modules.get("torch")  # loaded only for a real model; not imported for the hash encoder
+        return {"pid": os.getpid(), "load_seconds": self.runner.miner.load_seconds, "rss_bytes": current_rss_bytes(),
+                "torch_threads": torch.get_num_threads() if torch else None,
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
     def run(self, batch_index: int, groups: list[dict[str, Any]]) -> dict[str, Any]:
         return self.runner.run(batch_index, groups)
@@ -90,14 +93,20 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
         pool_info = {"mode": "ray", "actors": pool.actors, "cpus_per_actor": pool.cpus_per_actor,
                      "gpus_per_actor": pool.gpus_per_actor, "threads_per_actor": pool.threads_per_actor,
                      "reason": pool.reason}
+        options: dict[str, Any] = {}
+        if not pool.gpus_per_actor:
+            # Ray sets OMP_NUM_THREADS=1 in a worker with less than one CPU before torch loads, and
+            # OpenMP keeps it: torch.set_num_threads later is not enough. Set it at process start.
+            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.threads_per_actor)}}
         actor_cls: Any = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor,
-                                    max_restarts=2, max_task_retries=2)(_MiningActor)
+                                    max_restarts=2, max_task_retries=2, **options)(_MiningActor)
         actors: list[Any] = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
                   for _ in range(pool.actors)]
         # wait for every actor to load its shards and model, so the mining phase is timed on its own
         loaded = ray.get([a.ready.remote() for a in actors])
         pool_info["startup_seconds"] = round(time.perf_counter() - t0, 3)
         pool_info["actor_load_seconds"] = [round(x["load_seconds"], 3) for x in loaded]
+        pool_info["actor_torch_threads"] = [x["torch_threads"] for x in loaded]
         t_mine = time.perf_counter()
         todo = list(prep.pending)
         in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch)

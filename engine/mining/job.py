@@ -134,12 +134,27 @@ class BatchRunner:
         t0 = time.perf_counter()
         st.part = write_part(self.out.store, self.out.batch_part(batch_index), table)
         st.seconds["write"] += time.perf_counter() - t0
+        del table
+        release_memory()
         st.worker = {"pid": os.getpid(), "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": current_rss_bytes(),
                      "load_seconds": round(self.miner.load_seconds, 3), "search": self.miner.search_mode}
         d = st.to_dict()
         # the commit marker: written after the part, so a batch with stats has its rows
         self.out.store.write_json(self.out.batch_stats(batch_index), d)
         return d
+
+
+def release_memory() -> None:
+    """Give the batch's freed memory back to the OS (glibc keeps freed arenas otherwise), so a worker's
+    resident size between batches stays flat however many batches it has run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def finalize_mining(prep: PreparedMining, wall_seconds: float, workers: dict[str, Any] | None = None
