@@ -560,3 +560,23 @@ def test_model_process_falls_back_when_the_light_loader_does_not_reproduce_store
         np.testing.assert_allclose(got, right, atol=1e-5)
     finally:
         proc.close()
+
+
+def test_binary_rerank_incremental_update_serves_new_docs_and_drops_deleted(tmp_path):
+    docs = make_docs(200, seed=17)
+    uri = str(tmp_path / "store")
+    store, _r, _v1 = live_index(uri, tmp_path / "v1", docs, build={"kind": "binary-rerank", "gate_recall": 0.3})
+    deleted = docs[11]["doc_id"]
+    new_docs = change(docs, modify=[4], delete=[11], add=1)
+    new_docs[-1]["text"] = "a cryogenic propellant sloshing study " * 4
+    write_corpus(tmp_path / "v2", new_docs, files=2)
+    s = run_refresh_locally(refresh_cfg(tmp_path / "v2", uri))
+    assert s["status"] == "published" and s["strategy"] == "incremental"
+    vman = store.read_json(layout.version_manifest_key(IDX, s["version_id"]))
+    assert vman["kind"] == "binary-rerank"
+    with Searcher.load(store, IDX, s["version_id"]) as got:
+        assert got.rows == s["snapshot_chunks"]
+        top = got.search(["cryogenic propellant sloshing study"], 3)[0]
+        assert top[0].doc_id == "added000"
+        everything = got.search([docs[11]["text"][:80]], got.rows)[0]
+        assert deleted not in {h.doc_id for h in everything} and len(everything) == got.rows
