@@ -164,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML/JSON job config (same keys as `embedctl mine-negatives` flags)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate, resolve the source, read the pairs, print JSON, exit")
+                   help="validate the config offline, print it resolved as JSON, exit")
+    p.add_argument("--check-store", action="store_true",
+                   help="with --dry-run: also resolve the source version and read the pairs (needs the store)")
     return p
 
 
@@ -181,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             flat["address"] = args.address
         cfg = MiningJobConfig.from_flat(flat)
         if args.dry_run:
-            print(json.dumps(dry_run(cfg), sort_keys=True, default=str))
+            # Offline by default, so a manifest's config can be checked where the store is unreachable.
+            plan = dry_run(cfg) if args.check_store else (cfg.validate() or {"config": cfg.to_dict()})
+            print(json.dumps(plan, sort_keys=True, default=str))
             return 0
         summary = run_mining_job(cfg, progress=lambda e: log.info("%s", json.dumps(e)))
     except EmbedctlError as err:

@@ -418,7 +418,8 @@ def test_job_driver_dry_run(world, tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"store: {world['store']}\nrun: {world['run']}\npairs: {world['pairs']}\n"
                    f"out: {tmp_path / 'o.parquet'}\nmining:\n  num_negatives: 3\n  range_max: 30\n")
-    p = subprocess.run([sys.executable, str(REPO / "jobs" / "mine_negatives.py"), "--config", str(cfg), "--dry-run"],
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "mine_negatives.py"), "--config", str(cfg), "--dry-run",
+                        "--check-store"],
                        capture_output=True, text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
