@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
 MAX_TOKENS = 240
+RAY_WORKER_NICENESS = 15  # what Ray 2.60's raylet gives worker processes (ps -o ni)
 RULES = {"range_min": 10, "range_max": 100, "relative_margin": 0.05, "num_negatives": 5, "sampling": "top"}
 
 
@@ -152,13 +153,15 @@ def write_pairs(path: Path, pairs: list[dict[str, str]]) -> str:
     return str(path)
 
 
-def mine(work: Path, run_id: str, pairs: str, out: str, workers: int, **extra: Any) -> dict[str, Any]:
+def mine(work: Path, run_id: str, pairs: str, out: str, workers: int, batch_size: int = 256,
+         **extra: Any) -> dict[str, Any]:
     from engine.mining import MiningJobConfig
     from jobs.mine_negatives import run_mining_job
 
     flat = {"store": str(work / "store"), "run": run_id, "pairs": pairs, "out": out, "workers": workers,
             "overwrite": True,
-            "device": "cpu", "search": "exact", "batch_size": 64, "cache_dir": str(work / "cache"), **RULES, **extra}
+            "device": "cpu", "search": "exact", "batch_size": batch_size, "cache_dir": str(work / "cache"), **RULES,
+            **extra}
     return run_mining_job(MiningJobConfig.from_flat(flat))
 
 
@@ -186,6 +189,28 @@ def st_mine(pairs: list[dict[str, str]], corpus: list[str], cache: Path | None, 
                                   batch_size=32, use_faiss=False, verbose=True,
                                   cache_folder=str(cache) if cache else None)
     return out, time.perf_counter() - t0, buf.getvalue()
+
+
+def _st_child(args: dict[str, Any], queue: Any) -> None:
+    """sentence-transformers' mining in a child process at the niceness of Ray's workers."""
+    os.nice(args["nice"])
+    _, seconds, _ = st_mine(args["pairs"], args["corpus"], cache=Path(args["cache"]) if args["cache"] else None)
+    queue.put(seconds)
+
+
+def st_mine_niced(pairs: list[dict[str, str]], corpus: list[str], cache: Path | None) -> float:
+    """Ray runs its workers at nice 15; on a machine shared with other work a baseline at nice 0 would
+    win CPU time the workers cannot get. So the baseline runs at the workers' niceness too."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_st_child, args=({"pairs": pairs, "corpus": corpus, "cache": str(cache or ""),
+                                                "nice": RAY_WORKER_NICENESS - os.nice(0)}, queue))
+    proc.start()
+    seconds = queue.get()
+    proc.join()
+    return float(seconds)
 
 
 def read_ours(out: str) -> Any:
@@ -275,7 +300,8 @@ def memory(work: Path, run_id: str, texts: dict[str, str], grades: int) -> dict[
                       [{**p, "query_id": f"{p['query_id']}#{r}"} for r in range(10) for p in base])
     res: dict[str, Any] = {}
     for name, path in (("x1", p1), ("x10", p10)):
-        s = mine(work, run_id, path, str(work / "out" / f"mem-{name}.parquet"), workers=1)
+        # 64 queries a batch: the 1x set is then 4 batches, the 10x set 35
+        s = mine(work, run_id, path, str(work / "out" / f"mem-{name}.parquet"), workers=1, batch_size=64)
         w = s["workers"]["processes"]
         res[name] = {"queries": s["counts"]["queries"], "pairs": s["counts"]["pairs"], "rows": s["counts"]["rows"],
                      "worker_peak_rss_mib": round(max(x["peak_rss_bytes"] for x in w) / 2**20, 1),
@@ -303,11 +329,12 @@ def throughput(work: Path, run_id: str, texts: dict[str, str], grades: int) -> d
     corpus = [texts[k] for k in sorted(texts, key=int)]
     cache = work / "st-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    _, first, _ = st_mine(ten, corpus, cache=cache)  # fills the cache: corpus + query encoding + mining
+    first = st_mine_niced(ten, corpus, cache=cache)  # fills the cache: corpus + query encoding + mining
     for f in glob.glob(str(cache / "query_embeddings_*.npy")):
         os.unlink(f)
-    _, cached, _ = st_mine(ten, corpus, cache=cache)  # corpus cached: query encoding + search + selection
+    cached = st_mine_niced(ten, corpus, cache=cache)  # corpus cached: query encoding + search + selection
     res["sentence_transformers_1_process"] = {
+        "niceness": RAY_WORKER_NICENESS, "torch_threads": 2,
         "queries_per_second": round(res["queries"] / cached, 2), "seconds_corpus_cached": round(cached, 2),
         "seconds_end_to_end_with_corpus_encoding": round(first, 2)}
     log(f"throughput sentence-transformers: {res['sentence_transformers_1_process']}")

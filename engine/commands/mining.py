@@ -52,6 +52,8 @@ def _flat(kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--search", type=click.Choice(["auto", "exact", "ann"]), default=None,
               help="Exact search over the vectors, or the ANN index [auto: exact up to 2M rows].")
 @click.option("--batch-size", type=int, default=None, help="Queries per work item [256].")
+@click.option("--query-batch-tokens", type=int, default=None,
+              help="Padded tokens per query-encoder forward pass [1024 on CPU, 16384 on GPU].")
 @click.option("--workers", type=int, default=None, help="Mining actors [sized from the cluster's resources].")
 @click.option("--threads-per-worker", type=int, default=None, help="torch threads per CPU actor.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="Encoder device [auto].")

@@ -115,9 +115,9 @@ class NegativeMiner:
         self.rules = cfg.mining
         self.source = source
         self.corpus = MinedCorpus.open(source, cfg.runtime.cache_dir)
-        device = cfg.runtime.device
-        self.encoder = encoder or encoder_from_identity(source.model, device=device if device != "auto" else "auto",
-                                                        threads=threads)
+        self.encoder = encoder or encoder_from_identity(source.model, device=cfg.runtime.device, threads=threads)
+        on_gpu = str(getattr(self.encoder, "device", "cpu")).startswith("cuda")
+        self.encoder.batch_tokens = cfg.runtime.query_batch_tokens or (16384 if on_gpu else 1024)
         self.window = self.rules.range_max + (self.rules.window_extra if self.rules.window_extra is not None
                                               else max_positives)
         self.search_mode = self._search_mode()
