@@ -97,7 +97,13 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
         if not pool.gpus_per_actor:
             # Ray sets OMP_NUM_THREADS=1 in a worker with less than one CPU before torch loads, and
             # OpenMP keeps it: torch.set_num_threads later is not enough. Set it at process start.
-            options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.threads_per_actor)}}
+            env = {"OMP_NUM_THREADS": str(pool.threads_per_actor)}
+            if pool.threads_per_actor > 1:
+                # Ray runs workers at nice 15; OpenMP threads that spin at barriers lose their CPU to any
+                # other process and stall each other (measured: 4x slower on a busy 2-core machine).
+                # Passive waiting costs little on an idle machine.
+                env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+            options["runtime_env"] = {"env_vars": env}
         actor_cls: Any = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor,
                                     max_restarts=2, max_task_retries=2, **options)(_MiningActor)
         actors: list[Any] = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
