@@ -75,6 +75,9 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
             # Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker before torch loads, and OpenMP keeps
             # that per thread: torch.set_num_threads later is not enough. Set it at process start.
             actor_env["OMP_NUM_THREADS"] = str(pool.threads_per_actor)
+            # Ray workers run niced; threads spinning at OpenMP barriers lose their slices to any
+            # other load and the actor crawls (seen here: 4x slower in the mining actors).
+            actor_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if os.environ.get("EMBEDCTL_TEST_CRASH_ONCE"):  # fault-injection hook for the retry test
             actor_env["EMBEDCTL_TEST_CRASH_ONCE"] = os.environ["EMBEDCTL_TEST_CRASH_ONCE"]
         extra: dict[str, Any] = {"runtime_env": {"env_vars": actor_env}} if actor_env else {}
