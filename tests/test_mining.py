@@ -425,6 +425,18 @@ def test_job_driver_dry_run(world, tmp_path):
     plan = json.loads(p.stdout)
     assert plan["queries"] == 33 and plan["max_positives_per_query"] == 2 and plan["window"] == 32
     assert not (tmp_path / "o.parquet").exists()
+    # without --check-store the config is validated offline (no store needed), and bad rules still fail
+    offline = tmp_path / "offline.yaml"
+    offline.write_text("store: s3://nowhere/store\nindex: docs\nalias: live\npairs: s3://nowhere/p.parquet\n"
+                       "out: s3://nowhere/o.parquet\nmining:\n  num_negatives: 3\n")
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "mine_negatives.py"), "--config", str(offline),
+                        "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["config"]["mining"]["num_negatives"] == 3
+    offline.write_text("store: s\nrun: r\npairs: p\nout: o\nmining:\n  range_min: 50\n  range_max: 20\n")
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "mine_negatives.py"), "--config", str(offline),
+                        "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "range_max" in p.stderr
 
 
 # ---------------------------------------------------------------------------------------------
