@@ -22,8 +22,9 @@ from typing import Any
 from engine.errors import ConfigError
 from engine.index import BuildConfig, BuildResult, Mapper, Progress, build_index, local_mapper
 
+from jobs.jobutil import SUMMARY_MARKER, driver_parser
+
 log = logging.getLogger("embedctl.jobs.build_index")
-SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
 EXECUTORS = ("ray", "local")
 CPU_NODE_MARKER = "embedctl_cpu_node"  # cluster/ray-cluster.yaml: CPU worker groups advertise it
 
@@ -169,10 +170,7 @@ def run_build_job(cfg: BuildJobConfig, progress: Progress | None = None) -> Buil
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="embedctl build-index job (Ray driver)")
-    p.add_argument("--config", required=True, help="YAML/JSON job config (same keys as `embedctl build-index` flags)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved as JSON, exit")
+    p = driver_parser("build-index", "YAML/JSON job config (same keys as `embedctl build-index` flags)")
     return p
 
 

@@ -20,8 +20,9 @@ from typing import Any, Callable
 from engine.config import EmbedJobConfig, load_config_file
 from engine.pipeline import UnitEmbedder, finalize_run, plan_meta_for, prepare_run, run_summary
 
+from jobs.jobutil import SUMMARY_MARKER, driver_parser
+
 log = logging.getLogger("embedctl.jobs.embed")
-SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -101,10 +102,7 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="embedctl embed job (Ray driver)")
-    p.add_argument("--config", required=True, help="YAML/JSON job config (same keys as `embedctl embed` flags)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved as JSON, exit")
+    p = driver_parser("embed", "YAML/JSON job config (same keys as `embedctl embed` flags)")
     return p
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 from engine.finetune import FinetuneConfig
 
+from jobs.jobutil import SUMMARY_MARKER, driver_parser
+
 log = logging.getLogger("embedctl.jobs.finetune")
-SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
 
 
 def _train(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -68,10 +69,7 @@ def run_finetune_job(cfg: FinetuneConfig, address: str | None = None) -> dict[st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="embedctl finetune job (Ray driver)")
-    p.add_argument("--config", required=True, help="YAML/JSON config (same keys as `embedctl finetune` flags)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved as JSON, exit")
+    p = driver_parser("finetune", "YAML/JSON config (same keys as `embedctl finetune` flags)")
     return p
 
 

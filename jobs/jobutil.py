@@ -9,7 +9,17 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
+SUMMARY_MARKER = "EMBEDCTL_SUMMARY"  # `embedctl submit` parses the driver's last stdout line after it
+
+
+def driver_parser(job: str, config_help: str,
+                  dry_run_help: str = "validate the config, print it resolved as JSON, exit") -> argparse.ArgumentParser:
+    """The flags every Ray job driver takes: --config, --address, --dry-run."""
+    p = argparse.ArgumentParser(description=f"embedctl {job} job (Ray driver)")
+    p.add_argument("--config", required=True, help=config_help)
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    return p
 
 
 def run_driver(description: str, keys: Mapping[str, Any], required: tuple[str, ...],

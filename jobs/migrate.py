@@ -19,8 +19,9 @@ import logging
 import sys
 from typing import Any, Callable
 
+from jobs.jobutil import SUMMARY_MARKER, driver_parser
+
 log = logging.getLogger("embedctl.jobs.migrate")
-SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
 
 
 def ray_embed_runner(address: str | None = None) -> Callable[[Any], dict[str, Any]]:
@@ -38,10 +39,8 @@ def ray_embed_runner(address: str | None = None) -> Callable[[Any], dict[str, An
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="embedctl migrate job (Ray driver)")
-    p.add_argument("--config", required=True, help="YAML/JSON migration config (same keys as `embedctl migrate run`)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dry-run", action="store_true", help="validate the config, print the plan as JSON, exit")
+    p = driver_parser("migrate", "YAML/JSON migration config (same keys as `embedctl migrate run`)",
+                      "validate the config, print the plan as JSON, exit")
     return p
 
 

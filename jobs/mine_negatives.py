@@ -22,8 +22,9 @@ from engine.mining import (
     BatchRunner, MiningJobConfig, MiningSource, finalize_mining, prepare_mining, read_pairs, resolve_source,
 )
 
+from jobs.jobutil import SUMMARY_MARKER, driver_parser
+
 log = logging.getLogger("embedctl.jobs.mine_negatives")
-SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
 IN_FLIGHT_PER_ACTOR = 2
 
 Progress = Callable[[dict[str, Any]], None]
@@ -165,12 +166,8 @@ def dry_run(cfg: MiningJobConfig) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="embedctl mine-negatives job (Ray driver)")
-    p.add_argument("--config", required=True,
-                   help="YAML/JSON job config (same keys as `embedctl mine-negatives` flags)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate the config offline, print it resolved as JSON, exit")
+    p = driver_parser("mine-negatives", "YAML/JSON job config (same keys as `embedctl mine-negatives` flags)",
+                      "validate the config offline, print it resolved as JSON, exit")
     p.add_argument("--check-store", action="store_true",
                    help="with --dry-run: also resolve the source version and read the pairs (needs the store)")
     return p

@@ -25,8 +25,9 @@ from engine.refresh import RefreshConfig, RefreshSession, VectorLookup
 if TYPE_CHECKING:
     from engine.embedding import Encoder
 
+from jobs.jobutil import SUMMARY_MARKER, driver_parser
+
 log = logging.getLogger("embedctl.jobs.refresh")
-SUMMARY_MARKER = "EMBEDCTL_SUMMARY"
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -378,10 +379,8 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="embedctl refresh job (Ray driver)")
-    p.add_argument("--config", required=True, help="YAML/JSON config (same keys as `embedctl refresh` flags)")
-    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    p.add_argument("--dry-run", action="store_true", help="validate the config (offline), print it resolved as JSON, exit")
+    p = driver_parser("refresh", "YAML/JSON config (same keys as `embedctl refresh` flags)",
+                      "validate the config (offline), print it resolved as JSON, exit")
     p.add_argument("--check-store", action="store_true",
                    help="with --dry-run: also read the store (live version, its run, model/chunker compatibility, "
                         "the lease) without writing anything")
