@@ -26,9 +26,14 @@ def generate_texts(n: int, mean_tokens: int, tokenizer: Any, max_len: int, seed:
     out = []
     for _ in range(n):
         target = int(min(max_len - 2, max(mean_tokens // 2, rng.gauss(mean_tokens, mean_tokens / 8))))
-        k = max(1, int(target / tokens_per_word))
-        text_words = [rng.choice(words) for _ in range(k)]
-        while len(text_words) > 1 and tokenizer.count(" ".join(text_words)) > max_len - 2:
-            text_words = text_words[: int(len(text_words) * 0.95)]  # the clip is in real model tokens
-        out.append(" ".join(text_words))
+        out.append(" ".join(rng.choices(words, k=max(1, int(target / tokens_per_word)))))
+    # The clip is in real model tokens: count all at once (batched, parallel), shrink the few over.
+    count_batch = getattr(tokenizer, "count_batch", None)
+    counts = count_batch(out) if count_batch else [tokenizer.count(t) for t in out]
+    for i, c in enumerate(counts):
+        if c > max_len - 2:
+            text_words = out[i].split()
+            while len(text_words) > 1 and tokenizer.count(" ".join(text_words)) > max_len - 2:
+                text_words = text_words[: int(len(text_words) * 0.95)]
+            out[i] = " ".join(text_words)
     return out
