@@ -166,6 +166,7 @@ def main() -> None:
             record(label, job, f"Parquet->Ray->Parquet, workers={workers or 'default'}, compile={args.compile}; "
                                f"ray.init not included")
             res["runs"][label]["actor_busy_seconds"] = m["timings"]["embed_worker_seconds"]
+            res["runs"][label]["chunk_task_seconds"] = m["timings"]["chunk_worker_seconds"]  # summed over tasks
             if not args.skip_baselines:
                 files = sorted(glob.glob(str(tmp / f"store-{label}" / "runs" / m["run_id"] / "embeddings" / "*.parquet")))
                 vecs = np.zeros_like(ref32)

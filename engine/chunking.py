@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from engine.errors import ConfigError
@@ -79,6 +79,9 @@ class Chunk:
     char_end: int
     embed_text: str  # what the model is given (title prefix + text), without the passage prompt
     n_tokens: int  # model tokens of prompt + embed_text + specials
+    # The model's token ids of embed_text with specials, when sizing already computed them (no
+    # prompt, a fast tokenizer): the embed stage then never tokenizes this chunk again.
+    ids: list[int] | None = field(default=None, compare=False, repr=False)
 
 
 class Chunker:
@@ -137,11 +140,11 @@ class Chunker:
             spans = self._recursive(text, window, overlap)
         chunks: list[Chunk] = []
         for start, end in spans:
-            for s, e in self._fit(text, start, end, prefix, prefix_tokens):
+            for s, e, ids in self._fit(text, start, end, prefix, prefix_tokens):
                 body = text[s:e]
                 embed_text = prefix + body
-                n = self.model_tok.count(self.prompt + embed_text) + self.model_tok.n_special
-                chunks.append(Chunk(len(chunks), body, s, e, embed_text, n))
+                n = len(ids) if ids is not None else self.model_tok.count(self.prompt + embed_text) + self.model_tok.n_special
+                chunks.append(Chunk(len(chunks), body, s, e, embed_text, n, ids))
         return chunks
 
     def _token_windows(self, text: str, lo: int, hi: int, window: int, overlap: int) -> list[tuple[int, int]]:
@@ -186,10 +189,19 @@ class Chunker:
             spans.append((cur[0], cur[1]))
         return spans
 
-    def _fit(self, text: str, start: int, end: int, prefix: str, prefix_tokens: int) -> list[tuple[int, int]]:
-        """Split [start, end) until the model tokenizer agrees every piece fits (never truncate)."""
-        if self.model_tok.count(prefix + text[start:end]) <= self.limit or end - start <= 1:
-            return [(start, end)]
+    def _fit(self, text: str, start: int, end: int, prefix: str,
+             prefix_tokens: int) -> list[tuple[int, int, list[int] | None]]:
+        """Split [start, end) until the model tokenizer agrees every piece fits (never truncate).
+
+        Without a prompt, one tokenization with specials both sizes the piece and gives the ids
+        the model will read (n_tokens = len(ids)); with a prompt, the piece is counted alone.
+        """
+        piece = prefix + text[start:end]
+        ids_of = getattr(self.model_tok, "ids", None)
+        ids = ids_of(piece) if ids_of is not None and not self.prompt else None
+        n = len(ids) - self.model_tok.n_special if ids is not None else self.model_tok.count(piece)
+        if n <= self.limit or end - start <= 1:
+            return [(start, end, ids)]
         _ids, offs = self.model_tok.encode_offsets(text[start:end])
         if len(offs) <= 1:
             return [(start, end)]

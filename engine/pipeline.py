@@ -191,6 +191,13 @@ def chunk_unit(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit, dups:
 def chunk_unit_table(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit,
                      dups: dict[int, str]) -> tuple[dict[str, Any], pa.Table]:
     """As ``chunk_unit``, also returning the chunk table (for pre-tokenizing in the same task)."""
+    summary, chunks, _ids = chunk_unit_tokens(cfg, plan_meta, unit, dups)
+    return summary, chunks
+
+
+def chunk_unit_tokens(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit,
+                      dups: dict[int, str]) -> tuple[dict[str, Any], pa.Table, list[list[int]] | None]:
+    """As ``chunk_unit_table``, plus every chunk's model token ids when sizing computed them (else None)."""
     import pyarrow as pa
 
     t0 = time.perf_counter()
@@ -205,8 +212,10 @@ def chunk_unit_table(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit,
     cols: dict[str, list[Any]] = {k: [] for k in ("chunk_id", "doc_id", "chunk_index", "text", "char_start",
                                                    "char_end", "n_tokens", "content_hash", "title")}
     meta_out: dict[str, list[Any]] = {c: [] for c in plan.metadata_columns}
+    token_ids: list[list[int] | None] = []
     for i, (doc_id, text, title) in enumerate(zip(rows.doc_ids, rows.texts, rows.titles)):
         for ch in chunker.chunk(text, title):
+            token_ids.append(ch.ids)
             cols["chunk_id"].append(chunk_id_for(doc_id, chunker.fp, ch.chunk_index))
             cols["doc_id"].append(doc_id)
             cols["chunk_index"].append(ch.chunk_index)
@@ -234,10 +243,11 @@ def chunk_unit_table(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit,
         "reject_reasons": _count(r["reason"] for r in rows.rejects), "chunks": chunks.num_rows,
         "tokens": int(sum(cols["n_tokens"])), "chunk_file": chunk_file, "reject_file": reject_file,
         "chunk_seconds": time.perf_counter() - t0,
-    }, chunks
+    }, chunks, (None if any(x is None for x in token_ids) else token_ids)  # type: ignore[return-value]
 
 
-def pretokenize(cfg: EmbedJobConfig, chunks: pa.Table) -> tuple[bytes, bytes] | None:
+def pretokenize(cfg: EmbedJobConfig, chunks: pa.Table,
+                known: list[list[int]] | None = None) -> tuple[bytes, bytes] | None:
     """Token ids (specials included) of every chunk's model input, packed as (int32 ids, int32 lengths).
 
     Runs in the CPU chunk tasks so GPU actors never tokenize (one process tokenizes ~6.5k chunks/s,
@@ -249,7 +259,10 @@ def pretokenize(cfg: EmbedJobConfig, chunks: pa.Table) -> tuple[bytes, bytes] | 
     if not (cfg.embed.pretokenize and isinstance(tok, HFTokenizer)):
         return None
     prompt = cfg.embed.passage_prompt or ""
-    ids = tok.ids_batch([prompt + t for t in embed_inputs(chunks, make_chunker(cfg))])
+    if known is not None and not prompt and len(known) == chunks.num_rows:
+        ids = known  # the chunker's sizing already tokenized exactly these inputs
+    else:
+        ids = tok.ids_batch([prompt + t for t in embed_inputs(chunks, make_chunker(cfg))])
     lengths = np.array([len(x) for x in ids], dtype=np.int32)
     flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
     return flat.tobytes(), lengths.tobytes()
@@ -344,8 +357,8 @@ class UnitEmbedder:
             vectors = encode_ids(token_ids)  # [n_chunks, dim] float32, L2-normalised
         else:
             vectors = self.encoder.encode_passages(embed_inputs(chunks, make_chunker(self.cfg)))
-        table = chunks.append_column(pa.field("embedding", embedding_column(vectors, self.cfg.embed.output_dtype).type),
-                                     embedding_column(vectors, self.cfg.embed.output_dtype))
+        column = embedding_column(vectors, self.cfg.embed.output_dtype)
+        table = chunks.append_column(pa.field("embedding", column.type), column)
         emb_file = write_part(self.store, run_part_key(self.run_id, "embeddings", chunked["unit_id"]), table)
         embed_seconds = time.perf_counter() - t0
         marker = {k: v for k, v in chunked.items() if k not in ("chunk_seconds",)}
@@ -457,8 +470,8 @@ def run_locally(cfg: EmbedJobConfig, encoder: Encoder | None = None) -> dict[str
     plan_meta = plan_meta_for(prepared)
     embedder = UnitEmbedder(cfg, prepared.run_id, encoder=encoder) if prepared.pending else None
     for unit in prepared.pending:
-        chunked, table = chunk_unit_table(cfg, plan_meta, unit, prepared.plan.duplicates.get(unit.file, {}))
-        packed = pretokenize(cfg, table) if encoder is None else None
+        chunked, table, ids = chunk_unit_tokens(cfg, plan_meta, unit, prepared.plan.duplicates.get(unit.file, {}))
+        packed = pretokenize(cfg, table, ids) if encoder is None else None
         assert embedder is not None
         embedder.embed_unit(chunked, unpack_ids(*packed) if packed else None)
     return finalize_run(cfg, prepared, time.perf_counter() - t0)

@@ -57,10 +57,22 @@ class HFTokenizer:
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._tok.encode(text, add_special_tokens=False)
+        self._last = (text, enc)  # the chunker often asks for the same text's ids next
         return list(enc.ids), [tuple(o) for o in enc.offsets]  # type: ignore[misc]
 
     def count(self, text: str) -> int:
         return len(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def ids(self, text: str) -> list[int]:
+        """One text's token ids with the model's special tokens (no truncation).
+
+        A text just passed to ``encode_offsets`` is not tokenized again: its encoding gets the
+        special tokens added by the tokenizer's own post-processor (identical result).
+        """
+        last = getattr(self, "_last", None)
+        if last is not None and last[0] == text:
+            return self._tok.post_process(last[1], None, True).ids
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def ids_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids with the model's special tokens, as the model will read them (no truncation)."""

@@ -30,12 +30,12 @@ Progress = Callable[[dict[str, Any]], None]
 def _chunk_task(row: dict[str, Any], cfg: EmbedJobConfig, plan_meta: dict[str, Any]) -> dict[str, Any]:
     """Ray Data map task (CPU): read + validate + chunk one unit, and tokenize it for the actors."""
     from engine.corpus import Unit
-    from engine.pipeline import chunk_unit_table, pretokenize
+    from engine.pipeline import chunk_unit_tokens, pretokenize
 
     unit = Unit(**json.loads(row["unit"]))
     dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
-    summary, table = chunk_unit_table(cfg, plan_meta, unit, dups)
-    packed = pretokenize(cfg, table)
+    summary, table, ids = chunk_unit_tokens(cfg, plan_meta, unit, dups)
+    packed = pretokenize(cfg, table, ids)
     ids, lens = packed if packed else (b"", b"")
     return {"chunked": json.dumps(summary), "ids": ids, "lens": lens}
 

@@ -68,6 +68,37 @@ def test_real_tokenizer_never_exceeds_model_limit():
         assert c.n_tokens == tok.count(c.embed_text) + tok.n_special
 
 
+@pytest.mark.parametrize("chunker_kind,title,tokenizer", [
+    ("tokens", None, "model"), ("tokens", "Flutter of panels", "model"),
+    ("recursive", "A title", "model"), ("tokens", None, "cl100k_base"),
+])
+def test_ids_from_sizing_are_exactly_what_the_model_reads(chunker_kind, title, tokenizer):
+    """Chunk sizing tokenizes once and hands its ids on; they must equal a fresh tokenization."""
+    tok = model_tokenizer(None)
+    limit = model_info(None).max_seq_length
+    window_tok = TiktokenTokenizer() if tokenizer == "cl100k_base" else tok
+    chunker = Chunker(ChunkConfig(chunker=chunker_kind, chunk_overlap=8, tokenizer=tokenizer), window_tok, tok, limit)
+    texts = ["Supersonic flutter of a thin panel, e.g. at Mach 3.5.", " leading and trailing space ",
+             "Paragraph one about boundary layers.\n\nParagraph two: heat transfer. " * 40,
+             " ".join(["pneumonoultramicroscopicsilicovolcanoconiosis"] * 60)]
+    seen = 0
+    for text in texts:
+        for c in chunker.chunk(text, title=title):
+            assert c.ids is not None
+            assert c.ids == tok.ids_batch([c.embed_text])[0]
+            assert c.n_tokens == len(c.ids) <= limit
+            seen += 1
+    assert seen > len(texts)  # the long texts really were split
+
+
+def test_no_ids_handed_on_when_a_prompt_is_added():
+    tok = model_tokenizer(None)
+    chunker = Chunker(ChunkConfig(), tok, tok, model_info(None).max_seq_length, prompt="passage: ")
+    (c,) = chunker.chunk("a short passage")
+    assert c.ids is None
+    assert c.n_tokens == tok.count("passage: a short passage") + tok.n_special
+
+
 def test_chunk_tokens_over_model_limit_is_a_clear_error():
     tok = model_tokenizer(None)
     with pytest.raises(ConfigError, match="chunk-tokens 254"):
