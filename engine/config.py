@@ -25,7 +25,7 @@ class EmbedConfig:
     device: Literal["cpu", "cuda", "auto"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # compute precision
     output_dtype: Literal["float32", "float16"] = "float32"  # stored vectors
-    batch_tokens: int = 16384  # padded tokens per forward pass
+    batch_tokens: int = 0  # padded tokens per forward pass; 0 = by device (engine.embedding.default_batch_tokens)
     truncate_dim: int | None = None  # Matryoshka: keep the first N dims, renormalise
     query_prompt: str | None = None  # E5-style "query: "
     passage_prompt: str | None = None  # E5-style "passage: "
@@ -39,8 +39,8 @@ class EmbedConfig:
             raise ConfigError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.output_dtype not in ("float32", "float16"):
             raise ConfigError(f"output_dtype must be float32 or float16, got {self.output_dtype!r}")
-        if self.batch_tokens < 64:
-            raise ConfigError(f"batch_tokens must be at least 64, got {self.batch_tokens}")
+        if self.batch_tokens < 0 or 0 < self.batch_tokens < 64:
+            raise ConfigError(f"batch_tokens must be at least 64 (or 0: chosen by device), got {self.batch_tokens}")
         if self.truncate_dim is not None and self.truncate_dim < 1:
             raise ConfigError(f"dim must be positive, got {self.truncate_dim}")
 

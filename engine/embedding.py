@@ -370,6 +370,19 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return table[dtype]
 
 
+CPU_BATCH_TOKENS = 4096  # CPU: 2k-4k padded tokens per pass ran ~20% faster than 16k (cache-sized activations)
+GPU_BATCH_TOKENS = 262144  # GPU: large batches keep the card fed; an OOM halves the budget and retries
+
+
+def default_batch_tokens(device: str) -> int:
+    """The token budget per forward pass when none is given: measured per device kind (README benchmarks)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return GPU_BATCH_TOKENS if device.startswith("cuda") else CPU_BATCH_TOKENS
+
+
 def load_encoder(
     model: str | None = None,
     *,
@@ -378,15 +391,21 @@ def load_encoder(
     truncate_dim: int | None = None,
     query_prompt: str | None = None,
     passage_prompt: str | None = None,
-    batch_tokens: int = 16384,
+    batch_tokens: int = 0,
     threads: int | None = None,
     compile: bool = False,
 ) -> Encoder:
-    """The one way to get an encoder. ``hash:DIM`` is the model-free test encoder."""
+    """The one way to get an encoder. ``hash:DIM`` is the model-free test encoder.
+
+    ``batch_tokens`` 0 picks the budget for the device (``default_batch_tokens``).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    is_hash = bool(model and model.startswith("hash:"))
+    if not batch_tokens:
+        batch_tokens = CPU_BATCH_TOKENS if is_hash else default_batch_tokens(device)
     kwargs: dict[str, Any] = {"truncate_dim": truncate_dim or None, "query_prompt": query_prompt or "",
                               "passage_prompt": passage_prompt or "", "batch_tokens": batch_tokens}
-    if model and model.startswith("hash:"):
+    if model and is_hash:
         try:
             dim = int(model.split(":", 1)[1])
         except ValueError as err:

@@ -49,6 +49,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     return ray
 
 
+GPU_ACTORS_PER_CARD = 2
+
+
 @dataclass(frozen=True)
 class PoolPlan:
     """How many embedding actors, and what each reserves."""
@@ -71,7 +74,11 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
             # An autoscaling cluster starts with no GPU nodes: ask for GPU actors and let the
             # autoscaler bring the nodes (on a fixed CPU-only cluster the job waits; say so).
             log.warning("--device cuda but the cluster has no GPU yet; requesting GPU actors for the autoscaler")
-        n = workers or max(1, int(gpus))
+        # Two actors per card when the CPUs allow: one actor leaves the card idle while it reads and
+        # writes its unit (H200, MiniLM, one run: 1 -> 2 actors +9%; README GPU figures).
+        # Not more by default: every actor holds its own copy of the model in GPU memory.
+        per_gpu = GPU_ACTORS_PER_CARD if cpus >= 4 * max(gpus, 1.0) else 1
+        n = workers or (max(1, int(gpus)) * per_gpu if gpus >= 1 else 1)
         gpa = min(1.0, gpus / n) if gpus >= 1 else 1.0
         cpa = min(1.0, max(0.25, (cpus - 1) / n)) if cpus > 1 else 0.25
         return PoolPlan(n, cpa, gpa, threads or 1, min(0.5, cpus / 4), f"{n} GPU actor(s) over {gpus:g} GPUs")

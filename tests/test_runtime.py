@@ -1,0 +1,25 @@
+"""Actor-pool sizing from cluster resources (no Ray needed)."""
+
+from __future__ import annotations
+
+from engine.runtime import plan_pool
+
+
+def test_gpu_pool_puts_two_actors_on_each_card_when_cpus_allow():
+    p = plan_pool({"CPU": 16.0, "GPU": 1.0}, "cuda")
+    assert (p.actors, p.gpus_per_actor) == (2, 0.5)
+    assert p.actors * p.cpus_per_actor <= 16 - 1  # CPU left for the chunk tasks
+    p = plan_pool({"CPU": 32.0, "GPU": 4.0}, "auto")
+    assert (p.actors, p.gpus_per_actor) == (8, 0.5)
+
+
+def test_gpu_pool_one_actor_per_card_on_few_cpus_and_explicit_workers_win():
+    assert plan_pool({"CPU": 2.0, "GPU": 1.0}, "cuda").actors == 1
+    p = plan_pool({"CPU": 16.0, "GPU": 1.0}, "cuda", workers=4)
+    assert (p.actors, p.gpus_per_actor) == (4, 0.25)
+
+
+def test_cpu_pool_leaves_a_cpu_for_read_and_write_tasks():
+    p = plan_pool({"CPU": 2.0}, "cpu")
+    assert p.gpus_per_actor == 0
+    assert p.actors * p.cpus_per_actor <= 1.0
