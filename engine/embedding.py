@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import os
 import re
@@ -251,8 +252,12 @@ class SentenceTransformerEncoder(Encoder):
         features = prep(texts)
         features = {k: (v.to(self.device, non_blocking=True) if hasattr(v, "to") else v) for k, v in features.items()}
         with torch.inference_mode():
-            out = self.model.forward(features)["sentence_embedding"]
+            out = self._embed_features(features)
         return out.float()
+
+    def _embed_features(self, features: dict[str, Any]) -> torch.Tensor:
+        """[rows, native_dim] sentence embeddings (before our normalisation) for model-ready features."""
+        return self.model.forward(features)["sentence_embedding"]
 
     def _forward_ids(self, ids: list[np.ndarray]) -> torch.Tensor:
         """Forward pre-tokenized inputs (specials included): pad to a bucket, pinned async copy."""
@@ -271,7 +276,7 @@ class SentenceTransformerEncoder(Encoder):
         if self.device.startswith("cuda"):
             features = {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in features.items()}
         with torch.inference_mode():
-            out = self.model.forward(features)["sentence_embedding"]
+            out = self._embed_features(features)
         return out.float()
 
     def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
@@ -333,6 +338,52 @@ class SentenceTransformerEncoder(Encoder):
                 torch.cuda.empty_cache()
         except Exception:  # noqa: BLE001
             pass
+
+
+class NativeBertEncoder(SentenceTransformerEncoder):
+    """The same encoder for plain BERT sentence models, without importing sentence-transformers.
+
+    ``engine.bert`` runs the forward pass from the folder's safetensors; tokenization is the
+    folder's fast tokenizer, truncated at max_seq_length as sentence-transformers does. Loads in
+    ~1 s instead of ~4 s on the CPU machine (the import is most of it), which every actor, refresh
+    and query process pays once.
+    """
+
+    def __init__(self, name: str, path: str, *, device: str = "cpu", dtype: Dtype = "auto",
+                 threads: int | None = None, compile: bool = False, **kwargs: Any):
+        import torch
+
+        from engine import bert
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        self.device = device
+        self.compute_dtype = resolve_dtype(dtype, device)
+        module = bert.load_module(path).to(device=device, dtype=self.compute_dtype)
+        self.module = torch.compile(module, dynamic=True) if compile else module
+        native_dim = int(json.loads((Path(path) / "config.json").read_text())["hidden_size"])
+        Encoder.__init__(
+            self, name=name, path=path, fingerprint=model_fingerprint(path), native_dim=native_dim,
+            max_seq_length=bert.max_seq_length(path), tokenizer=HFTokenizer(Path(path) / "tokenizer.json",
+                                                                             name=f"hf:{name}"), **kwargs,
+        )
+        if self.truncate_dim and not 1 <= self.truncate_dim <= native_dim:
+            raise ConfigError(f"--dim {self.truncate_dim} must be between 1 and the model's dimension {native_dim}")
+
+    def _embed_features(self, features: dict[str, Any]) -> torch.Tensor:
+        return self.module(features["input_ids"], features["attention_mask"], features.get("token_type_ids"))
+
+    def _forward(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer.ids_batch(texts)  # type: ignore[attr-defined]
+        limit = self.max_seq_length
+        # Over-long inputs keep their first tokens and the closing special token ([SEP]), as
+        # sentence-transformers' truncation does.
+        ids = [x if len(x) <= limit else x[: limit - 1] + x[-1:] for x in ids]
+        return self._forward_ids([np.asarray(x, dtype=np.int64) for x in ids])
 
 
 class _STTokenizer:
@@ -415,8 +466,35 @@ def load_encoder(
             raise ConfigError(f"--dim {truncate_dim} must be between 1 and {dim}")
         return enc
     name, path = resolve_model_path(model)
-    return SentenceTransformerEncoder(name, path, device=device, dtype=dtype, threads=threads, compile=compile,
-                                      **kwargs)
+    cls = encoder_class(path, device)
+    return cls(name, path, device=device, dtype=dtype, threads=threads, compile=compile, **kwargs)
+
+
+def encoder_class(path: str, device: str = "cpu") -> type[SentenceTransformerEncoder]:
+    """Which implementation runs a model folder; ``EMBEDCTL_ENCODER`` (auto|native|sentence-transformers) overrides.
+
+    auto: the native BERT on CPU when the folder allows it; sentence-transformers on CUDA, where
+    only that path has been measured on a card so far (README, GPU throughput).
+    """
+    choice = os.environ.get("EMBEDCTL_ENCODER", "auto")
+    if choice not in ("auto", "native", "sentence-transformers"):
+        raise ConfigError(f"EMBEDCTL_ENCODER must be auto, native or sentence-transformers, got {choice!r}")
+    if choice == "sentence-transformers":
+        return SentenceTransformerEncoder
+    if choice == "auto" and device != "cpu":
+        import torch
+
+        if device.startswith("cuda") or torch.cuda.is_available():
+            return SentenceTransformerEncoder
+    from engine import bert
+
+    ok, why = bert.supports(path)
+    if ok:
+        return NativeBertEncoder
+    if choice == "native":
+        raise ConfigError(f"EMBEDCTL_ENCODER=native, but {path} cannot run natively: {why}")
+    log.debug("model %s runs through sentence-transformers: %s", path, why)
+    return SentenceTransformerEncoder
 
 
 def encoder_from_identity(identity: dict[str, Any], device: str = "cpu", **overrides: Any) -> Encoder:

@@ -55,8 +55,10 @@ def minilm():
 @pytest.mark.integration
 def test_real_model_matches_plain_encode(minilm):
     texts = ["wing in a propeller slipstream " * k for k in range(1, 30)] + ["x"]
+    from sentence_transformers import SentenceTransformer
+
     ours = minilm.encode_passages(texts)
-    ref = minilm.model.encode(texts, batch_size=32, normalize_embeddings=True)
+    ref = SentenceTransformer(minilm.path, device="cpu").encode(texts, batch_size=32, normalize_embeddings=True)
     cos = (ours * ref).sum(axis=1)
     assert cos.min() > 0.9999
     assert minilm.dim == 384 and minilm.identity["max_seq_length"] == 256
@@ -143,3 +145,97 @@ def test_half_precision_on_gpu_matches_fp32():
         # the pre-tokenized fast path (pinned, non-blocking copies) agrees with the plain path
         ids = [np.asarray(x) for x in half.tokenizer.ids_batch(texts[:25])]  # all under max_seq_length
         assert (half.encode_ids(ids) * ref[:25]).sum(axis=1).min() >= 0.999
+
+
+# -- native BERT (no sentence-transformers import) ----------------------------------------------
+
+
+def _tiny_bert(folder, pooling: str, seed: int = 0):
+    """A random 2-layer BERT saved as a sentence-transformers folder (MiniLM's tokenizer)."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, max_position_embeddings=128)).save_pretrained(str(folder))
+    src = resolve_model_path(None)[1]
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(f"{src}/{f}", folder / f)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 96, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 64, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": pooling == "max"}))
+    return folder
+
+
+@pytest.mark.integration
+def test_native_bert_matches_sentence_transformers_on_minilm(minilm, monkeypatch):
+    from engine.embedding import NativeBertEncoder, SentenceTransformerEncoder
+
+    assert isinstance(minilm, NativeBertEncoder)  # the packaged model runs natively by default
+    monkeypatch.setenv("EMBEDCTL_ENCODER", "sentence-transformers")
+    st = load_encoder(None, device="cpu", batch_tokens=2048)
+    assert type(st) is SentenceTransformerEncoder
+    assert st.identity == minilm.identity  # same model identity: manifests do not care which ran it
+    texts = ["Supersonic flutter of panels. " * k for k in (1, 5, 40, 90)] + ["x", "naïve café, e.g. 3.5 Mach"]
+    assert (minilm.encode(texts) * st.encode(texts)).sum(axis=1).min() > 0.99999  # incl. texts over 256 tokens
+    q = minilm.encode_queries(["what is flutter"])
+    assert (q * st.encode_queries(["what is flutter"])).sum() > 0.99999
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_native_bert_matches_sentence_transformers_on_a_random_bert(tmp_path, pooling, monkeypatch):
+    folder = _tiny_bert(tmp_path / f"tiny-{pooling}", pooling)
+    native = load_encoder(str(folder), device="cpu")
+    assert type(native).__name__ == "NativeBertEncoder"
+    monkeypatch.setenv("EMBEDCTL_ENCODER", "sentence-transformers")
+    ref = load_encoder(str(folder), device="cpu")
+    texts = ["boundary layer transition " * k for k in (1, 3, 30)]  # the last is over max_seq_length 96
+    assert (native.encode(texts) * ref.encode(texts)).sum(axis=1).min() > 0.99999
+    ids = [np.asarray(x) for x in native.tokenizer.ids_batch(texts[:2])]
+    assert (native.encode_ids(ids) * ref.encode(texts[:2])).sum(axis=1).min() > 0.99999
+
+
+def test_unsupported_folders_fall_back_with_a_reason(tmp_path, monkeypatch):
+    import json
+
+    from engine import bert
+    from engine.embedding import encoder_class
+
+    folder = _tiny_bert(tmp_path / "maxpool", "max")
+    ok, why = bert.supports(folder)
+    assert not ok and "pooling" in why
+    assert encoder_class(str(folder)).__name__ == "SentenceTransformerEncoder"
+    plain = str(_tiny_bert(tmp_path / "plain", "mean"))
+    assert encoder_class(plain, "cpu").__name__ == "NativeBertEncoder"
+    # auto on CUDA: the library path, the only one measured on a card so far
+    assert encoder_class(plain, "cuda").__name__ == "SentenceTransformerEncoder"
+    monkeypatch.setenv("EMBEDCTL_ENCODER", "native")
+    assert encoder_class(plain, "cuda").__name__ == "NativeBertEncoder"
+    with pytest.raises(ConfigError, match="cannot run natively: pooling"):
+        encoder_class(str(folder))
+    monkeypatch.setenv("EMBEDCTL_ENCODER", "fast")
+    with pytest.raises(ConfigError, match="EMBEDCTL_ENCODER must be"):
+        encoder_class(str(folder))
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "model_type": "mpnet"}))
+    assert "mpnet" in bert.supports(folder)[1]
+
+
+def test_default_model_loads_without_importing_sentence_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.embedding import load_encoder; e = load_encoder(None, device='cpu'); "
+            "v = e.encode(['flutter']); print(v.shape, 'sentence_transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False", out.stdout
