@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield" / "corpus.jsonl"
 
 
-def write_corpus(out: Path, limit: int | None) -> str:
+def write_corpus(out: Path, limit: int | None, scale: int = 1) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -46,16 +46,24 @@ def write_corpus(out: Path, limit: int | None) -> str:
         rows = stdlib_docs(300)
         name = "stdlib-docstrings"
     rows = rows[:limit] if limit else rows
+    if scale > 1:  # a bigger corpus of the same kind: copies under new ids, each copy's texts shifted by one word
+        base = rows
+        rows = list(base)
+        for k in range(1, scale):
+            rows += [{**r, "doc_id": f"{r['doc_id']}~{k}", "text": " ".join(r["text"].split()[k:] + r["text"].split()[:k])}
+                     for r in base]
     for i in range(2):  # two files, so the multi-file path is in the measurement
         part = rows[i::2]
         pq.write_table(pa.Table.from_pylist([{"doc_id": r["doc_id"], "title": r.get("title"), "text": r["text"]}
                                              for r in part]), out / f"part-{i}.parquet", row_group_size=128)
-    return f"{name} ({len(rows)} docs)"
+    return f"{name} ({len(rows)} docs{f', {scale} copies' if scale > 1 else ''})"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    ap.add_argument("--scale", type=int, default=1,
+                    help="corpus copies (new ids, texts rotated by k words): shows the fixed start-up amortised")
     ap.add_argument("--out", default=None, help="also write the results JSON here")
     args = ap.parse_args()
 
@@ -68,7 +76,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:
-        corpus_name = write_corpus(tmp / "corpus", args.limit)
+        corpus_name = write_corpus(tmp / "corpus", args.limit, args.scale)
         cfg = EmbedJobConfig.from_flat({"corpus": str(tmp / "corpus"), "store": str(tmp / "store"), "device": "cpu",
                                         "unit_rows": 256})
         t0 = time.perf_counter()

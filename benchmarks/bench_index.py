@@ -7,9 +7,9 @@
 2. **IVF-PQ on real embeddings**: the Cranfield abstracts plus their sentences (~10.8k MiniLM
    vectors), recall@10 against exact search for the 225 real Cranfield queries, compression,
    build time per 100k vectors; with and without the int8 rerank;
-3. **synthetic scaling**: ``--rows`` clustered 384-dim vectors (default 200k: 1M does not fit a
-   reasonable time on 2 cores), IVF-PQ shards added by Ray tasks with 1 and 2 workers, build and
-   query time per shard count;
+3. **synthetic scaling**: ``--rows`` clustered 384-dim vectors (default 200k; 1M with
+   ``--rows 1000000`` takes ~6 min on 2 quiet cores), IVF-PQ shards added by Ray tasks with 1 and
+   2 workers, build and query time per shard count;
 4. query latency p50/p99 for a batch of 1 and of 256 queries, for every index above.
 
 Query embedding time is excluded from latencies (queries are embedded once, up front); index

@@ -86,7 +86,6 @@ def max_seq_length(folder: str | Path) -> int:
 
 def load_module(folder: str | Path) -> torch.nn.Module:
     """The BERT + pooling module, float32, eval mode, weights from ``model.safetensors``."""
-    import torch
     from safetensors.torch import load_file
 
     root = Path(folder)

@@ -421,7 +421,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return table[dtype]
 
 
-CPU_BATCH_TOKENS = 4096  # CPU: 2k-4k padded tokens per pass ran ~20% faster than 16k (cache-sized activations)
+CPU_BATCH_TOKENS = 2048  # CPU: 2k padded tokens per pass ran ~25% faster than 16k, 7% faster than 4k (cache-sized activations)
 GPU_BATCH_TOKENS = 262144  # GPU: large batches keep the card fed; an OOM halves the budget and retries
 
 

@@ -52,7 +52,7 @@ def estimate(docs: int, sample_docs: int, sample_chunks: int, sample_tokens: int
 def plan_job(cfg: EmbedJobConfig, sample_docs: int = 256, workers: int = 1, throughput: float | None = None,
              seed: int = 0) -> Estimate:
     """Chunk a random sample of units' rows and time the encoder on (at most) 256 of its chunks."""
-    from engine.pipeline import embed_inputs, make_chunker
+    from engine.pipeline import make_chunker
 
     store, plan = plan_corpus(cfg.corpus, find_duplicates=False)
     chunker = make_chunker(cfg)

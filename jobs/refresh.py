@@ -149,9 +149,10 @@ def _recv(f: Any) -> Any:
 def _model_server() -> None:
     """Child process: load the encoder, then answer ``encode_passages`` requests until stdin closes.
 
-    The light loader (``engine.refresh.light_encoder``: transformers only, seconds faster) is used only when
-    it reproduces the stored vectors the driver sent (cosine >= 0.99999 on every one); otherwise, and for
-    any other model, the engine's own ``encoder_from_identity``."""
+    The engine's encoder loads the native BERT where the model allows (``engine.bert``: no
+    sentence-transformers import, most of a small refresh's start-up). It is trusted only when it
+    reproduces the stored vectors the driver sent (cosine >= 0.99999 on every one); otherwise the
+    model is reloaded through sentence-transformers, and the reason is reported."""
     import os
 
     import numpy as np
@@ -170,30 +171,28 @@ def _model_server() -> None:
     info: dict[str, Any] = {}
     error = None
     try:
-        from engine.refresh import light_encoder
+        from engine.embedding import NativeBertEncoder, encoder_from_identity
 
-        light = light_encoder(args["identity"], device=args["device"]) if samples else None
-        if light is not None:
-            got = light.encode_passages([t for t, _v in samples])  # [k, dim]
+        def load() -> Any:
+            return encoder_from_identity(args["identity"], device=args["device"], dtype=args["dtype"],
+                                         batch_tokens=args["batch_tokens"])
+
+        enc = load()
+        info["loader"] = "native" if isinstance(enc, NativeBertEncoder) else "sentence-transformers"
+        if isinstance(enc, NativeBertEncoder) and samples:
+            got = enc.encode_passages([t for t, _v in samples])  # [k, dim]
             want = np.asarray([v for _t, v in samples], dtype=np.float32)
             want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
             cos = float((got * want).sum(1).min())
-            if cos >= 0.99999:
-                enc, info = light, {"loader": "transformers", "validated_on": len(samples), "min_cosine": cos}
-            else:
-                info = {"light_rejected": f"min cosine {cos:.6f} to the stored vectors"}
-    except Exception as err:  # noqa: BLE001 - the light path is an optimisation: fall back, say why
-        info = {"light_rejected": f"{type(err).__name__}: {err}"}
-    if enc is None:
-        try:
-            from engine.embedding import encoder_from_identity
-
-            enc = encoder_from_identity(args["identity"], device=args["device"], dtype=args["dtype"],
-                                        batch_tokens=args["batch_tokens"])
-            info["loader"] = "sentence-transformers"
-        except Exception as err:  # noqa: BLE001 - reported to the driver on its first request
-            error = f"{type(err).__name__}: {err}"
-            info["error"] = error
+            info.update(validated_on=len(samples), min_cosine=cos)
+            if cos < 0.99999:
+                os.environ["EMBEDCTL_ENCODER"] = "sentence-transformers"
+                info = {"native_rejected": f"min cosine {cos:.6f} to the stored vectors"}
+                enc = load()
+                info["loader"] = "sentence-transformers"
+    except Exception as err:  # noqa: BLE001 - reported to the driver on its first request
+        error = f"{type(err).__name__}: {err}"
+        info["error"] = error
     _send(out, ("ready", info))
     while True:
         try:

@@ -529,8 +529,8 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
                                                  "alias": "live", "unit_rows": 16}))
     assert s["status"] == "published" and s["executor"] == "driver"
     assert s["embedding_calls"] == s["chunks"]["new"] + s["chunks"]["changed"] >= 2
-    # The light loader served, after reproducing vectors the live run stored.
-    assert s["model_loader"]["loader"] == "transformers" and s["model_loader"]["validated_on"] == 4
+    # The native BERT served, after reproducing vectors the live run stored.
+    assert s["model_loader"]["loader"] == "native" and s["model_loader"]["validated_on"] == 4
     # The new document's vector is the model's own (encoded here, compared with the process's result).
     man = store.read_json(layout.run_manifest_key(s["run_id"]))
     rows = {}
@@ -545,7 +545,7 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_model_process_falls_back_when_the_light_loader_does_not_reproduce_stored_vectors():
+def test_model_process_falls_back_when_the_native_encoder_does_not_reproduce_stored_vectors():
     from engine.embedding import encoder_from_identity, load_encoder
     from jobs.refresh import ModelProcess
 
@@ -556,7 +556,7 @@ def test_model_process_falls_back_when_the_light_loader_does_not_reproduce_store
     proc = ModelProcess(ident, device="cpu", dtype="auto", batch_tokens=4096, samples=wrong)
     try:
         got = proc.encode_passages(texts)
-        assert proc.info["loader"] == "sentence-transformers" and "light_rejected" in proc.info
+        assert proc.info["loader"] == "sentence-transformers" and "native_rejected" in proc.info
         np.testing.assert_allclose(got, right, atol=1e-5)
     finally:
         proc.close()
