@@ -211,14 +211,8 @@ class SentenceTransformerEncoder(Encoder):
         import torch
         from sentence_transformers import SentenceTransformer
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-        if threads and device == "cpu":
-            torch.set_num_threads(threads)
-        self.device = device
-        self.compute_dtype = resolve_dtype(dtype, device)
+        self._place(device, dtype, threads)
+        device = self.device
         self.model = SentenceTransformer(path, device=device, local_files_only=True)
         self.model.eval()
         if self.compute_dtype != torch.float32:
@@ -254,6 +248,19 @@ class SentenceTransformerEncoder(Encoder):
         with torch.inference_mode():
             out = self._embed_features(features)
         return out.float()
+
+    def _place(self, device: str, dtype: Dtype, threads: int | None) -> None:
+        """Resolve ``auto``, refuse a missing GPU, set CPU threads; sets ``device`` and ``compute_dtype``."""
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        self.device = device
+        self.compute_dtype = resolve_dtype(dtype, device)
 
     def _embed_features(self, features: dict[str, Any]) -> torch.Tensor:
         """[rows, native_dim] sentence embeddings (before our normalisation) for model-ready features."""
@@ -355,14 +362,8 @@ class NativeBertEncoder(SentenceTransformerEncoder):
 
         from engine import bert
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu or auto")
-        if threads and device == "cpu":
-            torch.set_num_threads(threads)
-        self.device = device
-        self.compute_dtype = resolve_dtype(dtype, device)
+        self._place(device, dtype, threads)
+        device = self.device
         module = bert.load_module(path).to(device=device, dtype=self.compute_dtype)
         self.module = torch.compile(module, dynamic=True) if compile else module
         native_dim = int(json.loads((Path(path) / "config.json").read_text())["hidden_size"])
