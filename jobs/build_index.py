@@ -22,7 +22,7 @@ from typing import Any
 from engine.errors import ConfigError
 from engine.index import BuildConfig, BuildResult, Mapper, Progress, build_index, local_mapper
 
-from jobs.jobutil import SUMMARY_MARKER, driver_parser
+from jobs.jobutil import drive, driver_parser
 
 log = logging.getLogger("embedctl.jobs.build_index")
 EXECUTORS = ("ray", "local")
@@ -175,25 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import load_config_file
-    from engine.errors import EmbedctlError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        flat = load_config_file(args.config)
-        if args.address:
-            flat["address"] = args.address
-        cfg = BuildJobConfig.from_flat(flat)
-        if args.dry_run:
-            print(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-            return 0
-        result = run_build_job(cfg, progress=lambda e: log.info("%s", json.dumps(_short(e), default=str)))
-    except EmbedctlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"{SUMMARY_MARKER} {json.dumps(result.summary(), sort_keys=True, default=str)}")
-    return 0
+    return drive(build_parser().parse_args(argv), BuildJobConfig.from_flat,
+                 lambda cfg: run_build_job(cfg, progress=lambda e: log.info("%s", json.dumps(_short(e), default=str)))
+                 .summary())
 
 
 def _short(event: Mapping[str, Any]) -> dict[str, Any]:

@@ -17,10 +17,10 @@ import time
 import warnings
 from typing import Any, Callable
 
-from engine.config import EmbedJobConfig, load_config_file
+from engine.config import EmbedJobConfig
 from engine.pipeline import UnitEmbedder, finalize_run, plan_meta_for, prepare_run, run_summary
 
-from jobs.jobutil import SUMMARY_MARKER, driver_parser
+from jobs.jobutil import drive, driver_parser
 
 log = logging.getLogger("embedctl.jobs.embed")
 
@@ -107,24 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import EmbedctlError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        flat = load_config_file(args.config)
-        if args.address:
-            flat["address"] = args.address
-        cfg = EmbedJobConfig.from_flat(flat)
-        if args.dry_run:
-            print(json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-            return 0
-        manifest = run_embed_job(cfg, progress=lambda e: log.info("%s", json.dumps(_short(e))))
-    except EmbedctlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"{SUMMARY_MARKER} {json.dumps(run_summary(manifest, cfg.store), sort_keys=True)}")
-    return 0 if manifest["status"] == "succeeded" else 1
+    return drive(build_parser().parse_args(argv), EmbedJobConfig.from_flat,
+                 lambda cfg: run_summary(run_embed_job(cfg, progress=lambda e: log.info("%s", json.dumps(_short(e)))),
+                                         cfg.store),
+                 exit_code=lambda summary: 0 if summary["status"] == "succeeded" else 1)
 
 
 def _short(event: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,33 @@ def driver_parser(job: str, config_help: str,
     return p
 
 
+def drive(args: argparse.Namespace, load: Callable[[dict[str, Any]], Any], run: Callable[[Any], dict[str, Any]],
+          *, dry: Callable[[Any], Any] | None = None, exit_code: Callable[[dict[str, Any]], int] | None = None) -> int:
+    """The body of a config-driven driver: read ``--config`` (``--address`` wins over its address),
+    build the config with ``load``; ``--dry-run`` prints ``dry(cfg)`` (default ``cfg.to_dict()``),
+    else ``run(cfg)`` and print the summary line. An error is one line on stderr, credentials redacted,
+    and its exit code."""
+    from engine.config import load_config_file
+    from engine.errors import EmbedctlError
+    from engine.storage import redact
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        flat = load_config_file(args.config)
+        if getattr(args, "address", None):
+            flat["address"] = args.address
+        cfg = load(flat)
+        if args.dry_run:
+            print(json.dumps(dry(cfg) if dry else cfg.to_dict(), sort_keys=True, default=str))
+            return 0
+        summary = run(cfg)
+    except EmbedctlError as err:
+        print(f"error: {redact(str(err))}", file=sys.stderr)
+        return err.exit_code
+    print(f"{SUMMARY_MARKER} {json.dumps(summary, sort_keys=True, default=str)}")
+    return exit_code(summary) if exit_code else 0
+
+
 def run_driver(description: str, keys: Mapping[str, Any], required: tuple[str, ...],
                run: Callable[[dict[str, Any]], dict[str, Any]], argv: list[str] | None = None,
                check: Callable[[dict[str, Any]], None] | None = None) -> int:

@@ -19,13 +19,12 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from engine.config import load_config_file
 from engine.refresh import RefreshConfig, RefreshSession, VectorLookup
 
 if TYPE_CHECKING:
     from engine.embedding import Encoder
 
-from jobs.jobutil import SUMMARY_MARKER, driver_parser
+from jobs.jobutil import drive, driver_parser
 
 log = logging.getLogger("embedctl.jobs.refresh")
 
@@ -387,26 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.errors import EmbedctlError
-
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        flat = load_config_file(args.config)
-        if args.address:
-            flat["address"] = args.address
-        rcfg = RefreshConfig.from_flat(flat)
-        if args.dry_run:
-            print(json.dumps(dry_run(rcfg, check_store=args.check_store), sort_keys=True, default=str))
-            return 0
-        summary = run_refresh_job(rcfg, progress=lambda e: log.info("%s", json.dumps(_short(e))))
-    except EmbedctlError as err:
-        from engine.storage import redact
-
-        print(f"error: {redact(str(err))}", file=sys.stderr)
-        return err.exit_code
-    print(f"{SUMMARY_MARKER} {json.dumps(summary, sort_keys=True, default=str)}")
-    return exit_code(summary)
+    return drive(args, RefreshConfig.from_flat,
+                 lambda rcfg: run_refresh_job(rcfg, progress=lambda e: log.info("%s", json.dumps(_short(e)))),
+                 dry=lambda rcfg: dry_run(rcfg, check_store=args.check_store), exit_code=exit_code)
 
 
 def dry_run(rcfg: RefreshConfig, *, check_store: bool = False) -> dict[str, Any]:
