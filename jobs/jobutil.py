@@ -57,17 +57,15 @@ def run_driver(description: str, keys: Mapping[str, Any], required: tuple[str, .
     ``keys`` maps every allowed key to its default; ``required`` must be set; ``check``
     validates values offline (a dry run never touches the store).
     """
-    from engine.config import load_config_file
-    from engine.errors import ConfigError, EmbedctlError
+    from engine.errors import ConfigError
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="YAML/JSON job config")
     p.add_argument("--address", default=None, help="Ray address (unused by I/O-only jobs; accepted for symmetry)")
     p.add_argument("--dry-run", action="store_true", help="validate the config, print it resolved as JSON, exit")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        raw = {k.replace("-", "_"): v for k, v in load_config_file(args.config).items()}
+
+    def load(flat: dict[str, Any]) -> dict[str, Any]:
+        raw = {k.replace("-", "_"): v for k, v in flat.items() if k != "address" or "address" in keys}
         unknown = set(raw) - set(keys)
         if unknown:
             raise ConfigError(f"unknown config keys {sorted(unknown)}; allowed: {', '.join(sorted(keys))}")
@@ -77,12 +75,6 @@ def run_driver(description: str, keys: Mapping[str, Any], required: tuple[str, .
             raise ConfigError(f"the config needs {', '.join(missing)}")
         if check:
             check(cfg)
-        if args.dry_run:
-            print(json.dumps(cfg, sort_keys=True, default=str))
-            return 0
-        summary = run(cfg)
-    except EmbedctlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"{SUMMARY_MARKER} {json.dumps(summary, sort_keys=True, default=str)}")
-    return 0
+        return cfg
+
+    return drive(p.parse_args(argv), load, run, dry=lambda cfg: cfg)
