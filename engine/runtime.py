@@ -65,7 +65,7 @@ class PoolPlan:
 
 
 def plan_pool(resources: dict[str, float], device: str, workers: int | None = None,
-              threads: int | None = None) -> PoolPlan:
+              threads: int | None = None, actors_per_gpu: int = GPU_ACTORS_PER_CARD) -> PoolPlan:
     """Size the embedding actor pool from cluster resources, always leaving CPU for other stages."""
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
@@ -77,7 +77,7 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
         # Two actors per card when the CPUs allow: one actor leaves the card idle while it reads and
         # writes its unit (H200, MiniLM, one run: 1 -> 2 actors +9%; README GPU figures).
         # Not more by default: every actor holds its own copy of the model in GPU memory.
-        per_gpu = GPU_ACTORS_PER_CARD if cpus >= 4 * max(gpus, 1.0) else 1
+        per_gpu = actors_per_gpu if cpus >= 4 * max(gpus, 1.0) else 1
         n = workers or (max(1, int(gpus)) * per_gpu if gpus >= 1 else 1)
         gpa = min(1.0, gpus / n) if gpus >= 1 else 1.0
         cpa = min(1.0, max(0.25, (cpus - 1) / n)) if cpus > 1 else 0.25

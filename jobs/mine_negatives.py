@@ -51,13 +51,14 @@ class _MiningActor:
 def plan_mining_pool(resources: dict[str, float], device: str, workers: int | None, threads: int | None,
                      batches: int) -> Any:
     """The embed job's pool rule (engine.runtime.plan_pool: fractional CPUs, never one full CPU per
-    actor on a small machine), with no more actors than batches."""
+    actor on a small machine), with no more actors than batches and one actor per GPU (the embed
+    job's two per card were measured for embedding only)."""
     from engine.runtime import PoolPlan, plan_pool
 
-    plan = plan_pool(resources, device, workers, threads)
+    plan = plan_pool(resources, device, workers, threads, actors_per_gpu=1)
     note = ""
     if plan.actors > max(1, batches) and not workers:
-        plan = plan_pool(resources, device, max(1, batches), threads)
+        plan = plan_pool(resources, device, max(1, batches), threads, actors_per_gpu=1)
         note = f" (one per batch: {max(1, batches)} batch(es))"
     cpus = float(resources.get("CPU", 1.0))
     if cpus <= 2 and plan.cpus_per_actor >= 1 and not plan.gpus_per_actor:
