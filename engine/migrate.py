@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import socket
 import threading
 import time
 import uuid
@@ -51,6 +50,7 @@ import numpy as np
 
 from engine import layout
 from engine.errors import ConfigError, ConflictError, EmbedctlError, GateError, IntegrityError, NotFoundError
+from engine.runtime import hostname, pid_alive
 from engine.storage import Store, join, json_bytes
 
 log = logging.getLogger(__name__)
@@ -548,20 +548,6 @@ def retained_versions(store: Store, index: str, *, now: str | None = None) -> di
     return out
 
 
-def _hostname() -> str:
-    return os.environ.get("EMBEDCTL_HOSTNAME") or socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lock_state(lock: Mapping[str, Any] | None, now: float | None = None) -> tuple[bool, str]:
     """(free, why) for a state's runner lock: free when absent, expired, or its process on this
     host is gone (a SIGKILLed runner frees its migration for the next one at once)."""
@@ -571,7 +557,7 @@ def lock_state(lock: Mapping[str, Any] | None, now: float | None = None) -> tupl
     expires = float(lock.get("expires_at", 0))
     if expires <= now:
         return True, f"the lock of {lock.get('by')} expired {now - expires:.0f} s ago"
-    if lock.get("host") == _hostname() and lock.get("pid") and not _pid_alive(int(lock["pid"])):
+    if lock.get("host") == hostname() and lock.get("pid") and not pid_alive(int(lock["pid"])):
         return True, f"its runner (pid {lock['pid']} on this host) is gone"
     return False, (f"held by {lock.get('by')} (pid {lock.get('pid')} on {lock.get('host')}), "
                    f"expires in {expires - now:.0f} s")
@@ -684,11 +670,11 @@ class MigrationState:
             if doc.get("lock") and not free:
                 log.warning("breaking the lock of migration %s (%s)", self.migration_id, why)
             now = time.time()
-            doc["lock"] = {"runner_id": runner, "host": _hostname(), "pid": os.getpid(), "by": by,
+            doc["lock"] = {"runner_id": runner, "host": hostname(), "pid": os.getpid(), "by": by,
                            "acquired_at": now, "renewed_at": now, "expires_at": now + self.lock_ttl_s}
 
         self.update(take, need_lock=False, event={"event": "runner", "by": by, "pid": os.getpid(),
-                                                  "host": _hostname()})
+                                                  "host": hostname()})
         self.runner_id = runner
         self.lost = None
         self._stop.clear()

@@ -33,7 +33,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -52,6 +51,7 @@ from engine.corpus import CorpusConfig
 from engine.embedding import Encoder
 from engine.errors import ConfigError, ConflictError, GateError, IntegrityError, NotFoundError
 from engine.pipeline import UnitEmbedder, state_key
+from engine.runtime import hostname, pid_alive
 from engine.storage import Store, json_bytes, open_store
 from engine.tokenization import WhitespaceTokenizer
 
@@ -316,20 +316,6 @@ def refresh_run_id(cfg: EmbedJobConfig, live: LiveVersion, input_fingerprints: l
 # ---------------------------------------------------------------------------------------------
 
 
-def _hostname() -> str:
-    return os.environ.get("EMBEDCTL_HOSTNAME") or socket.gethostname()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @dataclass
 class Lease:
     """A held lease: the object's key, our ETag of it, and its document."""
@@ -391,7 +377,7 @@ def lease_state(doc: dict[str, Any], now: float | None = None) -> tuple[bool, st
     expires = float(doc.get("expires_at", 0))
     if expires <= now:
         return True, f"expired {now - expires:.0f} s ago"
-    if doc.get("host") == _hostname() and doc.get("pid") and not _pid_alive(int(doc["pid"])):
+    if doc.get("host") == hostname() and doc.get("pid") and not pid_alive(int(doc["pid"])):
         return True, f"its process {doc['pid']} on this host ({doc['host']}) is gone"
     return False, f"expires in {expires - now:.0f} s"
 
@@ -401,7 +387,7 @@ def acquire_lease(store: Store, index: str, *, ttl_s: float, info: dict[str, Any
     """Create the lease object, or take over a stale one; ConflictError (fast) when it is held."""
     key = layout.lease_key(index, what)
     now = time.time()
-    doc = {"format": 1, "what": what, "index": index, "lease_id": uuid.uuid4().hex, "host": _hostname(),
+    doc = {"format": 1, "what": what, "index": index, "lease_id": uuid.uuid4().hex, "host": hostname(),
            "pid": os.getpid(), "by": _whoami(), "acquired_at": now, "renewed_at": now, "expires_at": now + ttl_s,
            "ttl_s": ttl_s, "renewals": 0, **(info or {})}
     data = json_bytes(doc)

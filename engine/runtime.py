@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,3 +92,19 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
     thr = threads or max(1, math.floor(cpus / n))
     return PoolPlan(n, round(cpa, 3), 0.0, thr, round(min(0.5, cpus / 4), 3),
                     f"{n} CPU actor(s) x {cpa:g} CPU reserved, {thr} torch thread(s) each, on {cpus:g} CPUs")
+
+
+def hostname() -> str:
+    """This host's name for lock and lease documents (``EMBEDCTL_HOSTNAME`` overrides, for tests)."""
+    return os.environ.get("EMBEDCTL_HOSTNAME") or socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a SIGKILLed holder frees its lock at once)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
