@@ -116,6 +116,7 @@ def main() -> None:
             "docs": c["accepted"], "chunks": c["chunks"], "tokens": c["tokens"],
             "engine": {"ray_start_s": round(ray_start, 2), "job_s": round(job, 2),
                        "embed_actor_busy_s": round(steady, 2),
+                       "start_up": m["timings"].get("start_up"),  # seconds after the job's start
                        "docs_per_s": round(c["accepted"] / job, 2), "chunks_per_s": round(c["chunks"] / job, 2),
                        "tokens_per_s": round(c["tokens"] / job, 1)},
             "bare_encode": {"model_load_s": round(load, 2), "encode_s": round(bare, 2),

@@ -336,6 +336,7 @@ class UnitEmbedder:
     def __init__(self, cfg: EmbedJobConfig, run_id: str, threads: int | None = None, encoder: Encoder | None = None):
         from engine.embedding import load_encoder
 
+        self.created_at = time.time()  # start-up accounting (manifest timings.start_up)
         self.cfg = cfg
         self.run_id = run_id
         self.store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
@@ -344,12 +345,14 @@ class UnitEmbedder:
             e.model, device=e.device, dtype=e.dtype, truncate_dim=e.truncate_dim, query_prompt=e.query_prompt,
             passage_prompt=e.passage_prompt, batch_tokens=e.batch_tokens, threads=threads, compile=e.compile,
         )
+        self.ready_at = time.time()
 
     def embed_unit(self, chunked: dict[str, Any], token_ids: list[Any] | None = None) -> dict[str, Any]:
         """Embed one unit's chunks (from pre-tokenized ids when given) and commit the unit."""
         import pyarrow as pa
 
         _maybe_crash_for_test()
+        started_at = time.time()
         t0 = time.perf_counter()
         chunks = read_part(self.store, chunked["chunk_file"]["key"])
         encode_ids = getattr(self.encoder, "encode_ids", None)
@@ -363,7 +366,8 @@ class UnitEmbedder:
         embed_seconds = time.perf_counter() - t0
         marker = {k: v for k, v in chunked.items() if k not in ("chunk_seconds",)}
         marker.update(embedding_file=emb_file, dim=self.encoder.dim, model=self.encoder.identity, chunk_seconds=chunked["chunk_seconds"],
-                      embed_seconds=embed_seconds)
+                      embed_seconds=embed_seconds, started_at=round(started_at, 3),
+                      actor_created_at=round(self.created_at, 3), actor_ready_at=round(self.ready_at, 3))
         # The commit: written last, so a unit with a marker has all three parts.
         self.store.write_bytes(state_key(self.run_id, "done", f"{chunked['unit_id']}.json"), json_bytes(marker))
         return marker
@@ -398,8 +402,24 @@ def _maybe_crash_for_test() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float) -> dict[str, Any]:
-    """Gather unit commits into the manifest; the run succeeds only if every unit is committed."""
+def start_up(markers: list[dict[str, Any]], job_started_at: float) -> dict[str, float] | None:
+    """Where a job's fixed start went, from this attempt's unit markers (seconds after the job started):
+    when the first embedding worker was up and its model loaded, and when the first unit began."""
+    mine = [m for m in markers if float(m.get("started_at", 0)) >= job_started_at and "actor_ready_at" in m]
+    if not mine:
+        return None
+    loads = sorted(float(m["actor_ready_at"]) - float(m["actor_created_at"]) for m in mine)
+    return {"first_worker_created_s": round(min(float(m["actor_created_at"]) for m in mine) - job_started_at, 3),
+            "first_worker_ready_s": round(min(float(m["actor_ready_at"]) for m in mine) - job_started_at, 3),
+            "model_load_s": round(loads[len(loads) // 2], 3),
+            "first_unit_start_s": round(min(float(m["started_at"]) for m in mine) - job_started_at, 3)}
+
+
+def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float,
+                 started_at: float | None = None) -> dict[str, Any]:
+    """Gather unit commits into the manifest; the run succeeds only if every unit is committed.
+
+    ``started_at`` (epoch seconds) adds ``timings.start_up`` for the units embedded in this attempt."""
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     run_id = prepared.run_id
     markers = {}
@@ -423,6 +443,11 @@ def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float
     if len(identities) > 1:
         raise ConfigError(f"run {run_id!r} has units embedded by different models; start a new run")
     model = json.loads(identities.pop()) if identities else None
+    timings: dict[str, Any] = {"wall_seconds": round(wall_seconds, 3), "chunk_worker_seconds": round(chunk_s, 3),
+                               "embed_worker_seconds": round(embed_s, 3)}
+    startup = start_up(ordered, started_at) if started_at else None
+    if startup:
+        timings["start_up"] = startup
     manifest = dict(prepared.manifest)
     manifest.update(
         status="succeeded" if not missing else "incomplete",
@@ -439,8 +464,7 @@ def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float
         counts=counts,
         rejects={"count": counts["rejected"], "by_reason": reasons},
         missing_units=missing,
-        timings={"wall_seconds": round(wall_seconds, 3), "chunk_worker_seconds": round(chunk_s, 3),
-                 "embed_worker_seconds": round(embed_s, 3)},
+        timings=timings,
         throughput={
             "docs_per_second": round(counts["accepted"] / wall_seconds, 2) if wall_seconds else None,
             "chunks_per_second": round(counts["chunks"] / wall_seconds, 2) if wall_seconds else None,
@@ -465,6 +489,7 @@ def run_summary(manifest: dict[str, Any], store_uri: str) -> dict[str, Any]:
 
 def run_locally(cfg: EmbedJobConfig, encoder: Encoder | None = None) -> dict[str, Any]:
     """The whole job in this process, without Ray (unit tests and tiny corpora)."""
+    started_at = time.time()
     t0 = time.perf_counter()
     prepared = prepare_run(cfg)
     plan_meta = plan_meta_for(prepared)
@@ -474,7 +499,7 @@ def run_locally(cfg: EmbedJobConfig, encoder: Encoder | None = None) -> dict[str
         packed = pretokenize(cfg, table, ids) if encoder is None else None
         assert embedder is not None
         embedder.embed_unit(chunked, unpack_ids(*packed) if packed else None)
-    return finalize_run(cfg, prepared, time.perf_counter() - t0)
+    return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at)
 
 
 def plan_meta_for(prepared: PreparedRun) -> dict[str, Any]:

@@ -54,6 +54,7 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
 
     from engine.runtime import init_ray, plan_pool
 
+    started_at = time.time()
     t0 = time.perf_counter()
     prepared = prepare_run(cfg)  # all validation happens here, before Ray starts any work
     if progress:
@@ -98,7 +99,7 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
         for row in ds.iter_rows():
             if progress:
                 progress({"event": "unit", **json.loads(row["marker"])})
-    return finalize_run(cfg, prepared, time.perf_counter() - t0)
+    return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,6 +47,9 @@ def test_ray_job_equals_in_process_run(ray_session, tmp_path):
     assert m_ray["counts"] == m_loc["counts"]
     assert [o["sha256"] for o in m_ray["outputs"]["embeddings"]] == [o["sha256"] for o in m_loc["outputs"]["embeddings"]]
     assert sum(1 for e in events if e["event"] == "unit") == m_ray["units"]["total"]
+    up = m_ray["timings"]["start_up"]  # where the fixed start went, in order
+    assert 0 <= up["first_worker_created_s"] <= up["first_worker_ready_s"] <= up["first_unit_start_s"]
+    assert up["first_unit_start_s"] < m_ray["timings"]["wall_seconds"] and up["model_load_s"] >= 0
 
 
 def test_worker_killed_mid_unit_is_retried(ray_session, tmp_path, monkeypatch):
