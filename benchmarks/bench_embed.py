@@ -64,8 +64,13 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     ap.add_argument("--scale", type=int, default=1,
                     help="corpus copies (new ids, texts rotated by k words): shows the fixed start-up amortised")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="whole runs, each in a fresh process; reports every run and the median ratios (this VM's "
+                         "timings drift +-15%% between runs)")
     ap.add_argument("--out", default=None, help="also write the results JSON here")
     args = ap.parse_args()
+    if args.repeat > 1:
+        return repeat_runs(args)
 
     import pyarrow.parquet as pq
 
@@ -131,6 +136,29 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(res, indent=2))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def repeat_runs(args: argparse.Namespace) -> None:
+    """Run this benchmark ``--repeat`` times in fresh processes (one at a time) and summarise."""
+    import statistics
+    import subprocess
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeat):
+            out = Path(tmp) / f"run{i}.json"
+            cmd = [sys.executable, __file__, "--out", str(out), "--scale", str(args.scale)]
+            cmd += ["--limit", str(args.limit)] if args.limit else []
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            runs.append(json.loads(out.read_text()))
+            print(f"run {i + 1}/{args.repeat}: ratio job {runs[-1]['ratio_job']}", file=sys.stderr)
+    res = {"machine": runs[0]["machine"], "corpus": runs[0]["corpus"], "chunks": runs[0]["chunks"], "runs": runs}
+    for k in ("ratio_job", "ratio_job_plus_ray_start", "ratio_steady"):
+        res[f"median_{k}"] = round(statistics.median(r[k] for r in runs), 3)
+        res[f"range_{k}"] = [min(r[k] for r in runs), max(r[k] for r in runs)]
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,10 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
     # torch threads: the CPUs a worker can really use. One actor on a small machine may use all cores,
     # since chunk tasks are light next to the model's matrix work.
     thr = threads or max(1, math.floor(cpus / n))
-    return PoolPlan(n, round(cpa, 3), 0.0, thr, round(min(0.5, cpus / 4), 3),
+    # Chunk tasks: half a CPU each on larger machines; on a small one, the CPUs the actors leave
+    # (one task at a time beside the actor, so start-up is not a scramble of worker boots).
+    task_cpus = min(0.5, cpus / 4) if cpus > 4 else min(1.0, max(0.5, cpus - n * cpa))
+    return PoolPlan(n, round(cpa, 3), 0.0, thr, round(task_cpus, 3),
                     f"{n} CPU actor(s) x {cpa:g} CPU reserved, {thr} torch thread(s) each, on {cpus:g} CPUs")
 
 
