@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 
 from engine.finetune import FinetuneConfig
 
-from jobs.jobutil import SUMMARY_MARKER, driver_parser
+from jobs.jobutil import drive, driver_parser
 
 log = logging.getLogger("embedctl.jobs.finetune")
 
@@ -74,23 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import load_config_file
-    from engine.errors import EmbedctlError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        cfg = FinetuneConfig.from_flat(load_config_file(args.config))
-        if args.dry_run:
-            print(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str))
-            return 0
-        report = run_finetune_job(cfg, args.address)
-    except EmbedctlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"{SUMMARY_MARKER} {json.dumps(report, sort_keys=True, default=str)}")
-    return 0
+    args = build_parser().parse_args(argv)
+    return drive(args, FinetuneConfig.from_flat, lambda cfg: run_finetune_job(cfg, args.address),
+                 dry=dataclasses.asdict, address_in_config=False)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ def driver_parser(job: str, config_help: str,
 
 
 def drive(args: argparse.Namespace, load: Callable[[dict[str, Any]], Any], run: Callable[[Any], dict[str, Any]],
-          *, dry: Callable[[Any], Any] | None = None, exit_code: Callable[[dict[str, Any]], int] | None = None) -> int:
-    """The body of a config-driven driver: read ``--config`` (``--address`` wins over its address),
-    build the config with ``load``; ``--dry-run`` prints ``dry(cfg)`` (default ``cfg.to_dict()``),
-    else ``run(cfg)`` and print the summary line. An error is one line on stderr, credentials redacted,
-    and its exit code."""
+          *, dry: Callable[[Any], Any] | None = None, exit_code: Callable[[dict[str, Any]], int] | None = None,
+          address_in_config: bool = True) -> int:
+    """The body of a config-driven driver: read ``--config`` (``--address`` wins over its address,
+    unless the job takes the address apart: ``address_in_config=False``), build the config with
+    ``load``; ``--dry-run`` prints ``dry(cfg)`` (default ``cfg.to_dict()``), else ``run(cfg)`` and
+    print the summary line. An error is one line on stderr, credentials redacted, and its exit code."""
     from engine.config import load_config_file
     from engine.errors import EmbedctlError
     from engine.storage import redact
@@ -35,7 +36,7 @@ def drive(args: argparse.Namespace, load: Callable[[dict[str, Any]], Any], run: 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         flat = load_config_file(args.config)
-        if getattr(args, "address", None):
+        if address_in_config and getattr(args, "address", None):
             flat["address"] = args.address
         cfg = load(flat)
         if args.dry_run:

@@ -19,7 +19,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-from jobs.jobutil import SUMMARY_MARKER, driver_parser
+from jobs.jobutil import drive, driver_parser
 
 log = logging.getLogger("embedctl.jobs.migrate")
 
@@ -45,34 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import load_config_file
     from engine.errors import EmbedctlError
     from engine.migrate import Migration, Tools, default_migration_id, plan_from_flat
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        flat = load_config_file(args.config)
+
+    def load(flat: dict[str, Any]) -> tuple[Any, dict[str, Any], str]:
         plan, run = plan_from_flat(flat)
         if not run.get("store"):
             raise EmbedctlError("the config needs `store`")
-        mid = run.get("migration_id") or default_migration_id(plan)
-        if args.dry_run:
-            print(json.dumps({"migration_id": mid, "store": run["store"], "until": run.get("until"),
-                              "plan": plan.to_dict()}, sort_keys=True, default=str))
-            return 0
+        return plan, run, run.get("migration_id") or default_migration_id(plan)
+
+    def dry(loaded: tuple[Any, dict[str, Any], str]) -> dict[str, Any]:
+        plan, run, mid = loaded
+        return {"migration_id": mid, "store": run["store"], "until": run.get("until"), "plan": plan.to_dict()}
+
+    def migrate(loaded: tuple[Any, dict[str, Any], str]) -> dict[str, Any]:
         from engine.storage import open_store
 
+        plan, run, mid = loaded
         store = open_store(run["store"], endpoint_url=run.get("endpoint_url"))
         tools = Tools(embed_runner=ray_embed_runner(args.address), progress=lambda m: log.info("%s", m))
         m = Migration.start(store, plan, mid, tools=tools, break_lock=bool(run.get("break_lock")))
         m.run(until=run.get("until"))
-        status = m.status()
-    except EmbedctlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"{SUMMARY_MARKER} {json.dumps(status, sort_keys=True, default=str)}")
-    return 0
+        return m.status()
+
+    return drive(args, load, migrate, dry=dry, address_in_config=False)
 
 
 if __name__ == "__main__":

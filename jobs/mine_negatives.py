@@ -22,7 +22,7 @@ from engine.mining import (
     BatchRunner, MiningJobConfig, MiningSource, finalize_mining, prepare_mining, read_pairs, resolve_source,
 )
 
-from jobs.jobutil import SUMMARY_MARKER, driver_parser
+from jobs.jobutil import drive, driver_parser
 
 log = logging.getLogger("embedctl.jobs.mine_negatives")
 IN_FLIGHT_PER_ACTOR = 2
@@ -175,28 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.config import load_config_file
-    from engine.errors import EmbedctlError
-
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        flat = load_config_file(args.config)
-        if args.address:
-            flat["address"] = args.address
-        cfg = MiningJobConfig.from_flat(flat)
-        if args.dry_run:
-            # Offline by default, so a manifest's config can be checked where the store is unreachable.
-            plan = dry_run(cfg) if args.check_store else (cfg.validate() or {"config": cfg.to_dict()})
-            print(json.dumps(plan, sort_keys=True, default=str))
-            return 0
-        summary = run_mining_job(cfg, progress=lambda e: log.info("%s", json.dumps(e)))
-    except EmbedctlError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return err.exit_code
-    print(f"{SUMMARY_MARKER} {json.dumps(summary, sort_keys=True, default=str)}")
-    return 0
+    args = build_parser().parse_args(argv)
+
+    def dry(cfg: MiningJobConfig) -> dict[str, Any]:
+        # Offline by default, so a manifest's config can be checked where the store is unreachable.
+        return dry_run(cfg) if args.check_store else (cfg.validate() or {"config": cfg.to_dict()})
+
+    return drive(args, MiningJobConfig.from_flat,
+                 lambda cfg: run_mining_job(cfg, progress=lambda e: log.info("%s", json.dumps(e))), dry=dry)
 
 
 if __name__ == "__main__":
