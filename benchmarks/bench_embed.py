@@ -41,7 +41,7 @@ def write_corpus(out: Path, limit: int | None, scale: int = 1) -> str:
         rows = [json.loads(line) for line in CRANFIELD.read_text().splitlines() if line.strip()]
         name = "cranfield"
     else:
-        from engine.demo import stdlib_docs
+        from engine.embed.stdlib_corpus import stdlib_docs
 
         rows = stdlib_docs(300)
         name = "stdlib-docstrings"
@@ -74,10 +74,10 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from engine.config import EmbedJobConfig
-    from engine.pipeline import embed_inputs, make_chunker
-    from engine.runtime import init_ray
-    from jobs.embed import run_embed_job
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import embed_inputs, make_chunker
+    from engine.distributed.runtime import init_ray
+    from engine.distributed.embed import run_embed_job
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:
@@ -104,7 +104,7 @@ def main() -> None:
 
         from sentence_transformers import SentenceTransformer
 
-        from engine.embedding import resolve_model_path
+        from engine.embed.encoders import resolve_model_path
 
         t2 = time.perf_counter()
         model = SentenceTransformer(resolve_model_path(None)[1], device="cpu")

@@ -65,11 +65,11 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from benchmarks.textgen import generate_texts
-    from engine.config import EmbedJobConfig
-    from engine.embedding import resolve_model_path
-    from engine.pipeline import model_tokenizer
-    from engine.runtime import init_ray
-    from jobs.embed import run_embed_job
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.encoders import resolve_model_path
+    from engine.embed.pipeline import model_tokenizer
+    from engine.distributed.runtime import init_ray
+    from engine.distributed.embed import run_embed_job
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -41,11 +41,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engine.evaluate import EvalConfig, evaluate_searcher, load_qrels, load_queries  # noqa: E402
-from engine.index import BuildConfig, build_index, exact_topk  # noqa: E402
-from engine.metrics import knn_recall, ndcg_at_k  # noqa: E402
-from engine.search import Searcher  # noqa: E402
-from engine.storage import open_store  # noqa: E402
+from engine.quality.evaluate import EvalConfig, evaluate_searcher, load_qrels, load_queries  # noqa: E402
+from engine.index.build import BuildConfig, build_index, exact_topk  # noqa: E402
+from engine.quality.metrics import ndcg_at_k  # noqa: E402
+from engine.index.recall import knn_recall
+from engine.index.searcher import Searcher  # noqa: E402
+from engine.core.storage import open_store  # noqa: E402
 from tests.index_utils import clustered_vectors, make_run  # noqa: E402
 
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
@@ -218,8 +219,8 @@ def bench_ivfpq_real(store: Any, emb: dict[str, Any], enc: Any) -> dict[str, Any
 
 
 def bench_synthetic(work: Path, rows: int, dim: int = 384, repeats: int = 2) -> dict[str, Any]:
-    from engine.runtime import init_ray
-    from jobs.build_index import BuildJobConfig, run_build_job
+    from engine.distributed.runtime import init_ray
+    from engine.distributed.build_index import BuildJobConfig, run_build_job
 
     store_path = work / "synthetic"
     store = open_store(store_path)
@@ -274,7 +275,7 @@ def main() -> None:
         sys.exit(f"Cranfield not found at {CRANFIELD} (it lives in ../shared/data)")
     skip = set(filter(None, args.skip.split(",")))
     WORK.mkdir(parents=True, exist_ok=True)
-    from engine.embedding import load_encoder
+    from engine.embed.encoders import load_encoder
 
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                "load_average_start": [round(x, 1) for x in os.getloadavg()]}

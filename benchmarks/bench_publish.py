@@ -34,9 +34,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine import layout  # noqa: E402
-from engine.publish import copy_version, publish_version, rollback_alias, verify_version  # noqa: E402
-from engine.storage import MiB, Store, join, open_store, sha256_file, wait_for  # noqa: E402
+from engine.core import layout  # noqa: E402
+from engine.publish.aliases import copy_version, publish_version, rollback_alias, verify_version  # noqa: E402
+from engine.core.storage import MiB, Store, join, open_store, sha256_file, wait_for  # noqa: E402
 
 IDX = "bench"
 SERVE_IDX = "serve"
@@ -96,10 +96,10 @@ def build_real_versions(store: Store, tmp: Path, model: str | None) -> list[str]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.config import EmbedJobConfig
-    from engine.demo import stdlib_docs
-    from engine.index import BuildConfig, build_index
-    from engine.pipeline import run_locally
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.stdlib_corpus import stdlib_docs
+    from engine.index.build import BuildConfig, build_index
+    from engine.embed.pipeline import run_locally
 
     docs = stdlib_docs(300)
     out = []
@@ -137,7 +137,7 @@ def swap_latency(store: Store, n: int) -> float:
 def hot_swap_and_load(store: Store, blue: str, green: str, seconds: float) -> dict[str, Any]:
     """Serve SERVE_IDX over HTTP (the real Searcher) and query it from 4 threads while
     publish(green) -> rollback -> publish(green) run; count answers and failures."""
-    from engine.serve import AliasSearcher, SearchServer
+    from engine.serve.alias import AliasSearcher, SearchServer
 
     publish_version(store, SERVE_IDX, blue)
     s = AliasSearcher(store, SERVE_IDX, "live", poll_interval=0.05).start()

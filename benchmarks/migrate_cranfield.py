@@ -49,7 +49,7 @@ def write_corpus(out: Path) -> Path:
 
 
 def write_benchmark(out: Path, doc_ids: set[str]) -> Path:
-    from engine.quality import build_benchmark, parse_gain_map, read_qrels, read_queries, save_benchmark
+    from engine.quality.loop import build_benchmark, parse_gain_map, read_qrels, read_queries, save_benchmark
 
     queries = read_queries(CRANFIELD / "queries.jsonl")
     qrels = read_qrels(CRANFIELD / "qrels.tsv", gains=parse_gain_map("cranfield"))
@@ -133,14 +133,14 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from engine.config import EmbedJobConfig
-    from engine.errors import GateError
-    from engine.migrate import Migration, MigrationPlan, Tools, default_index_builder, default_loader
-    from engine.pipeline import run_locally
-    from engine.publish import publish_version
-    from engine.report import find_chromium, screenshot
-    from engine.serve import AliasSearcher, SearchServer
-    from engine.storage import open_store
+    from engine.embed.config import EmbedJobConfig
+    from engine.core.errors import GateError
+    from engine.migrate.migration import Migration, MigrationPlan, Tools, default_index_builder, default_loader
+    from engine.embed.pipeline import run_locally
+    from engine.publish.aliases import publish_version
+    from engine.migrate.report import find_chromium, screenshot
+    from engine.serve.alias import AliasSearcher, SearchServer
+    from engine.core.storage import open_store
 
     out = Path(args.out or tempfile.mkdtemp(prefix="embedctl-migrate-cranfield-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def main() -> int:
     t0 = time.perf_counter()
     blue_run = run_locally(EmbedJobConfig.from_flat({"corpus": str(corpus), "store": store_uri, "progress": False}))
     timings["blue_embed_s"] = time.perf_counter() - t0
-    from engine.publish import read_alias
+    from engine.publish.aliases import read_alias
 
     if read_alias(store, IDX, missing_ok=True) is None:
         blue = default_index_builder(store, IDX, blue_run["run_id"], parent_version=None,
@@ -162,7 +162,7 @@ def main() -> int:
     bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in open(CRANFIELD / "corpus.jsonl")})
     # Blue's own thresholds (what production runs with today), so the report shows how far
     # green's calibrated threshold lands from them.
-    from engine.quality import calibrate, load_benchmark, load_calibration, make_pairs
+    from engine.quality.loop import calibrate, load_benchmark, load_calibration, make_pairs
 
     blue = read_alias(store, IDX).version
     if load_calibration(store, IDX, blue, inherit=False) is None:

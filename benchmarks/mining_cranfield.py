@@ -89,8 +89,8 @@ def write_corpus(work: Path) -> Path:
 
 
 def embed_corpus(work: Path) -> dict[str, Any]:
-    from engine.config import EmbedJobConfig
-    from engine.pipeline import run_locally
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import run_locally
 
     corpus = write_corpus(work)
     cfg = EmbedJobConfig.from_flat({"corpus": str(corpus), "store": str(work / "store"), "model": None,
@@ -156,7 +156,7 @@ def write_pairs(path: Path, pairs: list[dict[str, str]]) -> str:
 def mine(work: Path, run_id: str, pairs: str, out: str, workers: int, batch_size: int = 256,
          **extra: Any) -> dict[str, Any]:
     from engine.mining import MiningJobConfig
-    from jobs.mine_negatives import run_mining_job
+    from engine.distributed.mine_negatives import run_mining_job
 
     flat = {"store": str(work / "store"), "run": run_id, "pairs": pairs, "out": out, "workers": workers,
             "overwrite": True,
@@ -236,7 +236,7 @@ def fidelity(work: Path, run_id: str, texts: dict[str, str], grades: int) -> dic
     both = ours_set & st_set
     only_ours, only_st = sorted(ours_set - st_set), sorted(st_set - ours_set)
     # Explain each difference with the scores both sides saw.
-    from engine.embedding import load_encoder
+    from engine.embed.encoders import load_encoder
 
     enc = load_encoder(None, device="cpu")
     q_texts = sorted({q for q, _ in only_ours + only_st})
@@ -400,7 +400,7 @@ def strategies(work: Path, run_id: str, texts: dict[str, str], grades: int) -> d
 
 
 def finetune_part(work: Path, run_id: str, texts: dict[str, str], grades: int) -> dict[str, Any]:
-    from engine.finetune import FinetuneConfig, run_finetune, write_benchmark
+    from engine.finetune.train import FinetuneConfig, run_finetune, write_benchmark
 
     qids = sorted({q["query_id"] for q in read_jsonl(CRANFIELD / "queries.jsonl")}, key=int)
     rng = random.Random(7)
@@ -436,7 +436,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     import ray
 
-    from engine.runtime import init_ray
+    from engine.distributed.runtime import init_ray
 
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                            "platform": platform.platform()},

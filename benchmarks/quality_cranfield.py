@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine import quality as Q  # noqa: E402
-from engine.errors import GateError  # noqa: E402
-from engine.storage import open_store  # noqa: E402
+from engine.quality import loop as Q  # noqa: E402
+from engine.core.errors import GateError  # noqa: E402
+from engine.core.storage import open_store  # noqa: E402
 
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
 INDEX = "cranfield"
@@ -71,8 +71,8 @@ def corpus_parquet(work: Path) -> Path:
 def embed(work: Path) -> dict[str, Any]:
     """The embed run with the packaged model (default chunking, title prefix). Rerunning the
     same config resumes the same run id, so a finished run costs only a check."""
-    from engine.config import EmbedJobConfig
-    from engine.pipeline import run_locally
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import run_locally
 
     cfg = EmbedJobConfig.from_flat({"corpus": str(corpus_parquet(work)), "store": str(work / "store"),
                                     "progress": False})
@@ -83,7 +83,7 @@ def embed(work: Path) -> dict[str, Any]:
 
 
 def build_versions(store: Any, run_id: str) -> dict[str, str]:
-    from engine.index import BuildConfig, build_index
+    from engine.index.build import BuildConfig, build_index
 
     out = {}
     parent = None
@@ -131,8 +131,8 @@ def main() -> None:
 
     # 2. index versions; one encoder shared by every searcher
     versions = build_versions(store, run["run_id"])
-    from engine.embedding import encoder_from_identity
-    from engine.search import Searcher
+    from engine.embed.encoders import encoder_from_identity
+    from engine.index.searcher import Searcher
 
     encoder = encoder_from_identity(run["model"])
     # Every step embeds the same Cranfield queries: embed each text once (a benchmark-only cache;
@@ -203,7 +203,7 @@ def main() -> None:
                          for name, vid in versions.items()}
 
     # 5. canary: even (held-out) queries and their grade 1-2 docs, baseline on flat, then the swap
-    from engine.publish import publish_version, rollback_alias
+    from engine.publish.aliases import publish_version, rollback_alias
 
     canaries = [Q.Canary(q["text"], tuple(sorted(d for d, g in bench.qrels[q["query_id"]].items() if g >= 3)),
                          q["query_id"]) for q in bench.queries if q["query_id"] not in calib_q
@@ -230,7 +230,7 @@ def main() -> None:
     log(f"canary: {results['canary']}")
 
     # 6. drift: held-out Cranfield queries vs Python docstring first lines
-    from engine.demo import stdlib_docs
+    from engine.embed.stdlib_corpus import stdlib_docs
 
     recent = [q["text"] for q in bench.queries if q["query_id"] not in calib_q]
     off = [d["text"].split(".")[0][:200] for d in stdlib_docs(limit=120)]

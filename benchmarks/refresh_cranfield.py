@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/refresh_cranfield.py [--changes 14] [--model default] [--no-verify] [--out r.json]
 
 1. Cranfield (../shared/data/cranfield/corpus.jsonl, 1,400 abstracts) -> Parquet snapshot v1;
-2. full embed of v1 with the embed job on a local Ray (`jobs.embed.run_embed_job`, what
+2. full embed of v1 with the embed job on a local Ray (`engine.distributed.embed.run_embed_job`, what
    `embedctl embed` runs; Ray is started before the clock starts), then build (exact) and publish
    ``live``;
 3. snapshot v2 = v1 with 1% of the documents changed (``--changes 14``: a third rewritten, a third
    deleted, a third added, from the seeded RNG);
-4. `jobs.refresh.run_refresh_job` (what `embedctl refresh --publish-to live` runs), timed end to
+4. `engine.distributed.refresh.run_refresh_job` (what `embedctl refresh --publish-to live` runs), timed end to
    end: plan, lease, chunk, reuse/embed, diff, index update, recall gate, CAS publish;
 5. with verification (default): a full embed + build of v2 in another store, then the 225
    Cranfield queries against both: top-10 overlap, and deleted documents never returned.
@@ -99,14 +99,14 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from engine.config import EmbedJobConfig
-    from engine.index import BuildConfig, build_index
-    from engine.publish import publish_version, read_alias
-    from engine.refresh import RefreshConfig
-    from engine.runtime import init_ray
-    from engine.storage import open_store
-    from jobs.embed import run_embed_job
-    from jobs.refresh import run_refresh_job
+    from engine.embed.config import EmbedJobConfig
+    from engine.index.build import BuildConfig, build_index
+    from engine.publish.aliases import publish_version, read_alias
+    from engine.refresh.session import RefreshConfig
+    from engine.distributed.runtime import init_ray
+    from engine.core.storage import open_store
+    from engine.distributed.embed import run_embed_job
+    from engine.distributed.refresh import run_refresh_job
 
     work = Path(tempfile.mkdtemp(prefix="embedctl-refresh-bench-"))
     docs = load_cranfield()
@@ -184,7 +184,7 @@ def s_calls(summary: dict) -> int:
 
 def verify(store, version: str, ref, ref_version: str, deleted: set[str], touched: set[str]) -> dict:
     """The 225 Cranfield queries on the refreshed version and on a full rebuild of v2 (both exact)."""
-    from engine.search import Searcher
+    from engine.index.searcher import Searcher
 
     queries = [json.loads(line) for line in (CRANFIELD / "queries.jsonl").read_text().splitlines() if line.strip()]
     texts = [q.get("text") or q.get("query") for q in queries]

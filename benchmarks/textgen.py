@@ -9,7 +9,7 @@ from typing import Any
 
 def vocabulary() -> list[str]:
     """Words from Python's standard-library docstrings: real English with code-ish tokens mixed in."""
-    from engine.demo import stdlib_docs
+    from engine.embed.stdlib_corpus import stdlib_docs
 
     words: list[str] = []
     for row in stdlib_docs(300, min_chars=100):

@@ -1,123 +1,12 @@
 """Ray driver for the embed job: `python jobs/embed.py --config job.yaml` (also `embedctl embed`).
 
-Spreads work as: pending units -> chunk tasks (CPU, Ray Data map) -> embedding actor pool
-(CPU or GPU, Ray Data map_batches) -> per-unit commits. Retries: an actor that dies mid-unit
-is restarted and the unit is retried (its writes are idempotent).
+A thin entry point for `ray job submit --working-dir . -- python jobs/embed.py --config FILE`;
+the job body lives in `engine.distributed.embed`, which the CLI verb calls too.
 """
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import json
-import logging
-import os
 import sys
-import time
-import warnings
-from typing import Any, Callable
 
-from engine.config import EmbedJobConfig
-from engine.pipeline import UnitEmbedder, finalize_run, plan_meta_for, prepare_run, run_summary
-
-from jobs.jobutil import drive, driver_parser
-
-log = logging.getLogger("embedctl.jobs.embed")
-
-Progress = Callable[[dict[str, Any]], None]
-
-
-def _chunk_task(row: dict[str, Any], cfg: EmbedJobConfig, plan_meta: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data map task (CPU): read + validate + chunk one unit, and tokenize it for the actors."""
-    from engine.corpus import Unit
-    from engine.pipeline import chunk_unit_tokens, pretokenize
-
-    unit = Unit(**json.loads(row["unit"]))
-    dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
-    summary, table, ids = chunk_unit_tokens(cfg, plan_meta, unit, dups)
-    packed = pretokenize(cfg, table, ids)
-    ids, lens = packed if packed else (b"", b"")
-    return {"chunked": json.dumps(summary), "ids": ids, "lens": lens}
-
-
-class _EmbedActor:
-    def __init__(self, cfg: EmbedJobConfig, run_id: str, threads: int):
-        self.embedder = UnitEmbedder(cfg, run_id, threads=threads)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return self.embedder(batch)
-
-
-def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run (or resume) the embed job on Ray and return the final manifest."""
-    import ray
-
-    from engine.runtime import init_ray, plan_pool
-
-    started_at = time.time()
-    t0 = time.perf_counter()
-    prepared = prepare_run(cfg)  # all validation happens here, before Ray starts any work
-    if progress:
-        progress({"event": "planned", "run_id": prepared.run_id, "units": len(prepared.plan.units),
-                  "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
-    if prepared.pending:
-        init_ray(cfg.runtime.address)
-        pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
-        log.info("embedding pool: %s", pool.reason)
-        plan_meta = plan_meta_for(prepared)
-        items = []
-        for u in prepared.pending:
-            dups = prepared.plan.duplicates.get(u.file, {})
-            unit_dups = {str(r): loc for r, loc in dups.items() if u.row_start <= r < u.row_end}
-            items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-        ds = ds.map(_chunk_task, fn_kwargs={"cfg": cfg, "plan_meta": plan_meta}, num_cpus=pool.cpus_per_task)
-        actor_env: dict[str, str] = {}
-        if not pool.gpus_per_actor:
-            # Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker before torch loads, and OpenMP keeps
-            # that per thread: torch.set_num_threads later is not enough. Set it at process start.
-            actor_env["OMP_NUM_THREADS"] = str(pool.threads_per_actor)
-            # Ray workers run niced; threads spinning at OpenMP barriers lose their slices to any
-            # other load and the actor crawls (seen here: 4x slower in the mining actors).
-            actor_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        if os.environ.get("EMBEDCTL_TEST_CRASH_ONCE"):  # fault-injection hook for the retry test
-            actor_env["EMBEDCTL_TEST_CRASH_ONCE"] = os.environ["EMBEDCTL_TEST_CRASH_ONCE"]
-        extra: dict[str, Any] = {"runtime_env": {"env_vars": actor_env}} if actor_env else {}
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        ds = ds.map_batches(
-            _EmbedActor,
-            fn_constructor_kwargs={"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=pool.actors),
-            num_cpus=pool.cpus_per_actor,
-            num_gpus=pool.gpus_per_actor or None,
-            # An actor killed mid-unit is restarted and the unit retried: writes are idempotent.
-            max_restarts=3,
-            max_task_retries=3,
-            **extra,
-        )
-        for row in ds.iter_rows():
-            if progress:
-                progress({"event": "unit", **json.loads(row["marker"])})
-    return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = driver_parser("embed", "YAML/JSON job config (same keys as `embedctl embed` flags)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    return drive(build_parser().parse_args(argv), EmbedJobConfig.from_flat,
-                 lambda cfg: run_summary(run_embed_job(cfg, progress=lambda e: log.info("%s", json.dumps(_short(e)))),
-                                         cfg.store),
-                 exit_code=lambda summary: 0 if summary["status"] == "succeeded" else 1)
-
-
-def _short(event: dict[str, Any]) -> dict[str, Any]:
-    keep = ("event", "run_id", "unit_id", "units", "pending", "docs", "accepted", "rejected", "chunks", "tokens")
-    return {k: v for k, v in event.items() if k in keep}
-
+from engine.distributed.embed import main
 
 if __name__ == "__main__":
     sys.exit(main())

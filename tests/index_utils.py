@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from engine import layout
-from engine.embedding import load_encoder
-from engine.storage import Store, json_bytes
-from engine.pipeline import write_part
+from engine.core import layout
+from engine.embed.encoders import load_encoder
+from engine.core.storage import Store, json_bytes
+from engine.embed.pipeline import write_part
 
 
 def clustered_vectors(n: int, dim: int, *, clusters: int = 32, spread: float = 0.35, seed: int = 0,

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import cli, main
-from engine.errors import ConfigError
-from engine.index import BuildConfig, build_index
-from engine.storage import open_store
-from jobs.build_index import BuildJobConfig, plan_ray_pool, run_build_job
+from engine.cli.app import cli, main
+from engine.core.errors import ConfigError
+from engine.index.build import BuildConfig, build_index
+from engine.core.storage import open_store
+from engine.distributed.build_index import BuildJobConfig, plan_ray_pool, run_build_job
 from tests.index_utils import clustered_vectors, make_run
 
 REPO = Path(__file__).resolve().parent.parent

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from engine.chunking import ChunkConfig, Chunker, chunk_id_for, normalize_text
-from engine.errors import ConfigError
-from engine.pipeline import model_info, model_tokenizer
-from engine.tokenization import TiktokenTokenizer, WhitespaceTokenizer
+from engine.embed.chunking import ChunkConfig, Chunker, chunk_id_for, normalize_text
+from engine.core.errors import ConfigError
+from engine.embed.pipeline import model_info, model_tokenizer
+from engine.embed.tokenizers import TiktokenTokenizer, WhitespaceTokenizer
 
 
 def ws_chunker(**kw) -> Chunker:

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import cli
-from engine.commands import cluster as cl
-from engine.errors import ConfigError, EmbedctlError
+from engine.cli.app import cli
+from engine.cli import cluster as cl
+from engine.core.errors import ConfigError, EmbedctlError
 from tests.conftest import REPO, free_port
 
 VENV_BIN = Path(sys.executable).parent
@@ -79,7 +79,7 @@ def test_runtime_env_precedence_and_staging(tmp_path: Path) -> None:
     rel = cl.stage_working_dir(config, staged)
     assert rel == "embedctl-config/job.yaml"
     assert (staged / rel).read_text() == config.read_text()
-    assert (staged / "engine" / "cli.py").exists() and (staged / "jobs" / "__init__.py").exists()
+    assert (staged / "engine" / "cli" / "app.py").exists() and (staged / "jobs" / "__init__.py").exists()
     assert not list(staged.rglob("__pycache__"))
 
     base = cl.load_runtime_env_file(str(REPO / "cluster" / "runtime_env.yaml"))

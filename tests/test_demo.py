@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from engine.demo import stdlib_docs
+from engine.embed.stdlib_corpus import stdlib_docs
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -19,7 +19,7 @@ def test_stdlib_corpus_is_real_text():
 
 
 def test_demo_end_to_end(ray_session, tmp_path):
-    from engine.cli import cli
+    from engine.cli.app import cli
 
     result = CliRunner().invoke(cli, ["demo", "--store", str(tmp_path / "s"), "--docs", "40", "--model", "hash:64",
                                       "--query", "compressed archive files", "--json"])

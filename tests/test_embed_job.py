@@ -15,8 +15,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import EmbedJobConfig
-from engine.pipeline import run_locally
+from engine.embed.config import EmbedJobConfig
+from engine.embed.pipeline import run_locally
 from tests.conftest import REPO
 from tests.corpus_utils import make_docs, write_corpus
 
@@ -37,7 +37,7 @@ def flat(tmp_path, store: str, **kw):
 
 
 def test_ray_job_equals_in_process_run(ray_session, tmp_path):
-    from jobs.embed import run_embed_job
+    from engine.distributed.embed import run_embed_job
 
     write_corpus(tmp_path / "corpus", make_docs(80, seed=3), files=3)
     events = []
@@ -53,7 +53,7 @@ def test_ray_job_equals_in_process_run(ray_session, tmp_path):
 
 
 def test_worker_killed_mid_unit_is_retried(ray_session, tmp_path, monkeypatch):
-    from jobs.embed import run_embed_job
+    from engine.distributed.embed import run_embed_job
 
     write_corpus(tmp_path / "corpus", make_docs(64, seed=4))
     flag = tmp_path / "crashed.flag"
@@ -113,7 +113,7 @@ def test_cli_embed_json_summary(ray_session, tmp_path):
 
     write_corpus(tmp_path / "corpus", make_docs(20, seed=6))
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "embed", "--corpus", str(tmp_path / "corpus"), "--store",
+        [sys.executable, "-m", "engine.cli.app", "embed", "--corpus", str(tmp_path / "corpus"), "--store",
          str(tmp_path / "store"), "--model", "hash:16", "--address", ray.get_runtime_context().gcs_address, "--json"],
         capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
@@ -128,7 +128,7 @@ def test_cli_schema_error_is_clear_and_early(tmp_path):
     (tmp_path / "corpus").mkdir()
     pq.write_table(pa.table({"id": ["a"], "body": ["x"]}), tmp_path / "corpus" / "x.parquet")
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "embed", "--corpus", str(tmp_path / "corpus"), "--store",
+        [sys.executable, "-m", "engine.cli.app", "embed", "--corpus", str(tmp_path / "corpus"), "--store",
          str(tmp_path / "store"), "--model", "hash:16"],
         capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )

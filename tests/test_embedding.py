@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 
-from engine.embedding import (
+from engine.embed.encoders import (
     HashEncoder, encoder_from_identity, load_encoder, resolve_model_path, token_budget_batches,
 )
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 
 def test_token_budget_batches_cover_all_and_respect_budget():
@@ -118,7 +118,7 @@ def test_fp16_on_cpu_is_refused():
 @pytest.mark.integration
 def test_pretokenized_fast_path_equals_text_path(minilm):
     """The GPU fast path (ids tokenized elsewhere, bucket padding) gives the plain path's vectors."""
-    from engine.pipeline import model_tokenizer
+    from engine.embed.pipeline import model_tokenizer
 
     texts = [f"report {i}: " + "shock wave boundary layer interaction " * (i % 13 + 1) for i in range(50)]
     ids = model_tokenizer(None).ids_batch(texts)
@@ -177,7 +177,7 @@ def _tiny_bert(folder, pooling: str, seed: int = 0):
 
 @pytest.mark.integration
 def test_native_bert_matches_sentence_transformers_on_minilm(minilm, monkeypatch):
-    from engine.embedding import NativeBertEncoder, SentenceTransformerEncoder
+    from engine.embed.encoders import NativeBertEncoder, SentenceTransformerEncoder
 
     assert isinstance(minilm, NativeBertEncoder)  # the packaged model runs natively by default
     monkeypatch.setenv("EMBEDCTL_ENCODER", "sentence-transformers")
@@ -206,8 +206,8 @@ def test_native_bert_matches_sentence_transformers_on_a_random_bert(tmp_path, po
 def test_unsupported_folders_fall_back_with_a_reason(tmp_path, monkeypatch):
     import json
 
-    from engine import bert
-    from engine.embedding import encoder_class
+    from engine.embed import bert
+    from engine.embed.encoders import encoder_class
 
     folder = _tiny_bert(tmp_path / "maxpool", "max")
     ok, why = bert.supports(folder)
@@ -233,7 +233,7 @@ def test_default_model_loads_without_importing_sentence_transformers():
     import subprocess
     import sys
 
-    code = ("import sys; from engine.embedding import load_encoder; e = load_encoder(None, device='cpu'); "
+    code = ("import sys; from engine.embed.encoders import load_encoder; e = load_encoder(None, device='cpu'); "
             "v = e.encode(['flutter']); print(v.shape, 'sentence_transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))

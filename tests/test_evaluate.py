@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from engine.cli import cli
-from engine.embedding import load_encoder
-from engine.errors import ConfigError, SchemaError
-from engine.evaluate import EvalConfig, evaluate_searcher, evaluate_version, load_qrels, load_queries
-from engine.index import BuildConfig, build_index
-from engine.search import Searcher
-from engine.storage import open_store
+from engine.cli.app import cli
+from engine.embed.encoders import load_encoder
+from engine.core.errors import ConfigError, SchemaError
+from engine.quality.evaluate import EvalConfig, evaluate_searcher, evaluate_version, load_qrels, load_queries
+from engine.index.build import BuildConfig, build_index
+from engine.index.searcher import Searcher
+from engine.core.storage import open_store
 from tests.index_utils import make_run
 
 DIM = 64

@@ -13,14 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import EmbedJobConfig
-from engine.errors import ConfigError
-from engine.finetune import (
+from engine.embed.config import EmbedJobConfig
+from engine.core.errors import ConfigError
+from engine.finetune.train import (
     Benchmark, FinetuneConfig, evaluate, load_benchmark, run_finetune, stdlib_benchmark, training_columns,
     write_benchmark, _dataset,
 )
 from engine.mining import MiningJobConfig, run_mining_locally
-from engine.pipeline import run_locally
+from engine.embed.pipeline import run_locally
 from tests.corpus_utils import make_docs, write_corpus
 
 
@@ -76,7 +76,7 @@ def test_finetune_end_to_end_cpu_then_embed_with_it(triplets, tmp_path):
     assert ev["before"]["queries"] == 10 and set(ev["delta"]) >= {"ndcg@10", "mrr@10", "recall@100"}
     assert report["verdict"] and (out / "embedctl_finetune.json").exists()
     # the folder is a model embed/migrate load like any other
-    from engine.embedding import load_encoder, model_fingerprint, resolve_model_path
+    from engine.embed.encoders import load_encoder, model_fingerprint, resolve_model_path
 
     enc = load_encoder(str(out))
     assert enc.dim == 384 and enc.fingerprint == report["fingerprint"]
@@ -107,7 +107,7 @@ def test_triplet_rows_explode_per_negative(triplets):
 
 
 def test_evaluate_metrics_and_leakage_guard(tmp_path):
-    from engine.embedding import load_encoder
+    from engine.embed.encoders import load_encoder
 
     docs = make_docs(20, seed=3)
     bench = load_benchmark(write_bench(tmp_path / "b", docs, 8))
@@ -147,8 +147,8 @@ def test_job_driver_dry_run_and_s3_output(triplets, tmp_path, s3_bucket):
                         "--config", str(cfg), "--dry-run"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["loss"] == "infonce"
-    from engine.storage import open_store
-    from jobs.finetune import _train
+    from engine.core.storage import open_store
+    from engine.distributed.finetune import _train
 
     report = _train(FinetuneConfig.from_flat({"triplets": str(triplets), "out": f"{s3_bucket}/models/ft",
                                               "batch_size": 4, "max_steps": 1, "device": "cpu"}))

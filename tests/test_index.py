@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine import layout
-from engine.errors import ConfigError, GateError, IntegrityError, NotFoundError
-from engine.index import (
+from engine.core import layout
+from engine.core.errors import ConfigError, GateError, IntegrityError, NotFoundError
+from engine.index.build import (
     BuildConfig,
     build_index,
     choose_params,
@@ -32,8 +32,8 @@ from engine.index import (
     rescore_scores,
     verify_version,
 )
-from engine.search import Searcher
-from engine.storage import join, open_store, sha256_file
+from engine.index.searcher import Searcher
+from engine.core.storage import join, open_store, sha256_file
 from tests.index_utils import brute_force, clustered_vectors, hash_identity, make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -353,8 +353,8 @@ def test_incomplete_or_missing_run_refused(store, corpus):
 
 RESUME_SCRIPT = textwrap.dedent("""
     import sys, time
-    from engine.index import BuildConfig, build_index
-    from engine.storage import open_store
+    from engine.index.build import BuildConfig, build_index
+    from engine.core.storage import open_store
 
     store_path, ready = sys.argv[1], sys.argv[2]
     def progress(event):
@@ -442,7 +442,7 @@ def test_resume_retrains_when_its_files_were_collected(store, corpus):
 def test_version_ids_sort_by_creation_time():
     from datetime import datetime, timezone
 
-    from engine.index import new_version_id
+    from engine.index.build import new_version_id
 
     t = datetime(2026, 1, 2, 3, 4, 5, 999_999, tzinfo=timezone.utc)
     times = [t.replace(second=s, microsecond=us) for s in (4, 5) for us in (0, 1, 15, 16, 999_998)]

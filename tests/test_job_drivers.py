@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.publish import read_alias
-from engine.storage import open_store
+from engine.publish.aliases import read_alias
+from engine.core.storage import open_store
 from tests.version_utils import build_version
 
 
@@ -26,7 +26,7 @@ def run_main(main, cfg: dict, tmp_path, capsys, *extra: str) -> tuple[int, dict 
 
 
 def test_publish_driver_latest_then_refusals(tmp_path, capsys):
-    from jobs.publish import main
+    from engine.distributed.publish import main
 
     store = open_store(str(tmp_path / "s"))
     v1 = build_version(store, "docs", "a")
@@ -47,7 +47,7 @@ def test_publish_driver_latest_then_refusals(tmp_path, capsys):
 
 
 def test_evaluate_driver_with_queries_and_qrels(tmp_path, capsys):
-    from jobs.evaluate import main
+    from engine.distributed.evaluate import main
     from tests.version_utils import DIM  # noqa: F401 - same tiny versions as the publish tests
 
     store = open_store(str(tmp_path / "s"))

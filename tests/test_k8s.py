@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.commands.cluster import JOBS
+from engine.cli.cluster import JOBS
 from tests.conftest import REPO
 
 K8S_DIR = REPO / "k8s"

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.evaluate import GAINS
-from engine.metrics import dcg, knn_recall, mean_metrics, mrr_at_k, ndcg_at_k, query_metrics, recall_at_k
+from engine.quality.evaluate import GAINS
+from engine.quality.metrics import dcg, mean_metrics, mrr_at_k, ndcg_at_k, query_metrics, recall_at_k
+from engine.index.recall import knn_recall
 
 
 def test_recall_at_k_by_hand():

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import layout
-from engine.config import EmbedJobConfig
-from engine.errors import ConfigError, ConflictError, GateError, NotFoundError
-from engine.migrate import (
+from engine.core import layout
+from engine.embed.config import EmbedJobConfig
+from engine.core.errors import ConfigError, ConflictError, GateError, NotFoundError
+from engine.migrate.migration import (
     PHASES,
     Migration,
     MigrationPlan,
@@ -47,10 +47,10 @@ from engine.migrate import (
     spearman,
     summarize_comparisons,
 )
-from engine.pipeline import run_locally
-from engine.publish import alias_history, publish_version, read_alias
-from engine.serve import AliasSearcher, SearchServer, hit_to_dict
-from engine.storage import Store, open_store, wait_for
+from engine.embed.pipeline import run_locally
+from engine.publish.aliases import alias_history, publish_version, read_alias
+from engine.serve.alias import AliasSearcher, SearchServer, hit_to_dict
+from engine.core.storage import Store, open_store, wait_for
 from tests.corpus_utils import make_docs, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,7 +236,7 @@ def test_state_create_update_and_runner_lock(tmp_path):
 def make_blue(root: Path, store_uri: str, *, n_docs: int = 40, model: str = "hash:32") -> dict:
     """A tiny corpus embedded with ``model``, built into a version and published as live, plus
     a benchmark (each query: the first words of one document, that document relevant)."""
-    from engine.quality import build_benchmark, save_benchmark
+    from engine.quality.loop import build_benchmark, save_benchmark
 
     docs = make_docs(n_docs, seed=3)
     write_corpus(root / "corpus", docs)
@@ -300,20 +300,20 @@ def test_full_migration_on_both_backends(tmp_path, any_store_uri):
     st = m.status()
     assert st["report"].endswith("report.html") and st["runner"] is None
     # Calibrated thresholds for green, its own (not inherited from blue).
-    from engine.quality import load_calibration
+    from engine.quality.loop import load_calibration
 
     assert load_calibration(store, IDX, green["version"], inherit=False)["version_id"] == green["version"]
     # Rerunning a finished migration changes nothing.
     before = m.read()
     m.run()
     assert m.read()["phases"] == before["phases"] and read_alias(store, IDX).generation == alias.generation
-    # gc must keep blue for the retention period (engine.migrate.retained_versions says why).
-    from engine.migrate import retained_versions
+    # gc must keep blue for the retention period (engine.migrate.migration.retained_versions says why).
+    from engine.migrate.migration import retained_versions
 
     kept = retained_versions(store, IDX)
     assert list(kept) == [blue["version"]] and "retained for rollback until" in kept[blue["version"]]
     assert retained_versions(store, IDX, now="9999-01-01T00:00:00Z") == {}
-    from engine.publish import gc_index
+    from engine.publish.aliases import gc_index
 
     gc = gc_index(store, IDX, keep=0, grace_s=0)  # no history kept: only the migration protects blue
     assert blue["version"] not in [d.get("version") for d in gc.deleted]
@@ -399,7 +399,7 @@ def test_a_failed_gate_rolls_back_by_itself_and_records_why(blue_local, tmp_path
         m.run()  # `run` does not retry a rolled-back rollout on its own
     page = store.read_bytes(m.key("report.html")).decode()
     assert "Rolled back to blue" in page and "below the minimum" in page
-    from engine.migrate import retained_versions
+    from engine.migrate.migration import retained_versions
 
     assert doc["green"]["version"] in retained_versions(store, IDX)  # still protected from gc...
     m.abandon("green cannot pass the canaries")
@@ -410,11 +410,11 @@ def test_a_failed_gate_rolls_back_by_itself_and_records_why(blue_local, tmp_path
 
 
 def test_calibrate_refuses_to_go_on_without_thresholds(blue_local, monkeypatch):
-    import engine.quality
+    import engine.quality.loop
 
     m = Migration.start(blue_local["store"], plan_for(blue_local))
     m.run(until="compare")
-    monkeypatch.setattr(engine.quality, "calibrate", lambda *a, **kw: {"absolute": {}})  # fits nothing
+    monkeypatch.setattr(engine.quality.loop, "calibrate", lambda *a, **kw: {"absolute": {}})  # fits nothing
     with pytest.raises(GateError, match="no calibrated thresholds"):
         m.phase("calibrate")
     doc = m.read()
@@ -441,7 +441,7 @@ def test_matryoshka_green_keeps_blues_model_and_truncates(blue_local):
 def test_build_runs_the_embed_job_on_ray(blue_local, ray_session):
     """The green build is the same job as `embedctl embed`, on Ray (what `jobs/migrate.py` and
     `embedctl migrate` without --in-process use)."""
-    from jobs.migrate import ray_embed_runner
+    from engine.distributed.migrate import ray_embed_runner
 
     store = blue_local["store"]
     m = Migration.start(store, plan_for(blue_local), tools=Tools(embed_runner=ray_embed_runner()))
@@ -458,7 +458,7 @@ def test_build_runs_the_embed_job_on_ray(blue_local, ray_session):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "engine.cli", *args]
+    return [sys.executable, "-m", "engine.cli.app", *args]
 
 
 @pytest.mark.parametrize("point,phase", [
@@ -611,7 +611,7 @@ def test_zero_failed_queries_during_rollout_cutover_and_rollback(blue_local):
 def test_cli_run_status_report_and_refusals(blue_local, tmp_path):
     from click.testing import CliRunner
 
-    from engine.cli import cli
+    from engine.cli.app import cli
 
     store = blue_local["store"]
     runner = CliRunner()

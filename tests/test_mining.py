@@ -15,14 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import EmbedJobConfig
-from engine.errors import ConfigError
+from engine.embed.config import EmbedJobConfig
+from engine.core.errors import ConfigError
 from engine.mining import (
     Candidates, MinedCorpus, MiningConfig, MiningJobConfig, PositiveInfo, ScoreHistogram, apply_rules,
     materialize_part, quotas, parse_mix, prepare_mining, resolve_source, run_chunker, run_mining_locally,
     BatchRunner, RULES,
 )
-from engine.pipeline import run_locally
+from engine.embed.pipeline import run_locally
 from tests.corpus_utils import make_docs, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_exact_search_matches_brute_force(world):
 def test_materialized_shard_is_checked_and_reused(world, tmp_path):
     cfg = mcfg(world, "unused")
     source = resolve_source(cfg)
-    from engine.storage import open_store
+    from engine.core.storage import open_store
 
     store = open_store(world["store"])
     chunker = run_chunker(source.run_config)
@@ -122,7 +122,7 @@ def test_materialized_shard_is_checked_and_reused(world, tmp_path):
     mtime = (folder / "vectors.npy").stat().st_mtime_ns
     assert materialize_part(store, source.parts[0], chunker.prefix_for, str(tmp_path)) == folder
     assert (folder / "vectors.npy").stat().st_mtime_ns == mtime  # converted once
-    from engine.errors import IntegrityError
+    from engine.core.errors import IntegrityError
 
     with pytest.raises(IntegrityError, match="sha256"):
         materialize_part(store, (key, n, "0" * 64), chunker.prefix_for, str(tmp_path / "other"))
@@ -344,7 +344,7 @@ def test_resume_redoes_only_missing_batches_and_finished_job_is_not_redone(world
 
 
 def test_ray_job_matches_local(world, ray_session):
-    from jobs.mine_negatives import run_mining_job
+    from engine.distributed.mine_negatives import run_mining_job
 
     local = run_mining_locally(mcfg(world, "local-ref.parquet"))
     s = run_mining_job(mcfg(world, "ray-out", workers=2, device="cpu"))
@@ -357,9 +357,9 @@ def test_ray_job_matches_local(world, ray_session):
 
 
 def test_index_version_and_alias_as_source_ann_path(world):
-    from engine.index import BuildConfig, build_index
-    from engine.publish import publish_version
-    from engine.storage import open_store
+    from engine.index.build import BuildConfig, build_index
+    from engine.publish.aliases import publish_version
+    from engine.core.storage import open_store
 
     store = open_store(world["store"])
     built = build_index(store, world["run"], "docs", BuildConfig(kind="binary-rerank", gate_recall=None))
@@ -487,7 +487,7 @@ def test_agrees_with_sentence_transformers_mine_hard_negatives(tmp_path):
 
 
 def test_pool_plan_never_reserves_a_full_cpu_per_actor_on_two_cpus():
-    from jobs.mine_negatives import plan_mining_pool
+    from engine.distributed.mine_negatives import plan_mining_pool
 
     for workers in (None, 1, 2):
         plan = plan_mining_pool({"CPU": 2.0}, "cpu", workers, None, batches=10)

@@ -13,9 +13,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from engine.config import EmbedJobConfig
-from engine.errors import ConfigError
-from engine.pipeline import run_locally
+from engine.embed.config import EmbedJobConfig
+from engine.core.errors import ConfigError
+from engine.embed.pipeline import run_locally
 from tests.corpus_utils import make_docs, write_corpus
 
 
@@ -56,7 +56,7 @@ def test_outputs_manifest_and_counts(tmp_path, corpus):
     # manifest: model identity, outputs with sha256 + rows, config, inputs
     assert m["model"]["name"] == "hash:24" and m["dim"] == 24
     assert sum(o["rows"] for o in m["outputs"]["embeddings"]) == c["chunks"]
-    from engine.storage import sha256_file
+    from engine.core.storage import sha256_file
 
     for o in m["outputs"]["embeddings"] + m["outputs"]["chunks"] + m["outputs"]["rejects"]:
         assert sha256_file(os.path.join(cfg.store, o["key"])) == o["sha256"]

@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from engine.config import EmbedJobConfig
-from engine.plan import estimate, plan_job
+from engine.embed.config import EmbedJobConfig
+from engine.embed.plan import estimate, plan_job
 from tests.conftest import REPO
 from tests.corpus_utils import make_docs, write_corpus
 
@@ -37,7 +37,7 @@ def test_plan_job_on_sample(tmp_path):
 
 def test_plan_cli_json(tmp_path):
     write_corpus(tmp_path / "c", make_docs(30, seed=9))
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "plan", "--corpus", str(tmp_path / "c"), "--model",
+    out = subprocess.run([sys.executable, "-m", "engine.cli.app", "plan", "--corpus", str(tmp_path / "c"), "--model",
                           "hash:16", "--workers", "3", "--throughput", "100", "--json"],
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0, out.stderr

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine import layout
-from engine.cli import cli
-from engine.errors import ConfigError, ConflictError, IntegrityError, NotFoundError, StorageError
-from engine.index import verify_version
-from engine.publish import (
+from engine.core import layout
+from engine.cli.app import cli
+from engine.core.errors import ConfigError, ConflictError, IntegrityError, NotFoundError, StorageError
+from engine.index.build import verify_version
+from engine.publish.aliases import (
     alias_history,
     gc_index,
     index_status,
@@ -28,7 +28,7 @@ from engine.publish import (
     rollback_alias,
     route_bucket,
 )
-from engine.storage import Store, join, open_store
+from engine.core.storage import Store, join, open_store
 from tests.s3_faults import S3FaultProxy
 from tests.version_utils import Versions, versions_in
 
@@ -309,7 +309,7 @@ def test_gc_keeps_both_versions_of_a_weighted_alias(store, v):
 def run_cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(cli, list(args), catch_exceptions=True)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
-        from engine.errors import EmbedctlError
+        from engine.core.errors import EmbedctlError
 
         if isinstance(result.exception, EmbedctlError):
             return result.exception.exit_code, result.stdout, str(result.exception)
@@ -350,7 +350,7 @@ def test_cli_verbs(any_store_uri):
 
 def embedctl(*args: str, env: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "engine.cli.app", *args], capture_output=True, text=True,
                           env=full_env, cwd=REPO, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"embedctl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
@@ -482,7 +482,7 @@ def test_gc_grace_follows_a_running_build(tmp_path):
         os.utime(store.local_path(key), (old, old))
     builds = join(layout.index_prefix(IDX), "builds")
     state_keys = [k for k in store.list(builds) if k.endswith("state.json") and store.read_json(k)["version_id"] == vid]
-    assert state_keys  # engine.index keeps its state there
+    assert state_keys  # engine.index.build keeps its state there
     # The build folder was touched recently (a shard marker just landed): kept.
     rep = gc_index(store, IDX, keep=0, dry_run=True)
     assert [k["version"] for k in rep.kept if "never published" in k["why"]] == [vid]

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from engine import quality as Q
-from engine.errors import ConfigError, GateError, NotFoundError, SchemaError
-from engine.storage import open_store
+from engine.quality import loop as Q
+from engine.core.errors import ConfigError, GateError, NotFoundError, SchemaError
+from engine.core.storage import open_store
 
 # ---------------------------------------------------------------------------------------------
 # PR curve and F-beta
@@ -389,9 +389,9 @@ def tiny_pairs() -> list[Q.LabelledPair]:
 
 def build(store, tmp_path, *, model="hash:32", kind="flat", docs=None, parent=None, tag="a") -> str:
     """Embed a topic corpus with ``model`` and build an index version of ``kind``; its id."""
-    from engine.config import EmbedJobConfig
-    from engine.index import BuildConfig, build_index
-    from engine.pipeline import run_locally
+    from engine.embed.config import EmbedJobConfig
+    from engine.index.build import BuildConfig, build_index
+    from engine.embed.pipeline import run_locally
     from tests.corpus_utils import write_corpus
 
     corpus = write_corpus(tmp_path / f"corpus-{tag}", docs or topic_docs())
@@ -434,7 +434,7 @@ def test_calibration_record_png_and_newest_wins(store, v1):
     ref = Q.reference_embeddings(store, "docs", {**rec, "found_on": v1})
     assert ref.shape == (len(TOPICS), 32)
     # re-scoring the pairs and applying the stored rule reproduces the stored operating point
-    from engine.search import Searcher
+    from engine.index.searcher import Searcher
 
     with Searcher.load(store, "docs", v1) as searcher:
         sp = Q.score_pairs(searcher, tiny_pairs(), depth=10)
@@ -493,11 +493,11 @@ def test_status_says_when_thresholds_come_from_another_version(store, v1, tmp_pa
 
 
 def test_index_status_reports_stale_calibrations(store, v1, tmp_path, capsys):
-    from engine.publish import index_status
+    from engine.publish.aliases import index_status
 
     calibrate(store, v1)
     other = build(store, tmp_path, model="hash:16", parent=v1, tag="c")
-    rows = {r["version"]: r for r in index_status(store, "docs")["versions"]}
+    rows = {r["version"]: r for r in index_status(store, "docs", calibration=Q.calibration_status)["versions"]}
     assert rows[v1]["calibration"]["calibrated"] and not rows[v1]["calibration"]["needs_recalibration"]
     assert rows[other]["calibration"]["needs_recalibration"]
     code, out, _err = run_cli(["status", "--store", store.uri, "--index", "docs"], capsys)
@@ -534,7 +534,7 @@ def test_evaluate_cli_accepts_a_benchmark(store, v1, tmp_path, capsys):
 
 
 def test_thresholds_on_real_search_results(store, v1):
-    from engine.search import Searcher
+    from engine.index.searcher import Searcher
 
     calibrate(store, v1)
     th = Q.resolve_threshold(store, "docs", v1, "auto")
@@ -547,7 +547,7 @@ def test_thresholds_on_real_search_results(store, v1):
 
 
 def publish(store, version, **kw):
-    from engine.publish import publish_version
+    from engine.publish.aliases import publish_version
 
     return publish_version(store, "docs", version, "live", **kw)
 
@@ -611,7 +611,7 @@ def test_drift_against_calibration_time(store, v1):
 
 
 def run_cli(args, capsys):
-    from engine.cli import main
+    from engine.cli.app import main
 
     code = 0
     try:
@@ -647,8 +647,8 @@ def test_cli_benchmark_build_refuses_unknown_docs_then_drops_them(tmp_path, benc
 
 
 def test_cli_benchmark_build_against_an_embed_run(tmp_path, bench_files, capsys):
-    from engine.config import EmbedJobConfig
-    from engine.pipeline import run_locally
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import run_locally
     from tests.corpus_utils import write_corpus
 
     docs = [{"doc_id": d, "title": d, "text": f"text of {d}"} for d in ("d1", "d2", "d3", "d4", "d9")]
@@ -676,8 +676,8 @@ def topic_benchmark(tmp_path) -> Q.Benchmark:
 
 
 def test_evaluate_benchmark_breaks_down_by_lang_and_type(store, v1, tmp_path):
-    from engine import metrics
-    from engine.search import Searcher
+    from engine.quality import metrics
+    from engine.index.searcher import Searcher
 
     bench = topic_benchmark(tmp_path)
     with Searcher.load(store, "docs", v1) as searcher:
@@ -790,7 +790,7 @@ def test_graded_ndcg_recall_mrr_by_hand_with_ties():
 
 @pytest.mark.s3
 def test_calibrations_live_on_s3_and_travel_with_a_copy(store, v1, s3_bucket, tmp_path, monkeypatch):
-    from engine.publish import copy_version
+    from engine.publish.aliases import copy_version
 
     monkeypatch.setenv("EMBEDCTL_CACHE_DIR", str(tmp_path / "cache"))
     s3 = open_store(s3_bucket + "/store")

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from engine import layout
-from engine.errors import ConflictError
-from engine.refresh import LeaseKeeper, acquire_lease, lease_state
-from engine.storage import json_bytes, open_store
+from engine.core import layout
+from engine.core.errors import ConflictError
+from engine.core.lease import LeaseKeeper, lease_state
+from engine.refresh.session import acquire_lease
+from engine.core.storage import json_bytes, open_store
 
 IDX = "docs"
 
@@ -91,16 +92,16 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from engine.chunking import content_hash  # noqa: E402
-from engine.config import EmbedJobConfig  # noqa: E402
-from engine.embedding import HashEncoder  # noqa: E402
-from engine.errors import ConfigError, GateError  # noqa: E402,F401
-from engine.index import BuildConfig, build_index  # noqa: E402
-from engine.pipeline import run_locally  # noqa: E402
-from engine.publish import alias_history, publish_version, read_alias  # noqa: E402
-from engine.refresh import RefreshConfig, RefreshSession, run_refresh_locally  # noqa: E402
-from engine.search import Searcher  # noqa: E402
-from engine.storage import Store  # noqa: E402
+from engine.embed.chunking import content_hash  # noqa: E402
+from engine.embed.config import EmbedJobConfig  # noqa: E402
+from engine.embed.encoders import HashEncoder  # noqa: E402
+from engine.core.errors import ConfigError, GateError  # noqa: E402,F401
+from engine.index.build import BuildConfig, build_index  # noqa: E402
+from engine.embed.pipeline import run_locally  # noqa: E402
+from engine.publish.aliases import alias_history, publish_version, read_alias  # noqa: E402
+from engine.refresh.session import RefreshConfig, RefreshSession, run_refresh_locally  # noqa: E402
+from engine.index.searcher import Searcher  # noqa: E402
+from engine.core.storage import Store  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.corpus_utils import make_docs, write_corpus  # noqa: E402
 
@@ -432,7 +433,7 @@ def test_cli_refresh_json_and_exit_codes(tmp_path):
     store, _r, v1 = live_index(uri, tmp_path / "v1", docs)
     write_corpus(tmp_path / "v2", change(docs, modify=[4], delete=[5], add=1), files=2)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    base = [sys.executable, "-m", "engine.cli", "refresh", "--corpus", str(tmp_path / "v2"), "--store", uri,
+    base = [sys.executable, "-m", "engine.cli.app", "refresh", "--corpus", str(tmp_path / "v2"), "--store", uri,
             "--index", IDX, "--from-alias", "live"]
     plan = subprocess.run(base + ["--dry-run", "--json"], capture_output=True, text=True, env=env, timeout=120)
     assert plan.returncode == 0, plan.stderr
@@ -482,7 +483,7 @@ def test_job_dry_run_is_offline_and_check_store_reads_the_plan(tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_path_equals_the_in_process_path(ray_session, tmp_path):
-    from jobs.refresh import run_refresh_job
+    from engine.distributed.refresh import run_refresh_job
 
     docs = make_docs(200, seed=15)
     for name in ("a", "b"):
@@ -499,7 +500,7 @@ def test_ray_path_equals_the_in_process_path(ray_session, tmp_path):
 
 
 def test_model_process_reports_a_missing_model_clearly():
-    from jobs.refresh import ModelProcess
+    from engine.distributed.refresh import ModelProcess
 
     proc = ModelProcess({"name": "no-such-model", "path": "/nonexistent/model", "dim": 8}, device="cpu",
                         dtype="auto", batch_tokens=1024)
@@ -514,8 +515,8 @@ def test_model_process_reports_a_missing_model_clearly():
 @pytest.mark.slow
 def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
     """The packaged MiniLM: new chunks are embedded by the early-started model process, old ones reused."""
-    from engine.embedding import load_encoder
-    from jobs.refresh import run_refresh_job
+    from engine.embed.encoders import load_encoder
+    from engine.distributed.refresh import run_refresh_job
 
     docs = make_docs(40, seed=16)
     uri = str(tmp_path / "store")
@@ -546,8 +547,8 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_model_process_falls_back_when_the_native_encoder_does_not_reproduce_stored_vectors():
-    from engine.embedding import encoder_from_identity, load_encoder
-    from jobs.refresh import ModelProcess
+    from engine.embed.encoders import encoder_from_identity, load_encoder
+    from engine.distributed.refresh import ModelProcess
 
     ident = load_encoder(None).identity
     texts = ["wing lift in a slipstream", "boundary layer transition"]

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from engine.migrate import compare_query, summarize_comparisons
-from engine.report import find_chromium, render_migration_report, screenshot
+from engine.migrate.migration import compare_query, summarize_comparisons
+from engine.migrate.report import find_chromium, render_migration_report, screenshot
 
 
 def report_data() -> dict:

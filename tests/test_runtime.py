@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.runtime import plan_pool
+from engine.distributed.runtime import plan_pool
 
 
 def test_gpu_pool_puts_two_actors_on_each_card_when_cpus_allow():

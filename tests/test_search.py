@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from engine import layout
-from engine.embedding import load_encoder
-from engine.errors import ConfigError, IntegrityError, NotFoundError
-from engine.index import BuildConfig, build_index
-from engine.search import Hit, Searcher, cache_dir_for, resolve_version
-from engine.storage import join, open_store
+from engine.core import layout
+from engine.embed.encoders import load_encoder
+from engine.core.errors import ConfigError, IntegrityError, NotFoundError
+from engine.index.build import BuildConfig, build_index
+from engine.index.searcher import Hit, Searcher, cache_dir_for, resolve_version
+from engine.core.storage import join, open_store
 from tests.index_utils import brute_force, clustered_vectors, make_run
 
 DIM = 32

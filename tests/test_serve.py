@@ -1,5 +1,5 @@
 """Serving: AliasSearcher hot swaps and the HTTP endpoint over real index versions
-(engine.index builds, engine.search.Searcher loads), on local disk and on a real S3 endpoint
+(engine.index.build builds, engine.index.searcher.Searcher loads), on local disk and on a real S3 endpoint
 (moto server on loopback); the zero-downtime load test drives real HTTP queries."""
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import layout
-from engine.errors import IntegrityError, NotFoundError
-from engine.publish import publish_version, read_alias, rollback_alias
-from engine.search import Searcher
-from engine.serve import AliasSearcher, SearchServer, default_loader
-from engine.storage import Store, open_store, wait_for
+from engine.core import layout
+from engine.core.errors import IntegrityError, NotFoundError
+from engine.publish.aliases import publish_version, read_alias, rollback_alias
+from engine.index.searcher import Searcher
+from engine.serve.alias import AliasSearcher, SearchServer, default_loader
+from engine.core.storage import Store, open_store, wait_for
 from tests.version_utils import Versions, answers
 
 IDX = "docs"
@@ -119,7 +119,7 @@ def test_a_version_that_fails_verification_is_never_served(store, v, damage, cap
             manifest = store.read_json(mkey)
             manifest["artifacts"][0]["key"] = damage
             store.write_json(mkey, manifest)
-        with caplog.at_level(logging.ERROR, logger="engine.serve"):
+        with caplog.at_level(logging.ERROR, logger="engine.serve.alias"):
             assert not s.poll_once()
         assert s.search(["wing lift"]).versions == [v["v1"]]
         failure = s.status()["failure"]
@@ -361,7 +361,7 @@ def test_cli_serve_binds_loopback_and_stops_on_sigterm(tmp_path):
     store = open_store(tmp_path / "store")
     v = Versions(store, IDX)
     publish_version(store, IDX, v["v1"])
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--store", str(tmp_path / "store"),
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.app", "serve", "--store", str(tmp_path / "store"),
                              "--index", IDX, "--port", "0", "--poll-interval", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

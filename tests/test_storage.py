@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from engine.errors import ConflictError, IntegrityError, NotFoundError, StorageError
-from engine.storage import (
+from engine.core.errors import ConflictError, IntegrityError, NotFoundError, StorageError
+from engine.core.storage import (
     LocalStore,
     MiB,
     RedactingFilter,

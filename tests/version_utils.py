@@ -1,7 +1,7 @@
 """Test helpers for publish/serve: real index versions, tiny and fast.
 
 ``build_version`` writes a small embed run (seeded clustered vectors, model ``hash:16``) and
-builds a flat index version from it with ``engine.index.build_index``; every chunk and doc id
+builds a flat index version from it with ``engine.index.build.build_index``; every chunk and doc id
 starts with the given tag, so a search answer shows which version produced it. ``Versions``
 builds them on demand by short name (``v["v1"]``) and remembers the real version ids.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from engine import layout
-from engine.index import BuildConfig, build_index
-from engine.search import Searcher
-from engine.storage import Store, join
+from engine.core import layout
+from engine.index.build import BuildConfig, build_index
+from engine.index.searcher import Searcher
+from engine.core.storage import Store, join
 from tests.index_utils import clustered_vectors, make_run
 
 DIM = 16
@@ -63,7 +63,7 @@ def versions_in(store: Store, index: str) -> set[str]:
 
 def answers(store: Store, index: str, version_id: str, queries: list[str], k: int = 3) -> list[list[dict[str, Any]]]:
     """What a freshly loaded version answers, one query at a time: the reference for served answers."""
-    from engine.serve import hit_to_dict
+    from engine.serve.alias import hit_to_dict
 
     with Searcher.load(store, index, version_id) as s:
         return [[hit_to_dict(h) for h in s.search([q], k=k)[0]] for q in queries]

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

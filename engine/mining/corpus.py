@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
-from engine import layout
-from engine.errors import ConfigError, IntegrityError, NotFoundError, SchemaError
+from engine.core import layout
+from engine.core.errors import ConfigError, IntegrityError, NotFoundError, SchemaError
 from engine.mining.config import MiningJobConfig
-from engine.storage import Store, open_store, sha256_file
+from engine.core.storage import Store, open_store, sha256_file
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -45,7 +45,7 @@ def stable_u64(text: str, salt: str = "") -> int:
 
 def norm_text(text: str) -> str:
     """The form two texts must share to count as duplicates: NFKC, casefolded, whitespace collapsed."""
-    from engine.chunking import normalize_text
+    from engine.embed.chunking import normalize_text
 
     return _WS.sub(" ", normalize_text(text or "").casefold()).strip()
 
@@ -83,7 +83,7 @@ class MiningSource:
     run_config: dict[str, Any]
     index: str | None = None
     version_id: str | None = None
-    ann: bool = False  # the version holds FAISS shards that engine.search can load
+    ann: bool = False  # the version holds FAISS shards that engine.index.searcher can load
     index_kind: str | None = None  # ivfpq | binary-rerank | flat
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,10 +94,10 @@ class MiningSource:
 
 
 def resolve_version_id(store: Store, index: str, version: str | None, alias: str | None) -> str:
-    """The version an index/version/alias names: engine.index's resolver when present, else the alias document."""
+    """The version an index/version/alias names: engine.index.build's resolver when present, else the alias document."""
     resolve_version: Callable[..., Any] | None
     try:
-        from engine.search import resolve_version  # the index builder's, authoritative ("latest" too)
+        from engine.index.searcher import resolve_version  # the index builder's, authoritative ("latest" too)
     except ImportError:
         resolve_version = None
     if resolve_version is not None:
@@ -105,7 +105,7 @@ def resolve_version_id(store: Store, index: str, version: str | None, alias: str
         return str(resolved if isinstance(resolved, str) else getattr(resolved, "version_id", resolved))
     if version:
         return version
-    from engine.publish import read_alias
+    from engine.publish.aliases import read_alias
 
     state = read_alias(store, index, str(alias))
     assert state is not None
@@ -156,8 +156,8 @@ def resolve_source(cfg: MiningJobConfig) -> MiningSource:
 
 def run_chunker(run_config: dict[str, Any]) -> Any:
     """The chunker the run used, for its title prefix: negatives carry the text the vectors were made from."""
-    from engine.config import EmbedJobConfig
-    from engine.pipeline import make_chunker
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import make_chunker
 
     flat = json.loads(json.dumps(run_config))
     flat.pop("runtime", None)

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from engine.mining.config import RULES, MiningJobConfig
 from engine.mining.corpus import MiningSource, resolve_source
 from engine.mining.miner import NegativeMiner, current_rss_bytes, output_schema, peak_rss_bytes
 from engine.mining.pairs import PairSet, QueryGroup, read_pairs, split_uri
 from engine.mining.stats import BatchStats, _r
-from engine.storage import Store, join, open_store, sha256_file
+from engine.core.storage import Store, join, open_store, sha256_file
 
 if TYPE_CHECKING:
-    from engine.embedding import Encoder
+    from engine.embed.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class BatchRunner:
         self.out = Output.for_uri(cfg.out, cfg.endpoint_url)
 
     def run(self, batch_index: int, groups: list[dict[str, Any]] | list[QueryGroup]) -> dict[str, Any]:
-        from engine.pipeline import write_part
+        from engine.embed.pipeline import write_part
 
         gs = [g if isinstance(g, QueryGroup) else QueryGroup.from_dict(g) for g in groups]
         table, st = self.miner.mine_batch(batch_index, gs)
@@ -213,7 +213,7 @@ def finalize_mining(prep: PreparedMining, wall_seconds: float, workers: dict[str
                 if writer is not None:
                     writer.write_table(table, row_group_size=8192)
                 else:
-                    from engine.pipeline import write_part
+                    from engine.embed.pipeline import write_part
 
                     if part_no == 0:  # parts of an earlier job in this folder (--overwrite) must not linger
                         for key in out.store.list(""):

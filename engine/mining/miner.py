@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 from engine.mining.config import SOURCES, MiningJobConfig, parse_mix, quotas
 from engine.mining.corpus import (
     KEY_CHUNK_NORM,
@@ -27,12 +27,12 @@ from engine.mining.corpus import (
 from engine.mining.pairs import QueryGroup
 from engine.mining.rules import Candidates, PositiveInfo, apply_rules, sample_order
 from engine.mining.stats import BatchStats
-from engine.storage import open_store
+from engine.core.storage import open_store
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from engine.embedding import Encoder
+    from engine.embed.encoders import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class NegativeMiner:
 
     def __init__(self, cfg: MiningJobConfig, source: MiningSource, *, max_positives: int,
                  encoder: Encoder | None = None, threads: int | None = None):
-        from engine.embedding import encoder_from_identity
+        from engine.embed.encoders import encoder_from_identity
 
         t0 = time.perf_counter()
         self.cfg = cfg
@@ -149,9 +149,9 @@ class NegativeMiner:
     def ann(self) -> Any:
         if self._ann is None:
             try:
-                from engine.search import Searcher
+                from engine.index.searcher import Searcher
             except ImportError as err:
-                raise ConfigError("--search ann needs engine.search (the index searcher), which this install "
+                raise ConfigError("--search ann needs engine.index.searcher (the index searcher), which this install "
                                   "lacks; use --search exact") from err
             store = open_store(self.source.store, endpoint_url=self.source.endpoint_url)
             self._ann = Searcher.load(store, str(self.source.index), str(self.source.version_id))
@@ -506,7 +506,7 @@ def output_table(cols: dict[str, list[Any]], n: int) -> pa.Table:
 
 def load_cross_encoder(path: str, device: str = "auto") -> Any:
     """A sentence-transformers CrossEncoder from a local folder (never downloads)."""
-    from engine.embedding import resolve_model_path
+    from engine.embed.encoders import resolve_model_path
 
     _, folder = resolve_model_path(path)
     from sentence_transformers import CrossEncoder

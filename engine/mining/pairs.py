@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.errors import NotFoundError, SchemaError
-from engine.storage import Store, open_store, sha256_file
+from engine.core.errors import NotFoundError, SchemaError
+from engine.core.storage import Store, open_store, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,321 @@
+"""`embedctl build-index | search | evaluate`: index versions from embed runs, and queries against them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import click
+
+from engine.cli.app import emit_json
+
+log = logging.getLogger(__name__)
+
+
+def _store_options(f: Any) -> Any:
+    f = click.option("--endpoint-url", default=None, envvar="EMBEDCTL_S3_ENDPOINT_URL",
+                     help="S3-compatible endpoint for s3:// stores [EMBEDCTL_S3_ENDPOINT_URL].")(f)
+    f = click.option("--store", required=True, envvar="EMBEDCTL_STORE",
+                     help="The store: a path, file:// or s3://bucket/prefix [EMBEDCTL_STORE].")(f)
+    return f
+
+
+def _version_options(f: Any) -> Any:
+    f = click.option("--alias", default=None, help="Use the version this alias points to.")(f)
+    f = click.option("--version", "version", default=None, help="Version id, or 'latest'.")(f)
+    f = click.option("--index", required=True, help="Index name.")(f)
+    return f
+
+
+def _open(store: str, endpoint_url: str | None) -> Any:
+    from engine.core.storage import open_store
+
+    return open_store(store, endpoint_url=endpoint_url)
+
+
+class _BuildProgress:
+    """A rich progress bar over shards on a terminal; log lines otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar: Any = None
+        self.task: Any = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "planned":
+            msg = (f"{event['index']}/{event['version']}: {event['kind']} ({event['factory']}) over {event['rows']:,} "
+                   f"vectors in {event['shards']} shard(s)" + (" [resuming]" if event.get("resumed") else ""))
+            click.echo(msg, err=True)
+            for why in event.get("reasoning", []):
+                click.echo(f"  - {why}", err=True)
+            if self.enabled and event["shards"]:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self.bar = Progress(TextColumn("adding shards"), BarColumn(), MofNCompleteColumn(),
+                                    TimeElapsedColumn(), transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task("shards", total=event["shards"])
+        elif kind == "trained":
+            if not event.get("reused"):
+                click.echo(f"trained on {event.get('vectors', 0):,} vectors in {event['seconds']:.1f}s", err=True)
+            else:
+                click.echo("reusing the trained quantizer of the interrupted build", err=True)
+        elif kind == "shard_done":
+            if self.bar is not None:
+                self.bar.update(self.task, completed=event["done"])
+            else:
+                click.echo(f"shard {event['shard']} ({event['rows']:,} rows) "
+                           f"{'already committed' if event['skipped'] else 'added'} [{event['done']}/{event['total']}]",
+                           err=True)
+        elif kind == "gate":
+            self.close()
+            if event.get("recall") is not None:
+                knobs = ", ".join(f"{k}={event[k]}" for k in ("nprobe", "rescore_multiplier") if event.get(k))
+                click.echo(f"recall@{event['k']} vs exact = {event['recall']:.4f} on {event['queries']} queries"
+                           + (f" ({knobs})" if knobs else "") + f", gate {event['threshold']}", err=True)
+        elif kind == "reused":
+            click.echo(f"this build already finished: version {event['version']}", err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+@click.command("build-index")
+@_store_options
+@click.option("--run", "run", required=True, help="The embed run to index.")
+@click.option("--index", required=True, help="Index name (versions accumulate under it).")
+@click.option("--kind", type=click.Choice(["ivfpq", "binary-rerank", "flat"]), default="ivfpq", show_default=True)
+@click.option("--factory", default=None, help="FAISS factory string, e.g. 'OPQ48,IVF4096,PQ48x4fs' (or 'BIVF1024' "
+                                              "for binary-rerank). Default: chosen from corpus size and budget.")
+@click.option("--shards", type=click.IntRange(1), default=None, help="Index shards [auto: by size and workers].")
+@click.option("--memory-budget", default=None, help="RAM for the whole index, e.g. 4GB or 512MiB.")
+@click.option("--nlist", type=click.IntRange(1), default=None, help="IVF lists [auto: ~4*sqrt(N)].")
+@click.option("--pq-m", type=click.IntRange(1), default=None, help="PQ sub-quantizers [auto: fits the budget].")
+@click.option("--pq-nbits", type=click.IntRange(4, 8), default=None, help="Bits per PQ code [4: fast scan].")
+@click.option("--train-size", type=click.IntRange(1), default=None, help="Training sample [auto: 64 per list].")
+@click.option("--rescore", type=click.Choice(["int8", "fp16", "none"]), default="int8", show_default=True,
+              help="Vectors stored beside each shard to re-rank candidates (memory-mapped).")
+@click.option("--rescore-multiplier", type=click.IntRange(1), default=None,
+              help="Candidates per shard = k x this [auto: tuned by the gate].")
+@click.option("--nprobe", type=click.IntRange(1), default=None, help="Default IVF lists probed [auto: tuned].")
+@click.option("--gate-recall", type=click.FloatRange(0, 1), default=0.9, show_default=True,
+              help="Fail (publish nothing) below this recall@10 against exact search.")
+@click.option("--no-gate", is_flag=True, help="Measure recall but never fail on it.")
+@click.option("--gate-queries", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--parent-version", default=None, help="Lineage: the version this one replaces [newest existing].")
+@click.option("--force", is_flag=True, help="Build a new version even if this exact build finished before.")
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
+              help="ray: shard tasks on Ray (local Ray, or --address); local: in this process.")
+@click.option("--address", default=None, help="Ray address [RAY_ADDRESS, else a local Ray].")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Shard tasks in flight [cluster CPUs].")
+@click.option("--config", "config_path", default=None, help="YAML/JSON file with the same keys (flags win).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, kind: str, factory: str | None,
+                    shards: int | None, memory_budget: str | None, nlist: int | None, pq_m: int | None,
+                    pq_nbits: int | None, train_size: int | None, rescore: str, rescore_multiplier: int | None,
+                    nprobe: int | None, gate_recall: float, no_gate: bool, gate_queries: int, seed: int,
+                    parent_version: str | None, force: bool, executor: str, address: str | None,
+                    workers: int | None, config_path: str | None, as_json: bool) -> None:
+    """Train once on a sample of an embed run, add its vectors to N shards in parallel, gate on recall.
+
+    \b
+    Examples:
+      embedctl build-index --store ./store --run RUN_ID --index docs
+      embedctl build-index --store ./store --run RUN_ID --index docs --kind binary-rerank --json
+      embedctl build-index --store s3://bkt/emb --run RUN_ID --index docs --memory-budget 4GB --shards 8
+      embedctl build-index --store ./store --run RUN_ID --index docs --factory "OPQ48,IVF4096,PQ48x4fs"
+      python jobs/build_index.py --config build.yaml      # the same job, for `ray job submit`
+
+    Rerunning the same command after a crash resumes (no retraining, committed shards kept);
+    after success it prints the finished version. The version is published with `embedctl publish`.
+    """
+    from engine.embed.config import load_config_file
+    from engine.distributed.build_index import BuildJobConfig, run_build_job
+
+    ctx = click.get_current_context()
+    flat: dict[str, Any] = load_config_file(config_path)
+    given = {
+        "store": store, "endpoint_url": endpoint_url, "run": run, "index": index, "kind": kind, "factory": factory,
+        "shards": shards, "memory_budget": memory_budget, "nlist": nlist, "pq_m": pq_m, "pq_nbits": pq_nbits,
+        "train_size": train_size, "rescore": rescore, "rescore_multiplier": rescore_multiplier, "nprobe": nprobe,
+        "gate_recall": gate_recall, "gate_queries": gate_queries, "seed": seed,
+        "parent_version": parent_version, "force": force or None, "executor": executor, "address": address,
+        "workers": workers,
+    }
+    for name, value in given.items():
+        if value is None:
+            continue
+        # A flag left at its default does not override the config file.
+        source = ctx.get_parameter_source(name)
+        if name in flat and source is not None and source.name == "DEFAULT":
+            continue
+        flat[name] = value
+    if no_gate:
+        flat["gate_recall"] = None  # measured and recorded, never failed on
+    cfg = BuildJobConfig.from_flat(flat)
+    progress = _BuildProgress(enabled=not as_json)
+    try:
+        result = run_build_job(cfg, progress=progress)
+    finally:
+        progress.close()
+    summary = result.summary()
+    if as_json:
+        emit_json(summary)
+        return
+    gate = summary["recall_gate"] or {}
+    recall = gate.get("recall")
+    click.echo(f"{'reused' if result.reused else 'built'} {index}/{result.version_id}: {summary['kind']} "
+               f"{summary['params']['factory']}, {summary['rows']:,} vectors in {summary['shards']} shard(s), "
+               f"{summary['bytes'] / 1e6:.1f} MB"
+               + (f", recall@{gate['k']} {recall:.4f}" if recall is not None else "")
+               + f" ({summary['timings'].get('total_s', 0):.1f}s)")
+    click.echo(f"publish it: embedctl publish --store {store} --index {index} --version {result.version_id}")
+
+
+@click.command("search")
+@_store_options
+@_version_options
+@click.option("--query", "-q", "queries", multiple=True, required=True, help="Query text (repeatable).")
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--nprobe", type=click.IntRange(1), default=None, help="IVF lists probed [the version's tuned default].")
+@click.option("--rescore-multiplier", type=click.IntRange(1), default=None,
+              help="Candidates per shard = k x this [the version's tuned default].")
+@click.option("--docs", "collapse_docs", is_flag=True, help="One hit per document (its best chunk).")
+@click.option("--device", default="cpu", show_default=True, help="Where the query encoder runs (cpu, cuda).")
+@click.option("--no-verify", is_flag=True, help="Skip checksum verification of the version's files.")
+@click.option("--threshold", default=None,
+              help="Drop hits below a score, or 'auto' (the version's calibrated thresholds; stale ones are refused).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
+               queries: tuple[str, ...], k: int, nprobe: int | None, rescore_multiplier: int | None,
+               collapse_docs: bool, device: str, no_verify: bool, threshold: str | None, as_json: bool) -> None:
+    """Search an index version with the model it was built with.
+
+    \b
+    Examples:
+      embedctl search --store ./store --index docs --alias live --query "wing lift at high angle of attack"
+      embedctl search --store ./store --index docs --version latest -q "heat transfer" -q "shock waves" -k 5 --json
+      embedctl search --store ./store --index docs --alias live -q "buckling of panels" --docs --nprobe 64
+    """
+    from engine.index.searcher import Searcher, resolve_version
+
+    st = _open(store, endpoint_url)
+    vid = resolve_version(st, index, version, alias)
+    thresholds = None
+    if threshold is not None:
+        from engine.quality.loop import resolve_threshold
+
+        thresholds = resolve_threshold(st, index, vid, threshold)  # refused here, before loading, if stale
+    t0 = time.perf_counter()
+    searcher = Searcher.load(st, index, vid, verify=not no_verify, device=device)
+    t_load = time.perf_counter() - t0
+    try:
+        t1 = time.perf_counter()
+        results = searcher.search(list(queries), k, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
+                                  collapse_docs=collapse_docs)
+        t_search = time.perf_counter() - t1
+    finally:
+        searcher.close()
+    reasons: list[str | None] = [None] * len(results)
+    if thresholds is not None:
+        from engine.quality.loop import apply_thresholds_batch
+
+        results, reasons = apply_thresholds_batch(results, thresholds)
+    if as_json:
+        emit_json({"index": index, "version": vid, "alias": alias, "k": k, "threshold": threshold,
+                   "results": [{"query": q, "empty_reason": why if not hits else None,
+                                "hits": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "score": h.score}
+                                         for h in hits]} for q, hits, why in zip(queries, results, reasons)],
+                   "timings": {"load_s": round(t_load, 3), "search_s": round(t_search, 3)}})
+        return
+    click.echo(f"{index}/{vid}" + (f" (alias {alias})" if alias else "") + f": {len(queries)} quer"
+               f"{'y' if len(queries) == 1 else 'ies'} in {t_search * 1000:.0f} ms", err=True)
+    for q, hits, why in zip(queries, results, reasons):
+        click.echo(f"\n{q}")
+        if not hits:
+            click.echo(f"  (no results: {why})" if why else "  (no results)")
+        for rank, h in enumerate(hits, start=1):
+            click.echo(f"  {rank:>3}  {h.score:.4f}  {h.doc_id}  {h.chunk_id}")
+
+
+@click.command("evaluate")
+@_store_options
+@_version_options
+@click.option("--queries", "queries_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help='JSON lines: {"query_id", "text"}.')
+@click.option("--qrels", "qrels_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="TSV with a header: query_id doc_id grade.")
+@click.option("--benchmark", "benchmark_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="A benchmark file (embedctl benchmark build) instead of --queries/--qrels; per lang/type breakdown.")
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--gain", type=click.Choice(["cranfield", "linear", "binary"]), default="cranfield", show_default=True,
+              help="Grade -> gain: cranfield = 5-grade for grades 1..4 (1 best), linear = grade, binary = 1 if > 0.")
+@click.option("--per-query", "per_query_path", default=None,
+              help="Per-query results (JSON lines) [eval-<index>-<version>.jsonl].")
+@click.option("--no-exact", is_flag=True, help="Skip the exact-search baseline.")
+@click.option("--nprobe", type=click.IntRange(1), default=None)
+@click.option("--rescore-multiplier", type=click.IntRange(1), default=None)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
+                 queries_path: str | None, qrels_path: str | None, benchmark_path: str | None, k: int, gain: str,
+                 per_query_path: str | None, no_exact: bool, nprobe: int | None, rescore_multiplier: int | None,
+                 device: str, as_json: bool) -> None:
+    """recall@k, MRR@k and graded nDCG@k of a version on judged queries, beside exact search on the same vectors.
+
+    \b
+    Examples:
+      embedctl evaluate --store ./store --index cranfield --alias live \\
+          --queries ../shared/data/cranfield/queries.jsonl --qrels ../shared/data/cranfield/qrels.tsv
+      embedctl evaluate --store ./store --index docs --version latest --queries q.jsonl --qrels q.tsv -k 20 --json
+    """
+    from engine.core.errors import ConfigError
+    from engine.quality.evaluate import EvalConfig, evaluate_version
+    from engine.index.searcher import resolve_version
+
+    st = _open(store, endpoint_url)
+    vid = resolve_version(st, index, version, alias)
+    if benchmark_path is not None:
+        if queries_path or qrels_path:
+            raise ConfigError("give --benchmark or --queries/--qrels, not both")
+        from engine.quality.loop import evaluate_benchmark, load_benchmark
+        from engine.index.searcher import Searcher
+
+        searcher = Searcher.load(st, index, vid, device=device)
+        try:
+            result = evaluate_benchmark(searcher, load_benchmark(benchmark_path), ks=(k,), store=st,
+                                        exact=not no_exact, nprobe=nprobe)
+        finally:
+            searcher.close()
+        if as_json:
+            emit_json({"index": index, "version": vid, **result})
+        else:
+            click.echo(json.dumps({"index": index, "version": vid, **result}, indent=2, default=str))
+        return
+    if not (queries_path and qrels_path):
+        raise ConfigError("evaluate needs --queries and --qrels, or --benchmark")
+    per_query_path = per_query_path or f"eval-{index}-{vid}.jsonl"
+    cfg = EvalConfig(k=k, gain=gain, exact=not no_exact, nprobe=nprobe, rescore_multiplier=rescore_multiplier)
+    summary = evaluate_version(st, index, vid, queries_path, qrels_path, cfg, per_query_path=per_query_path,
+                               device=device)
+    if as_json:
+        emit_json(summary)
+        return
+    m = summary["metrics"]
+    click.echo(f"{index}/{vid} ({summary['kind']}): {summary['evaluated']} judged queries, k={k}, gain {gain}")
+    names = list(m["index"])
+    click.echo(f"  {'':8}" + "".join(f"{n:>12}" for n in names))
+    for row in ("index", "exact", "retained"):
+        if row in m:
+            click.echo(f"  {row:8}" + "".join(f"{m[row][n]:>12.4f}" if m[row][n] is not None else f"{'-':>12}"
+                                              for n in names))
+    if f"recall_vs_exact@{k}" in m:
+        click.echo(f"  chunk recall@{k} of the index against exact search: {m[f'recall_vs_exact@{k}']:.4f}")
+    click.echo(f"  per-query results: {summary['per_query_path']}")

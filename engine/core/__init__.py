@@ -1,0 +1,1 @@
+"""Ground layer: errors, object storage with compare-and-swap, the store's key layout, names, leases, shared config helpers."""

@@ -1,0 +1,191 @@
+"""Leases on the store: one holder at a time, by compare-and-swap, with a heartbeat and an expiry.
+
+A lease is one JSON object (``indexes/<index>/leases/<what>.json``) created with
+``put_if_absent`` and renewed with ``put_if_match`` on its ETag. A holder that crashes stops
+renewing, so its lease expires by itself; one whose process on this host is gone is stale at
+once. A second holder gets a ConflictError that names the first (who, where, since when, what
+it is doing). Used by refresh (one per index) and by migrate (one runner per migration).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.core import layout
+from engine.core.errors import ConflictError, NotFoundError
+from engine.core.names import whoami
+from engine.core.storage import Store, json_bytes
+
+log = logging.getLogger(__name__)
+
+
+def hostname() -> str:
+    """This host's name for lock and lease documents (``EMBEDCTL_HOSTNAME`` overrides, for tests)."""
+    return os.environ.get("EMBEDCTL_HOSTNAME") or socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a SIGKILLed holder frees its lock at once)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Lease:
+    """A held lease: the object's key, our ETag of it, and its document."""
+
+    store: Store
+    key: str
+    etag: str
+    doc: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lost: str | None = None  # why we no longer hold it (set by the heartbeat)
+
+    @property
+    def lease_id(self) -> str:
+        return str(self.doc["lease_id"])
+
+    def renew(self, ttl_s: float | None = None) -> None:
+        """Extend the expiry (``put_if_match`` on our ETag); ConflictError if someone took it."""
+        with self.lock:
+            if self.lost:
+                raise ConflictError(self.lost)
+            now = time.time()
+            ttl = float(ttl_s or self.doc["ttl_s"])
+            doc = dict(self.doc, renewed_at=now, expires_at=now + ttl, renewals=int(self.doc.get("renewals", 0)) + 1)
+            try:
+                self.etag = self.store.put_if_match(self.key, json_bytes(doc), self.etag)
+            except (ConflictError, NotFoundError) as err:
+                self.lost = (f"the {self.doc.get('what', '')} lease {self.store.describe(self.key)} was taken over by "
+                             f"another holder (ours expired or was broken: {err}); stopping without publishing")
+                raise ConflictError(self.lost) from err
+            self.doc = doc
+
+    def update(self, **fields_: Any) -> None:
+        """Record progress in the lease document (what ``embedctl refresh`` shows a waiting user)."""
+        with self.lock:
+            if self.lost:
+                raise ConflictError(self.lost)
+            doc = dict(self.doc, **fields_)
+            try:
+                self.etag = self.store.put_if_match(self.key, json_bytes(doc), self.etag)
+            except (ConflictError, NotFoundError) as err:
+                self.lost = f"the {self.doc.get('what', '')} lease was taken over by another holder ({err})"
+                raise ConflictError(self.lost) from err
+            self.doc = doc
+
+    def release(self) -> None:
+        with self.lock:
+            if self.lost:
+                return
+            try:
+                self.store.delete_if_match(self.key, self.etag)
+            except ConflictError:
+                log.warning("lease %s changed hands before release; leaving it", self.store.describe(self.key))
+            self.lost = "released"
+
+
+def lease_state(doc: dict[str, Any], now: float | None = None) -> tuple[bool, str]:
+    """(stale, why) for a lease document: stale when expired, or its process on this host is gone."""
+    now = time.time() if now is None else now
+    expires = float(doc.get("expires_at", 0))
+    if expires <= now:
+        return True, f"expired {now - expires:.0f} s ago"
+    if doc.get("host") == hostname() and doc.get("pid") and not pid_alive(int(doc["pid"])):
+        return True, f"its process {doc['pid']} on this host ({doc['host']}) is gone"
+    return False, f"expires in {expires - now:.0f} s"
+
+
+def acquire_lease(store: Store, index: str, *, ttl_s: float, info: dict[str, Any] | None = None,
+                  break_lease: bool = False, what: str) -> Lease:
+    """Create the lease object, or take over a stale one; ConflictError (fast) when it is held."""
+    key = layout.lease_key(index, what)
+    now = time.time()
+    doc = {"format": 1, "what": what, "index": index, "lease_id": uuid.uuid4().hex, "host": hostname(),
+           "pid": os.getpid(), "by": whoami(), "acquired_at": now, "renewed_at": now, "expires_at": now + ttl_s,
+           "ttl_s": ttl_s, "renewals": 0, **(info or {})}
+    data = json_bytes(doc)
+    for _attempt in range(3):
+        try:
+            return Lease(store, key, store.put_if_absent(key, data), doc)
+        except ConflictError:
+            pass
+        current = store.get_versioned(key)
+        if current is None:
+            continue  # released between our create and our read: try again
+        try:
+            held = json.loads(current.data)
+        except json.JSONDecodeError:
+            held = {"expires_at": 0}
+        stale, why = lease_state(held)
+        if not stale and not break_lease:
+            raise ConflictError(
+                f"another {what} of index {index!r} is running: lease {store.describe(key)} is held by "
+                f"{held.get('by', '?')} (pid {held.get('pid', '?')} on {held.get('host', '?')}, run "
+                f"{held.get('run_id', '?')}, stage {held.get('stage', '?')}) since "
+                f"{_fmt_time(held.get('acquired_at'))}; it {why}. Wait for it to finish; if it crashed, its lease "
+                f"expires by itself, or rerun with --break-lease when you know its holder is dead")
+        log.warning("taking over the %s lease of index %s from %s (pid %s on %s): %s", what, index,
+                    held.get("by"), held.get("pid"), held.get("host"),
+                    why if stale else "--break-lease")
+        doc["took_over"] = {k: held.get(k) for k in ("lease_id", "by", "host", "pid", "run_id")}
+        data = json_bytes(doc)
+        try:
+            return Lease(store, key, store.put_if_match(key, data, current.etag), doc)
+        except (ConflictError, NotFoundError):
+            continue  # someone else took it (or it was released): look again
+    raise ConflictError(f"could not take the {what} lease {store.describe(key)}: another {what} keeps "
+                        "taking it; try again later")
+
+
+def _fmt_time(t: Any) -> str:
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+    except (TypeError, ValueError):
+        return "?"
+
+
+class LeaseKeeper:
+    """Renews a lease every ``ttl/4`` seconds from a daemon thread while the refresh works."""
+
+    def __init__(self, lease: Lease):
+        self.lease = lease
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedctl-lease", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.lease.release()
+
+    def _run(self) -> None:
+        interval = max(0.2, float(self.lease.doc["ttl_s"]) / 4)
+        while not self._stop.wait(interval):
+            try:
+                self.lease.renew()
+            except ConflictError:
+                log.error("%s", self.lease.lost)
+                return
+            except Exception as err:  # noqa: BLE001 - a flaky store: try again next tick
+                log.warning("could not renew the %s lease (will retry): %s", self.lease.doc.get("what"), err)
+
+    def check(self) -> None:
+        """Fencing before an irreversible step: renew now, raise ConflictError if the lease is gone."""
+        self.lease.renew()

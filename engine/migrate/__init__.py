@@ -1,0 +1,1 @@
+"""Migration workflow: move an alias to a new embedding model in gated, resumable phases."""

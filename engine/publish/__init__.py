@@ -1,0 +1,1 @@
+"""Publishing: aliases swapped by compare-and-swap, history, rollback, status, garbage collection."""

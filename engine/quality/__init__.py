@@ -1,0 +1,1 @@
+"""Quality: ranking metrics, benchmark files, evaluation, calibration, canaries, drift, reports."""

@@ -1,0 +1,1 @@
+"""Serving: the alias searcher that hot-swaps versions, and its HTTP API."""
