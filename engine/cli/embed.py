@@ -54,7 +54,7 @@ def corpus_options(f: Any) -> Any:
 
 
 def _flat(kwargs: dict[str, Any]) -> dict[str, Any]:
-    from engine.embed.config import load_config_file
+    from engine.core.config import load_config_file
 
     flat = load_config_file(kwargs.pop("config_file", None))
     flat.update({k: v for k, v in kwargs.items() if v is not None})

@@ -136,7 +136,7 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
     Rerunning the same command after a crash resumes (no retraining, committed shards kept);
     after success it prints the finished version. The version is published with `embedctl publish`.
     """
-    from engine.embed.config import load_config_file
+    from engine.core.config import load_config_file
     from engine.distributed.build_index import BuildJobConfig, run_build_job
 
     ctx = click.get_current_context()

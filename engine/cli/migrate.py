@@ -108,7 +108,7 @@ def _tools(in_process: bool, address: str | None, as_json: bool) -> Any:
 
 def _migration(kw: dict[str, Any], *, may_start: bool) -> Any:
     """Start (plan flags or --config given) or open the migration the flags name."""
-    from engine.embed.config import load_config_file
+    from engine.core.config import load_config_file
     from engine.migrate.migration import Migration, plan_from_flat
     from engine.core.storage import open_store
 

@@ -29,7 +29,7 @@ def drive(args: argparse.Namespace, load: Callable[[dict[str, Any]], Any], run: 
     unless the job takes the address apart: ``address_in_config=False``), build the config with
     ``load``; ``--dry-run`` prints ``dry(cfg)`` (default ``cfg.to_dict()``), else ``run(cfg)`` and
     print the summary line. An error is one line on stderr, credentials redacted, and its exit code."""
-    from engine.embed.config import load_config_file
+    from engine.core.config import load_config_file
     from engine.core.errors import EmbedctlError
     from engine.core.storage import redact
 

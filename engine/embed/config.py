@@ -1,19 +1,19 @@
 """Job configuration: one frozen config per stage, composed into a job config.
 
 A config file (YAML or JSON) and CLI flags share one flat key space (``chunk_tokens``,
-``model``, ...); flags win. The resolved config is written into every manifest.
+``model``, ...); flags win (``engine.core.config``). The resolved config is written into
+every manifest.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from engine.embed.chunking import ChunkConfig
 from engine.embed.corpus import CorpusConfig
+from engine.core.config import from_flat
 from engine.core.errors import ConfigError
 
 
@@ -85,67 +85,11 @@ class EmbedJobConfig:
         return d
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> EmbedJobConfig:
-        return from_flat(cls, flat)
+    def from_flat(cls, flat: Mapping[str, Any]) -> EmbedJobConfig:
+        """File + flags in one flat key space (nested sections accepted); unknown keys are an error."""
+        return from_flat(cls, flat, aliases=ALIASES)
 
 
 SECTIONS: dict[str, type] = {"corpus": CorpusConfig, "chunk": ChunkConfig, "embed": EmbedConfig, "runtime": RuntimeConfig}
-ALIASES = {"dim": "truncate_dim", "workers": "workers"}
+ALIASES = {"dim": "truncate_dim"}  # flag spelling -> field
 
-
-def from_flat(cls: type, flat: dict[str, Any]) -> Any:
-    """Build a job config from flat keys (file + flags). Unknown keys are an error, not ignored."""
-    flat = {ALIASES.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in flat.items() if v is not None}
-    # nested form ({"chunk": {...}}) is accepted too
-    for section in list(flat):
-        if section in SECTIONS and isinstance(flat[section], dict):
-            flat.update(flat.pop(section))
-    top_fields = {f.name: f for f in fields(cls)}
-    kwargs: dict[str, Any] = {}
-    used: set[str] = set()
-    for name, f in top_fields.items():
-        sub = SECTIONS.get(name)
-        if sub is not None and dataclasses.is_dataclass(sub):
-            sub_kwargs = {sf.name: flat[sf.name] for sf in fields(sub) if sf.name in flat}
-            used.update(sub_kwargs)
-            try:
-                kwargs[name] = sub(**sub_kwargs)
-            except TypeError as err:
-                raise ConfigError(f"{name} settings: {err}") from err
-        elif name in flat:
-            kwargs[name] = flat[name]
-            used.add(name)
-    unknown = set(flat) - used
-    if unknown:
-        allowed = sorted({f.name for s in SECTIONS.values() for f in fields(s)} | set(top_fields) - set(SECTIONS))
-        raise ConfigError(f"unknown config keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
-    try:
-        cfg = cls(**kwargs)
-    except TypeError as err:
-        raise ConfigError(f"incomplete config: {err}") from err
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
-
-
-def load_config_file(path: str | None) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a flat-or-nested dict ({} when no file)."""
-    if not path:
-        return {}
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path!r} does not exist")
-    text = open(path, encoding="utf-8").read()
-    try:
-        if path.endswith(".json"):
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as err:  # noqa: BLE001 - yaml/json parse errors alike
-        raise ConfigError(f"config file {path!r} does not parse: {err}") from err
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
-    return data
