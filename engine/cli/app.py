@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "calibrate": "engine.cli.quality:calibrate",
     "canary": "engine.cli.quality:canary",
     "drift": "engine.cli.quality:drift",
+    "generate-queries": "engine.cli.generate:generate_queries",
     "mine-negatives": "engine.cli.mining:mine_negatives",
     "finetune": "engine.cli.mining:finetune",
 }
@@ -65,6 +66,7 @@ SHORT_HELP: dict[str, str] = {
     "calibrate": "Fit similarity thresholds for an index version from labelled pairs (PR curve, F-beta, plot).",
     "canary": "Known-good queries against an alias: recall@k, MRR, scores, empty rate vs a baseline; exit 7 on a drop.",
     "drift": "Compare recent queries and their top scores with calibration time; exit 7 past the limits.",
+    "generate-queries": "Ask an LLM (OpenAI-compatible endpoint) for synthetic queries per chunk of a run (pairs Parquet).",
     "mine-negatives": "Mine hard negatives for (query, positive) pairs against an index, on Ray (triplets Parquet).",
     "finetune": "Fine-tune an embedding model on mined triplets; benchmark before and after.",
 }
