@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from engine.core import layout  # noqa: E402
-from engine.publish.aliases import copy_version, publish_version, rollback_alias, verify_version  # noqa: E402
+from engine.publish.aliases import publish_version, rollback_alias  # noqa: E402
+from engine.publish.copy import copy_version
+from engine.publish.verify import verify_version
 from engine.core.storage import MiB, Store, join, open_store, sha256_file, wait_for  # noqa: E402
 
 IDX = "bench"

@@ -313,7 +313,7 @@ def test_full_migration_on_both_backends(tmp_path, any_store_uri):
     kept = retained_versions(store, IDX)
     assert list(kept) == [blue["version"]] and "retained for rollback until" in kept[blue["version"]]
     assert retained_versions(store, IDX, now="9999-01-01T00:00:00Z") == {}
-    from engine.publish.aliases import gc_index
+    from engine.publish.gc import gc_index
 
     gc = gc_index(store, IDX, keep=0, grace_s=0)  # no history kept: only the migration protects blue
     assert blue["version"] not in [d.get("version") for d in gc.deleted]

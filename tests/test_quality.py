@@ -493,7 +493,7 @@ def test_status_says_when_thresholds_come_from_another_version(store, v1, tmp_pa
 
 
 def test_index_status_reports_stale_calibrations(store, v1, tmp_path, capsys):
-    from engine.publish.aliases import index_status
+    from engine.publish.status import index_status
 
     calibrate(store, v1)
     other = build(store, tmp_path, model="hash:16", parent=v1, tag="c")
@@ -790,7 +790,7 @@ def test_graded_ndcg_recall_mrr_by_hand_with_ties():
 
 @pytest.mark.s3
 def test_calibrations_live_on_s3_and_travel_with_a_copy(store, v1, s3_bucket, tmp_path, monkeypatch):
-    from engine.publish.aliases import copy_version
+    from engine.publish.copy import copy_version
 
     monkeypatch.setenv("EMBEDCTL_CACHE_DIR", str(tmp_path / "cache"))
     s3 = open_store(s3_bucket + "/store")

@@ -146,7 +146,7 @@ def status(store: str, endpoint_url: str | None, index: str, history_limit: int,
       embedctl status --store ./store --index docs
       embedctl status --store s3://bkt/emb --index docs --json | jq '.aliases.live.version'
     """
-    from engine.publish.aliases import index_status
+    from engine.publish.status import index_status
     from engine.quality.loop import calibration_status
 
     st = index_status(_open(store, endpoint_url), index, history_limit=history_limit or None,
@@ -215,7 +215,7 @@ def gc(store: str, endpoint_url: str | None, index: str, keep: int, grace: str, 
 
     Only version folders are deleted; aliases and history records are never touched.
     """
-    from engine.publish.aliases import gc_index
+    from engine.publish.gc import gc_index
 
     rep = gc_index(_open(store, endpoint_url), index, keep=keep, dry_run=dry_run, grace_s=_parse_duration(grace))
     if as_json:

@@ -1256,7 +1256,7 @@ class Migration:
         manifest = self.tools.index_builder(self.store, self.index, cfg.run_id, parent_version=blue["version"],
                                             options=options)
         version = str(manifest["version_id"])
-        from engine.publish.aliases import verify_version
+        from engine.publish.verify import verify_version
 
         manifest = verify_version(self.store, self.index, version)
         if manifest.get("source_run") != cfg.run_id:

@@ -35,44 +35,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
 from engine.core import layout
 from engine.core.errors import ConfigError, ConflictError, IntegrityError, NotFoundError
+from engine.core.failpoints import crash_point
 from engine.core.names import check_name, whoami
-from engine.core.retention import retained_versions
 from engine.core.storage import (
-    LocalStore,
     Store,
-    check_key,
     join,
     json_bytes,
     require_conditional_writes,
-    temp_dir,
 )
+from engine.publish.copy import copy_version
+from engine.publish.verify import Verifier, verify_version
 
 log = logging.getLogger(__name__)
 
 ALIAS_FORMAT = 1
 DEFAULT_ALIAS = "live"
 DEFAULT_GRACE_S = 3600.0
-FAILPOINT_ENV = "EMBEDCTL_FAILPOINT"
-
-Verifier = Callable[[Store, str, str], dict[str, Any]]
-
-
-def _failpoint(name: str) -> None:
-    """Testing hook: ``EMBEDCTL_FAILPOINT=<name>`` kills the process here, as a crash would."""
-    if os.environ.get(FAILPOINT_ENV) == name:
-        log.error("failpoint %s: exiting abruptly", name)
-        os._exit(97)
-
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -291,15 +277,6 @@ def _ensure_history(store: Store, state: AliasState) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def verify_version(store: Store, index: str, version_id: str) -> dict[str, Any]:
-    """The index builder's ``engine.index.build.verify_version`` (imported lazily, so importing this
-    module stays light): manifest shape, key safety (no ``..``, absolute paths or other
-    buckets), each artifact's existence, size and sha256. Returns the manifest."""
-    from engine.index.build import verify_version as verify
-
-    return verify(store, index, version_id)
-
-
 # ---------------------------------------------------------------------------------------------
 # publish / rollback
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +419,7 @@ def _swap(store: Store, index: str, alias: str, target: Target, current: AliasSt
     for v in target.versions:
         verify(store, index, v)  # raises: a broken version is never published
     log.info("verified %s of %s", ", ".join(target.versions), index)
-    _failpoint("publish.before-swap")
+    crash_point("publish.before-swap")
 
     generation = current.generation + 1 if current else _next_generation(store, index, alias)
     state = AliasState(
@@ -470,7 +447,7 @@ def _swap(store: Store, index: str, alias: str, target: Target, current: AliasSt
             f"Check `embedctl status --index {index}` and retry with --expect-current if "
             f"{target.version} should still replace it."
         ) from None
-    _failpoint("publish.after-swap")
+    crash_point("publish.after-swap")
     history_key = _ensure_history(store, state)
     log.info("%s %s/%s: %s -> %s (generation %d)", action, index, alias,
              current.target.describe() if current else "nothing", target.describe(), generation)
@@ -493,221 +470,3 @@ def _result(state: AliasState, action: str, *, changed: bool, verified: list[str
                       previous=prev.version if prev and changed else None,
                       previous_weighted=prev.to_dict()["weighted"] if prev and changed else None,
                       verified=verified, history_key=history_key)
-
-
-# ---------------------------------------------------------------------------------------------
-# copying a version between stores
-# ---------------------------------------------------------------------------------------------
-
-
-def copy_version(src: Store, dst: Store, index: str, version: str, *, verifier: Verifier | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Copy a verified version from ``src`` to ``dst``: every artifact (multipart for large
-    ones, each checked after upload), then the manifest last, byte for byte. Idempotent: a
-    complete identical copy is left alone; a different manifest under the same id is refused
-    (versions are immutable)."""
-    verify = verifier or verify_version
-    manifest = verify(src, index, version)
-    mkey = layout.version_manifest_key(index, version)
-    manifest_bytes = src.read_bytes(mkey)
-    existing = dst.get_versioned(mkey)
-    if existing is not None:
-        if existing.data != manifest_bytes:
-            raise IntegrityError(f"{dst.describe(mkey)} already exists with a different manifest; version ids are "
-                                 "immutable, build a new version instead")
-        return manifest
-    prefix = layout.version_prefix(index, version)
-    artifacts = manifest["artifacts"]
-    tmp = temp_dir("embedctl-copy-")
-    try:
-        for i, art in enumerate(artifacts):
-            key = join(prefix, check_key(str(art["key"])))
-            if isinstance(src, LocalStore):
-                path = src.local_path(key)
-            else:
-                path = os.path.join(tmp, "artifact")
-                src.download_file(key, path)
-            dst.upload_file(key, path, sha256=str(art["sha256"]))
-            if progress is not None:
-                progress(i + 1, len(artifacts))
-    finally:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    _failpoint("publish.after-artifacts")
-    dst.write_bytes(mkey, manifest_bytes)  # last: the version becomes complete here
-    return manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# status and gc
-# ---------------------------------------------------------------------------------------------
-
-
-def _versions_on_store(store: Store, index: str) -> dict[str, list[Any]]:
-    """version id -> its objects (ObjectInfo), from one listing."""
-    prefix = join(layout.index_prefix(index), "versions")
-    out: dict[str, list[Any]] = {}
-    for info in store.list_info(prefix):
-        rest = info.key[len(prefix) + 1:]
-        vid = rest.split("/", 1)[0]
-        out.setdefault(vid, []).append(info)
-    return out
-
-
-def index_status(store: Store, index: str, *, history_limit: int | None = 20,
-                 calibration: Callable[[Store, str, str], Any] | None = None) -> dict[str, Any]:
-    """Versions (complete or not, size, age, which aliases route to them), aliases (target,
-    weights, generation) and each alias's history (newest first, at most ``history_limit``).
-    ``calibration(store, index, version)``, when given, fills each complete version's
-    ``calibration`` (the quality layer's staleness report; passed in, since it sits above)."""
-    check_name("index", index)
-    versions = _versions_on_store(store, index)
-    aliases: dict[str, Any] = {}
-    routed: dict[str, list[str]] = {}
-    for name in list_aliases(store, index):
-        state = read_alias(store, index, name)
-        assert state is not None
-        history = alias_history(store, index, name)[::-1]
-        if not history or int(history[0].get("generation", 0)) < state.generation:
-            # A crash between the swap and its record: show the record the next publish or
-            # rollback will write (status itself never writes).
-            history.insert(0, {**state.history_record(), "recorded": False})
-        aliases[name] = {**state.to_dict(), "history": history[:history_limit] if history_limit else history,
-                         "history_count": len(history)}
-        for v in state.target.versions:
-            routed.setdefault(v, []).append(name)
-    now = time.time()
-    rows = []
-    for vid in sorted(set(versions) | set(routed)):
-        objs = versions.get(vid, [])
-        complete = any(o.key == layout.version_manifest_key(index, vid) for o in objs)
-        row: dict[str, Any] = {
-            "version": vid, "complete": complete, "objects": len(objs), "bytes": sum(o.size for o in objs),
-            "age_s": round(now - max((o.mtime for o in objs), default=now), 1), "aliases": sorted(routed.get(vid, [])),
-        }
-        if complete:
-            try:
-                m = store.read_json(layout.version_manifest_key(index, vid))
-                row.update({k: m.get(k) for k in ("created_at", "kind", "dim", "metric", "parent_version")})
-                model = m.get("model") or {}
-                row["model"] = model.get("name") if isinstance(model, Mapping) else model
-                if calibration is not None:
-                    row["calibration"] = calibration(store, index, vid)
-            except Exception as err:  # noqa: BLE001 - status reports, it does not fail
-                row["error"] = str(err)
-        elif vid in routed:
-            row["error"] = "an alias routes here but the version has no manifest"
-        rows.append(row)
-    if not rows and not aliases:
-        raise NotFoundError(f"index {index!r} has no versions and no aliases in {store.describe()}")
-    return {"index": index, "store": store.describe(), "versions": rows, "aliases": aliases}
-
-
-@dataclass
-class GcReport:
-    index: str
-    keep: int
-    dry_run: bool
-    deleted: list[dict[str, Any]] = field(default_factory=list)  # or "would delete" on a dry run
-    kept: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _protected(store: Store, index: str, keep: int) -> tuple[dict[str, str], set[str]]:
-    """(version -> why it is kept, versions ever named by any alias or history record)."""
-    keep_why: dict[str, str] = {}
-    ever: set[str] = set()
-    for name in list_aliases(store, index):
-        state = read_alias(store, index, name)
-        assert state is not None
-        for v in state.target.versions:
-            keep_why.setdefault(v, f"alias {name} routes to it")
-        if state.previous is not None:
-            ever.update(state.previous.versions)
-        history = alias_history(store, index, name)[::-1]  # newest first
-        for i, rec in enumerate(history):
-            named = [str(rec[k]) for k in ("from", "to") if rec.get(k)]
-            for k in ("from_weighted", "to_weighted"):
-                if rec.get(k):
-                    named += [str(rec[k]["blue"]), str(rec[k]["green"])]
-            ever.update(named)
-            if i < keep:
-                for v in named:
-                    keep_why.setdefault(v, f"retained history of alias {name} (generation {rec.get('generation')})")
-        ever.update(state.target.versions)
-    # workflows above this layer (migrations keep blue and green) say what they need as records
-    for v, why in retained_versions(store, index).items():
-        keep_why.setdefault(v, why)
-        ever.add(v)
-    return keep_why, ever
-
-
-def _build_activity(store: Store, index: str) -> dict[str, float]:
-    """version id -> newest mtime under the build-state folder that names it (engine.index.build
-    keeps ``indexes/<index>/builds/<key>/state.json`` with a ``version_id``)."""
-    prefix = join(layout.index_prefix(index), "builds")
-    folders: dict[str, list[Any]] = {}
-    for info in store.list_info(prefix):
-        folders.setdefault(info.key[len(prefix) + 1:].split("/", 1)[0], []).append(info)
-    out: dict[str, float] = {}
-    for key, infos in folders.items():
-        try:
-            state = store.read_json(join(prefix, key, "state.json"))
-        except (NotFoundError, IntegrityError):
-            continue
-        vid = state.get("version_id") if isinstance(state, dict) else None
-        if isinstance(vid, str):
-            out[vid] = max(out.get(vid, 0.0), max(i.mtime for i in infos))
-    return out
-
-
-def gc_index(store: Store, index: str, *, keep: int, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S,
-             now: float | None = None) -> GcReport:
-    """Delete the versions of ``index`` that no alias and none of the ``keep`` newest history
-    records of any alias can point to. Nothing else is ever deleted (no alias, no history).
-
-    A version that no alias or history record has *ever* named may be a build or upload in
-    progress: it is kept until its last activity is ``grace_s`` old (default one hour; 0
-    removes crash leftovers at once). Activity is the newest object of the version, or of the
-    index builder's state folder (``builds/<key>/``, whose ``state.json`` names the version:
-    shard markers land there while a build runs). A dry run reports and deletes nothing.
-    """
-    check_name("index", index)
-    if keep < 0:
-        raise ConfigError(f"--keep must be >= 0, got {keep}")
-    report = GcReport(index=index, keep=keep, dry_run=dry_run)
-    now = time.time() if now is None else now
-    versions = _versions_on_store(store, index)
-    keep_why, ever = _protected(store, index, keep)
-    building = _build_activity(store, index)
-    for vid in sorted(versions):
-        objs = versions[vid]
-        age = now - max([o.mtime for o in objs] + [building.get(vid, 0.0)])
-        if vid in keep_why:
-            report.kept.append({"version": vid, "why": keep_why[vid]})
-            continue
-        if vid not in ever and age < grace_s:
-            report.kept.append({"version": vid, "why": f"never published and only {age:.0f}s old (grace "
-                                                       f"{grace_s:.0f}s): may be a build in progress"})
-            continue
-        row = {"version": vid, "objects": len(objs), "bytes": sum(o.size for o in objs),
-               "why": "no alias or retained history points to it" if vid in ever else
-               "never published (an orphan upload or an abandoned build)"}
-        if not dry_run:
-            # Re-read right before deleting: an alias may have moved onto it since we looked.
-            fresh_keep, _ = _protected(store, index, keep)
-            if vid in fresh_keep:
-                report.kept.append({"version": vid, "why": fresh_keep[vid]})
-                continue
-            prefix = layout.version_prefix(index, vid)
-            # The manifest goes first: from here on the version is incomplete, and a
-            # concurrent publish or searcher load of it fails verification instead of
-            # serving a half-deleted version.
-            store.delete(layout.version_manifest_key(index, vid))
-            store.delete_prefix(prefix)
-            log.info("gc: deleted %s/%s (%d objects)", index, vid, len(objs))
-        report.deleted.append(row)
-    return report
