@@ -12,26 +12,10 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
+from engine.cli.common import index_option, store_options
+from engine.cli.common import open_store as _open
 
 log = logging.getLogger(__name__)
-
-
-def store_options(f: Any) -> Any:
-    f = click.option("--endpoint-url", default=None, envvar="EMBEDCTL_S3_ENDPOINT_URL",
-                     help="S3-compatible endpoint for s3:// stores [EMBEDCTL_S3_ENDPOINT_URL, AWS_ENDPOINT_URL].")(f)
-    f = click.option("--store", required=True, envvar="EMBEDCTL_STORE",
-                     help="The store: a path, file:// or s3://bucket/prefix [EMBEDCTL_STORE].")(f)
-    return f
-
-
-def index_option(f: Any) -> Any:
-    return click.option("--index", required=True, help="Index name.")(f)
-
-
-def _open(store: str, endpoint_url: str | None) -> Any:
-    from engine.core.storage import open_store
-
-    return open_store(store, endpoint_url=endpoint_url)
 
 
 def _fmt_target(version: str | None, weighted: dict[str, Any] | None) -> str:
