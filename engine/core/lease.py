@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,14 +110,19 @@ def lease_state(doc: dict[str, Any], now: float | None = None) -> tuple[bool, st
     return False, f"expires in {expires - now:.0f} s"
 
 
+def lease_record(what: str, index: str, ttl_s: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A new lease document held by this process (``info`` adds fields, e.g. the run it works for)."""
+    now = time.time()
+    return {"format": 1, "what": what, "index": index, "lease_id": uuid.uuid4().hex, "host": hostname(),
+            "pid": os.getpid(), "by": whoami(), "acquired_at": now, "renewed_at": now, "expires_at": now + ttl_s,
+            "ttl_s": ttl_s, "renewals": 0, **(info or {})}
+
+
 def acquire_lease(store: Store, index: str, *, ttl_s: float, info: dict[str, Any] | None = None,
                   break_lease: bool = False, what: str) -> Lease:
     """Create the lease object, or take over a stale one; ConflictError (fast) when it is held."""
     key = layout.lease_key(index, what)
-    now = time.time()
-    doc = {"format": 1, "what": what, "index": index, "lease_id": uuid.uuid4().hex, "host": hostname(),
-           "pid": os.getpid(), "by": whoami(), "acquired_at": now, "renewed_at": now, "expires_at": now + ttl_s,
-           "ttl_s": ttl_s, "renewals": 0, **(info or {})}
+    doc = lease_record(what, index, ttl_s, info)
     data = json_bytes(doc)
     for _attempt in range(3):
         try:
@@ -158,10 +164,94 @@ def _fmt_time(t: Any) -> str:
         return "?"
 
 
-class LeaseKeeper:
-    """Renews a lease every ``ttl/4`` seconds from a daemon thread while the refresh works."""
+DocUpdate = Callable[[Callable[[dict[str, Any]], None]], Any]
 
-    def __init__(self, lease: Lease):
+
+class FieldLease:
+    """A lease kept as one field of a JSON document that its owner changes by compare-and-swap.
+
+    A migration's runner lock lives in its state document, so that every state write checks the
+    lock in the same compare-and-swap (a runner that lost it cannot write once more). Same record
+    (``lease_record``), staleness rule (``lease_state``), take-over and keeper as ``Lease``;
+    ``update(change)`` is the owner's read-modify-CAS of the document (``change`` edits it in place).
+    """
+
+    def __init__(self, update: DocUpdate, field_name: str, doc: dict[str, Any]):
+        self._update = update
+        self.field = field_name
+        self.doc = doc
+        self.lock = threading.Lock()
+        self.lost: str | None = None
+
+    @property
+    def lease_id(self) -> str:
+        return str(self.doc["lease_id"])
+
+    def _write(self, new: dict[str, Any] | None) -> None:
+        def change(d: dict[str, Any]) -> None:
+            held = d.get(self.field) or {}
+            if held.get("lease_id") != self.lease_id:
+                raise ConflictError(f"the {self.doc.get('what', '')} lease was taken over by {held.get('by')} "
+                                    f"(pid {held.get('pid')} on {held.get('host')})" if held else
+                                    f"the {self.doc.get('what', '')} lease was released by someone else")
+            d[self.field] = new
+
+        self._update(change)
+
+    def renew(self, ttl_s: float | None = None) -> None:
+        """Extend the expiry; ConflictError (and ``lost`` set) if someone took the lease."""
+        with self.lock:
+            if self.lost:
+                raise ConflictError(self.lost)
+            now = time.time()
+            doc = dict(self.doc, renewed_at=now, expires_at=now + float(ttl_s or self.doc["ttl_s"]),
+                       renewals=int(self.doc.get("renewals", 0)) + 1)
+            try:
+                self._write(doc)
+            except (ConflictError, NotFoundError) as err:
+                self.lost = str(err)
+                raise ConflictError(self.lost) from err
+            self.doc = doc
+
+    def release(self) -> None:
+        with self.lock:
+            if self.lost:
+                return
+            try:
+                self._write(None)
+            except Exception as err:  # noqa: BLE001 - an unreleased lease expires by itself
+                log.warning("could not release the %s lease (%s); it expires by itself", self.doc.get("what"), err)
+            self.lost = "released"
+
+
+def acquire_field_lease(update: DocUpdate, field_name: str, *, what: str, index: str, ttl_s: float,
+                        info: dict[str, Any] | None = None, break_lease: bool = False,
+                        held_message: Callable[[dict[str, Any], str], str] | None = None) -> FieldLease:
+    """Take the lease in ``field_name`` of a document (free, stale, or ``break_lease``) in one
+    ``update``; ConflictError when a live holder has it (``held_message(holder, why)`` words it)."""
+    doc = lease_record(what, index, ttl_s, info)
+
+    def take(d: dict[str, Any]) -> None:
+        held = d.get(field_name)
+        if held:
+            stale, why = lease_state(held)
+            if not stale and not break_lease:
+                raise ConflictError(held_message(held, why) if held_message else
+                                    f"another {what} of index {index!r} is running: held by {held.get('by', '?')} "
+                                    f"(pid {held.get('pid', '?')} on {held.get('host', '?')}); it {why}")
+            log.warning("taking over the %s lease of index %s from %s (pid %s on %s): %s", what, index,
+                        held.get("by"), held.get("pid"), held.get("host"), why if stale else "broken on request")
+            doc["took_over"] = {k: held.get(k) for k in ("lease_id", "by", "host", "pid")}
+        d[field_name] = doc
+
+    update(take)
+    return FieldLease(update, field_name, doc)
+
+
+class LeaseKeeper:
+    """Renews a lease every ``ttl/4`` seconds from a daemon thread while its holder works."""
+
+    def __init__(self, lease: Lease | FieldLease):
         self.lease = lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedctl-lease", daemon=True)
