@@ -180,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def dry(cfg: MiningJobConfig) -> dict[str, Any]:
         # Offline by default, so a manifest's config can be checked where the store is unreachable.
-        return dry_run(cfg) if args.check_store else (cfg.validate() or {"config": cfg.to_dict()})
+        if args.check_store:
+            return dry_run(cfg)
+        cfg.validate()
+        return {"config": cfg.to_dict()}
 
     return drive(args, MiningJobConfig.from_flat,
                  lambda cfg: run_mining_job(cfg, progress=lambda e: log.info("%s", json.dumps(e))), dry=dry)

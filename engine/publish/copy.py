@@ -44,6 +44,7 @@ def copy_version(src: Store, dst: Store, index: str, version: str, *, verifier: 
     try:
         for i, art in enumerate(artifacts):
             key = join(prefix, check_key(str(art["key"])))
+            path: str | os.PathLike[str]
             if isinstance(src, LocalStore):
                 path = src.local_path(key)
             else:

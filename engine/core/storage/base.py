@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -115,7 +116,7 @@ class Store(ABC):
         """All keys under ``prefix`` (recursive), sorted."""
 
     @abstractmethod
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:  # `list` is a method here
         """Like ``list`` with each object's size and last-modified time."""
 
     @abstractmethod

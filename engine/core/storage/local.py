@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import logging
@@ -102,7 +103,7 @@ class LocalStore(Store):
                 out.append(Path(dirpath, name).relative_to(self.root).as_posix())
         return sorted(out)
 
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:  # `list` is a method here
         out = []
         for key in self.list(prefix):
             with contextlib.suppress(FileNotFoundError):  # deleted between list and stat

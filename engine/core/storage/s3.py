@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import builtins
 import contextlib
 import hashlib
 import logging
@@ -239,7 +240,7 @@ class S3Store(Store):
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._strip(o["Key"]) for o in self._list_objects(prefix))
 
-    def list_info(self, prefix: str = "") -> list[ObjectInfo]:
+    def list_info(self, prefix: str = "") -> builtins.list[ObjectInfo]:  # `list` is a method here
         objs = self._list_objects(prefix)
         return sorted((ObjectInfo(self._strip(o["Key"]), int(o["Size"]), o["LastModified"].timestamp())
                        for o in objs), key=lambda i: i.key)
