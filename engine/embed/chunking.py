@@ -12,11 +12,13 @@ import hashlib
 import json
 import re
 import unicodedata
+from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from engine.core.errors import ConfigError
-from engine.embed.tokenizers import Tokenizer
+from engine.embed.tokenizers import DocTokens, HFTokenizer, Tokenizer
 
 _SPACES = re.compile(r"[^\S\n]+")  # whitespace except newline
 _MANY_NEWLINES = re.compile(r"\n{3,}")
@@ -101,7 +103,8 @@ class Chunker:
         self.window_tok = window_tokenizer
         self.model_tok = model_tokenizer
         self.prompt = prompt or ""
-        self.limit = max_seq_length - model_tokenizer.n_special - (model_tokenizer.count(self.prompt) if self.prompt else 0)
+        self.prompt_tokens = model_tokenizer.count(self.prompt) if self.prompt else 0
+        self.limit = max_seq_length - model_tokenizer.n_special - self.prompt_tokens
         if self.limit < 8:
             raise ConfigError(f"the model's max sequence length {max_seq_length} leaves no room for text after the prompt")
         self.window = config.chunk_tokens or min(256, self.limit)
@@ -112,12 +115,19 @@ class Chunker:
                 f"chunk_tokens={config.chunk_tokens} exceeds what the model can read: max_seq_length {max_seq_length} "
                 f"minus {max_seq_length - self.limit} special/prompt tokens = {self.limit}; pass --chunk-tokens {self.limit} or less"
             )
+        # The one-pass path: windows counted in the model's own tokenizer, and that tokenizer
+        # gives a word-aligned substring's ids as a slice of the whole text's ids.
+        sliceable = window_tokenizer is model_tokenizer and getattr(model_tokenizer, "sliceable", False)
+        self._fast_tok: HFTokenizer | None = model_tokenizer if sliceable else None  # type: ignore[assignment]
 
     # -- title prefix ----------------------------------------------------------------------
-    def prefix_for(self, title: str | None) -> str:
+    def _clean_title(self, title: str | None) -> str:
         if not (self.config.title_prefix and title):
             return ""
-        title = normalize_text(title) if self.config.normalize else title.strip()
+        return normalize_text(title) if self.config.normalize else title.strip()
+
+    def prefix_for(self, title: str | None) -> str:
+        title = self._clean_title(title)
         if not title:
             return ""
         # A title may use at most half of the window; longer titles are cut at a token edge.
@@ -127,54 +137,91 @@ class Chunker:
             title = title[: offs[cap - 1][1]]
         return title + "\n"
 
+    def _prefixes(self, titles: list[str | None]) -> dict[str, tuple[str, list[int]]]:
+        """Title -> (prefix, its model ids), every distinct title of a batch in one tokenizer pass."""
+        tok = self._fast_tok
+        assert tok is not None
+        cleaned = sorted({c for c in map(self._clean_title, titles) if c})
+        cap = max(1, self.window // 2)
+        out: dict[str, tuple[str, list[int]]] = {"": ("", [])}
+        for title, doc in zip(cleaned, tok.encode_docs(cleaned), strict=True):
+            ids = doc.ids
+            if len(ids) > cap:
+                cut = doc.ends[cap - 1]
+                aligned = doc.words[cap] != doc.words[cap - 1] and all(b > a for a, b in zip(doc.starts, doc.ends, strict=True))
+                ids = ids[:cap] if aligned else tok.encode_docs([title[:cut]])[0].ids
+                out[title] = (title[:cut] + "\n", ids)
+            else:
+                out[title] = (title + "\n", ids)
+        return out
+
     # -- splitting -----------------------------------------------------------------------------
     def chunk(self, text: str, title: str | None = None) -> list[Chunk]:
-        prefix = self.prefix_for(title)
-        prefix_tokens = self.model_tok.count(prefix) if prefix else 0
+        return self._chunk(text, self.prefix_for(title))
+
+    def chunk_many(self, texts: list[str], titles: list[str | None]) -> list[list[Chunk]]:
+        """Chunk many documents; exactly ``[self.chunk(t, title) ...]``, in one tokenizer pass when it can.
+
+        With the model's own WordPiece tokenizer as the window tokenizer, every document (and every
+        distinct title) is tokenized once, in one batched call; windows, chunk ids and the model's
+        ids are sliced from that encoding. A piece that does not start and end on a word edge
+        (a window cut inside a word) is tokenized on its own, as before.
+        """
+        if self._fast_tok is None:
+            return [self.chunk(t, title) for t, title in zip(texts, titles, strict=True)]
+        prefixes = self._prefixes(titles)
+        out = []
+        for text, title, doc in zip(texts, titles, self._fast_tok.encode_docs(texts), strict=True):
+            prefix, prefix_ids = prefixes[self._clean_title(title)]
+            try:
+                out.append(self._chunk(text, prefix, _DocView(doc), prefix_ids))
+            except _Unaligned:  # a span edge inside a word (only possible with unnormalised text)
+                out.append(self._chunk(text, prefix))
+        return out
+
+    def _chunk(self, text: str, prefix: str, doc: _DocView | None = None,
+               prefix_ids: list[int] | None = None) -> list[Chunk]:
+        if doc is not None and prefix_ids is not None:
+            prefix_tokens = len(prefix_ids)
+        else:
+            prefix_tokens = self.model_tok.count(prefix) if prefix else 0
         # The window covers what the model sees: the title prefix's tokens come out of it.
         window = max(1, min(self.window, self.limit) - prefix_tokens)
         overlap = min(self.config.chunk_overlap, window // 2)
+        offsets = doc.offsets if doc is not None else self._window_offsets
         if self.config.chunker == "tokens":
-            spans = self._token_windows(text, 0, len(text), window, overlap)
+            spans = _token_windows(text, 0, len(text), window, overlap, offsets)
         else:
-            spans = self._recursive(text, window, overlap)
+            spans = self._recursive(text, window, overlap, offsets)
         chunks: list[Chunk] = []
         for start, end in spans:
-            for s, e, ids in self._fit(text, start, end, prefix, prefix_tokens):
+            sliced = doc.fit(start, end, prefix_ids, self) if doc is not None and prefix_ids is not None else None
+            for s, e, ids, n in sliced or self._fit(text, start, end, prefix):
                 body = text[s:e]
                 embed_text = prefix + body
-                n = len(ids) if ids is not None else self.model_tok.count(self.prompt + embed_text) + self.model_tok.n_special
+                if n is None:
+                    n = len(ids) if ids is not None else self.model_tok.count(self.prompt + embed_text) + self.model_tok.n_special
                 chunks.append(Chunk(len(chunks), body, s, e, embed_text, n, ids))
         return chunks
 
-    def _token_windows(self, text: str, lo: int, hi: int, window: int, overlap: int) -> list[tuple[int, int]]:
+    def _window_offsets(self, text: str, lo: int, hi: int) -> list[tuple[int, int]]:
         _ids, offs = self.window_tok.encode_offsets(text[lo:hi])
-        offs = [(a + lo, b + lo) for a, b in offs if b > a]
-        if not offs:
-            return [(lo, hi)] if text[lo:hi].strip() else []
-        stride = max(1, window - overlap)
-        spans = []
-        for start in range(0, len(offs), stride):
-            end = min(start + window, len(offs))
-            spans.append((offs[start][0], offs[end - 1][1]))
-            if end == len(offs):
-                break
-        return spans
+        return [(a + lo, b + lo) for a, b in offs if b > a]
 
-    def _recursive(self, text: str, window: int, overlap: int) -> list[tuple[int, int]]:
+    def _recursive(self, text: str, window: int, overlap: int, offsets: _Offsets) -> list[tuple[int, int]]:
         """Paragraphs, then sentences, then token windows; adjacent small pieces are merged."""
         pieces: list[tuple[int, int, int]] = []  # (start, end, tokens)
         for p_start, p_end in _split_spans(text, 0, len(text), _PARAGRAPH):
-            n = self.window_tok.count(text[p_start:p_end])
+            n = len(offsets(text, p_start, p_end))
             if n <= window:
                 pieces.append((p_start, p_end, n))
                 continue
             for s_start, s_end in _split_spans(text, p_start, p_end, _SENTENCE_END):
-                n = self.window_tok.count(text[s_start:s_end])
+                n = len(offsets(text, s_start, s_end))
                 if n <= window:
                     pieces.append((s_start, s_end, n))
                 else:
-                    for w_start, w_end in self._token_windows(text, s_start, s_end, window, overlap):
+                    for w_start, w_end in _token_windows(text, s_start, s_end, window, overlap, offsets):
                         pieces.append((w_start, w_end, window))
         spans: list[tuple[int, int]] = []
         cur: list[int] | None = None  # [start, end, tokens]
@@ -189,8 +236,7 @@ class Chunker:
             spans.append((cur[0], cur[1]))
         return spans
 
-    def _fit(self, text: str, start: int, end: int, prefix: str,
-             prefix_tokens: int) -> list[tuple[int, int, list[int] | None]]:
+    def _fit(self, text: str, start: int, end: int, prefix: str) -> list[tuple[int, int, list[int] | None, int | None]]:
         """Split [start, end) until the model tokenizer agrees every piece fits (never truncate).
 
         Without a prompt, one tokenization with specials both sizes the piece and gives the ids
@@ -201,13 +247,87 @@ class Chunker:
         ids = ids_of(piece) if ids_of is not None and not self.prompt else None
         n = len(ids) - self.model_tok.n_special if ids is not None else self.model_tok.count(piece)
         if n <= self.limit or end - start <= 1:
-            return [(start, end, ids)]
+            return [(start, end, ids, None)]
         _ids, offs = self.model_tok.encode_offsets(text[start:end])
         if len(offs) <= 1:
-            return [(start, end)]
+            return [(start, end, ids, None)]
         mid = start + offs[len(offs) // 2][0]
         left_end = start + offs[len(offs) // 2 - 1][1]
-        return self._fit(text, start, left_end, prefix, prefix_tokens) + self._fit(text, mid, end, prefix, prefix_tokens)
+        return self._fit(text, start, left_end, prefix) + self._fit(text, mid, end, prefix)
+
+
+_Offsets = Callable[[str, int, int], list[tuple[int, int]]]
+
+
+class _Unaligned(Exception):
+    """A span edge falls inside a token or a word of the batched encoding: use the per-text path."""
+
+
+class _DocView:
+    """One document's batched encoding, answering the chunker's questions by slicing (no re-encode).
+
+    Every span the chunker asks about starts and ends at whitespace or at a token edge, so the
+    tokens of ``text[lo:hi]`` are the encoding's tokens inside [lo, hi) whenever no token and no
+    word straddles an edge; that is checked, and an edge that does raises ``_Unaligned``.
+    """
+
+    def __init__(self, doc: DocTokens):
+        if any(b <= a for a, b in zip(doc.starts, doc.ends, strict=True)):
+            raise _Unaligned("zero-width token")
+        self.doc = doc
+
+    def _range(self, lo: int, hi: int) -> tuple[int, int]:
+        d = self.doc
+        i0, i1 = bisect_left(d.starts, lo), bisect_left(d.starts, hi)
+        return i0, i1
+
+    def _word_edge(self, i: int) -> bool:
+        w = self.doc.words
+        return i <= 0 or i >= len(w) or w[i] != w[i - 1]
+
+    def offsets(self, text: str, lo: int, hi: int) -> list[tuple[int, int]]:
+        i0, i1 = self._range(lo, hi)
+        d = self.doc
+        if (i0 > 0 and d.ends[i0 - 1] > lo) or (i1 > i0 and d.ends[i1 - 1] > hi):
+            raise _Unaligned(f"token straddles [{lo}, {hi})")
+        if not (self._word_edge(i0) and self._word_edge(i1)):
+            raise _Unaligned(f"word straddles [{lo}, {hi})")
+        return list(zip(d.starts[i0:i1], d.ends[i0:i1], strict=True))
+
+    def fit(self, start: int, end: int, prefix_ids: list[int],
+            chunker: Chunker) -> list[tuple[int, int, list[int] | None, int | None]] | None:
+        """The piece's model ids (specials included) and n_tokens by slicing; None -> tokenize it alone."""
+        i0, i1 = self._range(start, end)
+        d = self.doc
+        if i1 <= i0 or d.ends[i1 - 1] != end or d.starts[i0] != start:
+            return None
+        if not (self._word_edge(i0) and self._word_edge(i1)):
+            return None  # a window cut inside a word: its own tokenization may differ
+        tok = chunker._fast_tok
+        assert tok is not None
+        body = len(prefix_ids) + (i1 - i0)
+        if body > chunker.limit:
+            return None
+        if chunker.prompt:
+            if not chunker.prompt[-1].isspace():
+                return None
+            return [(start, end, None, chunker.prompt_tokens + body + tok.n_special)]
+        return [(start, end, tok.head + prefix_ids + d.ids[i0:i1] + tok.tail, None)]
+
+
+def _token_windows(text: str, lo: int, hi: int, window: int, overlap: int,
+                   offsets: _Offsets) -> list[tuple[int, int]]:
+    offs = offsets(text, lo, hi)
+    if not offs:
+        return [(lo, hi)] if text[lo:hi].strip() else []
+    stride = max(1, window - overlap)
+    spans = []
+    for start in range(0, len(offs), stride):
+        end = min(start + window, len(offs))
+        spans.append((offs[start][0], offs[end - 1][1]))
+        if end == len(offs):
+            break
+    return spans
 
 
 def _split_spans(text: str, lo: int, hi: int, pattern: re.Pattern[str]) -> list[tuple[int, int]]:

@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
-from engine.embed.chunking import ChunkConfig, Chunker, content_hash, chunk_id_for, normalize_text
-from engine.embed.config import EmbedJobConfig
-from engine.embed.corpus import CorpusPlan, Unit, corpus_store, plan_corpus, read_unit, rejects_schema, validate_unit
 from engine.core.errors import ConfigError
 from engine.core.layout import run_manifest_key, run_part_key, run_prefix
-from engine.core.storage import Store, json_bytes, join, open_store, sha256_file
+from engine.core.storage import Store, join, json_bytes, open_store, sha256_file
+from engine.embed.chunking import ChunkConfig, Chunker, chunk_id_for, content_hash, normalize_text
+from engine.embed.config import EmbedJobConfig
+from engine.embed.corpus import CorpusPlan, Unit, corpus_store, plan_corpus, read_unit, rejects_schema, validate_unit
 from engine.embed.tokenizers import HFTokenizer, Tokenizer, WhitespaceTokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -213,8 +213,9 @@ def chunk_unit_tokens(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit
                                                    "char_end", "n_tokens", "content_hash", "title")}
     meta_out: dict[str, list[Any]] = {c: [] for c in plan.metadata_columns}
     token_ids: list[list[int] | None] = []
-    for i, (doc_id, text, title) in enumerate(zip(rows.doc_ids, rows.texts, rows.titles)):
-        for ch in chunker.chunk(text, title):
+    per_doc = chunker.chunk_many(rows.texts, rows.titles)  # one batched tokenizer pass for the unit
+    for i, (doc_id, doc_chunks, title) in enumerate(zip(rows.doc_ids, per_doc, rows.titles, strict=True)):
+        for ch in doc_chunks:
             token_ids.append(ch.ids)
             cols["chunk_id"].append(chunk_id_for(doc_id, chunker.fp, ch.chunk_index))
             cols["doc_id"].append(doc_id)
@@ -386,7 +387,7 @@ def embed_inputs(chunks: pa.Table, chunker: Chunker) -> list[str]:
     """Title prefix + chunk text, exactly as the chunker sized it (the prompt is added by the encoder)."""
     texts = chunks.column("text").to_pylist()
     titles = chunks.column("title").to_pylist()
-    return [chunker.prefix_for(t) + x for t, x in zip(titles, texts)]
+    return [chunker.prefix_for(t) + x for t, x in zip(titles, texts, strict=True)]
 
 
 def _maybe_crash_for_test() -> None:

@@ -41,6 +41,16 @@ class WhitespaceTokenizer:
         return sum(1 for _ in _WORD.finditer(text))
 
 
+@dataclass
+class DocTokens:
+    """One text's tokens from a batched pass (no specials): ids, character spans, pre-tokenizer word index."""
+
+    ids: list[int]
+    starts: list[int]
+    ends: list[int]
+    words: list[int | None]
+
+
 class HFTokenizer:
     """A Hugging Face fast tokenizer loaded from a model folder's ``tokenizer.json`` (offline)."""
 
@@ -54,6 +64,38 @@ class HFTokenizer:
         self._tok.no_padding()
         self.name = name or f"hf:{Path(tokenizer_json).parent.name}"
         self.n_special = len(self._tok.encode("", add_special_tokens=True).ids)
+        self.head, self.tail = self._specials()
+        self.sliceable = self._is_sliceable()
+
+    def _specials(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after one sequence ([CLS] / [SEP] for BERT)."""
+        bare = self._tok.encode("hello world", add_special_tokens=False).ids
+        full = self._tok.encode("hello world", add_special_tokens=True).ids
+        for k in range(len(full) - len(bare) + 1):
+            if full[k:k + len(bare)] == bare:
+                return full[:k], full[k + len(bare):]
+        return [], []
+
+    def _is_sliceable(self) -> bool:
+        """True when the ids of a word-aligned substring are exactly the slice of the whole text's ids.
+
+        Holds for WordPiece behind BERT's pre-tokenizer (words split at whitespace and punctuation,
+        each word tokenized on its own, a character-local normaliser): every BERT-family sentence
+        model (MiniLM, mpnet, bge, e5). Byte-level BPE and SentencePiece attach spaces to words, so
+        other tokenizers keep the per-piece path.
+        """
+        tok = self._tok
+        ok = (type(tok.model).__name__ == "WordPiece" and type(tok.pre_tokenizer).__name__ == "BertPreTokenizer"
+              and (tok.normalizer is None or type(tok.normalizer).__name__ == "BertNormalizer"))
+        return ok and self.head + self.tail == self._tok.encode("", add_special_tokens=True).ids
+
+    def encode_docs(self, texts: list[str]) -> list[DocTokens]:
+        """One batched tokenizer pass over many texts, keeping offsets and word indexes (no specials)."""
+        out = []
+        for e in self._tok.encode_batch(texts, add_special_tokens=False):
+            offs = e.offsets
+            out.append(DocTokens(e.ids, [a for a, _ in offs], [b for _, b in offs], e.word_ids))
+        return out
 
     def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         enc = self._tok.encode(text, add_special_tokens=False)
@@ -111,7 +153,7 @@ class TiktokenTokenizer:
             # Only possible for text that is not valid Unicode; fall back to proportional offsets.
             log.debug("tiktoken round trip differs; offsets approximate")
         ends = starts[1:] + [len(text)]
-        return ids, list(zip(starts, ends))
+        return ids, list(zip(starts, ends, strict=False))  # ends is built from starts
 
     def count(self, text: str) -> int:
         return len(self._enc.encode(text, disallowed_special=()))
