@@ -104,7 +104,7 @@ def from_flat(cls: type[T], flat: Mapping[str, Any], *, aliases: Mapping[str, st
             raise ConfigError(f"{label}: {name} settings: {err}") from err
     unknown = set(norm) - used
     if unknown:
-        raise ConfigError(f"unknown {label} keys {sorted(unknown)}; allowed: {', '.join(allowed_keys(cls))}")
+        raise ConfigError(f"unknown config keys {sorted(unknown)}; allowed: {', '.join(allowed_keys(cls))}")
     try:
         cfg = cls(**kwargs)
     except TypeError as err:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from engine.core.config import from_flat
 from engine.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -173,38 +176,10 @@ class MiningJobConfig:
         return asdict(self)
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> MiningJobConfig:
+    def from_flat(cls, flat: Mapping[str, Any]) -> MiningJobConfig:
         """Flat keys (CLI flags and a config file share them; nested ``mining:``/``runtime:`` accepted)."""
-        flat = {k.replace("-", "_"): v for k, v in flat.items() if v is not None}
-        for section in ("mining", "runtime"):
-            if isinstance(flat.get(section), dict):
-                flat.update({k.replace("-", "_"): v for k, v in flat.pop(section).items() if v is not None})
-        sub: dict[str, dict[str, Any]] = {"mining": {}, "runtime": {}}
-        top: dict[str, Any] = {}
-        names = {"mining": {f.name for f in fields(MiningConfig)}, "runtime": {f.name for f in fields(MiningRuntime)}}
-        top_names = {f.name for f in fields(cls)} - {"mining", "runtime"}
-        unknown = []
-        for k, v in flat.items():
-            if k in top_names:
-                top[k] = v
-            elif k in names["mining"]:
-                sub["mining"][k] = v
-            elif k in names["runtime"]:
-                sub["runtime"][k] = v
-            else:
-                unknown.append(k)
-        if unknown:
-            allowed = sorted(top_names | names["mining"] | names["runtime"])
-            raise ConfigError(f"unknown config keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
-        for k in ("relative_margin", "absolute_margin", "max_score", "min_score", "ce_max_score"):
-            if k in sub["mining"]:
-                sub["mining"][k] = _optional_float(k, sub["mining"][k])
-        try:
-            cfg = cls(**top, mining=MiningConfig(**sub["mining"]), runtime=MiningRuntime(**sub["runtime"]))
-        except TypeError as err:
-            raise ConfigError(f"incomplete mining config: {err}") from err
-        cfg.validate()
-        return cfg
+        return from_flat(cls, flat, label="mining config",
+                         coerce={k: functools.partial(_optional_float, k) for k in OPTIONAL_FLOATS})
 
     def identity(self) -> dict[str, Any]:
         """What makes two mining jobs the same job (for resume and idempotent reruns)."""
@@ -212,6 +187,9 @@ class MiningJobConfig:
         d.update(store=self.store, index=self.index, version=self.version, alias=self.alias, run=self.run,
                  pairs=self.pairs)
         return d
+
+
+OPTIONAL_FLOATS = ("relative_margin", "absolute_margin", "max_score", "min_score", "ce_max_score")
 
 
 def _optional_float(name: str, value: Any) -> float | None:
