@@ -42,7 +42,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from engine.quality.evaluate import EvalConfig, evaluate_searcher, load_qrels, load_queries  # noqa: E402
-from engine.index.build import BuildConfig, build_index, exact_topk  # noqa: E402
+from engine.index.build import build_index  # noqa: E402
+from engine.index.faiss_ops import exact_topk  # noqa: E402
+from engine.index.params import BuildConfig  # noqa: E402
 from engine.quality.metrics import ndcg_at_k  # noqa: E402
 from engine.index.recall import knn_recall
 from engine.index.searcher import Searcher  # noqa: E402

@@ -100,7 +100,8 @@ def build_real_versions(store: Store, tmp: Path, model: str | None) -> list[str]
 
     from engine.embed.config import EmbedJobConfig
     from engine.embed.stdlib_corpus import stdlib_docs
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
     from engine.embed.pipeline import run_locally
 
     docs = stdlib_docs(300)

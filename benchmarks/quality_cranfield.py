@@ -83,7 +83,8 @@ def embed(work: Path) -> dict[str, Any]:
 
 
 def build_versions(store: Any, run_id: str) -> dict[str, str]:
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
 
     out = {}
     parent = None

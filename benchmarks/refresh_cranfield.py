@@ -100,7 +100,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     from engine.embed.config import EmbedJobConfig
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
     from engine.publish.aliases import publish_version, read_alias
     from engine.refresh.session import RefreshConfig
     from engine.distributed.runtime import init_ray

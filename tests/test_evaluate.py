@@ -13,7 +13,8 @@ from engine.cli.app import cli
 from engine.embed.encoders import load_encoder
 from engine.core.errors import ConfigError, SchemaError
 from engine.quality.evaluate import EvalConfig, evaluate_searcher, evaluate_version, load_qrels, load_queries
-from engine.index.build import BuildConfig, build_index
+from engine.index.build import build_index
+from engine.index.params import BuildConfig
 from engine.index.searcher import Searcher
 from engine.core.storage import open_store
 from tests.index_utils import make_run

@@ -19,19 +19,11 @@ import pytest
 
 from engine.core import layout
 from engine.core.errors import ConfigError, GateError, IntegrityError, NotFoundError
-from engine.index.build import (
-    BuildConfig,
-    build_index,
-    choose_params,
-    dequantize_int8,
-    int8_ranges,
-    list_versions,
-    pack_sign_bits,
-    parse_bytes,
-    quantize_int8,
-    rescore_scores,
-    verify_version,
-)
+from engine.index.build import build_index
+from engine.index.params import BuildConfig, choose_params, parse_bytes
+from engine.index.quantize import dequantize_int8, int8_ranges, pack_sign_bits, quantize_int8, rescore_scores
+from engine.index.verify import verify_version
+from engine.index.version import list_versions
 from engine.index.searcher import Searcher
 from engine.core.storage import join, open_store, sha256_file
 from tests.index_utils import brute_force, clustered_vectors, hash_identity, make_run
@@ -353,7 +345,8 @@ def test_incomplete_or_missing_run_refused(store, corpus):
 
 RESUME_SCRIPT = textwrap.dedent("""
     import sys, time
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
     from engine.core.storage import open_store
 
     store_path, ready = sys.argv[1], sys.argv[2]
@@ -442,7 +435,7 @@ def test_resume_retrains_when_its_files_were_collected(store, corpus):
 def test_version_ids_sort_by_creation_time():
     from datetime import datetime, timezone
 
-    from engine.index.build import new_version_id
+    from engine.index.version import new_version_id
 
     t = datetime(2026, 1, 2, 3, 4, 5, 999_999, tzinfo=timezone.utc)
     times = [t.replace(second=s, microsecond=us) for s in (4, 5) for us in (0, 1, 15, 16, 999_998)]

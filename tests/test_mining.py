@@ -357,7 +357,8 @@ def test_ray_job_matches_local(world, ray_session):
 
 
 def test_index_version_and_alias_as_source_ann_path(world):
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
     from engine.publish.aliases import publish_version
     from engine.core.storage import open_store
 

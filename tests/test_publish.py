@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from engine.core import layout
 from engine.cli.app import cli
 from engine.core.errors import ConfigError, ConflictError, IntegrityError, NotFoundError, StorageError
-from engine.index.build import verify_version
+from engine.index.verify import verify_version
 from engine.publish.aliases import alias_history, publish_version, read_alias, rollback_alias, route_bucket
 from engine.publish.gc import gc_index
 from engine.publish.status import index_status

@@ -390,7 +390,8 @@ def tiny_pairs() -> list[Q.LabelledPair]:
 def build(store, tmp_path, *, model="hash:32", kind="flat", docs=None, parent=None, tag="a") -> str:
     """Embed a topic corpus with ``model`` and build an index version of ``kind``; its id."""
     from engine.embed.config import EmbedJobConfig
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
     from engine.embed.pipeline import run_locally
     from tests.corpus_utils import write_corpus
 

@@ -96,7 +96,8 @@ from engine.embed.chunking import content_hash  # noqa: E402
 from engine.embed.config import EmbedJobConfig  # noqa: E402
 from engine.embed.encoders import HashEncoder  # noqa: E402
 from engine.core.errors import ConfigError, GateError  # noqa: E402,F401
-from engine.index.build import BuildConfig, build_index  # noqa: E402
+from engine.index.build import build_index  # noqa: E402
+from engine.index.params import BuildConfig  # noqa: E402
 from engine.embed.pipeline import run_locally  # noqa: E402
 from engine.publish.aliases import alias_history, publish_version, read_alias  # noqa: E402
 from engine.refresh.session import RefreshConfig, RefreshSession, run_refresh_locally  # noqa: E402

@@ -12,8 +12,10 @@ import pytest
 from engine.core import layout
 from engine.embed.encoders import load_encoder
 from engine.core.errors import ConfigError, IntegrityError, NotFoundError
-from engine.index.build import BuildConfig, build_index
-from engine.index.searcher import Hit, Searcher, cache_dir_for, resolve_version
+from engine.index.build import build_index
+from engine.index.params import BuildConfig
+from engine.index.searcher import Hit, Searcher, cache_dir_for
+from engine.index.version import resolve_version
 from engine.core.storage import join, open_store
 from tests.index_utils import brute_force, clustered_vectors, make_run
 

@@ -203,9 +203,11 @@ def demo(store: str, docs: int, model: str | None, query: str, as_json: bool) ->
 
     from engine.embed.config import EmbedJobConfig
     from engine.embed.stdlib_corpus import write_demo_corpus
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
     from engine.publish.aliases import publish_version
-    from engine.index.searcher import Searcher, resolve_version
+    from engine.index.searcher import Searcher
+    from engine.index.version import resolve_version
     from engine.core.storage import open_store
     from engine.distributed.embed import run_embed_job
 

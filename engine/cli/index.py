@@ -204,7 +204,8 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
       embedctl search --store ./store --index docs --version latest -q "heat transfer" -q "shock waves" -k 5 --json
       embedctl search --store ./store --index docs --alias live -q "buckling of panels" --docs --nprobe 64
     """
-    from engine.index.searcher import Searcher, resolve_version
+    from engine.index.searcher import Searcher
+    from engine.index.version import resolve_version
 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
@@ -232,12 +233,12 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
         emit_json({"index": index, "version": vid, "alias": alias, "k": k, "threshold": threshold,
                    "results": [{"query": q, "empty_reason": why if not hits else None,
                                 "hits": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "score": h.score}
-                                         for h in hits]} for q, hits, why in zip(queries, results, reasons)],
+                                         for h in hits]} for q, hits, why in zip(queries, results, reasons, strict=True)],
                    "timings": {"load_s": round(t_load, 3), "search_s": round(t_search, 3)}})
         return
     click.echo(f"{index}/{vid}" + (f" (alias {alias})" if alias else "") + f": {len(queries)} quer"
                f"{'y' if len(queries) == 1 else 'ies'} in {t_search * 1000:.0f} ms", err=True)
-    for q, hits, why in zip(queries, results, reasons):
+    for q, hits, why in zip(queries, results, reasons, strict=True):
         click.echo(f"\n{q}")
         if not hits:
             click.echo(f"  (no results: {why})" if why else "  (no results)")
@@ -278,7 +279,7 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
     """
     from engine.core.errors import ConfigError
     from engine.quality.evaluate import EvalConfig, evaluate_version
-    from engine.index.searcher import resolve_version
+    from engine.index.version import resolve_version
 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)

@@ -220,7 +220,8 @@ def benchmark_evaluate(benchmark: str, store: str, endpoint_url: str | None, ind
       embedctl benchmark evaluate cranfield.json --store ./store --index cranfield --alias live -k 10 -k 100
     """
     from engine.quality import loop as Q
-    from engine.index.searcher import Searcher, resolve_version
+    from engine.index.searcher import Searcher
+    from engine.index.version import resolve_version
 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)

@@ -10,36 +10,40 @@ at most ``workers`` in flight (default: the cluster's CPUs / ``cpus_per_task``),
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from engine.core.config import FlatConfig, from_flat
 from engine.core.errors import ConfigError
-from engine.index.build import BuildConfig, BuildResult, Mapper, Progress, build_index, local_mapper
-
 from engine.distributed.driver import drive, driver_parser
+from engine.index.build import BuildResult, build_index
+from engine.index.context import Progress
+from engine.index.params import BuildConfig, parse_bytes
+from engine.index.runs import Mapper, local_mapper
 
 log = logging.getLogger("embedctl.engine.distributed.build_index")
 EXECUTORS = ("ray", "local")
 CPU_NODE_MARKER = "embedctl_cpu_node"  # cluster/ray-cluster.yaml: CPU worker groups advertise it
 
-NULLABLE = {"gate_recall"}
-# Other spellings of the same keys (the k8s ConfigMap and older configs use them).
-ALIASES = {"run_id": "run", "index_kind": "kind", "recall_gate": "gate_recall", "index_name": "index"}
-
 
 @dataclass(frozen=True)
-class BuildJobConfig:
+class BuildJobConfig(FlatConfig):
     """One build-index job: where, what, and how it is spread (flags and config files share these keys)."""
 
-    store: str
-    run: str
-    index: str
+    # Other spellings of the same keys (the k8s ConfigMap and older configs use them).
+    KEY_ALIASES: ClassVar[dict[str, str]] = {"run_id": "run", "index_kind": "kind", "recall_gate": "gate_recall",
+                                             "index_name": "index"}
+    # null means "not set" (choose automatically), except for the gate: null = measure only.
+    NULLABLE_KEYS: ClassVar[frozenset[str]] = frozenset({"gate_recall"})
+
+    store: str = ""
+    run: str = ""
+    index: str = ""
     build: BuildConfig = field(default_factory=BuildConfig)
     endpoint_url: str | None = None
     parent_version: str | None = None
@@ -50,9 +54,10 @@ class BuildJobConfig:
     cpus_per_task: float = 1.0
 
     def validate(self) -> None:
-        for name in ("store", "run", "index"):
-            if not getattr(self, name):
-                raise ConfigError(f"build-index needs {name!r} (--{name})")
+        missing = [name for name in ("store", "run", "index") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"build-index config lacks {', '.join(missing)} "
+                              f"({', '.join('--' + m for m in missing)})")
         if self.executor not in EXECUTORS:
             raise ConfigError(f"executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         if self.workers is not None and self.workers < 1:
@@ -61,37 +66,11 @@ class BuildJobConfig:
             raise ConfigError(f"cpus_per_task must be > 0, got {self.cpus_per_task}")
         self.build.validate()
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> BuildJobConfig:
         """From flat keys (file + flags; a nested ``build:`` section works too). Unknown keys are an error."""
-        norm: dict[str, Any] = {}
-        for key, value in flat.items():
-            if key == "build" and isinstance(value, Mapping):
-                for k, v in value.items():
-                    norm[ALIASES.get(k.replace("-", "_"), k.replace("-", "_"))] = v
-                continue
-            norm[ALIASES.get(key.replace("-", "_"), key.replace("-", "_"))] = value
-        # null means "not set" (choose automatically), except for the gate: null = measure only.
-        norm = {k: v for k, v in norm.items() if v is not None or k in NULLABLE}
-        build_names = {f.name for f in dataclasses.fields(BuildConfig)}
-        top_names = {f.name for f in dataclasses.fields(cls)} - {"build"}
-        unknown = set(norm) - build_names - top_names
-        if unknown:
-            raise ConfigError(f"unknown config keys {sorted(unknown)}; allowed: "
-                              f"{', '.join(sorted(build_names | top_names))}")
-        missing = [n for n in ("store", "run", "index") if n not in norm]
-        if missing:
-            raise ConfigError(f"build-index config lacks {', '.join(missing)}")
-        try:
-            build = BuildConfig.from_dict({k: v for k, v in norm.items() if k in build_names})
-            cfg = cls(build=build, **{k: v for k, v in norm.items() if k in top_names})
-        except TypeError as err:
-            raise ConfigError(f"bad build-index config: {err}") from None
-        cfg.validate()
-        return cfg
+        return from_flat(cls, flat, aliases=cls.KEY_ALIASES, nullable=cls.NULLABLE_KEYS,
+                         coerce={"memory_budget": parse_bytes})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def _local(uri: str, endpoint_url: str | None, tmp: str) -> str:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    from engine.index.searcher import Searcher, resolve_version
+    from engine.index.searcher import Searcher
+    from engine.index.version import resolve_version
     from engine.core.storage import open_store
 
     store = open_store(cfg["store"], endpoint_url=cfg["endpoint_url"])

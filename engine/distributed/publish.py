@@ -32,7 +32,7 @@ def _check(cfg: dict[str, Any]) -> None:
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     from engine.publish.aliases import publish_version
-    from engine.index.searcher import resolve_version
+    from engine.index.version import resolve_version
     from engine.core.storage import open_store
 
     store = open_store(cfg["store"], endpoint_url=cfg["endpoint_url"])

@@ -32,21 +32,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.core import layout
-from engine.core.errors import ConfigError, IntegrityError, NotFoundError
-from engine.index.build import (
-    DEFAULT_RESCORE_MULTIPLIER,
-    RESCORE_DTYPES,
-    _check_manifest_shape,
-    import_faiss,
-    merge_topk,
-    normalize_rows,
-    pack_sign_bits,
-    read_version_manifest,
-    rescore_scores,
-    verify_artifacts,
-    verify_version,
-)
+from engine.core.errors import ConfigError, IntegrityError
 from engine.core.storage import LocalStore, Store, join
+from engine.index.faiss_ops import import_faiss, merge_topk
+from engine.index.hits import best_per_doc
+from engine.index.params import DEFAULT_RESCORE_MULTIPLIER, RESCORE_DTYPES
+from engine.index.quantize import pack_sign_bits, rescore_scores
+from engine.index.runs import normalize_rows
+from engine.index.verify import check_manifest_shape, verify_artifacts
+from engine.index.version import read_version_manifest
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -54,8 +48,6 @@ if TYPE_CHECKING:
     from engine.embed.encoders import Encoder
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Hit", "Searcher", "resolve_version", "verify_version", "cache_dir_for"]
 
 DEFAULT_NPROBE = 16
 COLLAPSE_FANOUT = 4  # chunk hits fetched per wanted document when collapsing to documents
@@ -67,36 +59,6 @@ class Hit:
     chunk_id: str
     doc_id: str
     score: float
-
-
-def resolve_version(store: Store, index: str, version: str | None = None, alias: str | None = None) -> str:
-    """The version id to load: ``version`` itself (``latest`` = newest complete version) or what ``alias`` names."""
-    from engine.index.build import list_versions
-    from engine.core.names import check_name
-
-    check_name("index", index)
-    if (version is None) == (alias is None):
-        raise ConfigError("give exactly one of --version or --alias")
-    if alias is not None:
-        check_name("alias", alias)
-        key = layout.alias_key(index, alias)
-        try:
-            doc = store.read_json(key)
-        except NotFoundError:
-            raise NotFoundError(f"alias {alias!r} of index {index!r} does not exist in {store.describe()}; publish a "
-                                f"version first (embedctl publish --index {index} --version V --alias {alias})") from None
-        target = doc.get("version") if isinstance(doc, dict) else None
-        if not isinstance(target, str) or not target:
-            raise IntegrityError(f"alias document {store.describe(key)} names no version")
-        return check_name("version", target)
-    assert version is not None
-    if version == "latest":
-        versions = list_versions(store, index)
-        if not versions:
-            raise NotFoundError(f"index {index!r} has no complete version in {store.describe()}; build one with "
-                                "embedctl build-index")
-        return versions[-1]
-    return check_name("version", version)
 
 
 def cache_dir_for(store: Store, index: str, version_id: str, root: str | os.PathLike[str] | None = None) -> Path:
@@ -259,7 +221,7 @@ class Searcher:
                       cache_dir: str | os.PathLike[str] | None = None) -> Searcher:
         """Load from a manifest in hand (the build's gate uses it before the manifest is written)."""
         where = store.describe(layout.version_manifest_key(index, str(manifest.get("version_id"))))
-        _check_manifest_shape(manifest, where)
+        check_manifest_shape(manifest, where)
         remote = not isinstance(store, LocalStore)
         paths = _materialize(store, index, manifest, cache_dir)
         if verify:
@@ -351,8 +313,8 @@ class Searcher:
         while True:
             hits = self._hits(*self.search_ids(q, want, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
                                                depth_k=k))
-            collapsed = [_best_per_doc(h)[:k] for h in hits]
-            short = any(len(c) < k and len(h) >= want for c, h in zip(collapsed, hits))
+            collapsed = [best_per_doc(h, k) for h in hits]
+            short = any(len(c) < k and len(h) >= want for c, h in zip(collapsed, hits, strict=True))
             if not short or want >= self.rows:
                 return collapsed
             want = min(want * 4, self.rows)
@@ -460,13 +422,3 @@ class Searcher:
     def __repr__(self) -> str:
         return f"Searcher({self.index}/{self.version_id}, {self.kind}, {self.rows} vectors, {len(self._shards)} shards)"
 
-
-def _best_per_doc(hits: list[Hit]) -> list[Hit]:
-    """Best chunk per document, in score order (hits arrive best first)."""
-    seen: set[str] = set()
-    out = []
-    for h in hits:
-        if h.doc_id not in seen:
-            seen.add(h.doc_id)
-            out.append(h)
-    return out

@@ -776,7 +776,8 @@ def default_index_builder(store: Store, index: str, run_id: str, *, parent_versi
                           options: Mapping[str, Any]) -> dict[str, Any]:
     """Build a version from an embed run with ``engine.index.build.build_index`` (resumable: a rerun
     continues the build, or returns the version it finished). Returns the version manifest."""
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
 
     result = build_index(store, run_id, index, BuildConfig.from_dict(dict(options)), parent_version=parent_version)
     return dict(result.manifest)

@@ -97,7 +97,7 @@ def resolve_version_id(store: Store, index: str, version: str | None, alias: str
     """The version an index/version/alias names: engine.index.build's resolver when present, else the alias document."""
     resolve_version: Callable[..., Any] | None
     try:
-        from engine.index.searcher import resolve_version  # the index builder's, authoritative ("latest" too)
+        from engine.index.version import resolve_version  # the index builder's, authoritative ("latest" too)
     except ImportError:
         resolve_version = None
     if resolve_version is not None:

@@ -14,6 +14,6 @@ def verify_version(store: Store, index: str, version_id: str) -> dict[str, Any]:
     """The index builder's ``engine.index.build.verify_version`` (imported lazily, so importing this
     module stays light): manifest shape, key safety (no ``..``, absolute paths or other
     buckets), each artifact's existence, size and sha256. Returns the manifest."""
-    from engine.index.build import verify_version as verify
+    from engine.index.verify import verify_version as verify
 
     return verify(store, index, version_id)

@@ -150,7 +150,7 @@ def _doc_ranking(ids: np.ndarray, chunk_doc: Sequence[str], k: int) -> list[str]
 def exact_doc_rankings(queries: np.ndarray, vectors: np.ndarray, doc_ids: Sequence[str], k: int,
                        ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """Exact search: per query the top-``k`` documents, plus chunk-level (scores, row ids) [q, depth]."""
-    from engine.index.build import exact_topk
+    from engine.index.faiss_ops import exact_topk
 
     n_docs = len(set(doc_ids))
     depth = len(doc_ids) if n_docs <= k else min(len(doc_ids), k * 8)
@@ -167,7 +167,7 @@ def evaluate_searcher(searcher: Searcher, queries: Sequence[Query], qrels: Mappi
                       per_query_path: str | os.PathLike[str] | None = None,
                       query_vectors: np.ndarray | None = None) -> dict[str, Any]:
     """Metrics of ``searcher`` (and of exact search over its source run in ``store``) on judged queries."""
-    from engine.index.build import read_run_vectors
+    from engine.index.runs import read_run_vectors
 
     if cfg.k < 1:
         raise ConfigError(f"k must be >= 1, got {cfg.k}")

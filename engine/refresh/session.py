@@ -1214,7 +1214,7 @@ GATE_QUERIES = 256
 
 def new_version_id() -> str:
     """The index builder's naming (``v<UTC ts>-<hex>``), so ``--version latest`` finds refreshed versions too."""
-    from engine.index.build import new_version_id as builder_id
+    from engine.index.version import new_version_id as builder_id
 
     return builder_id()
 
@@ -1222,7 +1222,7 @@ def new_version_id() -> str:
 def live_build_config(store: Store, index: str, vman: dict[str, Any]) -> dict[str, Any]:
     """The build settings behind a version: carried in ``refresh.build_config`` by refreshed versions, else the
     builder's saved state (found by ``build_key``), else reconstructed from ``params``."""
-    from engine.index.build import BuildConfig
+    from engine.index.params import BuildConfig
 
     carried = (vman.get("refresh") or {}).get("build_config")
     if carried:
@@ -1251,7 +1251,7 @@ def choose_strategy(store: Store, rcfg: RefreshConfig, diff: RefreshDiff, vman: 
     """(strategy, reason, checks): update a copy of the live shards when the change is small and the trained
     quantizer still fits the new vectors; rebuild when much changed, when the builder would now choose another
     index for this many vectors, after a long chain of incremental versions, or when the new vectors drift."""
-    from engine.index.build import BuildConfig, choose_params
+    from engine.index.params import BuildConfig, choose_params
 
     checks: dict[str, Any] = {"changed_fraction": round(diff.changed_fraction, 6),
                               "rebuild_fraction": rcfg.rebuild_fraction}
@@ -1421,7 +1421,7 @@ def _quantization_error(trained: Any, x: np.ndarray, binary: bool) -> float:
     rather than ``sa_encode``/``sa_decode``, which crash on a deserialised IVF-PQ fast-scan index."""
     import faiss
 
-    from engine.index.build import pack_sign_bits
+    from engine.index.quantize import pack_sign_bits
 
     if binary:
         ivf_b = faiss.downcast_IndexBinary(trained)
@@ -1487,7 +1487,9 @@ def update_version(store: Store, index: str, live: dict[str, Any], version_id: s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.index.build import encode_rescore, index_from_bytes, pack_sign_bits, read_version_manifest
+    from engine.index.faiss_ops import index_from_bytes
+    from engine.index.quantize import encode_rescore, pack_sign_bits
+    from engine.index.version import read_version_manifest
 
     if store.exists(layout.version_manifest_key(index, version_id)):
         return read_version_manifest(store, index, version_id)
@@ -1670,7 +1672,7 @@ def measure_recall(store: Store, index: str, manifest: dict[str, Any], run_manif
 
     Gate queries are vectors sampled from the run (their own chunk excluded), like the builder's gate;
     exact neighbours are computed part by part, so memory stays at one part."""
-    from engine.index.build import exact_topk, merge_topk
+    from engine.index.faiss_ops import exact_topk, merge_topk
     from engine.index.searcher import Searcher
 
     t0 = time.perf_counter()
@@ -1708,10 +1710,10 @@ def measure_recall(store: Store, index: str, manifest: dict[str, Any], run_manif
     for q, row in enumerate(hits):
         for j, h in enumerate(row[:depth]):
             found[q, j] = row_of.get(h.chunk_id, -2)
-    from engine.index.build import _drop_self, knn_recall_mean
+    from engine.index.gate import drop_self, knn_recall_mean
 
-    _s1, f_k = _drop_self(np.where(found >= 0, 0.0, -np.inf).astype(np.float32), found, self_rows, k)
-    e_s, e_k = _drop_self(ex_s, ex_i, self_rows, k)
+    _s1, f_k = drop_self(np.where(found >= 0, 0.0, -np.inf).astype(np.float32), found, self_rows, k)
+    e_s, e_k = drop_self(ex_s, ex_i, self_rows, k)
     recall = knn_recall_mean(f_k, e_k, e_s, k)
     return {"k": k, "queries": int(len(qvecs)), "query_source": "vectors sampled from the refresh run, the query's "
             "own chunk excluded; exact neighbours over the whole run", "recall": round(recall, 4),
@@ -1729,7 +1731,8 @@ def rebuild_version(store: Store, index: str, run_id: str, live: dict[str, Any],
     builder takes ``manifest_extra``; otherwise into ``refresh.json`` beside the manifest (and the run)."""
     import inspect
 
-    from engine.index.build import BuildConfig, build_index
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
 
     cfg_d = live_build_config(store, index, live)
     if gate_recall is not None:
