@@ -1,0 +1,55 @@
+"""Duplicate ids across a corpus on Ray: one task per file, then one task per hash partition.
+
+The driver receives only the duplicate rows (not the ids), so its memory grows with files and
+duplicates, not with documents. The rule and the result equal ``engine.embed.dedup
+.find_duplicates_local`` (tested against it and against the corpus reader's own answer).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from engine.embed.corpus import CorpusConfig
+from engine.embed.dedup import (
+    IDS_PER_PARTITION,
+    DuplicateMap,
+    duplicates_in_partition,
+    partition_ids,
+    partitions_for,
+    read_id_column,
+    to_duplicate_map,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _partition_file(cfg: CorpusConfig, key: str, file_index: int, partitions: int) -> Any:
+    from engine.embed.corpus import corpus_store
+
+    store, _keys = corpus_store(cfg)
+    parts = partition_ids(file_index, read_id_column(store, key, cfg.id_column), partitions)
+    return parts[0] if partitions == 1 else tuple(parts)
+
+
+def _find_in_partition(*tables: Any) -> Any:
+    return duplicates_in_partition(tables)
+
+
+def find_duplicates_ray(cfg: CorpusConfig, keys: Sequence[str], total_rows: int, *,
+                        ids_per_partition: int = IDS_PER_PARTITION, cpus_per_task: float = 0.5) -> DuplicateMap:
+    """Both steps as Ray tasks on the connected cluster (``ray.init`` done by the caller)."""
+    import ray
+
+    partitions = partitions_for(total_rows, ids_per_partition)
+    split = ray.remote(num_cpus=cpus_per_task, num_returns=partitions, max_retries=3)(_partition_file)
+    find = ray.remote(num_cpus=cpus_per_task, max_retries=3)(_find_in_partition)
+    per_file = [split.remote(cfg, key, i, partitions) for i, key in enumerate(keys)]
+    if partitions == 1:
+        per_file = [[ref] for ref in per_file]
+    found = ray.get([find.remote(*[refs[p] for refs in per_file]) for p in range(partitions)])
+    dups = to_duplicate_map(found, keys)
+    log.info("duplicate ids: %d rows in %d file(s), %d partition(s) over %d file(s)",
+             sum(len(v) for v in dups.values()), len(dups), partitions, len(keys))
+    return dups
