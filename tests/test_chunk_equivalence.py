@@ -156,3 +156,19 @@ def test_chunk_stage_output_unchanged(tmp_path, name, flat):
     got = stage_digest(tmp_path, **flat)
     print(name, got)
     assert got == GOLDEN[name]
+
+
+def test_ascii_twin_tokenizes_plain_ascii_exactly_like_the_model_tokenizer():
+    tok = model_tokenizer(None)
+    assert tok._ascii_twin is not None
+    texts = ["Supersonic FLOW over a Wing, e.g. at Mach 3.5; (see [2]) -- x^2 + y_1 = 10%.\nNext\tline ~ `q` {a|b}",
+             "ALL CAPS and MiXeD cAsE with numbers 1234567 and a long word pneumonoultramicroscopicsilicovolcanoconiosis",
+             "", "   ", "#hash ##double @at $dollar &amp; \\\\back\\\\slash", "\r\nwindows\r\nlines"]
+    texts += [normalize_text(t) for t, _ in seeded_docs(40) if t.isascii()]
+    for t in texts:
+        full, twin = tok._tok.encode(t, add_special_tokens=False), tok._ascii_twin.encode(t, add_special_tokens=False)
+        assert (full.ids, full.offsets, full.word_ids) == (twin.ids, twin.offsets, twin.word_ids), t
+    # text the twin must not see goes through the full tokenizer
+    for t in ["caf\u00e9", "a\x01b", "\u6771\u4eac", "tab\x0bvt"]:
+        (doc,) = tok.encode_docs([t])
+        assert doc.ids == tok._tok.encode(t, add_special_tokens=False).ids

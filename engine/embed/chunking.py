@@ -148,7 +148,7 @@ class Chunker:
             ids = doc.ids
             if len(ids) > cap:
                 cut = doc.ends[cap - 1]
-                aligned = doc.words[cap] != doc.words[cap - 1] and all(b > a for a, b in zip(doc.starts, doc.ends, strict=True))
+                aligned = doc.words[cap] != doc.words[cap - 1] and all(map(int.__lt__, doc.starts, doc.ends))
                 ids = ids[:cap] if aligned else tok.encode_docs([title[:cut]])[0].ids
                 out[title] = (title[:cut] + "\n", ids)
             else:
@@ -272,8 +272,9 @@ class _DocView:
     """
 
     def __init__(self, doc: DocTokens):
-        if any(b <= a for a, b in zip(doc.starts, doc.ends, strict=True)):
-            raise _Unaligned("zero-width token")
+        # Spans must be non-empty and in order (map/all keep this check at C speed).
+        if not (all(map(int.__lt__, doc.starts, doc.ends)) and all(map(int.__le__, doc.ends, doc.starts[1:]))):
+            raise _Unaligned("empty or overlapping token spans")
         self.doc = doc
 
     def _range(self, lo: int, hi: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -264,8 +265,8 @@ def pretokenize(cfg: EmbedJobConfig, chunks: pa.Table,
         ids = known  # the chunker's sizing already tokenized exactly these inputs
     else:
         ids = tok.ids_batch([prompt + t for t in embed_inputs(chunks, make_chunker(cfg))])
-    lengths = np.array([len(x) for x in ids], dtype=np.int32)
-    flat = np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(lengths.sum()))
+    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     return flat.tobytes(), lengths.tobytes()
 
 
