@@ -24,7 +24,8 @@ from engine.core import layout
 from engine.core.errors import IntegrityError, NotFoundError
 from engine.publish.aliases import publish_version, read_alias, rollback_alias
 from engine.index.searcher import Searcher
-from engine.serve.alias import AliasSearcher, SearchServer, default_loader
+from engine.serve.alias import AliasSearcher, default_loader
+from engine.serve.server import SearchServer
 from engine.core.storage import Store, open_store, wait_for
 from tests.version_utils import Versions, answers
 

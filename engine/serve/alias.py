@@ -1,37 +1,40 @@
-"""Serving: a searcher that follows an alias and hot-swaps versions, and a small HTTP endpoint.
+"""Serving: a searcher that follows an alias and hot-swaps index versions without downtime.
 
 ``AliasSearcher`` polls the alias document. When it names a new target, a background thread
 loads and verifies every version of that target (``engine.index.searcher.Searcher.load(...,
-verify=True)``), and only then replaces the serving snapshot in one assignment. A query reads
-the snapshot once when it starts, so queries in flight finish on the version they started
-on; the old version is closed when the last of them leaves. A version that fails to load or
-verify is never switched to: the searcher keeps serving the old one, logs the failure and
-reports it on ``/healthz`` (status ``degraded``) until the alias moves again.
+verify=True)`` plus the query encoder the version's manifest names), and only then replaces the
+serving snapshot in one assignment. A query reads the snapshot once when it starts, so queries
+in flight finish on the version they started on; the old version is closed when the last of
+them leaves. A version that fails to load or verify is never switched to: the searcher keeps
+serving the old one, logs the failure and reports it (``status()["failure"]``, ``/healthz``
+says ``degraded``) until the alias moves again.
 
 For a weighted alias both versions stay loaded and each query is routed by a hash of its
-key (``engine.publish.aliases.Target.route``): the same key always lands on the same version.
+key (``engine.publish.aliases.Target.route``): the same key lands on the same version in every
+process, so every replica of a service routes a key alike.
 
-``SearchServer`` exposes ``GET/POST /search``, ``GET /healthz``, ``GET /version`` on
-127.0.0.1 by default (stdlib ``ThreadingHTTPServer``, one thread per connection).
+The HTTP API lives in ``engine.serve.app`` (FastAPI) and ``engine.serve.server`` (uvicorn);
+the Ray Serve deployment in ``engine.serve.ray_app``.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlparse
 
 from engine.core import layout
-from engine.core.errors import EmbedctlError, NotFoundError
-from engine.publish.aliases import AliasState, Target
+from engine.core.errors import ConfigError, EmbedctlError, NotFoundError
 from engine.core.names import check_name
 from engine.core.storage import Store, redact
+from engine.publish.aliases import AliasState, Target
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,11 @@ log = logging.getLogger(__name__)
 class SearcherLike(Protocol):
     """What ``engine.index.searcher.Searcher`` offers and the alias searcher needs."""
 
-    version_id: str
-    manifest: dict[str, Any]
+    @property
+    def version_id(self) -> str: ...
+
+    @property
+    def manifest(self) -> dict[str, Any]: ...
 
     def search(self, queries: list[str], k: int = 10) -> list[list[Any]]: ...
 
@@ -48,21 +54,65 @@ class SearcherLike(Protocol):
 Loader = Callable[[Store, str, str], SearcherLike]
 
 
-def default_loader(store: Store, index: str, version_id: str) -> SearcherLike:
-    """Load and fully verify a version with the index builder's searcher."""
-    from engine.index.searcher import Searcher
+# Keyword arguments of ``Searcher.search`` that a request may pass through, when the loaded
+# version's searcher accepts them (older searchers do not: the request is refused, not ignored).
+PASS_THROUGH = ("mode", "where")
 
-    return Searcher.load(store, index, version_id, verify=True)
+
+class UnsupportedOption(ConfigError):
+    """A request asked for a search option that a loaded version's searcher does not take."""
+
+
+def make_loader(device: str = "cpu") -> Loader:
+    """A loader that verifies every artifact and loads the query encoder the manifest names.
+
+    The encoder is loaded here, before the swap, so a version whose model is missing or differs
+    from the recorded fingerprint is refused while the old one keeps serving, and the first
+    query after a swap does not pay for the model load. Never downloads: offline is forced.
+    """
+
+    def load(store: Store, index: str, version_id: str) -> SearcherLike:
+        from engine.index.searcher import Searcher
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        searcher = Searcher.load(store, index, version_id, verify=True, device=device)
+        try:
+            searcher.encoder  # noqa: B018 - loads and checks the model the manifest names
+        except Exception:
+            searcher.close()
+            raise
+        return searcher
+
+    return load
+
+
+def default_loader(store: Store, index: str, version_id: str) -> SearcherLike:
+    """Load and fully verify a version (and its query encoder, on CPU) with the index's searcher."""
+    return make_loader("cpu")(store, index, version_id)
+
+
+def search_options(searcher: SearcherLike) -> frozenset[str]:
+    """Which of ``PASS_THROUGH`` the searcher's ``search`` accepts (by its signature)."""
+    return _options_of(type(searcher))
+
+
+@functools.lru_cache(maxsize=64)
+def _options_of(cls: Any) -> frozenset[str]:
+    try:
+        params = inspect.signature(cls.search).parameters
+    except (TypeError, ValueError, AttributeError):
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return frozenset(PASS_THROUGH)
+    return frozenset(name for name in PASS_THROUGH if name in params)
 
 
 def hit_to_dict(hit: Any) -> dict[str, Any]:
     """A Hit (dataclass, named tuple or mapping with chunk_id, doc_id, score) as JSON."""
     if isinstance(hit, dict):
-        get = hit.get
-    else:
-        def get(name: str) -> Any:
-            return getattr(hit, name)
-    return {"chunk_id": get("chunk_id"), "doc_id": get("doc_id"), "score": float(get("score"))}
+        return {"chunk_id": hit.get("chunk_id"), "doc_id": hit.get("doc_id"), "score": float(hit["score"])}
+    return {"chunk_id": hit.chunk_id, "doc_id": hit.doc_id, "score": float(hit.score)}
 
 
 class _Loaded:
@@ -289,6 +339,8 @@ class AliasSearcher:
         """Search a batch. Each query is routed by its key (default: the query text) when the
         alias is weighted; every query is answered by exactly one complete version."""
         queries = list(queries)
+        # An option left unset (None) is not passed: a searcher without that option still serves.
+        kwargs = {name: value for name, value in kwargs.items() if not (name in PASS_THROUGH and value is None)}
         if keys is not None and len(keys) != len(queries):
             raise ValueError(f"got {len(keys)} keys for {len(queries)} queries")
         with self._lock:
@@ -298,14 +350,16 @@ class AliasSearcher:
             for lo in snap.loaded.values():
                 lo.acquire()
         try:
+            for lo in snap.loaded.values():  # every loaded version: the answer must not depend on the key
+                _check_options(lo.searcher, kwargs)
             target = snap.state.target
-            routed = [target.route(self.index, (keys[i] if keys is not None and keys[i] is not None else q))
-                      for i, q in enumerate(queries)]
+            routing = [q if keys is None or keys[i] is None else str(keys[i]) for i, q in enumerate(queries)]
+            routed = [target.route(self.index, key) for key in routing]
             results: list[list[Any]] = [[] for _ in queries]
             for v in dict.fromkeys(routed):
                 idx = [i for i, r in enumerate(routed) if r == v]
                 hits = snap.loaded[v].searcher.search([queries[i] for i in idx], k=k, **kwargs)
-                for i, h in zip(idx, hits):
+                for i, h in zip(idx, hits, strict=True):
                     results[i] = h
                 with self._lock:
                     self.queries_by_version[v] = self.queries_by_version.get(v, 0) + len(idx)
@@ -313,6 +367,23 @@ class AliasSearcher:
         finally:
             for lo in snap.loaded.values():
                 lo.release()
+
+    def options(self) -> frozenset[str]:
+        """The pass-through options (``mode``, ``where``) every loaded version accepts now."""
+        snap = self._snapshot
+        if snap is None:
+            return frozenset()
+        return frozenset.intersection(*(search_options(lo.searcher) for lo in snap.loaded.values()))
+
+    @property
+    def polling(self) -> bool:
+        """True while the background poller runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def degraded(self) -> bool:
+        """Serving, but the last target (or alias read) was refused: the old version still answers."""
+        return self.failure is not None or self.last_poll_error is not None
 
     def status(self) -> dict[str, Any]:
         snap = self._snapshot
@@ -323,167 +394,26 @@ class AliasSearcher:
         }
         if snap is not None:
             out.update({"version": snap.state.version, "generation": snap.state.generation,
-                        "weighted": snap.state.target.to_dict()["weighted"], "loaded": sorted(snap.loaded)})
+                        "weighted": snap.state.target.to_dict()["weighted"], "loaded": sorted(snap.loaded),
+                        "search_options": sorted(self.options())})
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# HTTP
-# ---------------------------------------------------------------------------------------------
+def _check_options(searcher: SearcherLike, kwargs: dict[str, Any]) -> None:
+    asked = [name for name in PASS_THROUGH if kwargs.get(name) is not None]
+    if not asked:
+        return
+    missing = [name for name in asked if name not in search_options(searcher)]
+    if missing:
+        raise UnsupportedOption(f"version {searcher.version_id} cannot search with {', '.join(missing)}= (its "
+                                "searcher does not take it); drop the parameter or publish a version built by an "
+                                "engine that supports it")
 
-MAX_BODY = 1 << 20
 
+def __getattr__(name: str) -> Any:
+    """``SearchServer`` moved to ``engine.serve.server``; importing it from here keeps working."""
+    if name == "SearchServer":
+        from engine.serve.server import SearchServer
 
-class _BadRequest(Exception):
-    pass
-
-
-class SearchServer:
-    """``/search``, ``/healthz`` and ``/version`` over HTTP for an ``AliasSearcher``.
-
-    ``GET /search?q=...&k=10&key=...`` or ``POST /search`` with ``{"queries": [...], "k": 10,
-    "keys": [...]}``; the answer is ``{"generation", "version", "results": [{"query", "version",
-    "hits": [{"chunk_id", "doc_id", "score"}]}]}`` and the ``X-Embedctl-Version`` header names
-    the version(s) that answered.
-    """
-
-    def __init__(self, searcher: AliasSearcher, host: str = "127.0.0.1", port: int = 8080, *,
-                 max_k: int = 1000, max_batch: int = 256):
-        self.searcher = searcher
-        self.max_k = max_k
-        self.max_batch = max_batch
-        self._httpd = ThreadingHTTPServer((host, port), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> SearchServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="embedctl-http", daemon=True)
-        self._thread.start()
-        return self
-
-    def serve_forever(self) -> None:
-        self._httpd.serve_forever()
-
-    def shutdown(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            server_version = "embedctl"
-            # Headers and body go out in two writes; without TCP_NODELAY, Nagle + delayed ACK
-            # stall every keep-alive response by ~40 ms.
-            disable_nagle_algorithm = True
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("%s %s", self.address_string(), format % args)
-
-            def _send(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                data = (json.dumps(body, sort_keys=True, default=str) + "\n").encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                url = urlparse(self.path)
-                if url.path == "/healthz":
-                    self._healthz()
-                elif url.path == "/version":
-                    self._send(200, server.searcher.status())
-                elif url.path == "/search":
-                    q = parse_qs(url.query)
-                    self._search({"queries": q.get("q", []), "k": (q.get("k") or ["10"])[0],
-                                  "keys": q.get("key") or None})
-                else:
-                    self._send(404, {"error": f"no such endpoint {url.path!r}; try /search, /healthz, /version"})
-
-            def do_POST(self) -> None:
-                if urlparse(self.path).path != "/search":
-                    self._send(404, {"error": "POST is only for /search"})
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    self._send(413, {"error": f"request body over {MAX_BODY} bytes"})
-                    self.close_connection = True
-                    return
-                try:
-                    body = json.loads(self.rfile.read(length) or b"{}")
-                    if not isinstance(body, dict):
-                        raise ValueError("expected a JSON object")
-                except ValueError as err:
-                    self._send(400, {"error": f"body is not valid JSON: {err}"})
-                    return
-                if "query" in body and "queries" not in body:
-                    body["queries"] = [body.pop("query")]
-                if "key" in body and "keys" not in body:
-                    body["keys"] = [body.pop("key")]
-                self._search(body)
-
-            def _healthz(self) -> None:
-                st = server.searcher.status()
-                if not st["ready"]:
-                    self._send(503, {"status": "loading", **st})
-                    return
-                degraded = st["failure"] is not None or st["poll_error"] is not None
-                # Still 200 when degraded: the old version serves correctly, and pulling every
-                # replica out of a load balancer over one bad version would be an outage.
-                self._send(200, {"status": "degraded" if degraded else "ok", **st})
-
-            def _search(self, body: dict[str, Any]) -> None:
-                try:
-                    queries, k, keys = server._validate(body)
-                except _BadRequest as err:
-                    self._send(400, {"error": str(err)})
-                    return
-                try:
-                    answer = server.searcher.search(queries, k=k, keys=keys)
-                except NotFoundError as err:
-                    self._send(503, {"error": str(err)})
-                    return
-                except Exception as err:  # noqa: BLE001 - never a traceback to the client
-                    log.exception("search failed")
-                    self._send(500, {"error": f"search failed: {type(err).__name__}"})
-                    return
-                results = [{"query": q, "version": v, "hits": [hit_to_dict(h) for h in hits]}
-                           for q, v, hits in zip(queries, answer.versions, answer.results)]
-                versions = list(dict.fromkeys(answer.versions))
-                self._send(200, {"generation": answer.generation,
-                                 "version": versions[0] if len(versions) == 1 else None, "results": results},
-                           {"X-Embedctl-Version": ",".join(versions),
-                            "X-Embedctl-Generation": str(answer.generation)})
-
-        return Handler
-
-    def _validate(self, body: dict[str, Any]) -> tuple[list[str], int, list[str | None] | None]:
-        queries = body.get("queries")
-        if not isinstance(queries, list) or not queries or not all(isinstance(q, str) and q for q in queries):
-            raise _BadRequest("give at least one non-empty query: ?q=... or {\"queries\": [...]}")
-        if len(queries) > self.max_batch:
-            raise _BadRequest(f"at most {self.max_batch} queries per request, got {len(queries)}")
-        try:
-            k = int(body.get("k", 10))
-        except (TypeError, ValueError):
-            raise _BadRequest(f"k must be an integer, got {body.get('k')!r}") from None
-        if not 1 <= k <= self.max_k:
-            raise _BadRequest(f"k must be in [1, {self.max_k}], got {k}")
-        keys = body.get("keys")
-        if keys is not None:
-            if not isinstance(keys, list) or len(keys) != len(queries):
-                raise _BadRequest("keys must be a list with one routing key per query")
-            keys = [None if key is None else str(key) for key in keys]
-        return queries, k, keys
+        return SearchServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
