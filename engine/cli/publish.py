@@ -223,41 +223,88 @@ def gc(store: str, endpoint_url: str | None, index: str, keep: int, grace: str, 
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @click.option("--poll-interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True,
               help="Seconds between alias checks.")
-def serve(store: str, endpoint_url: str | None, index: str, alias: str, host: str, port: int,
-          poll_interval: float) -> None:
-    """Serve /search, /healthz and /version for an alias, hot-swapping versions as it moves.
+@click.option("--device", default="cpu", show_default=True, help="Where the query encoder runs: cpu, cuda, cuda:N.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True, help="Queries per request.")
+@click.option("--max-k", type=click.IntRange(min=1), default=1000, show_default=True, help="Hits per query.")
+@click.option("--max-query-chars", type=click.IntRange(min=1), default=2048, show_default=True)
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True)
+@click.option("--request-timeout", type=click.FloatRange(min=0.001), default=30.0, show_default=True,
+              help="Seconds before a search is answered 504.")
+@click.option("--max-concurrency", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Requests in flight before new ones get 503 (one process; under Ray see --max-ongoing).")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve with Ray Serve replicas instead of one process.")
+@click.option("--address", default=None, help="--ray: the Ray cluster to join (default: start a local one).")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True, help="--ray: fixed replicas.")
+@click.option("--min-replicas", type=click.IntRange(min=0), default=None, help="--ray: autoscale from this many...")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None, help="...up to this many.")
+@click.option("--num-cpus", type=click.FloatRange(min=0), default=0.5, show_default=True, help="--ray: CPUs per replica.")
+@click.option("--num-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True, help="--ray: GPUs per replica.")
+@click.option("--max-ongoing", type=click.IntRange(min=1), default=64, show_default=True,
+              help="--ray: requests in flight per replica.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="--ray: requests batched into one encode + search.")
+def serve(store: str, endpoint_url: str | None, index: str, alias: str, host: str, port: int, poll_interval: float,
+          device: str, max_batch: int, max_k: int, max_query_chars: int, max_body_bytes: int, request_timeout: float,
+          max_concurrency: int, use_ray: bool, address: str | None, replicas: int, min_replicas: int | None,
+          max_replicas: int | None, num_cpus: float, num_gpus: float, max_ongoing: int, batch_size: int) -> None:
+    """Serve /search, /healthz, /version, /metrics for an alias, hot-swapping versions as it moves.
 
     \b
     Examples:
       embedctl serve --store ./store --index docs --alias live --port 8080
       curl 'http://127.0.0.1:8080/search?q=wing+lift&k=5'
       curl -XPOST http://127.0.0.1:8080/search -d '{"queries": ["wing lift"], "k": 5, "keys": ["user-42"]}'
+      embedctl serve --store s3://bkt/emb --index docs --ray --min-replicas 1 --max-replicas 4
+      embedctl serve --store s3://bkt/emb --index docs --ray --replicas 2 --device cuda --num-gpus 0.5
 
-    A new version is loaded and verified in the background; queries in flight finish on the
-    old one. A version that fails verification is never served (/healthz says "degraded").
+    A new version is loaded and verified in the background (its query encoder too); queries in
+    flight finish on the old one. A version that fails to load is never served (/healthz says
+    "degraded"). The API is described at /openapi.json. With --ray every replica follows the
+    alias on its own and batches concurrent queries into one encode; without it, one process.
     """
-    from engine.serve.alias import AliasSearcher, SearchServer
+    from engine.serve.config import ServeConfig
 
-    searcher = AliasSearcher(_open(store, endpoint_url), index, alias, poll_interval=poll_interval).start()
-    server = SearchServer(searcher, host=host, port=port)
+    cfg = ServeConfig.from_flat({
+        "store": store, "endpoint_url": endpoint_url, "index": index, "alias": alias, "poll_interval": poll_interval,
+        "device": device, "max_batch": max_batch, "max_k": max_k, "max_query_chars": max_query_chars,
+        "max_body_bytes": max_body_bytes, "request_timeout_s": request_timeout, "replicas": replicas,
+        "min_replicas": min_replicas, "max_replicas": max_replicas, "num_cpus": num_cpus, "num_gpus": num_gpus,
+        "max_ongoing_requests": max_ongoing, "max_batch_size": batch_size})
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
         log.warning("signal %d: shutting down", signum)
         stop.set()
 
+    def on_ready(url: str, st: dict[str, Any]) -> None:
+        # One line on stderr that scripts can wait for (stdout stays clean).
+        how = f" with Ray Serve ({_fmt_replicas(cfg)})" if use_ray else ""
+        click.echo(f"serving {index}/{alias} ({st.get('version')}, generation {st.get('generation')}) on {url}{how}",
+                   err=True)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    st = searcher.status()
-    # One line on stderr that scripts can wait for (stdout stays clean).
-    click.echo(f"serving {index}/{alias} ({st.get('version')}, generation {st.get('generation')}) on {server.url}",
-               err=True)
-    try:
-        stop.wait()
-    finally:
-        server.shutdown()
-        searcher.stop()
+    if use_ray:
+        from engine.serve.ray_app import run_on_ray
+
+        run_on_ray(cfg, host=host, port=port or _free_port(host), address=address, stop=stop, on_ready=on_ready)
+    else:
+        from engine.serve.server import run_standalone
+
+        run_standalone(cfg, host=host, port=port, stop=stop, on_ready=on_ready, max_concurrency=max_concurrency)
+
+
+def _fmt_replicas(cfg: Any) -> str:
+    r = cfg.ray
+    return f"{r.min_replicas}-{r.max_replicas} replicas" if r.min_replicas is not None else f"{r.replicas} replica(s)"
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 @click.command()
