@@ -99,15 +99,15 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    from engine.core.storage import open_store
+    from engine.distributed.embed import run_embed_job
+    from engine.distributed.refresh import run_refresh_job
+    from engine.distributed.runtime import init_ray
     from engine.embed.config import EmbedJobConfig
     from engine.index.build import build_index
     from engine.index.params import BuildConfig
     from engine.publish.aliases import publish_version, read_alias
-    from engine.refresh.session import RefreshConfig
-    from engine.distributed.runtime import init_ray
-    from engine.core.storage import open_store
-    from engine.distributed.embed import run_embed_job
-    from engine.distributed.refresh import run_refresh_job
+    from engine.refresh.config import RefreshConfig
 
     work = Path(tempfile.mkdtemp(prefix="embedctl-refresh-bench-"))
     docs = load_cranfield()
@@ -192,12 +192,12 @@ def verify(store, version: str, ref, ref_version: str, deleted: set[str], touche
     with Searcher.load(store, "cranfield", version) as a, Searcher.load(ref, "cranfield", ref_version) as b:
         ra, rb = a.search(texts, 10), b.search(texts, 10)
         deep = a.search(texts, 100)
-    same_lists = sum([h.chunk_id for h in x] == [h.chunk_id for h in y] for x, y in zip(ra, rb))
-    overlap = sum(len({h.chunk_id for h in x} & {h.chunk_id for h in y}) for x, y in zip(ra, rb)) / (10 * len(texts))
+    same_lists = sum([h.chunk_id for h in x] == [h.chunk_id for h in y] for x, y in zip(ra, rb, strict=True))
+    overlap = sum(len({h.chunk_id for h in x} & {h.chunk_id for h in y}) for x, y in zip(ra, rb, strict=True)) / (10 * len(texts))
     # Queries whose answers did not change: neither top-10 touches a modified, added or deleted document.
-    stable = [(x, y) for x, y in zip(ra, rb) if not ({h.doc_id for h in x} | {h.doc_id for h in y}) & (touched | deleted)]
+    stable = [(x, y) for x, y in zip(ra, rb, strict=True) if not ({h.doc_id for h in x} | {h.doc_id for h in y}) & (touched | deleted)]
     stable_equal = sum([h.chunk_id for h in x] == [h.chunk_id for h in y] for x, y in stable)
-    max_score_diff = max((abs(h1.score - h2.score) for x, y in stable for h1, h2 in zip(x, y)), default=0.0)
+    max_score_diff = max((abs(h1.score - h2.score) for x, y in stable for h1, h2 in zip(x, y, strict=False)), default=0.0)
     return {"queries": len(texts), "identical_top10_lists": same_lists, "top10_overlap": round(overlap, 4),
             "stable_queries": len(stable), "stable_identical": stable_equal,
             "stable_max_score_diff": float(f"{max_score_diff:.2e}"),

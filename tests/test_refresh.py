@@ -14,7 +14,7 @@ import pytest
 from engine.core import layout
 from engine.core.errors import ConflictError
 from engine.core.lease import LeaseKeeper, lease_state
-from engine.refresh.session import acquire_lease
+from engine.refresh.lease import acquire_lease
 from engine.core.storage import json_bytes, open_store
 
 IDX = "docs"
@@ -100,7 +100,8 @@ from engine.index.build import build_index  # noqa: E402
 from engine.index.params import BuildConfig  # noqa: E402
 from engine.embed.pipeline import run_locally  # noqa: E402
 from engine.publish.aliases import alias_history, publish_version, read_alias  # noqa: E402
-from engine.refresh.session import RefreshConfig, RefreshSession, run_refresh_locally  # noqa: E402
+from engine.refresh.config import RefreshConfig  # noqa: E402
+from engine.refresh.session import RefreshSession, run_refresh_locally  # noqa: E402
 from engine.index.searcher import Searcher  # noqa: E402
 from engine.core.storage import Store  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
@@ -501,7 +502,7 @@ def test_ray_path_equals_the_in_process_path(ray_session, tmp_path):
 
 
 def test_model_process_reports_a_missing_model_clearly():
-    from engine.distributed.refresh import ModelProcess
+    from engine.refresh.model import ModelProcess
 
     proc = ModelProcess({"name": "no-such-model", "path": "/nonexistent/model", "dim": 8}, device="cpu",
                         dtype="auto", batch_tokens=1024)
@@ -549,7 +550,7 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
 @pytest.mark.slow
 def test_model_process_falls_back_when_the_native_encoder_does_not_reproduce_stored_vectors():
     from engine.embed.encoders import encoder_from_identity, load_encoder
-    from engine.distributed.refresh import ModelProcess
+    from engine.refresh.model import ModelProcess
 
     ident = load_encoder(None).identity
     texts = ["wing lift in a slipstream", "boundary layer transition"]

@@ -62,8 +62,10 @@ def refresh(as_json: bool, dry_run: bool, **kwargs: Any) -> None:
     failed (the alias is untouched); 5 another refresh holds the lease, or the
     alias moved meanwhile; 2 a refused config.
     """
-    from engine.refresh.session import RefreshConfig, RefreshSession
-    from engine.distributed.refresh import exit_code, run_refresh_job
+    from engine.distributed.refresh import run_refresh_job
+    from engine.refresh.config import RefreshConfig
+    from engine.refresh.session import RefreshSession
+    from engine.refresh.summary import exit_code
 
     flat = _flat(kwargs)
     rcfg = RefreshConfig.from_flat(flat)

@@ -1,0 +1,102 @@
+"""Reading a stored run's Parquet parts for a refresh: columns, vectors, chosen rows, chunk ids."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.core.storage import LocalStore, Store
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+_FILESYSTEMS: weakref.WeakKeyDictionary[Store, Any] = weakref.WeakKeyDictionary()
+_FS_LOCK = threading.Lock()
+
+
+def _filesystem(store: Store) -> Any:
+    """One pyarrow filesystem per store object (building an S3 one resolves credentials: ~25 ms)."""
+    with _FS_LOCK:
+        fs = _FILESYSTEMS.get(store)
+        if fs is None:
+            fs = _FILESYSTEMS[store] = store.arrow_filesystem()
+        return fs
+
+
+def read_columns(store: Store, key: str, columns: list[str]) -> pa.Table:
+    """Some columns of one Parquet object of the store."""
+    import pyarrow.parquet as pq
+
+    with _filesystem(store).open_input_file(store.arrow_path(key)) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def column_vectors(table: pa.Table, column: str = "embedding") -> np.ndarray:
+    """A fixed_size_list column as a 2-D array. [rows, dim] (float32 or float16, as stored)"""
+    col = table.column(column).combine_chunks()
+    dim = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def unit_vectors(x: np.ndarray) -> np.ndarray:
+    """L2-normalised float32 copy of ``x`` [n, dim] (stored fp16 vectors drift off unit length)."""
+    from engine.embed.encoders import l2_normalize
+
+    return l2_normalize(x).astype(np.float32)
+
+
+def chunk_rows(store: Store, run_manifest: dict[str, Any], kind: str = "chunks") -> pa.Table:
+    """(chunk_id, doc_id, content_hash) of every chunk of a run, one table."""
+    import pyarrow as pa
+
+    cols = ["chunk_id", "doc_id", "content_hash"]
+    tables = [read_columns(store, o["key"], cols) for o in run_manifest["outputs"][kind]]
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in cols})
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def read_run_rows(store: Store, run_manifest: dict[str, Any], chunk_ids: set[str] | None = None,
+                  limit: int | None = None, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """(chunk ids, doc ids, vectors [n, dim] float32) of a run's rows: those in ``chunk_ids``, or a seeded
+    sample of ``limit`` rows. Reads the id column of every part, vectors only of parts that hold wanted rows."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dim = int(run_manifest["dim"])
+    parts = [o["key"] for o in run_manifest["outputs"]["embeddings"] if int(o.get("rows", 0)) > 0]
+    if chunk_ids is None and limit is not None:
+        total = sum(int(o["rows"]) for o in run_manifest["outputs"]["embeddings"])
+        rng = np.random.default_rng(seed)
+        pick = set(rng.choice(total, size=min(limit, total), replace=False).tolist()) if total else set()
+    cids: list[str] = []
+    dids: list[str] = []
+    vecs: list[np.ndarray] = []
+    offset = 0
+    for key in parts:
+        ids = read_columns(store, key, ["chunk_id"]).column(0)
+        if chunk_ids is not None:
+            mask = pc.is_in(ids, value_set=pa.array(sorted(chunk_ids), pa.string()))
+            rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        else:
+            rows = np.array([r - offset for r in range(offset, offset + len(ids)) if r in pick], dtype=np.int64)
+        offset += len(ids)
+        if not len(rows):
+            continue
+        t = read_columns(store, key, ["chunk_id", "doc_id", "embedding"]).take(pa.array(rows, pa.int64()))
+        cids += t.column("chunk_id").to_pylist()
+        dids += t.column("doc_id").to_pylist()
+        vecs.append(column_vectors(t).astype(np.float32))
+    mat = np.concatenate(vecs) if vecs else np.zeros((0, dim), dtype=np.float32)
+    return cids, dids, mat
+
+
+def local_copy(store: Store, key: str, path: str) -> str:
+    """A local file path holding the object ``key``: the object itself on a local store, else a download."""
+    if isinstance(store, LocalStore):
+        return str(store.local_path(key))
+    store.download_file(key, path)
+    return path
