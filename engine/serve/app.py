@@ -188,12 +188,15 @@ class SearchBackend(Protocol):
     """Who answers searches for the app: holds the alias searcher."""
 
     searcher: AliasSearcher
+    batches: bool  # True when the backend observes ``metrics.batch`` itself (one figure per batch)
 
     async def search(self, req: SearchRequest) -> SearchAnswer: ...
 
 
 class ThreadBackend:
     """Each request searches in a worker thread (FAISS and torch release the GIL)."""
+
+    batches = False
 
     def __init__(self, searcher: AliasSearcher):
         self.searcher = searcher
@@ -335,12 +338,12 @@ def _search_error(metrics: ServeMetrics, err: BaseException) -> JSONResponse:
     return _error(metrics, 500, "internal", f"search failed: {type(err).__name__}")
 
 
-def create_app(backend: SearchBackend, limits: ServeLimits | None = None, *, replica: str = "",
-               title: str = "embedctl search") -> FastAPI:
+def create_app(backend: SearchBackend, limits: ServeLimits | None = None, *, metrics: ServeMetrics | None = None,
+               replica: str = "", title: str = "embedctl search") -> FastAPI:
     """The search API over ``backend``; ``limits`` bound every request."""
     limits = limits or ServeLimits()
     searcher = backend.searcher
-    metrics = ServeMetrics(searcher.status, replica=replica)
+    metrics = metrics or ServeMetrics(searcher.status, replica=replica)
     app = FastAPI(title=title, version=_engine_version(), redoc_url=None,
                   description=(__doc__ or "").split("\n\n", 1)[-1])
     app.state.metrics = metrics
@@ -368,6 +371,8 @@ def create_app(backend: SearchBackend, limits: ServeLimits | None = None, *, rep
 
     async def run(req: SearchRequest) -> Response:
         t0 = time.perf_counter()
+        if not backend.batches:
+            metrics.batch.observe(len(req.queries))
         try:
             answer = await asyncio.wait_for(backend.search(req), timeout=limits.request_timeout_s)
         except asyncio.TimeoutError:

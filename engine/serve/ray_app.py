@@ -27,6 +27,7 @@ from engine.core.errors import ConfigError
 from engine.serve.alias import AliasSearcher, SearchAnswer, make_loader
 from engine.serve.app import SearchRequest, create_app
 from engine.serve.config import ServeConfig
+from engine.serve.metrics import ServeMetrics
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -72,6 +73,8 @@ def search_batch(searcher: AliasSearcher, reqs: Sequence[SearchRequest]) -> list
 class AliasSearchReplica:
     """One Ray Serve replica: an alias searcher, a batching queue and the FastAPI app over them."""
 
+    batches = True
+
     def __init__(self, cfg: ServeConfig):
         from ray import serve
 
@@ -89,12 +92,13 @@ class AliasSearchReplica:
             self.replica = str(getattr(context.replica_id, "unique_id", context.replica_id))
         except Exception:  # noqa: BLE001 - outside a replica (tests call the class directly)
             self.replica = f"pid-{os.getpid()}"
+        self.metrics = ServeMetrics(self.searcher.status, replica=self.replica)
         self._batched = serve.batch(max_batch_size=cfg.ray.max_batch_size,
                                     batch_wait_timeout_s=cfg.ray.batch_wait_s)(self._run_batch)
         log.info("replica %s serving %s/%s: %s", self.replica, cfg.index, cfg.alias, self.searcher.status())
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_app(self, self.cfg.limits, replica=self.replica, title="embedctl search (Ray Serve)")
+        return create_app(self, self.cfg.limits, metrics=self.metrics, title="embedctl search (Ray Serve)")
 
     async def search(self, req: SearchRequest) -> SearchAnswer:
         """One request, answered in a batch with the requests that arrive with it."""
@@ -104,6 +108,7 @@ class AliasSearchReplica:
         return result
 
     async def _run_batch(self, reqs: list[SearchRequest]) -> list[SearchAnswer | Exception]:
+        self.metrics.batch.observe(sum(len(r.queries) for r in reqs))
         # The search runs in a thread: the replica's event loop keeps accepting (and batching).
         return await asyncio.get_running_loop().run_in_executor(None, search_batch, self.searcher, reqs)
 
