@@ -143,7 +143,13 @@ class _Progress:
 
 
 @click.command("finetune")
-@click.option("--triplets", default=None, help="Mined triplets (a .parquet file or folder from mine-negatives).")
+@click.option("--triplets", default=None, help="Mined triplets (a .parquet file or folder from mine-negatives), "
+              "or generated pairs.")
+@click.option("--objective", type=click.Choice(["supervised", "tsdae", "simcse"]), default=None,
+              help="supervised: --triplets; tsdae / simcse: unlabelled chunks of --store/--run [supervised].")
+@click.option("--store", default=None, help="tsdae/simcse: the store holding the embed run.")
+@click.option("--run", default=None, help="tsdae/simcse: the embed run whose chunks are the training texts.")
+@click.option("--noise-ratio", type=float, default=None, help="tsdae: share of words deleted [0.6].")
 @click.option("--base-model", default=None, help="Model folder or installed model package [packaged MiniLM].")
 @click.option("--out", default=None, help="Folder for the fine-tuned model (loadable by embed --model).")
 @click.option("--loss", type=click.Choice(["mnrl", "triplet", "infonce"]), default=None,
@@ -178,6 +184,7 @@ def finetune(as_json: bool, **kwargs: Any) -> None:
     Examples:
       embedctl finetune --triplets triplets.parquet --out ./model-ft --eval ./bench --general-eval stdlib
       embedctl finetune --triplets s.parquet --base-model ./base --out ./ft --loss infonce --epochs 2 --device cuda
+      embedctl finetune --objective tsdae --store ./store --run RUN_ID --out ./model-da --eval ./bench
       embedctl embed --corpus ./corpus --store ./store --model ./model-ft     # then use it
 
     The report (also written to <out>/embedctl_finetune.json) says whether the benchmark

@@ -15,6 +15,10 @@ scored before and after with exact search, and a second, general one catches for
 also occur in the triplets are left out of its score (they were trained on), and counted.
 The model is saved as a sentence-transformers folder that ``load_encoder(path)`` (so
 ``embed --model`` and ``migrate``) loads.
+
+``objective`` ``tsdae`` or ``simcse`` trains on the unlabelled chunks of an embed run instead
+(``engine.finetune.unsupervised``), with the same benchmarks before and after. Benchmarks live
+in ``engine.finetune.benchmarks``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
+from engine.finetune.benchmarks import (  # noqa: F401 - re-exported: callers import them from here
+    Benchmark,
+    evaluate,
+    load_benchmark,
+    resolve_benchmark,
+    stdlib_benchmark,
+    write_benchmark,
+)
+from engine.finetune.unsupervised import OBJECTIVES, read_run_texts, unsupervised_dataset, unsupervised_loss
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -44,8 +57,12 @@ REPORT_NAME = "embedctl_finetune.json"
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    triplets: str
-    out: str
+    triplets: str = ""  # objective supervised: mined triplets (or generated pairs)
+    out: str = ""
+    objective: str = "supervised"  # supervised (triplets) | tsdae | simcse (unlabelled chunks of --run)
+    store: str | None = None  # tsdae / simcse: the store holding the embed run
+    run: str | None = None  # tsdae / simcse: the embed run whose chunks are the training texts
+    noise_ratio: float = 0.6  # tsdae: share of words deleted (the paper's 0.6)
     base_model: str | None = None  # folder or installed package; None = the packaged all-MiniLM-L6-v2
     loss: str = "mnrl"  # mnrl | infonce | triplet
     epochs: float = 1.0
@@ -68,8 +85,20 @@ class FinetuneConfig:
     endpoint_url: str | None = None
 
     def validate(self) -> None:
-        if not self.triplets or not self.out:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be supervised, tsdae or simcse, got {self.objective!r}")
+        if self.objective != "supervised":
+            if not self.store or not self.run or not self.out:
+                raise ConfigError(f"--objective {self.objective} trains on an embed run's chunks: --store, --run "
+                                  "and --out are required")
+            if self.triplets:
+                raise ConfigError(f"--objective {self.objective} is unsupervised: pass --store/--run, not --triplets")
+            if not 0 <= self.noise_ratio < 1:
+                raise ConfigError(f"--noise-ratio must be in [0, 1), got {self.noise_ratio}")
+        elif not self.triplets or not self.out:
             raise ConfigError("--triplets and --out are required")
+        elif self.run:
+            raise ConfigError("--run trains on unlabelled chunks: pass --objective tsdae or simcse with it")
         if self.loss not in ("mnrl", "infonce", "triplet"):
             raise ConfigError(f"--loss must be mnrl, infonce or triplet, got {self.loss!r}")
         if self.epochs <= 0 or self.batch_size < 2:
@@ -108,8 +137,8 @@ def read_triplets(uri: str, endpoint_url: str | None = None) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.mining import split_uri
     from engine.core.storage import open_store
+    from engine.mining import split_uri
 
     if uri.rstrip("/").endswith(".parquet"):
         store, key = split_uri(uri, endpoint_url)
@@ -149,131 +178,6 @@ def training_columns(table: pa.Table, num_negatives: int | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# benchmarks
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Benchmark:
-    name: str
-    doc_ids: list[str]
-    docs: list[str]
-    queries: dict[str, str]  # query_id -> text (only judged queries)
-    qrels: dict[str, dict[str, float]]  # query_id -> doc_id -> gain (> 0)
-
-
-def load_benchmark(path: str | os.PathLike[str], gain: str = "binary") -> Benchmark:
-    """A folder with corpus.jsonl (doc_id, text, optional title), queries.jsonl (query_id, text) and
-    qrels.tsv (query_id, doc_id, grade, with a header); grades become gains by ``engine.quality.evaluate.GAINS``."""
-    from engine.quality.evaluate import load_qrels, load_queries
-
-    root = Path(path)
-    for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):
-        if not (root / name).exists():
-            raise NotFoundError(f"benchmark {root} has no {name} (it needs corpus.jsonl, queries.jsonl, qrels.tsv)")
-    doc_ids, docs = [], []
-    for n, line in enumerate((root / "corpus.jsonl").read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            text, title, did = str(d.get("text") or ""), str(d.get("title") or ""), str(d["doc_id"])
-        except (json.JSONDecodeError, KeyError) as err:
-            raise SchemaError(f"{root / 'corpus.jsonl'}:{n}: a document needs 'doc_id' and 'text' ({err})") from None
-        if text.strip():
-            doc_ids.append(did)
-            docs.append(text if not title or text.startswith(title) else f"{title}\n{text}")
-    known = set(doc_ids)
-    queries = {q.query_id: q.text for q in load_queries(root / "queries.jsonl")}
-    qrels = {q: {d: g for d, g in rel.items() if d in known}
-             for q, rel in load_qrels(root / "qrels.tsv", gain).items() if q in queries}
-    qrels = {q: rel for q, rel in qrels.items() if rel}
-    return Benchmark(root.name, doc_ids, docs, {q: t for q, t in queries.items() if q in qrels}, qrels)
-
-
-def write_benchmark(out: str | os.PathLike[str], source: str | os.PathLike[str],
-                    query_ids: set[str] | None = None) -> Path:
-    """Copy a benchmark folder keeping only ``query_ids`` (a held-out split)."""
-    src, dst = Path(source), Path(out)
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "corpus.jsonl", dst / "corpus.jsonl")
-    lines = [ln for ln in (src / "queries.jsonl").read_text().splitlines()
-             if ln.strip() and (query_ids is None or str(json.loads(ln)["query_id"]) in query_ids)]
-    (dst / "queries.jsonl").write_text("\n".join(lines) + "\n")
-    qrels = (src / "qrels.tsv").read_text().splitlines()
-    keep = [ln for ln in qrels
-            if query_ids is None or ln.split("\t")[0] in query_ids or not ln.split("\t")[0].isdigit()]
-    (dst / "qrels.tsv").write_text("\n".join(keep) + "\n")
-    return dst
-
-
-def stdlib_benchmark(limit: int = 300) -> Benchmark:
-    """A general-English/technical set from Python's own docstrings (no download): the summary line of
-    each stdlib module's docstring is the query, the rest of the docstring its one relevant document."""
-    from engine.embed.stdlib_corpus import stdlib_docs
-
-    doc_ids, docs, queries, qrels = [], [], {}, {}
-    for row in stdlib_docs(limit):
-        text = row["text"].strip()
-        head, _, rest = text.partition("\n\n")
-        head, rest = " ".join(head.split()), rest.strip()
-        if len(head) < 15 or len(rest) < 80:
-            continue
-        doc_ids.append(row["doc_id"])
-        docs.append(rest)
-        queries[row["doc_id"]] = head
-        qrels[row["doc_id"]] = {row["doc_id"]: 1.0}
-    return Benchmark("stdlib-docstrings", doc_ids, docs, queries, qrels)
-
-
-def resolve_benchmark(spec: str, gain: str = "binary") -> Benchmark:
-    return stdlib_benchmark() if spec == "stdlib" else load_benchmark(spec, gain)
-
-
-def evaluate(model: Any, bench: Benchmark, *, exclude_queries: set[str] | None = None,
-             max_queries: int | None = None, seed: int = 0, batch_size: int = 64) -> dict[str, Any]:
-    """nDCG@10, MRR@10, Recall@10/100 (engine.quality.metrics) by exact cosine search with a SentenceTransformer
-    (or an engine Encoder)."""
-    from engine.quality.metrics import query_metrics, recall_at_k
-    from engine.mining import norm_text
-
-    qids = sorted(bench.queries)
-    excluded = 0
-    if exclude_queries:
-        kept = [q for q in qids if norm_text(bench.queries[q]) not in exclude_queries]
-        excluded = len(qids) - len(kept)
-        qids = kept
-    if max_queries and len(qids) > max_queries:
-        qids = sorted(random.Random(seed).sample(qids, max_queries))
-    if not qids:
-        return {"queries": 0, "excluded_as_trained_on": excluded}
-    dvecs = _encode(model, bench.docs, batch_size, query=False)  # [n_docs, dim]
-    qvecs = _encode(model, [bench.queries[q] for q in qids], batch_size, query=True)  # [n_q, dim]
-    scores = qvecs @ dvecs.T  # [n_q, n_docs]
-    k = min(100, scores.shape[1])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), 1)
-    per_query = []
-    for i, q in enumerate(qids):
-        ranked = [bench.doc_ids[j] for j in order[i]]
-        m = query_metrics(ranked, bench.qrels[q], 10)
-        m["recall@100"] = recall_at_k(ranked, bench.qrels[q], 100)
-        per_query.append(m)
-    out: dict[str, Any] = {"queries": len(qids), "docs": len(bench.docs), "excluded_as_trained_on": excluded}
-    for key in ("ndcg@10", "mrr@10", "recall@10", "recall@100"):
-        out[key] = round(float(np.mean([m[key] for m in per_query])), 4)
-    return out
-
-
-def _encode(model: Any, texts: list[str], batch_size: int, *, query: bool) -> np.ndarray:
-    if hasattr(model, "encode_queries"):  # an engine Encoder
-        return model.encode_queries(texts) if query else model.encode_passages(texts)
-    fn = getattr(model, "encode_query" if query else "encode_document", None) or model.encode
-    return np.asarray(fn(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                         show_progress_bar=False), dtype=np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------
 
@@ -281,6 +185,8 @@ def _encode(model: Any, texts: list[str], batch_size: int, *, query: bool) -> np
 def _loss(model: Any, cfg: FinetuneConfig) -> Any:
     from sentence_transformers.sentence_transformer import losses
 
+    if cfg.objective != "supervised":
+        return unsupervised_loss(model, cfg.objective, cfg.temperature)
     if cfg.loss == "triplet":
         return losses.TripletLoss(model, distance_metric=losses.TripletDistanceMetric.COSINE,
                                   triplet_margin=cfg.triplet_margin)
@@ -324,7 +230,7 @@ def _train(model: Any, dataset: Any, cfg: FinetuneConfig, device: str, workdir: 
         max_steps=cfg.max_steps or -1,
         seed=cfg.seed,
         # no duplicate texts in a batch: an in-batch "negative" equal to the positive would be a false negative
-        batch_sampler=BatchSamplers.NO_DUPLICATES if cfg.loss != "triplet" else BatchSamplers.BATCH_SAMPLER,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if _in_batch_negatives(cfg) else BatchSamplers.BATCH_SAMPLER,
         save_strategy="no",
         report_to="none",
         logging_steps=max(1, min(50, len(dataset) // max(1, cfg.batch_size))),
@@ -347,6 +253,12 @@ def _train(model: Any, dataset: Any, cfg: FinetuneConfig, device: str, workdir: 
             "rows": len(dataset)}
 
 
+def _in_batch_negatives(cfg: FinetuneConfig) -> bool:
+    if cfg.objective == "supervised":
+        return cfg.loss != "triplet"
+    return cfg.objective == "simcse"  # tsdae reconstructs each text alone
+
+
 def _bf16_ok() -> bool:
     try:
         import torch
@@ -356,28 +268,25 @@ def _bf16_ok() -> bool:
         return False
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
-    """Train, save to ``cfg.out`` and return the report (benchmarks before/after, deltas, verdict)."""
-    import torch
-    from sentence_transformers import SentenceTransformer
+@dataclass
+class TrainingData:
+    """What a fine-tune trains on: one dataset per stage, what the report says about it, and the
+    query texts trained on (left out of the benchmark scores)."""
 
-    from engine.embed.encoders import model_fingerprint, resolve_model_path
+    stages: list[tuple[int | None, Any]]
+    report: dict[str, Any]
+    trained_queries: set[str]
+
+
+def supervised_data(cfg: FinetuneConfig) -> TrainingData:
+    """Triplets (or pairs) -> datasets; rows missing a text are dropped and counted; curriculum stages."""
+    import pyarrow.compute as pc
+
     from engine.mining import norm_text
 
-    cfg.validate()
-    out = Path(cfg.out).expanduser()
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
     table = read_triplets(cfg.triplets, cfg.endpoint_url)
     cols = training_columns(table, cfg.num_negatives)
     before_rows = table.num_rows
-    import pyarrow.compute as pc
-
     mask = None
     for c in cols:  # rows missing a text (incomplete mining rows) cannot be trained on
         valid = pc.is_valid(table.column(c))
@@ -390,12 +299,63 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if table.num_rows < 2:
         raise SchemaError(f"only {table.num_rows} usable triplet rows in {cfg.triplets!r}; mine more pairs or loosen "
                           "the mining rules")
+    stages: list[tuple[int | None, Any]] = []
+    if cfg.curriculum and "curriculum_stage" in table.column_names:
+        stage_col = table.column("curriculum_stage").to_numpy(zero_copy_only=False)
+        for stage in sorted({int(s) for s in stage_col if s is not None and not np.isnan(s)}):
+            part = table.filter(pc.equal(table.column("curriculum_stage"), stage))
+            if part.num_rows >= 2:
+                stages.append((stage, _dataset(part, cols, cfg.loss)))
+    else:
+        stages.append((None, _dataset(table, cols, cfg.loss)))
+    report = {"rows_in_file": before_rows, "rows_dropped_incomplete": dropped_null, "rows_used": table.num_rows,
+              "columns": cols}
+    return TrainingData(stages, report, {norm_text(q) for q in table.column(cols[0]).to_pylist()})
+
+
+def unsupervised_data(cfg: FinetuneConfig) -> TrainingData:
+    """The run's chunk texts as a TSDAE or SimCSE dataset (``max_rows`` a seeded sample)."""
+    assert cfg.store and cfg.run
+    texts, report = read_run_texts(cfg.store, cfg.run, cfg.endpoint_url)
+    if cfg.max_rows and len(texts) > cfg.max_rows:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(texts)), cfg.max_rows))
+        texts = [texts[i] for i in keep]
+    if len(texts) < 2:
+        raise SchemaError(f"only {len(texts)} usable chunk texts in run {cfg.run!r}; {cfg.objective} needs more")
+    report.update(rows_used=len(texts), columns=["text"])
+    return TrainingData([(None, unsupervised_dataset(texts, cfg.objective, cfg.noise_ratio, cfg.seed))], report,
+                        set())
+
+
+def _device(requested: str) -> str:
+    import torch
+
+    device = requested
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Train, save to ``cfg.out`` and return the report (benchmarks before/after, deltas, verdict)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from engine.embed.encoders import model_fingerprint, resolve_model_path
+
+    cfg.validate()
+    out = Path(cfg.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    device = _device(cfg.device)
+    data = supervised_data(cfg) if cfg.objective == "supervised" else unsupervised_data(cfg)
     name, base_path = resolve_model_path(cfg.base_model)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = SentenceTransformer(base_path, device=device, local_files_only=True)
-    trained_queries = {norm_text(q) for q in table.column(cols[0]).to_pylist()}
     benches = {}
     if cfg.eval_set:
         benches["benchmark"] = resolve_benchmark(cfg.eval_set, cfg.eval_gain)
@@ -403,7 +363,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         benches["general"] = resolve_benchmark(cfg.general_eval, "binary")
 
     def score_all() -> dict[str, Any]:
-        return {k: evaluate(model, b, exclude_queries=trained_queries, max_queries=cfg.eval_max_queries,
+        return {k: evaluate(model, b, exclude_queries=data.trained_queries, max_queries=cfg.eval_max_queries,
                             seed=cfg.seed) for k, b in benches.items()}
 
     t0 = time.perf_counter()
@@ -413,41 +373,41 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     stages: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="embedctl-ft-work-") as work:
-        if cfg.curriculum and "curriculum_stage" in table.column_names:
-            stage_col = table.column("curriculum_stage").to_numpy(zero_copy_only=False)
-            for stage in sorted({int(s) for s in stage_col if s is not None and not np.isnan(s)}):
-                part = table.filter(pc.equal(table.column("curriculum_stage"), stage))
-                if part.num_rows >= 2:
-                    stages.append({"stage": stage, **_train(model, _dataset(part, cols, cfg.loss), cfg, device, work)})
-        else:
-            stages.append(_train(model, _dataset(table, cols, cfg.loss), cfg, device, work))
+        for stage, dataset in data.stages:
+            result = _train(model, dataset, cfg, device, work)
+            stages.append(result if stage is None else {"stage": stage, **result})
     train_seconds = time.perf_counter() - t0
     after = score_all()
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    if tmp_out.exists():
-        shutil.rmtree(tmp_out)
-    model.save(str(tmp_out))
     report: dict[str, Any] = {
         "kind": "finetune",
+        "objective": cfg.objective,
         "base_model": {"name": name, "path": base_path, "fingerprint": model_fingerprint(base_path)},
         "out": str(out.resolve()),
         "device": device,
         "config": asdict(cfg),
-        "data": {"rows_in_file": before_rows, "rows_dropped_incomplete": dropped_null, "rows_used": table.num_rows,
-                 "columns": cols},
+        "data": data.report,
         "training": {"stages": stages, "steps": sum(s["steps"] for s in stages),
                      "seconds": round(train_seconds, 1)},
         "eval": {k: {"before": before[k], "after": after[k], "delta": _delta(before[k], after[k])} for k in benches},
         "eval_seconds_each": round(eval_seconds, 1),
     }
     report["verdict"] = _verdict(report["eval"])
+    _save(model, out, report)
+    report["fingerprint"] = model_fingerprint(out)  # what a manifest of a run embedded with it records
+    report["delta"] = {k: v["delta"] for k, v in report["eval"].items()}
+    return report
+
+
+def _save(model: Any, out: Path, report: dict[str, Any]) -> None:
+    """The model folder and its report, swapped into place whole (a crash leaves the old folder or none)."""
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    model.save(str(tmp_out))
     (tmp_out / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp_out, out)
-    report["fingerprint"] = model_fingerprint(out)  # what a manifest of a run embedded with it records
-    report["delta"] = {k: v["delta"] for k, v in report["eval"].items()}
-    return report
 
 
 def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
@@ -474,7 +434,9 @@ def _verdict(ev: dict[str, Any]) -> list[str]:
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"fine-tuned {report['base_model']['name']} -> {report['out']} on {report['device']}: "
              f"{report['data']['rows_used']} rows, {report['training']['steps']} steps, "
-             f"{report['training']['seconds']:.0f} s, loss {report['config']['loss']}"]
+             f"{report['training']['seconds']:.0f} s, " + (f"loss {report['config']['loss']}"
+                                                           if report.get("objective", "supervised") == "supervised"
+                                                           else f"objective {report['objective']}")]
     for k, v in report["eval"].items():
         b, a = v["before"], v["after"]
         if "ndcg@10" in b:
