@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
+from engine.cli.common import ProgressBar
 from engine.cli.embed import _flat, corpus_options
 
 log = logging.getLogger(__name__)
@@ -76,19 +77,17 @@ def refresh(as_json: bool, dry_run: bool, **kwargs: Any) -> None:
         else:
             click.echo(f"would refresh {plan['index']} from {plan['from_alias']}={plan['from_version']} (run "
                        f"{plan['live_run']}) into run {plan['run_id']}"
-                       f"{' (resuming)' if plan['resumes_existing_run'] else ''}, version {plan['version_id']}"
+                       f"{' (resuming)' if plan['resumes_existing_run'] else ''}, a new version"
                        f"{', then publish to ' + plan['publish_to'] if plan['publish_to'] else ''}; model "
                        f"{plan['model']} ({plan['dim']} dims)", err=True)
             if plan["lease"]:
                 click.echo(f"lease: held by {plan['lease']['held_by']} ({plan['lease']['state']})", err=True)
         return
-    from engine.cli.embed import _Reporter
-
-    reporter = _Reporter(enabled=not as_json and sys.stderr.isatty())
+    reporter = _Reporter(ProgressBar("refresh", "units", enabled=not as_json, rate_unit="chunks"))
     try:
         summary = run_refresh_job(rcfg, progress=reporter)
     finally:
-        reporter.close()
+        reporter.bar.close()
     if as_json:
         emit_json(summary)
     else:
@@ -120,3 +119,24 @@ def describe(s: dict[str, Any]) -> str:
     else:
         lines.append(f"not published: {s.get('reason')}")
     return "\n".join(lines)
+
+
+class _Reporter:
+    """The refresh job's events on the one progress reporter: a bar over the pending units."""
+
+    def __init__(self, bar: ProgressBar):
+        self.bar = bar
+        self.chunks = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event["event"] == "planned":
+            self.bar.note("refresh run %s: %d units, %d pending, %d documents", event["run_id"], event["units"],
+                          event["pending"], event["docs"])
+            self.bar.start(int(event["pending"]))
+            return
+        self.chunks += int(event.get("chunks", 0))
+        stats = event.get("refresh") or {}
+        if not self.bar.drawing:
+            self.bar.note("unit %s done: %d chunks, %d vectors reused, %d embedded", event.get("unit_id"),
+                          event.get("chunks", 0), stats.get("reused", 0), stats.get("embedded", 0))
+        self.bar.advance(done=self.chunks)

@@ -1,0 +1,146 @@
+"""Refresh building blocks in isolation: the config's key space, the in-driver policy, stored-vector lookup,
+shard fill, exit codes, the stall test hook, and the human dry run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from engine.core.errors import ConfigError
+from engine.embed.chunking import content_hash
+from engine.refresh.config import RefreshConfig, split_refresh_keys
+from engine.refresh.index_update import _assign_adds, _assign_adds_fast
+from engine.refresh.reuse import VectorLookup, _hash_keys
+from engine.refresh.summary import exit_code
+from tests.conftest import REPO
+
+BASE = {"corpus": "snap/", "store": "store/", "index": "docs"}
+
+
+# --------------------------------------------------------------------------------------------
+# RefreshConfig.from_flat: the same keys, spellings and errors as the flags
+# --------------------------------------------------------------------------------------------
+
+
+def test_alias_is_shorthand_for_from_alias_and_publish_to_and_explicit_keys_win():
+    cfg = RefreshConfig.from_flat({**BASE, "alias": "live"})
+    assert (cfg.from_alias, cfg.publish_to) == ("live", "live")
+    cfg = RefreshConfig.from_flat({**BASE, "alias": "live", "publish-to": "staging"})
+    assert (cfg.from_alias, cfg.publish_to) == ("live", "staging")
+    assert RefreshConfig.from_flat(BASE).publish_to is None  # no alias: build only
+
+
+def test_embed_keys_become_overrides_and_nested_sections_are_flattened():
+    cfg = RefreshConfig.from_flat({**BASE, "chunk-tokens": 200, "dim": 64, "device": "cpu", "strategy": None,
+                                   "refresh": {"strategy": "rebuild", "lease_wait_s": 30},
+                                   "runtime": {"workers": 2}})
+    assert cfg.strategy == "rebuild" and cfg.lease_wait_s == 30
+    assert cfg.overrides == {"chunk_tokens": 200, "dim": 64, "device": "cpu", "workers": 2}
+    assert cfg.to_dict()["overrides"] == cfg.overrides  # what the dry run prints
+    own, embed = split_refresh_keys({"corpus": {"corpus": "s3://b/c", "text_column": "body"}, "store": "s",
+                                     "index": "i"})
+    assert own["corpus"] == "s3://b/c" and embed == {"text_column": "body"}
+
+
+def test_unknown_and_missing_keys_are_clear_config_errors():
+    with pytest.raises(ConfigError) as err:
+        RefreshConfig.from_flat({**BASE, "chunk_size": 3})
+    msg = str(err.value)
+    assert msg.startswith("unknown refresh config keys ['chunk_size']; allowed: ")
+    for key in ("alias", "from_alias", "publish_to", "chunk_tokens", "dim", "model", "workers", "lease_ttl_s"):
+        assert f" {key}," in msg or msg.endswith(f" {key}"), key
+    assert "overrides" not in msg
+    with pytest.raises(ConfigError, match=r"^refresh needs corpus, index \(as flags or config keys\)$"):
+        RefreshConfig.from_flat({"store": "s"})
+    with pytest.raises(ConfigError, match="strategy must be auto, incremental or rebuild"):
+        RefreshConfig.from_flat({**BASE, "strategy": "sometimes"})
+    with pytest.raises(ConfigError, match="rebuild_fraction must be in"):
+        RefreshConfig.from_flat({**BASE, "rebuild_fraction": 2})
+
+
+def test_where_the_work_runs_follows_executor_and_the_local_limits():
+    cfg = RefreshConfig.from_flat({**BASE, "local_max_docs": 100, "local_max_embed": 10})
+    assert cfg.chunk_in_driver("auto", 100) and not cfg.chunk_in_driver("auto", 101)
+    assert cfg.embed_in_driver("auto", 10) and not cfg.embed_in_driver("auto", 11)
+    assert cfg.chunk_in_driver("local", 10**9) and cfg.embed_in_driver("local", 10**9)
+    assert not cfg.chunk_in_driver("ray", 0) and not cfg.embed_in_driver("ray", 0)
+
+
+# --------------------------------------------------------------------------------------------
+# small pure pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_vector_lookup_finds_stored_hashes_and_counts_distinct_misses():
+    stored = [content_hash(t) for t in ("wing", "nozzle", "flutter")]
+    unseen = [content_hash(t) for t in ("slipstream", "shock")]
+    keys = _hash_keys(stored)
+    order = np.argsort(keys)
+    lookup = VectorLookup("unused", None, ["p0"], keys[order], np.zeros(3, np.int32), order.astype(np.int32), 4)
+    assert lookup.contains([stored[0], unseen[0]]).tolist() == [True, False]
+    assert lookup.find(stored).tolist() == np.argsort(order).tolist()  # positions in the sorted index
+    assert lookup.misses([unseen[0], unseen[0], unseen[1], stored[1]]) == 2  # distinct unseen texts
+    assert lookup.misses([]) == 0
+
+
+def test_added_rows_fill_the_smallest_shards_first():
+    assert _assign_adds([10, 4, 7], 5) == [0, 4, 1]
+    assert _assign_adds([3, 3], 0) == [0, 0]
+    sizes = [50_000, 20_000, 35_000]
+    fast = _assign_adds(sizes, 150_000)  # the closed form above 100k rows
+    assert sum(fast) == 150_000 and fast == _assign_adds_fast(sizes, 150_000)
+    assert max(s + t for s, t in zip(sizes, fast, strict=True)) - min(s + t for s, t in zip(sizes, fast, strict=True)) <= 1
+
+
+def test_exit_codes_of_a_refresh_summary():
+    assert [exit_code({"status": s}) for s in ("published", "built", "up_to_date", "gate_failed", "conflict")] == \
+        [0, 0, 0, 7, 5]
+
+
+def test_stall_point_pauses_at_the_nth_call_and_writes_the_flag(tmp_path):
+    flag = tmp_path / "flag"
+    code = ("from engine.refresh.failpoints import stall_point\n"
+            "stall_point('unit', 1)\nprint('past 1', flush=True)\nstall_point('shard')\n"
+            "stall_point('unit', 2)\nprint('past 2', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), EMBEDCTL_REFRESH_STALL="unit:2",
+               EMBEDCTL_REFRESH_STALL_FLAG=str(flag))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert flag.read_text().split() == ["unit", str(proc.pid)]
+        assert proc.poll() is None  # hanging at the 2nd unit, not exited
+    finally:
+        proc.kill()
+    out, _ = proc.communicate(timeout=10)
+    assert out.splitlines() == ["past 1"]
+
+
+# --------------------------------------------------------------------------------------------
+# the verb's human dry run
+# --------------------------------------------------------------------------------------------
+
+
+def test_cli_dry_run_without_json_prints_the_plan(tmp_path):
+    from click.testing import CliRunner
+
+    from engine.cli.refresh import refresh
+    from tests.corpus_utils import make_docs, write_corpus
+    from tests.test_refresh import change, live_index
+
+    docs = make_docs(20, seed=3)
+    _store, run1, v1 = live_index(str(tmp_path / "store"), tmp_path / "v1", docs)
+    write_corpus(tmp_path / "v2", change(docs, modify=[1], delete=[2], add=1), files=1)
+    flags = {"--corpus": tmp_path / "v2", "--store": tmp_path / "store", "--index": "docs", "--from-alias": "live",
+             "--publish-to": "live"}
+    res = CliRunner().invoke(refresh, [str(x) for kv in flags.items() for x in kv] + ["--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "" and res.exception is None
+    assert f"would refresh docs from live={v1} (run {run1['run_id']})" in res.stderr
+    assert "then publish to live" in res.stderr
