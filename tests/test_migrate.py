@@ -26,27 +26,21 @@ import pytest
 from engine.core import layout
 from engine.embed.config import EmbedJobConfig
 from engine.core.errors import ConfigError, ConflictError, GateError, NotFoundError
-from engine.migrate.migration import (
-    PHASES,
-    Migration,
-    MigrationPlan,
-    MigrationState,
-    Tools,
+from engine.index.hits import doc_scores as dedupe_docs
+from engine.migrate.compare_metrics import (
     compare_query,
-    dedupe_docs,
-    default_index_builder,
-    default_loader,
-    default_migration_id,
     jaccard_at_k,
     kendall_tau_b,
     ks_2samp,
     overlap_at_k,
-    parse_weights,
-    plan_from_flat,
     rank_correlations,
     spearman,
     summarize_comparisons,
 )
+from engine.migrate.migration import Migration
+from engine.migrate.plan import MigrationPlan, default_migration_id, parse_weights, plan_from_flat
+from engine.migrate.state import PHASES, MigrationState
+from engine.migrate.tools import Tools, default_index_builder, default_loader
 from engine.embed.pipeline import run_locally
 from engine.publish.aliases import alias_history, publish_version, read_alias
 from engine.serve.alias import AliasSearcher, SearchServer, hit_to_dict
@@ -236,7 +230,7 @@ def test_state_create_update_and_runner_lock(tmp_path):
 def make_blue(root: Path, store_uri: str, *, n_docs: int = 40, model: str = "hash:32") -> dict:
     """A tiny corpus embedded with ``model``, built into a version and published as live, plus
     a benchmark (each query: the first words of one document, that document relevant)."""
-    from engine.quality.loop import build_benchmark, save_benchmark
+    from engine.quality.benchmark import build_benchmark, save_benchmark
 
     docs = make_docs(n_docs, seed=3)
     write_corpus(root / "corpus", docs)
@@ -300,15 +294,15 @@ def test_full_migration_on_both_backends(tmp_path, any_store_uri):
     st = m.status()
     assert st["report"].endswith("report.html") and st["runner"] is None
     # Calibrated thresholds for green, its own (not inherited from blue).
-    from engine.quality.loop import load_calibration
+    from engine.quality.calibration_store import load_calibration
 
     assert load_calibration(store, IDX, green["version"], inherit=False)["version_id"] == green["version"]
     # Rerunning a finished migration changes nothing.
     before = m.read()
     m.run()
     assert m.read()["phases"] == before["phases"] and read_alias(store, IDX).generation == alias.generation
-    # gc must keep blue for the retention period (engine.migrate.migration.retained_versions says why).
-    from engine.migrate.migration import retained_versions
+    # gc must keep blue for the retention period (engine.migrate.state.retained_versions says why).
+    from engine.migrate.state import retained_versions
 
     kept = retained_versions(store, IDX)
     assert list(kept) == [blue["version"]] and "retained for rollback until" in kept[blue["version"]]
@@ -399,7 +393,7 @@ def test_a_failed_gate_rolls_back_by_itself_and_records_why(blue_local, tmp_path
         m.run()  # `run` does not retry a rolled-back rollout on its own
     page = store.read_bytes(m.key("report.html")).decode()
     assert "Rolled back to blue" in page and "below the minimum" in page
-    from engine.migrate.migration import retained_versions
+    from engine.migrate.state import retained_versions
 
     assert doc["green"]["version"] in retained_versions(store, IDX)  # still protected from gc...
     m.abandon("green cannot pass the canaries")
@@ -410,11 +404,11 @@ def test_a_failed_gate_rolls_back_by_itself_and_records_why(blue_local, tmp_path
 
 
 def test_calibrate_refuses_to_go_on_without_thresholds(blue_local, monkeypatch):
-    import engine.quality.loop
+    import engine.quality.calibration
 
     m = Migration.start(blue_local["store"], plan_for(blue_local))
     m.run(until="compare")
-    monkeypatch.setattr(engine.quality.loop, "calibrate", lambda *a, **kw: {"absolute": {}})  # fits nothing
+    monkeypatch.setattr(engine.quality.calibration, "calibrate", lambda *a, **kw: {"absolute": {}})  # fits nothing
     with pytest.raises(GateError, match="no calibrated thresholds"):
         m.phase("calibrate")
     doc = m.read()

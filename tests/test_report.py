@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from engine.migrate.migration import compare_query, summarize_comparisons
+from engine.migrate.compare_metrics import compare_query, summarize_comparisons
 from engine.migrate.report import find_chromium, render_migration_report, screenshot
 
 

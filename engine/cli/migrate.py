@@ -95,7 +95,7 @@ def _say(as_json: bool) -> Any:
 
 
 def _tools(in_process: bool, address: str | None, as_json: bool) -> Any:
-    from engine.migrate.migration import Tools, local_embed_runner
+    from engine.migrate.tools import Tools, local_embed_runner
 
     if in_process:
         runner = local_embed_runner
@@ -109,8 +109,9 @@ def _tools(in_process: bool, address: str | None, as_json: bool) -> Any:
 def _migration(kw: dict[str, Any], *, may_start: bool) -> Any:
     """Start (plan flags or --config given) or open the migration the flags name."""
     from engine.core.config import load_config_file
-    from engine.migrate.migration import Migration, plan_from_flat
     from engine.core.storage import open_store
+    from engine.migrate.migration import Migration
+    from engine.migrate.plan import plan_from_flat
 
     store = open_store(kw["store"], endpoint_url=kw.get("endpoint_url"))
     tools = _tools(kw.pop("in_process", False), kw.pop("address", None), kw["as_json"])
@@ -382,8 +383,8 @@ def report_cmd(out: str | None, shot: str | None, **kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def list_cmd(store: str, endpoint_url: str | None, index: str, as_json: bool) -> None:
     """Every migration of an index, oldest first."""
-    from engine.migrate.migration import list_migrations
     from engine.core.storage import open_store
+    from engine.migrate.state import list_migrations
 
     rows = [{"migration_id": s["migration_id"], "status": s["status"], "phase": s["phase"],
              "blue": (s.get("blue") or {}).get("version"), "green": (s.get("green") or {}).get("version"),

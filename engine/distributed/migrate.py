@@ -17,7 +17,8 @@ import dataclasses
 import json
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from engine.distributed.driver import drive, driver_parser
 
@@ -46,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from engine.core.errors import EmbedctlError
-    from engine.migrate.migration import Migration, Tools, default_migration_id, plan_from_flat
+    from engine.migrate.migration import Migration
+    from engine.migrate.plan import default_migration_id, plan_from_flat
+    from engine.migrate.tools import Tools
 
     args = build_parser().parse_args(argv)
 

@@ -1,1 +1,1 @@
-"""Migration workflow: move an alias to a new embedding model in gated, resumable phases."""
+"""Embedding-model migration: baseline, build, compare, calibrate, gated rollout, cutover, rollback (see migration.py)."""
