@@ -49,7 +49,8 @@ def write_corpus(out: Path) -> Path:
 
 
 def write_benchmark(out: Path, doc_ids: set[str]) -> Path:
-    from engine.quality.loop import build_benchmark, parse_gain_map, read_qrels, read_queries, save_benchmark
+    from engine.quality.benchmark import build_benchmark, save_benchmark
+    from engine.quality.judgments import parse_gain_map, read_qrels, read_queries
 
     queries = read_queries(CRANFIELD / "queries.jsonl")
     qrels = read_qrels(CRANFIELD / "qrels.tsv", gains=parse_gain_map("cranfield"))
@@ -162,7 +163,10 @@ def main() -> int:
     bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in open(CRANFIELD / "corpus.jsonl")})
     # Blue's own thresholds (what production runs with today), so the report shows how far
     # green's calibrated threshold lands from them.
-    from engine.quality.loop import calibrate, load_benchmark, load_calibration, make_pairs
+    from engine.quality.benchmark import load_benchmark
+    from engine.quality.calibration import calibrate
+    from engine.quality.calibration_store import load_calibration
+    from engine.quality.pairs import make_pairs
 
     blue = read_alias(store, IDX).version
     if load_calibration(store, IDX, blue, inherit=False) is None:

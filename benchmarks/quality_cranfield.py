@@ -37,9 +37,16 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine.quality import loop as Q  # noqa: E402
 from engine.core.errors import GateError  # noqa: E402
 from engine.core.storage import open_store  # noqa: E402
+from engine.quality.benchmark import build_benchmark, evaluate_benchmark, run_doc_ids, save_benchmark  # noqa: E402
+from engine.quality.calibration import CalibrationConfig, calibrate  # noqa: E402
+from engine.quality.calibration_store import calibration_prefix, calibration_status  # noqa: E402
+from engine.quality.canary import Canary, canary_gate, canary_prometheus, run_canary  # noqa: E402
+from engine.quality.drift import run_drift  # noqa: E402
+from engine.quality.judgments import parse_gain_map, read_qrels, read_queries  # noqa: E402
+from engine.quality.pairs import evaluate_thresholds, make_pairs, score_pairs, write_pairs  # noqa: E402
+from engine.quality.thresholds import Thresholds  # noqa: E402
 
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
 INDEX = "cranfield"
@@ -115,14 +122,14 @@ def main() -> None:
     t = time.perf_counter()
     run = embed(work)
     t_embed = time.perf_counter() - t
-    ids, _ = Q.run_doc_ids(store, run["run_id"])
-    qrels = Q.read_qrels(CRANFIELD / "qrels.tsv", Q.parse_gain_map("cranfield"))
+    ids, _ = run_doc_ids(store, run["run_id"])
+    qrels = read_qrels(CRANFIELD / "qrels.tsv", parse_gain_map("cranfield"))
     unknown = sum(1 for docs in qrels.values() for d in docs if d not in ids)
-    bench = Q.build_benchmark(Q.read_queries(CRANFIELD / "queries.jsonl"), qrels, corpus_ids=ids,
+    bench = build_benchmark(read_queries(CRANFIELD / "queries.jsonl"), qrels, corpus_ids=ids,
                               corpus_source={"run": run["run_id"]}, name="cranfield", drop_unknown=True,
                               grades={"scheme": "cranfield", "gain_map": {"1": 4, "2": 3, "3": 2, "4": 1, "-1": 0},
                                       "relevant_min_gain": 1})
-    Q.save_benchmark(bench, work / "cranfield.benchmark.json")
+    save_benchmark(bench, work / "cranfield.benchmark.json")
     results["benchmark"] = {"id": bench.benchmark_id, "rejected_docs": run["counts"]["rejected"],
                             "judgments_on_rejected_docs_dropped": unknown, **{k: bench.summary[k] for k in (
                                 "queries", "judgments", "relevant_judgments", "corpus_coverage")},
@@ -159,7 +166,7 @@ def main() -> None:
     for name, vid in versions.items():
         t = time.perf_counter()
         with loader(store, INDEX, vid) as s:
-            ev = Q.evaluate_benchmark(s, bench, ks=(10, 100), store=store)
+            ev = evaluate_benchmark(s, bench, ks=(10, 100), store=store)
         results["evaluate"][name] = {"version": vid, **{k: round(ev["index"][k], 4) for k in
                                                          ("ndcg@10", "recall@100", "mrr@10")},
                                      "exact_ndcg@10": round(ev["exact"]["ndcg@10"], 4), "queries": ev["evaluated"],
@@ -169,57 +176,57 @@ def main() -> None:
     # 4. pairs (odd query ids calibrate, even ones check), calibration per version
     calib_q = {q["query_id"] for q in bench.queries if int(q["query_id"]) % 2 == 1}
     with loader(store, INDEX, versions["flat"]) as s:
-        pairs = Q.make_pairs(bench, searcher=s, depth=args.pool, unjudged_per_query=args.pool, seed=0, min_gain=2)
+        pairs = make_pairs(bench, searcher=s, depth=args.pool, unjudged_per_query=args.pool, seed=0, min_gain=2)
     text_of = {q["text"]: q["query_id"] for q in bench.queries}
     fit = [p for p in pairs if text_of[p.query] in calib_q]
     held = [p for p in pairs if text_of[p.query] not in calib_q]
-    Q.write_pairs(fit, work / "pairs.calibration.jsonl")
-    Q.write_pairs(held, work / "pairs.heldout.jsonl")
+    write_pairs(fit, work / "pairs.calibration.jsonl")
+    write_pairs(held, work / "pairs.heldout.jsonl")
     results["pairs"] = {"calibration": {"n": len(fit), "relevant": sum(p.relevant for p in fit)},
                         "heldout": {"n": len(held), "relevant": sum(p.relevant for p in held)}}
     results["calibrate"] = {}
     for name in ("flat", "ivfpq"):
         vid = versions[name]
         t = time.perf_counter()
-        rec = Q.calibrate(store, INDEX, vid, fit, Q.CalibrationConfig(beta=1.0, depth=100), loader=loader,
+        rec = calibrate(store, INDEX, vid, fit, CalibrationConfig(beta=1.0, depth=100), loader=loader,
                           pairs_source=str(work / "pairs.calibration.jsonl"))
-        th = Q.Thresholds.from_calibration(rec)
-        rel = Q.Thresholds.from_calibration(rec, rule="relative")
+        th = Thresholds.from_calibration(rec)
+        rel = Thresholds.from_calibration(rec, rule="relative")
         with loader(store, INDEX, vid) as s:
-            sp = Q.score_pairs(s, held, depth=100)
+            sp = score_pairs(s, held, depth=100)
         a = rec["absolute"]
-        png = store.read_bytes(f"{Q.calibration_prefix(INDEX, vid)}/{rec['plot']}")
+        png = store.read_bytes(f"{calibration_prefix(INDEX, vid)}/{rec['plot']}")
         (work / f"pr_{name}.png").write_bytes(png)
         results["calibrate"][name] = {
             "version": vid, "calibration_id": rec["calibration_id"], "threshold": round(a["threshold"], 4),
             "f1": round(a["f_beta"], 4), "precision": round(a["precision"], 4), "recall": round(a["recall"], 4),
-            "heldout": Q.evaluate_thresholds(sp, th), "relative_delta": round(rec["relative"]["delta"], 4),
-            "relative_f1": rec["relative"]["f_beta"], "relative_heldout": Q.evaluate_thresholds(sp, rel),
+            "heldout": evaluate_thresholds(sp, th), "relative_delta": round(rec["relative"]["delta"], 4),
+            "relative_f1": rec["relative"]["f_beta"], "relative_heldout": evaluate_thresholds(sp, rel),
             "floor": round(rec["floor"]["score"], 4), "average_precision": rec["average_precision"],
             "relevant_not_retrieved": rec["pairs"]["relevant_not_retrieved"], "plot": str(work / f"pr_{name}.png"),
             "seconds": round(time.perf_counter() - t, 1)}
         log(f"calibrate {name}: {results['calibrate'][name]}")
-    results["status"] = {name: {k: v for k, v in Q.calibration_status(store, INDEX, vid).items()
+    results["status"] = {name: {k: v for k, v in calibration_status(store, INDEX, vid).items()
                                 if k in ("calibrated_on", "needs_recalibration", "reasons")}
                          for name, vid in versions.items()}
 
     # 5. canary: even (held-out) queries and their grade 1-2 docs, baseline on flat, then the swap
     from engine.publish.aliases import publish_version, rollback_alias
 
-    canaries = [Q.Canary(q["text"], tuple(sorted(d for d, g in bench.qrels[q["query_id"]].items() if g >= 3)),
+    canaries = [Canary(q["text"], tuple(sorted(d for d, g in bench.qrels[q["query_id"]].items() if g >= 3)),
                          q["query_id"]) for q in bench.queries if q["query_id"] not in calib_q
                 and any(g >= 3 for g in bench.qrels.get(q["query_id"], {}).values())]
     publish_version(store, INDEX, versions["flat"], "live", reason="quality_cranfield: baseline")
-    base = Q.run_canary(store, INDEX, canaries, k=10, loader=loader)
+    base = run_canary(store, INDEX, canaries, k=10, loader=loader)
     publish_version(store, INDEX, versions["tiny-pq"], "live", reason="quality_cranfield: deliberately worse")
-    swapped = Q.run_canary(store, INDEX, canaries, k=10, baseline=base, loader=loader)
+    swapped = run_canary(store, INDEX, canaries, k=10, baseline=base, loader=loader)
     try:
-        Q.canary_gate(swapped)
+        canary_gate(swapped)
         gate = "passed (unexpected)"
     except GateError as err:
         gate = f"exit {err.exit_code}: {err}"
     rollback_alias(store, INDEX, "live", reason="quality_cranfield: canary failed")
-    (work / "canary.prom").write_text(Q.canary_prometheus(swapped))
+    (work / "canary.prom").write_text(canary_prometheus(swapped))
     pick = ("recall@10", "mrr@10", "empty_rate")
     results["canary"] = {
         "canaries": len(canaries),
@@ -237,7 +244,7 @@ def main() -> None:
     off = [d["text"].split(".")[0][:200] for d in stdlib_docs(limit=120)]
     results["drift"] = {}
     for label, qs in (("heldout_cranfield", recent), ("python_docstrings", off)):
-        rep = Q.run_drift(store, INDEX, qs, loader=loader)
+        rep = run_drift(store, INDEX, qs, loader=loader)
         results["drift"][label] = {"queries": len(qs), "drifted": rep["drifted"],
                                    "novel_rate": rep["embedding"]["novel_rate"],
                                    "centroid_similarity": rep["embedding"]["centroid_similarity"],

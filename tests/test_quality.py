@@ -11,9 +11,54 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from engine.quality import loop as Q
 from engine.core.errors import ConfigError, GateError, NotFoundError, SchemaError
 from engine.core.storage import open_store
+from engine.index.hits import doc_scores
+from engine.quality import calibration
+from engine.quality.benchmark import (
+    Benchmark,
+    build_benchmark,
+    corpus_fingerprint,
+    evaluate_benchmark,
+    load_benchmark,
+    save_benchmark,
+)
+from engine.quality.calibration import CalibrationConfig
+from engine.quality.calibration_store import (
+    calibration_line,
+    calibration_prefix,
+    calibration_status,
+    copy_calibrations,
+    list_calibrations,
+    load_calibration,
+    reference_embeddings,
+    resolve_threshold,
+)
+from engine.quality.canary import (
+    Canary,
+    CanaryLimits,
+    canary_gate,
+    canary_prometheus,
+    canary_stats,
+    compare_canary,
+    read_canaries,
+    run_canary,
+)
+from engine.quality.drift import (
+    drift_gate,
+    drift_prometheus,
+    drift_stats,
+    embedding_drift,
+    ks_statistic,
+    psi,
+    read_query_texts,
+    run_drift,
+)
+from engine.quality.judgments import parse_gain_map, read_qrels, read_queries
+from engine.quality.pairs import LabelledPair, evaluate_thresholds, read_pairs, score_pairs
+from engine.quality.prcurve import best_fbeta, best_relative, choose_floor, pr_curve
+from engine.quality.reports import prometheus_text
+from engine.quality.thresholds import Thresholds, apply_thresholds, apply_thresholds_batch
 
 # ---------------------------------------------------------------------------------------------
 # PR curve and F-beta
@@ -37,7 +82,7 @@ def test_pr_curve_matches_brute_force_with_ties_and_unretrieved():
     scores = rng.integers(0, 15, size=200) / 15.0  # many ties
     scores[rng.random(200) < 0.1] = np.nan  # not retrieved
     labels = rng.random(200) < 0.4
-    curve = Q.pr_curve(scores, labels)
+    curve = pr_curve(scores, labels)
     ref = brute_force_curve(scores.tolist(), labels.tolist())
     assert len(curve.thresholds) == len(ref)
     for (t, p, r), t2, p2, r2 in zip(ref, curve.thresholds, curve.precision, curve.recall):
@@ -49,27 +94,27 @@ def test_best_fbeta_hand_computed():
     scores = [0.9, 0.8, 0.7, 0.6, 0.5]
     labels = [1, 1, 0, 1, 0]
     # t=.9 P1 R1/3 F1 .5 | .8 P1 R2/3 F1 .8 | .7 P2/3 R2/3 F1 .667 | .6 P3/4 R1 F1 .857 | .5 P.6 R1 F1 .75
-    op = Q.best_fbeta(Q.pr_curve(scores, labels), beta=1.0)
+    op = best_fbeta(pr_curve(scores, labels), beta=1.0)
     assert op.at_score == 0.6 and op.threshold == pytest.approx(0.55)
     assert op.precision == pytest.approx(0.75) and op.recall == 1.0 and op.f_beta == pytest.approx(6 / 7)
     assert (op.tp, op.fp, op.fn) == (3, 1, 0)
     # beta 0.5 weighs precision: F0.5 at .8 = 1.25*(2/3)/(0.25+2/3) = 0.909 beats .6 (0.789)
-    op = Q.best_fbeta(Q.pr_curve(scores, labels), beta=0.5)
+    op = best_fbeta(pr_curve(scores, labels), beta=0.5)
     assert op.at_score == 0.8 and op.threshold == pytest.approx(0.75) and op.f_beta == pytest.approx(10 / 11)
     # beta 2 weighs recall: the lowest threshold that reaches recall 1 with the best precision
-    assert Q.best_fbeta(Q.pr_curve(scores, labels), beta=2.0).at_score == 0.6
+    assert best_fbeta(pr_curve(scores, labels), beta=2.0).at_score == 0.6
 
 
 def test_ties_cannot_be_split():
     # the two 0.7 pairs (one relevant, one not) move together
-    op = Q.best_fbeta(Q.pr_curve([0.9, 0.7, 0.7, 0.5], [1, 1, 0, 0]))
+    op = best_fbeta(pr_curve([0.9, 0.7, 0.7, 0.5], [1, 1, 0, 0]))
     assert op.at_score == 0.7 and op.threshold == pytest.approx(0.6)
     assert op.precision == pytest.approx(2 / 3) and op.recall == 1.0 and op.f_beta == pytest.approx(0.8)
 
 
 def test_f_beta_equal_ties_take_the_higher_threshold():
     # F1 is 2/3 at .85 (P 1, R 1/2) and 2/3 at .45 (P 1/2, R 1): the higher one wins
-    op = Q.best_fbeta(Q.pr_curve([0.9, 0.85, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45], [1, 1, 0, 0, 0, 0, 1, 1]))
+    op = best_fbeta(pr_curve([0.9, 0.85, 0.8, 0.7, 0.6, 0.55, 0.5, 0.45], [1, 1, 0, 0, 0, 0, 1, 1]))
     assert op.at_score == pytest.approx(0.85) and op.f_beta == pytest.approx(2 / 3)
 
 
@@ -77,7 +122,7 @@ def test_synthetic_separable_set_has_its_known_optimum():
     rng = np.random.default_rng(0)
     pos = rng.uniform(0.6, 0.95, 500)
     neg = rng.uniform(0.05, 0.5, 500)
-    op = Q.best_fbeta(Q.pr_curve(np.concatenate([pos, neg]), np.r_[np.ones(500), np.zeros(500)].astype(bool)))
+    op = best_fbeta(pr_curve(np.concatenate([pos, neg]), np.r_[np.ones(500), np.zeros(500)].astype(bool)))
     assert op.f_beta == 1.0 and neg.max() < op.threshold <= pos.min()
 
 
@@ -89,15 +134,15 @@ def test_synthetic_overlapping_set_has_its_known_optimum():
     n = 20000
     scores = np.concatenate([rng.uniform(0.4, 1.0, n), rng.uniform(0.0, 0.6, n)])
     labels = np.r_[np.ones(n), np.zeros(n)].astype(bool)
-    op = Q.best_fbeta(Q.pr_curve(scores, labels))
+    op = best_fbeta(pr_curve(scores, labels))
     assert op.threshold == pytest.approx(0.4, abs=0.01)
     assert op.f_beta == pytest.approx(6 / 7, abs=0.01)
-    assert 0.8 < Q.pr_curve(scores, labels).average_precision() < 1.0
+    assert 0.8 < pr_curve(scores, labels).average_precision() < 1.0
 
 
 def test_no_retrieved_pair_is_a_clear_error():
     with pytest.raises(SchemaError, match="no calibration pair was retrieved"):
-        Q.best_fbeta(Q.pr_curve([np.nan, np.nan], [1, 0]))
+        best_fbeta(pr_curve([np.nan, np.nan], [1, 0]))
 
 
 def test_relative_rule_separates_what_no_absolute_threshold_can():
@@ -113,8 +158,8 @@ def test_relative_rule_separates_what_no_absolute_threshold_can():
                 tops.append(top)
                 labels.append(relevant)
     scores, tops, labels = np.array(scores), np.array(tops), np.array(labels)
-    absolute = Q.best_fbeta(Q.pr_curve(scores, labels))
-    rel = Q.best_relative(scores, tops, labels)
+    absolute = best_fbeta(pr_curve(scores, labels))
+    rel = best_relative(scores, tops, labels)
     assert absolute.f_beta < 0.9
     assert rel.f_beta == 1.0 and 0.04 <= rel.threshold < 0.1
 
@@ -122,9 +167,9 @@ def test_relative_rule_separates_what_no_absolute_threshold_can():
 def test_floor_keeps_the_requested_share_of_relevant_pairs():
     scores = np.r_[np.arange(1, 101) / 100.0, [0.0, 0.5]]
     labels = np.r_[np.ones(100), [0, 0]].astype(bool)
-    assert Q.choose_floor(scores, labels, 0.99) == pytest.approx(0.02)  # drops only 0.01
-    assert Q.choose_floor(scores, labels, 1.0) == pytest.approx(0.01)
-    assert Q.choose_floor(np.array([0.3, np.nan]), np.array([True, True]), 0.9) == pytest.approx(0.3)
+    assert choose_floor(scores, labels, 0.99) == pytest.approx(0.02)  # drops only 0.01
+    assert choose_floor(scores, labels, 1.0) == pytest.approx(0.01)
+    assert choose_floor(np.array([0.3, np.nan]), np.array([True, True]), 0.9) == pytest.approx(0.3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,44 +188,44 @@ HITS = [Hit("a#0", "a", 0.81), Hit("b#0", "b", 0.74), Hit("c#0", "c", 0.52)]
 
 
 def test_apply_absolute_threshold_and_floor():
-    kept, why = Q.apply_thresholds(HITS, Q.Thresholds("absolute", threshold=0.7))
+    kept, why = apply_thresholds(HITS, Thresholds("absolute", threshold=0.7))
     assert [h.doc_id for h in kept] == ["a", "b"] and why is None
-    kept, why = Q.apply_thresholds(HITS, 0.5)  # a bare number is an absolute threshold
+    kept, why = apply_thresholds(HITS, 0.5)  # a bare number is an absolute threshold
     assert len(kept) == 3 and why is None
-    kept, why = Q.apply_thresholds(HITS, Q.Thresholds("absolute", threshold=0.5, floor=0.8))
+    kept, why = apply_thresholds(HITS, Thresholds("absolute", threshold=0.5, floor=0.8))
     assert [h.doc_id for h in kept] == ["a"]
-    kept, why = Q.apply_thresholds(HITS, None)
+    kept, why = apply_thresholds(HITS, None)
     assert kept == HITS and why is None
 
 
 def test_apply_relative_rule():
-    kept, _ = Q.apply_thresholds(HITS, Q.Thresholds("relative", delta=0.1))
+    kept, _ = apply_thresholds(HITS, Thresholds("relative", delta=0.1))
     assert [h.doc_id for h in kept] == ["a", "b"]
-    kept, why = Q.apply_thresholds(HITS, Q.Thresholds("relative", delta=0.1, floor=0.9))
+    kept, why = apply_thresholds(HITS, Thresholds("relative", delta=0.1, floor=0.9))
     assert kept == [] and "floor 0.9000" in why
 
 
 def test_empty_results_are_explained_not_silent():
-    kept, why = Q.apply_thresholds(HITS, Q.Thresholds("absolute", threshold=0.9, source="20261127T0Z",
+    kept, why = apply_thresholds(HITS, Thresholds("absolute", threshold=0.9, source="20261127T0Z",
                                                       calibrated_on="v1"))
     assert kept == []
     assert "all 3 candidates scored below 0.9000" in why and "doc a at 0.8100" in why and "on v1" in why
-    kept, why = Q.apply_thresholds([], 0.1)
+    kept, why = apply_thresholds([], 0.1)
     assert kept == [] and "no candidates" in why
     # mapping hits and calibration records work too
     record = {"calibration_id": "c1", "version_id": "v1", "rule": "absolute", "absolute": {"threshold": 0.6},
               "relative": {"delta": 0.05}, "floor": {"score": 0.3}}
-    kept, why = Q.apply_thresholds([{"chunk_id": "x", "doc_id": "x", "score": 0.65}], record)
+    kept, why = apply_thresholds([{"chunk_id": "x", "doc_id": "x", "score": 0.65}], record)
     assert len(kept) == 1 and why is None
-    hits, reasons = Q.apply_thresholds_batch([HITS, []], record)
+    hits, reasons = apply_thresholds_batch([HITS, []], record)
     assert [len(h) for h in hits] == [2, 0] and reasons[0] is None and "no candidates" in reasons[1]
 
 
 def test_thresholds_refuse_bad_rules():
     with pytest.raises(ConfigError):
-        Q.Thresholds("fuzzy")  # type: ignore[arg-type]
+        Thresholds("fuzzy")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="delta"):
-        Q.Thresholds("relative")
+        Thresholds("relative")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,13 +252,13 @@ def bench_files(tmp_path):
 
 def test_benchmark_refuses_unknown_docs_and_says_how_many(bench_files):
     q, r = bench_files
-    gains = Q.parse_gain_map("cranfield")
-    queries, qrels = Q.read_queries(q), Q.read_qrels(r, gains)
+    gains = parse_gain_map("cranfield")
+    queries, qrels = read_queries(q), read_qrels(r, gains)
     assert qrels["1"] == {"d1": 4.0, "d2": 2.0, "d3": 0.0}
     corpus = {"d1", "d2", "d3", "d4", "d5"}
     with pytest.raises(SchemaError, match=r"1 of 6 judgments point at documents that are not in the corpus.*d9"):
-        Q.build_benchmark(queries, qrels, corpus_ids=corpus)
-    b = Q.build_benchmark(queries, qrels, corpus_ids=corpus, drop_unknown=True, name="t",
+        build_benchmark(queries, qrels, corpus_ids=corpus)
+    b = build_benchmark(queries, qrels, corpus_ids=corpus, drop_unknown=True, name="t",
                           grades={"scheme": "cranfield", "relevant_min_gain": 2})
     s = b.summary
     assert s["unknown_doc_judgments_dropped"] == 1 and s["judgments"] == 5 and s["queries"] == 3
@@ -221,43 +266,43 @@ def test_benchmark_refuses_unknown_docs_and_says_how_many(bench_files):
     assert s["by_lang"] == {"en": 2, "fr": 1} and s["by_type"] == {"keyword": 1, "question": 2}
     assert b.relevant("1") == {"d1", "d2"} and b.relevant("3") == set()  # d4 is grade 4 -> gain 1 < 2
     assert s["queries_with_relevant"] == 2
-    assert b.corpus["fingerprint"] == Q.corpus_fingerprint(sorted(corpus)) and b.corpus["docs"] == 5
+    assert b.corpus["fingerprint"] == corpus_fingerprint(sorted(corpus)) and b.corpus["docs"] == 5
 
 
 def test_benchmark_round_trip_and_version_check(tmp_path, bench_files):
     q, r = bench_files
-    b = Q.build_benchmark(Q.read_queries(q), Q.read_qrels(r, Q.parse_gain_map("cranfield")), name="t")
+    b = build_benchmark(read_queries(q), read_qrels(r, parse_gain_map("cranfield")), name="t")
     for name in ("b.json", "b.json.gz"):
-        Q.save_benchmark(b, tmp_path / name)
-        back = Q.load_benchmark(tmp_path / name)
+        save_benchmark(b, tmp_path / name)
+        back = load_benchmark(tmp_path / name)
         assert back.qrels == b.qrels and back.queries == b.queries and back.benchmark_id == b.benchmark_id
     d = json.loads((tmp_path / "b.json").read_text())
     d["format_version"] = 99
     (tmp_path / "future.json").write_text(json.dumps(d))
     with pytest.raises(SchemaError, match="upgrade embedctl"):
-        Q.load_benchmark(tmp_path / "future.json")
+        load_benchmark(tmp_path / "future.json")
     (tmp_path / "list.json").write_text("[]")
     with pytest.raises(SchemaError, match="not an embedctl benchmark"):
-        Q.load_benchmark(tmp_path / "list.json")
+        load_benchmark(tmp_path / "list.json")
 
 
 def test_qrels_formats_and_orphans(tmp_path):
     trec = write_lines(tmp_path / "qrels.trec", ["q1 0 d1 2", "q1 0 d2 0", "q2 0 d3 1"])
-    assert Q.read_qrels(trec) == {"q1": {"d1": 2.0, "d2": 0.0}, "q2": {"d3": 1.0}}
+    assert read_qrels(trec) == {"q1": {"d1": 2.0, "d2": 0.0}, "q2": {"d3": 1.0}}
     bad = write_lines(tmp_path / "bad.tsv", ["query_id\tdoc_id\tgrade", "1\td1\t7"])
     with pytest.raises(SchemaError, match="not in the gain map"):
-        Q.read_qrels(bad, Q.parse_gain_map("cranfield"))
+        read_qrels(bad, parse_gain_map("cranfield"))
     with pytest.raises(ConfigError):
-        Q.parse_gain_map("1=a")
+        parse_gain_map("1=a")
     with pytest.raises(SchemaError, match="not in the query file"):
-        Q.build_benchmark([{"query_id": "1", "text": "x"}], {"2": {"d": 1.0}})
+        build_benchmark([{"query_id": "1", "text": "x"}], {"2": {"d": 1.0}})
 
 
 # ---------------------------------------------------------------------------------------------
 # canary statistics, baseline comparison, Prometheus
 # ---------------------------------------------------------------------------------------------
 
-CANARIES = [Q.Canary("q1", ("a",), "c1"), Q.Canary("q2", ("b", "x"), "c2"), Q.Canary("q3", ("z",), "c3")]
+CANARIES = [Canary("q1", ("a",), "c1"), Canary("q2", ("b", "x"), "c2"), Canary("q3", ("z",), "c3")]
 RANKINGS = [
     [("a", 0.9), ("b", 0.8), ("c", 0.7)],  # expected at rank 1
     [("c", 0.6), ("d", 0.5), ("b", 0.4)],  # one of two expected at rank 3
@@ -266,7 +311,7 @@ RANKINGS = [
 
 
 def test_canary_stats_hand_computed():
-    st = Q.canary_stats(CANARIES, RANKINGS, k=3)
+    st = canary_stats(CANARIES, RANKINGS, k=3)
     assert st["recall@3"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert st["mrr@3"] == pytest.approx((1 + 1 / 3 + 0) / 3)
     assert st["hit_rate@3"] == pytest.approx(2 / 3)
@@ -275,31 +320,31 @@ def test_canary_stats_hand_computed():
     assert st["topk_scores"]["p5"] == pytest.approx(np.percentile([.9, .8, .7, .6, .5, .4, .3, .2, .1], 5))
     assert st["empty_rate"] == 0.0 and st["missed"] == 1 and st["misses"][0]["id"] == "c3"
     # k=1 cuts the second canary's hit
-    assert Q.canary_stats(CANARIES, RANKINGS, k=1)["recall@1"] == pytest.approx(1 / 3)
+    assert canary_stats(CANARIES, RANKINGS, k=1)["recall@1"] == pytest.approx(1 / 3)
     # under a threshold of 0.55, the third query's answer is empty, the second keeps only 'c'
-    st = Q.canary_stats(CANARIES, RANKINGS, k=3, thresholds=Q.Thresholds("absolute", threshold=0.55))
+    st = canary_stats(CANARIES, RANKINGS, k=3, thresholds=Thresholds("absolute", threshold=0.55))
     assert st["empty_rate"] == pytest.approx(1 / 3) and st["hit_rate_under_threshold"] == pytest.approx(1 / 3)
 
 
 def test_canary_baseline_gate():
-    base = Q.canary_stats(CANARIES, RANKINGS, k=3)
+    base = canary_stats(CANARIES, RANKINGS, k=3)
     worse = [RANKINGS[0], [("c", 0.5), ("d", 0.45), ("e", 0.4)], RANKINGS[2]]
-    cur = Q.canary_stats(CANARIES, worse, k=3)
-    diff, failures = Q.compare_canary(cur, base, Q.CanaryLimits())
+    cur = canary_stats(CANARIES, worse, k=3)
+    diff, failures = compare_canary(cur, base, CanaryLimits())
     assert diff["recall@3"] == pytest.approx(-1 / 6, abs=1e-6)
     assert any("recall@3 dropped" in f for f in failures) and any("mrr@3 dropped" in f for f in failures)
     assert not any("top1_mean" in f for f in failures)  # top-1 mean fell by 0.033 < 0.05
-    _, failures = Q.compare_canary(cur, base, Q.CanaryLimits(max_recall_drop=0.2, max_mrr_drop=0.2))
+    _, failures = compare_canary(cur, base, CanaryLimits(max_recall_drop=0.2, max_mrr_drop=0.2))
     assert failures == []
-    _, failures = Q.compare_canary(base, None, Q.CanaryLimits(min_recall=0.6))
+    _, failures = compare_canary(base, None, CanaryLimits(min_recall=0.6))
     assert failures and "below the minimum" in failures[0]
     with pytest.raises(ConfigError, match="k="):
-        Q.compare_canary(Q.canary_stats(CANARIES, RANKINGS, k=2), base, Q.CanaryLimits())
+        compare_canary(canary_stats(CANARIES, RANKINGS, k=2), base, CanaryLimits())
 
 
 def test_prometheus_text_is_parseable_and_escaped():
     parser = pytest.importorskip("prometheus_client.parser")
-    text = Q.prometheus_text([
+    text = prometheus_text([
         ("embedctl_x", "An x.", {"index": 'we"ird\\name\n'}, 0.5),
         ("embedctl_x", "An x.", {"index": "b"}, 1.0),
         ("embedctl_y", "A y.", {}, float("nan")),
@@ -310,7 +355,7 @@ def test_prometheus_text_is_parseable_and_escaped():
     assert [s.labels["index"] for s in families["embedctl_x"].samples] == ['we"ird\\name\n', "b"]
     assert math.isnan(families["embedctl_y"].samples[0].value)
     with pytest.raises(ValueError):
-        Q.prometheus_text([("bad-name", "", {}, 1.0)])
+        prometheus_text([("bad-name", "", {}, 1.0)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,11 +366,11 @@ def test_prometheus_text_is_parseable_and_escaped():
 def test_psi_and_ks():
     rng = np.random.default_rng(5)
     a, b = rng.normal(0.6, 0.05, 4000), rng.normal(0.6, 0.05, 4000)
-    assert Q.psi(a, b) < 0.02 and Q.ks_statistic(a, b) < 0.05
+    assert psi(a, b) < 0.02 and ks_statistic(a, b) < 0.05
     shifted = rng.normal(0.5, 0.05, 4000)
-    assert Q.psi(a, shifted) > 0.5 and Q.ks_statistic(a, shifted) > 0.6
-    assert Q.ks_statistic([1, 2, 3], [4, 5, 6]) == 1.0 and Q.ks_statistic([1, 2], [1, 2]) == 0.0
-    assert Q.psi([], [1.0]) is None
+    assert psi(a, shifted) > 0.5 and ks_statistic(a, shifted) > 0.6
+    assert ks_statistic([1, 2, 3], [4, 5, 6]) == 1.0 and ks_statistic([1, 2], [1, 2]) == 0.0
+    assert psi([], [1.0]) is None
 
 
 def unit(x):
@@ -338,11 +383,11 @@ def test_embedding_drift_sees_new_topics():
     ref = unit(centres[rng.integers(0, 5, 400)] + 0.1 * rng.normal(size=(400, 32)))
     same = unit(centres[rng.integers(0, 5, 300)] + 0.1 * rng.normal(size=(300, 32)))
     new = unit(unit(rng.normal(size=(1, 32)))[[0] * 300] + 0.1 * rng.normal(size=(300, 32)))
-    d_same, d_new = Q.embedding_drift(ref, same), Q.embedding_drift(ref, new)
+    d_same, d_new = embedding_drift(ref, same), embedding_drift(ref, new)
     assert d_same["novel_rate"] < 0.15 and d_same["centroid_similarity"] > 0.9
     assert d_new["novel_rate"] > 0.8 and d_new["centroid_similarity"] < d_same["centroid_similarity"]
     with pytest.raises(SchemaError):
-        Q.embedding_drift(ref, new[:, :16])
+        embedding_drift(ref, new[:, :16])
 
 
 def test_drift_stats_alerts():
@@ -351,10 +396,10 @@ def test_drift_stats_alerts():
     ref = {"top1": rng.normal(0.7, 0.05, 50).tolist(), "topk_mean": [0.5] * 50, "lengths": [8] * 50, "empty_rate": 0.02}
     calm = {"top1": rng.normal(0.7, 0.05, 50).tolist(), "topk_mean": [0.5] * 50, "lengths": [8] * 50,
             "empty_rate": 0.02}
-    rep = Q.drift_stats(ref, emb, calm, emb)
+    rep = drift_stats(ref, emb, calm, emb)
     assert not rep["drifted"], rep["alerts"]
     hot = {"top1": rng.normal(0.4, 0.05, 50).tolist(), "topk_mean": [0.3] * 50, "lengths": [3] * 50, "empty_rate": 0.5}
-    rep = Q.drift_stats(ref, emb, hot, emb)
+    rep = drift_stats(ref, emb, hot, emb)
     assert rep["drifted"] and len(rep["alerts"]) == 3  # scores, lengths, empty rate (embeddings unchanged)
 
 
@@ -378,21 +423,21 @@ def topic_docs(extra: int = 0) -> list[dict[str, str]]:
     return docs
 
 
-def tiny_pairs() -> list[Q.LabelledPair]:
+def tiny_pairs() -> list[LabelledPair]:
     """Per topic: its three docs relevant, two docs of other topics not."""
     pairs = []
     for t, words in enumerate(TOPICS):
-        pairs += [Q.LabelledPair(words, f"d{t}{n}", True) for n in range(3)]
-        pairs += [Q.LabelledPair(words, f"d{(t + j) % len(TOPICS)}0", False) for j in (1, 3)]
+        pairs += [LabelledPair(words, f"d{t}{n}", True) for n in range(3)]
+        pairs += [LabelledPair(words, f"d{(t + j) % len(TOPICS)}0", False) for j in (1, 3)]
     return pairs
 
 
 def build(store, tmp_path, *, model="hash:32", kind="flat", docs=None, parent=None, tag="a") -> str:
     """Embed a topic corpus with ``model`` and build an index version of ``kind``; its id."""
     from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import run_locally
     from engine.index.build import build_index
     from engine.index.params import BuildConfig
-    from engine.embed.pipeline import run_locally
     from tests.corpus_utils import write_corpus
 
     corpus = write_corpus(tmp_path / f"corpus-{tag}", docs or topic_docs())
@@ -414,12 +459,12 @@ def v1(store, tmp_path):
 
 
 def calibrate(store, version, **kw):
-    return Q.calibrate(store, "docs", version, tiny_pairs(), Q.CalibrationConfig(depth=10, **kw), pairs_source="tiny")
+    return calibration.calibrate(store, "docs", version, tiny_pairs(), CalibrationConfig(depth=10, **kw), pairs_source="tiny")
 
 
 def test_calibration_record_png_and_newest_wins(store, v1):
     rec = calibrate(store, v1)
-    prefix = Q.calibration_prefix("docs", v1)
+    prefix = calibration_prefix("docs", v1)
     cid = rec["calibration_id"]
     assert {f"{prefix}/{cid}.json", f"{prefix}/{cid}.png", f"{prefix}/{cid}.queries.npy"} == set(store.list(prefix))
     assert store.read_bytes(f"{prefix}/{cid}.png")[:8] == b"\x89PNG\r\n\x1a\n"
@@ -432,37 +477,37 @@ def test_calibration_record_png_and_newest_wins(store, v1):
     assert min(rec["curve"]["threshold"]) <= a["threshold"] <= max(rec["curve"]["threshold"])
     assert rec["floor"]["score"] is not None and rec["relative"]["delta"] >= 0
     assert len(rec["reference"]["top1"]) == len(TOPICS)
-    ref = Q.reference_embeddings(store, "docs", {**rec, "found_on": v1})
+    ref = reference_embeddings(store, "docs", {**rec, "found_on": v1})
     assert ref.shape == (len(TOPICS), 32)
     # re-scoring the pairs and applying the stored rule reproduces the stored operating point
     from engine.index.searcher import Searcher
 
     with Searcher.load(store, "docs", v1) as searcher:
-        sp = Q.score_pairs(searcher, tiny_pairs(), depth=10)
-    again = Q.evaluate_thresholds(sp, Q.Thresholds.from_calibration(rec, rule="absolute"))
+        sp = score_pairs(searcher, tiny_pairs(), depth=10)
+    again = evaluate_thresholds(sp, Thresholds.from_calibration(rec, rule="absolute"))
     assert again == rec["absolute"]["with_floor"]
     rec2 = calibrate(store, v1, beta=2.0, rule="relative")
-    assert Q.list_calibrations(store, "docs", v1) == sorted([cid, rec2["calibration_id"]])
-    newest = Q.load_calibration(store, "docs", v1)
+    assert list_calibrations(store, "docs", v1) == sorted([cid, rec2["calibration_id"]])
+    newest = load_calibration(store, "docs", v1)
     assert newest["calibration_id"] == rec2["calibration_id"] and newest["rule"] == "relative"
-    th = Q.resolve_threshold(store, "docs", v1, "auto")
+    th = resolve_threshold(store, "docs", v1, "auto")
     assert th.rule == "relative" and th.source == rec2["calibration_id"]
-    st = Q.calibration_status(store, "docs", v1)
+    st = calibration_status(store, "docs", v1)
     assert st["calibrated"] and not st["needs_recalibration"] and st["reasons"] == [] and not st["inherited"]
 
 
 def test_status_says_when_thresholds_come_from_another_version(store, v1, tmp_path):
-    assert Q.calibration_status(store, "docs", v1)["needs_recalibration"]
-    assert Q.calibration_line(Q.calibration_status(store, "docs", v1)).startswith("not calibrated")
+    assert calibration_status(store, "docs", v1)["needs_recalibration"]
+    assert calibration_line(calibration_status(store, "docs", v1)).startswith("not calibrated")
     with pytest.raises(NotFoundError, match="no calibration"):
-        Q.resolve_threshold(store, "docs", v1, "auto")
+        resolve_threshold(store, "docs", v1, "auto")
     rec = calibrate(store, v1)
     # the same run and index settings rebuilt as a child: inherited, says so, still fits
     twin = build(store, tmp_path, parent=v1)
-    st = Q.calibration_status(store, "docs", twin)
+    st = calibration_status(store, "docs", twin)
     assert st["calibrated_on"] == v1 and st["inherited"] and not st["needs_recalibration"]
     assert st["reasons"] == [f"calibrated on another version ({v1})"]
-    assert Q.resolve_threshold(store, "docs", twin, "auto").calibrated_on == v1
+    assert resolve_threshold(store, "docs", twin, "auto").calibrated_on == v1
     # new corpus, new quantization, new model: recalibration required
     changed = {
         "corpus changed": build(store, tmp_path, docs=topic_docs(extra=3), parent=twin, tag="b"),
@@ -470,27 +515,27 @@ def test_status_says_when_thresholds_come_from_another_version(store, v1, tmp_pa
         "model changed": build(store, tmp_path, model="hash:16", parent=v1, tag="c"),
     }
     for why, v in changed.items():
-        st = Q.calibration_status(store, "docs", v)
+        st = calibration_status(store, "docs", v)
         assert st["needs_recalibration"] and st["calibrated_on"] == v1, why
         assert any(why in r for r in st["reasons"]), (why, st["reasons"])
         with pytest.raises(ConfigError, match="no longer fit"):
-            Q.resolve_threshold(store, "docs", v, "auto")
-        assert Q.resolve_threshold(store, "docs", v, "auto", allow_stale=True).threshold == rec["absolute"]["threshold"]
+            resolve_threshold(store, "docs", v, "auto")
+        assert resolve_threshold(store, "docs", v, "auto", allow_stale=True).threshold == rec["absolute"]["threshold"]
     # a record copied into another version's folder still names the version it was fitted on
     v = changed["corpus changed"]
-    for key in store.list(Q.calibration_prefix("docs", v1)):
+    for key in store.list(calibration_prefix("docs", v1)):
         store.write_bytes(key.replace(f"/{v1}/", f"/{v}/"), store.read_bytes(key))
-    st = Q.calibration_status(store, "docs", v)
+    st = calibration_status(store, "docs", v)
     assert st["calibrated_on"] == v1 and st["needs_recalibration"] and st["inherited"]
-    assert Q.calibration_line(st).startswith("RECALIBRATE: calibrated on another version")
-    assert "inherited from" in Q.calibration_line(Q.calibration_status(store, "docs", twin))
+    assert calibration_line(st).startswith("RECALIBRATE: calibrated on another version")
+    assert "inherited from" in calibration_line(calibration_status(store, "docs", twin))
     # recalibrating the version itself clears it
     calibrate(store, v)
-    st = Q.calibration_status(store, "docs", v)
+    st = calibration_status(store, "docs", v)
     assert st["calibrated_on"] == v and not st["needs_recalibration"] and st["reasons"] == []
-    assert Q.calibration_line(st).startswith(st["calibration_id"] + " [absolute rule, threshold ")
-    assert Q.resolve_threshold(store, "docs", v1, "0.25").threshold == 0.25
-    assert Q.resolve_threshold(store, "docs", v1, None) is None
+    assert calibration_line(st).startswith(st["calibration_id"] + " [absolute rule, threshold ")
+    assert resolve_threshold(store, "docs", v1, "0.25").threshold == 0.25
+    assert resolve_threshold(store, "docs", v1, None) is None
 
 
 def test_index_status_reports_stale_calibrations(store, v1, tmp_path, capsys):
@@ -498,7 +543,7 @@ def test_index_status_reports_stale_calibrations(store, v1, tmp_path, capsys):
 
     calibrate(store, v1)
     other = build(store, tmp_path, model="hash:16", parent=v1, tag="c")
-    rows = {r["version"]: r for r in index_status(store, "docs", calibration=Q.calibration_status)["versions"]}
+    rows = {r["version"]: r for r in index_status(store, "docs", calibration=calibration_status)["versions"]}
     assert rows[v1]["calibration"]["calibrated"] and not rows[v1]["calibration"]["needs_recalibration"]
     assert rows[other]["calibration"]["needs_recalibration"]
     code, out, _err = run_cli(["status", "--store", store.uri, "--index", "docs"], capsys)
@@ -526,7 +571,7 @@ def test_search_cli_threshold_auto_and_explained_empty_results(store, v1, capsys
 def test_evaluate_cli_accepts_a_benchmark(store, v1, tmp_path, capsys):
     bench = topic_benchmark(tmp_path)
     path = tmp_path / "bench.json"
-    Q.save_benchmark(bench, path)
+    save_benchmark(bench, path)
     code, out, err = run_cli(["evaluate", "--store", store.uri, "--index", "docs", "--version", v1, "--benchmark",
                               str(path), "-k", "5", "--json"], capsys)
     assert code == 0, err
@@ -538,10 +583,10 @@ def test_thresholds_on_real_search_results(store, v1):
     from engine.index.searcher import Searcher
 
     calibrate(store, v1)
-    th = Q.resolve_threshold(store, "docs", v1, "auto")
+    th = resolve_threshold(store, "docs", v1, "auto")
     with Searcher.load(store, "docs", v1) as searcher:
         hits = searcher.search([TOPICS[0], "zzz qqq"], k=10, collapse_docs=True)
-    kept, reasons = Q.apply_thresholds_batch(hits, th)
+    kept, reasons = apply_thresholds_batch(hits, th)
     assert reasons[0] is None and {h.doc_id for h in kept[0]} >= {"d00", "d01", "d02"}
     assert all(h.score >= th.threshold for h in kept[0]) and len(kept[0]) < len(hits[0])
     assert kept[1] == [] and "no result passed the absolute rule" in reasons[1]
@@ -556,8 +601,8 @@ def publish(store, version, **kw):
 def test_canary_fails_when_the_alias_moves_to_a_worse_version(store, v1, tmp_path):
     calibrate(store, v1)
     publish(store, v1)
-    canaries = [Q.Canary(words, (f"d{t}0", f"d{t}1", f"d{t}2"), f"c{t}") for t, words in enumerate(TOPICS)]
-    good = Q.run_canary(store, "docs", canaries, k=3)
+    canaries = [Canary(words, (f"d{t}0", f"d{t}1", f"d{t}2"), f"c{t}") for t, words in enumerate(TOPICS)]
+    good = run_canary(store, "docs", canaries, k=3)
     assert good["passed"] and good["versions"][0]["version"] == v1
     st = good["versions"][0]["stats"]
     assert st["recall@3"] >= 0.9 and st["mrr@3"] == 1.0 and st["empty_rate"] == 0.0
@@ -566,7 +611,7 @@ def test_canary_fails_when_the_alias_moves_to_a_worse_version(store, v1, tmp_pat
     # scores are *higher*, so only recall and MRR catch it)
     worse = build(store, tmp_path, model="hash:2", parent=v1, tag="w")
     publish(store, worse)
-    bad = Q.run_canary(store, "docs", canaries, k=3, baseline=good)
+    bad = run_canary(store, "docs", canaries, k=3, baseline=good)
     assert not bad["passed"] and bad["versions"][0]["version"] == worse
     failures = bad["versions"][0]["failures"]
     assert any("recall@3 dropped" in f for f in failures), failures
@@ -574,16 +619,16 @@ def test_canary_fails_when_the_alias_moves_to_a_worse_version(store, v1, tmp_pat
     assert bad["versions"][0]["calibration"]["needs_recalibration"] and good["versions"][0]["warnings"] == []
     assert "model changed" in bad["versions"][0]["warnings"][0] and bad["versions"][0]["stats"]["thresholds"] is None
     with pytest.raises(GateError, match="canary failed on docs/live"):
-        Q.canary_gate(bad)
-    Q.canary_gate(good)  # passes silently
+        canary_gate(bad)
+    canary_gate(good)  # passes silently
     # weighted rollout: both versions are checked; Prometheus labels them apart
     publish(store, v1)
     publish(store, worse, weighted=20)
-    both = Q.run_canary(store, "docs", canaries, k=3, baseline=good)
+    both = run_canary(store, "docs", canaries, k=3, baseline=good)
     assert [r["version"] for r in both["versions"]] == [v1, worse]
     assert [r["passed"] for r in both["versions"]] == [True, False] and not both["passed"]
     parser = pytest.importorskip("prometheus_client.parser")
-    fams = {f.name: f for f in parser.text_string_to_metric_families(Q.canary_prometheus(both))}
+    fams = {f.name: f for f in parser.text_string_to_metric_families(canary_prometheus(both))}
     passed = {s.labels["version"]: s.value for s in fams["embedctl_canary_passed"].samples}
     assert passed == {v1: 1.0, worse: 0.0}
 
@@ -591,19 +636,19 @@ def test_canary_fails_when_the_alias_moves_to_a_worse_version(store, v1, tmp_pat
 def test_drift_against_calibration_time(store, v1):
     calibrate(store, v1)
     publish(store, v1)
-    same = Q.run_drift(store, "docs", TOPICS * 3)
+    same = run_drift(store, "docs", TOPICS * 3)
     assert same["version"] == v1 and same["calibration_fits"]
     assert same["embedding"]["novel_rate"] == 0.0 and same["embedding"]["centroid_similarity"] > 0.99
     assert not same["drifted"], same["alerts"]
     odd = [f"zq{i} xr{i} unrelated words{i} here{i} and{i} more{i} tokens{i}" for i in range(40)]
-    moved = Q.run_drift(store, "docs", odd)
+    moved = run_drift(store, "docs", odd)
     # eight mutually unlike calibration queries make novelty blind here (see the unit test
     # above for it); the scores and lengths of the odd queries move, and that alerts
     assert moved["drifted"] and any("top-1 score" in a for a in moved["alerts"]), moved["alerts"]
     assert moved["top1_score"]["current"]["mean"] < same["top1_score"]["current"]["mean"]
     with pytest.raises(GateError, match="drift on docs/live"):
-        Q.drift_gate(moved)
-    assert "embedctl_drift_alerting" in Q.drift_prometheus(moved)
+        drift_gate(moved)
+    assert "embedctl_drift_alerting" in drift_prometheus(moved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,7 +686,7 @@ def test_cli_benchmark_build_refuses_unknown_docs_then_drops_them(tmp_path, benc
     code, out, _ = run_cli(["benchmark", "pairs", str(tmp_path / "b.json"), "--out", str(tmp_path / "pairs.jsonl")],
                            capsys)
     assert code == 0 and "pairs" in out
-    pairs = Q.read_pairs(tmp_path / "pairs.jsonl")
+    pairs = read_pairs(tmp_path / "pairs.jsonl")
     # query 1: d1 (gain 4) and d2 (gain 2) relevant, d3 (-1 -> 0) non-relevant; query 2: d1; query 3: d4 (gain 1)
     assert sorted((p.doc_id, p.relevant) for p in pairs) == [("d1", True), ("d1", True), ("d2", True),
                                                              ("d3", False), ("d4", True)]
@@ -663,26 +708,26 @@ def test_cli_benchmark_build_against_an_embed_run(tmp_path, bench_files, capsys)
     assert code == 0, err
     doc = json.loads(out)
     assert doc["corpus"]["source"]["run"] == m["run_id"] and doc["corpus"]["docs"] == 5
-    assert doc["corpus"]["fingerprint"] == Q.corpus_fingerprint(d["doc_id"] for d in docs)
+    assert doc["corpus"]["fingerprint"] == corpus_fingerprint(d["doc_id"] for d in docs)
 
 
-def topic_benchmark(tmp_path) -> Q.Benchmark:
+def topic_benchmark(tmp_path) -> Benchmark:
     queries = [{"query_id": f"q{t}", "text": words, "lang": "en" if t % 2 else "fr",
                 "type": "keyword" if t < 4 else "question"} for t, words in enumerate(TOPICS)]
     qrels = {f"q{t}": {f"d{t}0": 3.0, f"d{t}1": 2.0, f"d{t}2": 1.0, f"d{(t + 1) % 8}0": 0.0}
              for t in range(len(TOPICS))}
     qrels["q7"] = {"d00": 0.0}  # no relevant doc: skipped and counted
-    return Q.build_benchmark(queries, qrels, corpus_ids={d["doc_id"] for d in topic_docs()}, name="topics",
+    return build_benchmark(queries, qrels, corpus_ids={d["doc_id"] for d in topic_docs()}, name="topics",
                              grades={"scheme": "identity", "relevant_min_gain": 2})
 
 
 def test_evaluate_benchmark_breaks_down_by_lang_and_type(store, v1, tmp_path):
-    from engine.quality import metrics
     from engine.index.searcher import Searcher
+    from engine.quality import metrics
 
     bench = topic_benchmark(tmp_path)
     with Searcher.load(store, "docs", v1) as searcher:
-        res = Q.evaluate_benchmark(searcher, bench, ks=(3, 10), store=store)
+        res = evaluate_benchmark(searcher, bench, ks=(3, 10), store=store)
         hits = searcher.search([q["text"] for q in bench.queries], k=10, collapse_docs=True)
     assert res["evaluated"] == 7 and res["skipped_no_relevant"] == 1 and res["corpus_match"] is True
     assert res["index"] == res["exact"]  # flat index: exact search
@@ -706,7 +751,7 @@ def test_evaluate_benchmark_breaks_down_by_lang_and_type(store, v1, tmp_path):
 def test_cli_calibrate_canary_drift_end_to_end(store, v1, tmp_path, capsys):
     root = str(tmp_path / "store")
     bench = topic_benchmark(tmp_path)
-    Q.save_benchmark(bench, tmp_path / "b.json")
+    save_benchmark(bench, tmp_path / "b.json")
     code, out, err = run_cli(["benchmark", "pairs", str(tmp_path / "b.json"), "--store", root, "--index", "docs",
                               "--version", v1, "--unjudged-per-query", "2", "--out", str(tmp_path / "pairs.jsonl"),
                               "--json"], capsys)
@@ -773,20 +818,20 @@ def test_graded_ndcg_recall_mrr_by_hand_with_ties():
     #   recall@3 = |{d3}| / |{d3, d5}| = 0.5; MRR@3 = 1/3 (d1 does not count as relevant)
     # B: two equally graded docs, tied scores, in either order: nDCG 1, recall 1, MRR 1
     rankings = {"a": [("d1", 0.9), ("d2", 0.8), ("d3", 0.7), ("d4", 0.6)], "b": [("e2", 0.5), ("e1", 0.5)]}
-    bench = Q.build_benchmark([{"query_id": "A", "text": "a"}, {"query_id": "B", "text": "b"}],
+    bench = build_benchmark([{"query_id": "A", "text": "a"}, {"query_id": "B", "text": "b"}],
                               {"A": {"d1": 1.0, "d3": 3.0, "d5": 2.0}, "B": {"e1": 2.0, "e2": 2.0}},
                               grades={"scheme": "identity", "relevant_min_gain": 2})
-    res = Q.evaluate_benchmark(RankingSearcher(rankings), bench, ks=(3,), exact=False)
+    res = evaluate_benchmark(RankingSearcher(rankings), bench, ks=(3,), exact=False)
     ndcg_a = 2.5 / (3 + 2 / math.log2(3) + 0.5)
     assert ndcg_a == pytest.approx(0.525005, abs=1e-6)
     assert res["index"]["ndcg@3"] == pytest.approx((ndcg_a + 1) / 2, abs=1e-6)
     assert res["index"]["recall@3"] == pytest.approx(0.75) and res["index"]["mrr@3"] == pytest.approx((1 / 3 + 1) / 2)
     rankings["b"].reverse()  # the tie broken the other way: nothing changes
-    assert Q.evaluate_benchmark(RankingSearcher(rankings), bench, ks=(3,), exact=False)["index"] == res["index"]
+    assert evaluate_benchmark(RankingSearcher(rankings), bench, ks=(3,), exact=False)["index"] == res["index"]
     # doc collapse: a document counts once, at its best chunk; equal scores keep the searcher's order
     hits = [Hit("x#1", "x", 0.7), Hit("y#0", "y", 0.9), Hit("x#0", "x", 0.95), Hit("z#0", "z", 0.7)]
-    assert Q.doc_ranking(hits) == [("x", 0.95), ("y", 0.9), ("z", 0.7)]
-    assert Q.doc_ranking([Hit("b#0", "b", 0.5), Hit("a#0", "a", 0.5)]) == [("b", 0.5), ("a", 0.5)]
+    assert doc_scores(hits) == [("x", 0.95), ("y", 0.9), ("z", 0.7)]
+    assert doc_scores([Hit("b#0", "b", 0.5), Hit("a#0", "a", 0.5)]) == [("b", 0.5), ("a", 0.5)]
 
 
 @pytest.mark.s3
@@ -797,33 +842,33 @@ def test_calibrations_live_on_s3_and_travel_with_a_copy(store, v1, s3_bucket, tm
     s3 = open_store(s3_bucket + "/store")
     rec = calibrate(store, v1)
     copy_version(store, s3, "docs", v1)
-    assert Q.load_calibration(s3, "docs", v1) is None  # the copy carries only the manifest's artifacts...
-    assert Q.copy_calibrations(store, s3, "docs", v1) == 1  # ...calibrations follow explicitly
-    assert Q.copy_calibrations(store, s3, "docs", v1) == 0  # idempotent
-    assert Q.load_calibration(s3, "docs", v1)["calibration_id"] == rec["calibration_id"]
+    assert load_calibration(s3, "docs", v1) is None  # the copy carries only the manifest's artifacts...
+    assert copy_calibrations(store, s3, "docs", v1) == 1  # ...calibrations follow explicitly
+    assert copy_calibrations(store, s3, "docs", v1) == 0  # idempotent
+    assert load_calibration(s3, "docs", v1)["calibration_id"] == rec["calibration_id"]
     rec2 = calibrate(s3, v1)  # calibrating straight on S3 (search through the downloaded version)
-    assert Q.list_calibrations(s3, "docs", v1) == [rec["calibration_id"], rec2["calibration_id"]]
+    assert list_calibrations(s3, "docs", v1) == [rec["calibration_id"], rec2["calibration_id"]]
     assert rec2["absolute"]["threshold"] == rec["absolute"]["threshold"]  # same version, same pairs
-    st = Q.calibration_status(s3, "docs", v1)
+    st = calibration_status(s3, "docs", v1)
     assert st["calibration_id"] == rec2["calibration_id"] and not st["needs_recalibration"]
-    assert Q.reference_embeddings(s3, "docs", Q.load_calibration(s3, "docs", v1)).shape == (len(TOPICS), 32)
+    assert reference_embeddings(s3, "docs", load_calibration(s3, "docs", v1)).shape == (len(TOPICS), 32)
 
 
 def test_canary_and_query_file_formats(tmp_path, bench_files):
     q, r = bench_files
-    b = Q.build_benchmark(Q.read_queries(q), Q.read_qrels(r, Q.parse_gain_map("cranfield")), name="t",
+    b = build_benchmark(read_queries(q), read_qrels(r, parse_gain_map("cranfield")), name="t",
                           grades={"scheme": "cranfield", "relevant_min_gain": 2})
-    Q.save_benchmark(b, tmp_path / "b.json")
-    from_bench = Q.read_canaries(tmp_path / "b.json")  # a benchmark is a canary set: its relevant docs
+    save_benchmark(b, tmp_path / "b.json")
+    from_bench = read_canaries(tmp_path / "b.json")  # a benchmark is a canary set: its relevant docs
     assert [(c.id, c.expected) for c in from_bench] == [("1", ("d1", "d2")), ("2", ("d1",)), ("3", ("d9",))]
     jl = write_lines(tmp_path / "c.jsonl", [json.dumps({"query": "wing", "doc_id": "a"}),
                                             json.dumps({"query": "wing", "doc_id": "b"}),  # merged
                                             json.dumps({"query": "shock", "expected": ["c", "d"], "id": "s"})])
-    assert [(c.query, c.expected, c.id) for c in Q.read_canaries(jl)] == [("wing", ("a", "b"), "wing"),
+    assert [(c.query, c.expected, c.id) for c in read_canaries(jl)] == [("wing", ("a", "b"), "wing"),
                                                                          ("shock", ("c", "d"), "s")]
     tsv = write_lines(tmp_path / "c.tsv", ["query\tdoc_id", "heat\tx|y"])
-    assert Q.read_canaries(tsv)[0].expected == ("x|y",)  # a TSV doc_id column is taken as is
-    assert Q.read_query_texts(write_lines(tmp_path / "q.txt", ["a b", "", "c"])) == ["a b", "c"]
-    assert Q.read_query_texts(jl) == ["wing", "wing", "shock"]
+    assert read_canaries(tsv)[0].expected == ("x|y",)  # a TSV doc_id column is taken as is
+    assert read_query_texts(write_lines(tmp_path / "q.txt", ["a b", "", "c"])) == ["a b", "c"]
+    assert read_query_texts(jl) == ["wing", "wing", "shock"]
     with pytest.raises(SchemaError, match="both relevant and non-relevant"):
-        Q.read_pairs(write_lines(tmp_path / "p.jsonl", [json.dumps({"query": "a", "doc_id": "d", "relevant": 1})]))
+        read_pairs(write_lines(tmp_path / "p.jsonl", [json.dumps({"query": "a", "doc_id": "d", "relevant": 1})]))

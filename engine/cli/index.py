@@ -211,7 +211,7 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
     vid = resolve_version(st, index, version, alias)
     thresholds = None
     if threshold is not None:
-        from engine.quality.loop import resolve_threshold
+        from engine.quality.calibration_store import resolve_threshold
 
         thresholds = resolve_threshold(st, index, vid, threshold)  # refused here, before loading, if stale
     t0 = time.perf_counter()
@@ -226,7 +226,7 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
         searcher.close()
     reasons: list[str | None] = [None] * len(results)
     if thresholds is not None:
-        from engine.quality.loop import apply_thresholds_batch
+        from engine.quality.thresholds import apply_thresholds_batch
 
         results, reasons = apply_thresholds_batch(results, thresholds)
     if as_json:
@@ -286,7 +286,7 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
     if benchmark_path is not None:
         if queries_path or qrels_path:
             raise ConfigError("give --benchmark or --queries/--qrels, not both")
-        from engine.quality.loop import evaluate_benchmark, load_benchmark
+        from engine.quality.benchmark import evaluate_benchmark, load_benchmark
         from engine.index.searcher import Searcher
 
         searcher = Searcher.load(st, index, vid, device=device)

@@ -131,7 +131,7 @@ def status(store: str, endpoint_url: str | None, index: str, history_limit: int,
       embedctl status --store s3://bkt/emb --index docs --json | jq '.aliases.live.version'
     """
     from engine.publish.status import index_status
-    from engine.quality.loop import calibration_status
+    from engine.quality.calibration_store import calibration_status
 
     st = index_status(_open(store, endpoint_url), index, history_limit=history_limit or None,
                       calibration=calibration_status)
@@ -151,7 +151,7 @@ def status(store: str, endpoint_url: str | None, index: str, history_limit: int,
         if v.get("error"):
             click.echo(f"    ! {v['error']}")
         if v.get("calibration") is not None:
-            from engine.quality.loop import calibration_line
+            from engine.quality.calibration_store import calibration_line
 
             click.echo(f"    calibration: {calibration_line(v['calibration'])}")
     click.echo("aliases:")

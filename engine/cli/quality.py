@@ -10,22 +10,10 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
+from engine.cli.common import open_store as _open
+from engine.cli.common import store_options
 
 log = logging.getLogger(__name__)
-
-
-def store_options(f: Any) -> Any:
-    f = click.option("--endpoint-url", default=None, envvar="EMBEDCTL_S3_ENDPOINT_URL",
-                     help="S3-compatible endpoint for s3:// stores [EMBEDCTL_S3_ENDPOINT_URL].")(f)
-    f = click.option("--store", required=True, envvar="EMBEDCTL_STORE",
-                     help="The store: a path, file:// or s3://bucket/prefix [EMBEDCTL_STORE].")(f)
-    return f
-
-
-def _open(store: str, endpoint_url: str | None) -> Any:
-    from engine.core.storage import open_store
-
-    return open_store(store, endpoint_url=endpoint_url)
 
 
 def _f(x: Any, nd: int = 4) -> str:
@@ -86,31 +74,32 @@ def benchmark_build(queries: str, qrels: str, corpus_run: str | None, store: str
           --qrels ../shared/data/cranfield/qrels.tsv --corpus ../shared/data/cranfield/corpus.jsonl \\
           --gains cranfield --relevant-min-gain 2 --out cranfield.json
     """
-    from engine.quality import loop as Q
     from engine.core.errors import ConfigError
+    from engine.quality.benchmark import build_benchmark, corpus_doc_ids, run_doc_ids, save_benchmark
+    from engine.quality.judgments import parse_gain_map, read_qrels, read_queries
 
     if corpus_run and corpus_path:
         raise ConfigError("give --corpus-run or --corpus, not both")
     if corpus_run and not store:
         raise ConfigError("--corpus-run needs --store (the store that holds the run)")
-    gain_map = Q.parse_gain_map(gains)
+    gain_map = parse_gain_map(gains)
     corpus_ids: set[str] | None = None
     source: dict[str, Any] | None = None
     if corpus_run:
         st = _open(store, endpoint_url)  # type: ignore[arg-type]
-        corpus_ids, manifest = Q.run_doc_ids(st, corpus_run)
+        corpus_ids, manifest = run_doc_ids(st, corpus_run)
         source = {"run": corpus_run, "store": st.describe(), "inputs": manifest.get("inputs")}
     elif corpus_path:
-        corpus_ids = Q.corpus_doc_ids(corpus_path, id_column)
+        corpus_ids = corpus_doc_ids(corpus_path, id_column)
         source = {"path": str(Path(corpus_path).resolve())}
     else:
         log.warning("no --corpus-run/--corpus: judgments are not checked against a corpus, coverage is unknown")
-    bench = Q.build_benchmark(
-        Q.read_queries(queries), Q.read_qrels(qrels, gain_map), corpus_ids=corpus_ids, corpus_source=source,
+    bench = build_benchmark(
+        read_queries(queries), read_qrels(qrels, gain_map), corpus_ids=corpus_ids, corpus_source=source,
         grades={"scheme": gains, "gain_map": {str(k): v for k, v in (gain_map or {}).items()} or None,
                 "relevant_min_gain": relevant_min_gain},
         name=name or Path(out).name.split(".")[0], drop_unknown=drop_unknown)
-    Q.save_benchmark(bench, out)
+    save_benchmark(bench, out)
     if as_json:
         emit_json({"out": out, "benchmark_id": bench.benchmark_id, "corpus": bench.corpus, "summary": bench.summary})
         return
@@ -144,8 +133,8 @@ def _echo_benchmark(bench: Any, path: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def benchmark_show(benchmark: str, as_json: bool) -> None:
     """Print a benchmark's summary (queries, judgments, corpus coverage)."""
-    from engine.quality import loop as Q
-    bench = Q.load_benchmark(benchmark)
+    from engine.quality.benchmark import load_benchmark
+    bench = load_benchmark(benchmark)
     if as_json:
         emit_json({"benchmark_id": bench.benchmark_id, "name": bench.name, "created_at": bench.created_at,
                    "grades": bench.grades, "corpus": bench.corpus, "summary": bench.summary})
@@ -176,19 +165,22 @@ def benchmark_pairs(benchmark: str, store: str | None, endpoint_url: str | None,
     sampled unjudged docs from the version's top results (hard negatives). Judged docs in
     between are left out.
     """
-    from engine.quality import loop as Q
     from engine.core.errors import ConfigError
+    from engine.quality.benchmark import load_benchmark
+    from engine.quality.pairs import make_pairs, write_pairs
 
-    bench = Q.load_benchmark(benchmark)
+    bench = load_benchmark(benchmark)
     searcher = None
     if index or version:
         if not (index and version and store):
             raise ConfigError("hard negatives need --store, --index and --version together")
-        searcher = Q.default_loader(_open(store, endpoint_url), index, version)
-    pairs = Q.make_pairs(bench, searcher=searcher, depth=depth,
+        from engine.index.searcher import Searcher
+
+        searcher = Searcher.load(_open(store, endpoint_url), index, version, verify=True)
+    pairs = make_pairs(bench, searcher=searcher, depth=depth,
                          unjudged_per_query=unjudged_per_query if searcher else 0, seed=seed,
                          min_gain=relevant_min_gain)
-    Q.write_pairs(pairs, out)
+    write_pairs(pairs, out)
     summary = {"out": out, "pairs": len(pairs), "relevant": sum(p.relevant for p in pairs),
                "non_relevant": sum(not p.relevant for p in pairs), "queries": len({p.query for p in pairs})}
     if as_json:
@@ -219,17 +211,18 @@ def benchmark_evaluate(benchmark: str, store: str, endpoint_url: str | None, ind
     Example:
       embedctl benchmark evaluate cranfield.json --store ./store --index cranfield --alias live -k 10 -k 100
     """
-    from engine.quality import loop as Q
     from engine.index.searcher import Searcher
     from engine.index.version import resolve_version
+    from engine.quality.benchmark import evaluate_benchmark, load_benchmark
+    from engine.quality.reports import write_text_atomic
 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
     with Searcher.load(st, index, vid, verify=True) as searcher:
-        res = Q.evaluate_benchmark(searcher, Q.load_benchmark(benchmark), ks=ks, store=st, exact=not no_exact,
+        res = evaluate_benchmark(searcher, load_benchmark(benchmark), ks=ks, store=st, exact=not no_exact,
                                    nprobe=nprobe)
     if out:
-        Q.write_text_atomic(out, json.dumps(res, indent=1, sort_keys=True) + "\n")
+        write_text_atomic(out, json.dumps(res, indent=1, sort_keys=True) + "\n")
     if as_json:
         emit_json(res)
         return
@@ -284,13 +277,15 @@ def calibrate(store: str, endpoint_url: str | None, index: str, version: str, pa
       embedctl calibrate --store ./store --index docs --version v2 --pairs pairs.jsonl
       embedctl calibrate --store ./store --index docs --version v2 --pairs pairs.jsonl --beta 2 --rule relative
     """
-    from engine.quality import loop as Q
+    from engine.quality.calibration import CalibrationConfig, calibrate
+    from engine.quality.calibration_store import calibration_prefix
+    from engine.quality.pairs import read_pairs
     st = _open(store, endpoint_url)
-    cfg = Q.CalibrationConfig(beta=beta, depth=depth, rule=rule, floor=floor, floor_recall=floor_recall,  # type: ignore[arg-type]
+    cfg = CalibrationConfig(beta=beta, depth=depth, rule=rule, floor=floor, floor_recall=floor_recall,  # type: ignore[arg-type]
                               plot=plot)
-    rec = Q.calibrate(st, index, version, Q.read_pairs(pairs), cfg, pairs_source=str(Path(pairs).resolve()))
+    rec = calibrate(st, index, version, read_pairs(pairs), cfg, pairs_source=str(Path(pairs).resolve()))
     if plot_out and rec.get("plot"):
-        Path(plot_out).write_bytes(st.read_bytes(f"{Q.calibration_prefix(index, version)}/{rec['plot']}"))
+        Path(plot_out).write_bytes(st.read_bytes(f"{calibration_prefix(index, version)}/{rec['plot']}"))
     if as_json:
         emit_json({k: v for k, v in rec.items() if k not in ("curve", "reference")})
         return
@@ -306,7 +301,7 @@ def calibrate(store: str, endpoint_url: str | None, index: str, version: str, pa
     click.echo(f"  AP {rec['average_precision']:.3f}; queries left empty: {empty}; "
                f"`search --threshold auto` applies the {rec['rule']} rule")
     if rec.get("plot"):
-        click.echo(f"  plot      {st.describe(Q.calibration_prefix(index, version) + '/' + rec['plot'])}")
+        click.echo(f"  plot      {st.describe(calibration_prefix(index, version) + '/' + rec['plot'])}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,8 +348,9 @@ def canary(store: str, endpoint_url: str | None, index: str, alias: str, version
       embedctl canary --store ./store --index docs --alias live --set canaries.jsonl --baseline base.json \\
           --out canary.json --prom /var/lib/node_exporter/embedctl_canary.prom
     """
-    from engine.quality import loop as Q
     from engine.core.errors import NotFoundError, SchemaError
+    from engine.quality.canary import CanaryLimits, canary_gate, canary_prometheus, read_canaries, run_canary
+    from engine.quality.reports import write_text_atomic
 
     base = None
     if baseline:
@@ -364,24 +360,24 @@ def canary(store: str, endpoint_url: str | None, index: str, alias: str, version
             base = json.loads(Path(baseline).read_text())
         except json.JSONDecodeError as err:
             raise SchemaError(f"baseline {baseline} is not JSON: {err}") from err
-    limits = Q.CanaryLimits(max_recall_drop=max_recall_drop, max_mrr_drop=max_mrr_drop, max_score_drop=max_score_drop,
+    limits = CanaryLimits(max_recall_drop=max_recall_drop, max_mrr_drop=max_mrr_drop, max_score_drop=max_score_drop,
                             max_empty_rate_increase=max_empty_rate_increase, min_recall=min_recall)
-    report = Q.run_canary(_open(store, endpoint_url), index, Q.read_canaries(canary_set), alias=alias, version=version,
+    report = run_canary(_open(store, endpoint_url), index, read_canaries(canary_set), alias=alias, version=version,
                           k=k, baseline=base, limits=limits, use_thresholds=use_thresholds)
     text = json.dumps(report, indent=1, sort_keys=True, default=str)
     if out:
-        Q.write_text_atomic(out, text + "\n")
+        write_text_atomic(out, text + "\n")
     if prom:
-        Q.write_text_atomic(prom, Q.canary_prometheus(report))
+        write_text_atomic(prom, canary_prometheus(report))
     if write_baseline and report["passed"]:
-        Q.write_text_atomic(write_baseline, text + "\n")
+        write_text_atomic(write_baseline, text + "\n")
     if as_json:
         emit_json(report)
     else:
         _echo_canary(report)
     if write_baseline and not report["passed"]:
         click.echo(f"baseline {write_baseline} not written: the canary failed", err=True)
-    Q.canary_gate(report)
+    canary_gate(report)
 
 
 def _echo_canary(report: dict[str, Any]) -> None:
@@ -443,15 +439,16 @@ def drift(store: str, endpoint_url: str | None, index: str, alias: str, version:
     Example:
       embedctl drift --store ./store --index docs --alias live --queries last-24h.txt --prom drift.prom
     """
-    from engine.quality import loop as Q
-    limits = Q.DriftLimits(max_score_psi=max_score_psi, max_length_psi=max_length_psi, max_novel_rate=max_novel_rate,
+    from engine.quality.drift import DriftLimits, drift_gate, drift_prometheus, read_query_texts, run_drift
+    from engine.quality.reports import write_text_atomic
+    limits = DriftLimits(max_score_psi=max_score_psi, max_length_psi=max_length_psi, max_novel_rate=max_novel_rate,
                            max_empty_rate_increase=max_empty_rate_increase)
-    report = Q.run_drift(_open(store, endpoint_url), index, Q.read_query_texts(queries), alias=alias, version=version,
+    report = run_drift(_open(store, endpoint_url), index, read_query_texts(queries), alias=alias, version=version,
                          limits=limits)
     if out:
-        Q.write_text_atomic(out, json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+        write_text_atomic(out, json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
     if prom:
-        Q.write_text_atomic(prom, Q.drift_prometheus(report))
+        write_text_atomic(prom, drift_prometheus(report))
     if as_json:
         emit_json(report)
     else:
@@ -467,4 +464,4 @@ def drift(store: str, endpoint_url: str | None, index: str, alias: str, version:
         click.echo(f"  empty     {_f(em['reference'])} -> {_f(em['current'])}")
         for a in report["alerts"]:
             click.echo(f"  ALERT: {a}")
-    Q.drift_gate(report)
+    drift_gate(report)

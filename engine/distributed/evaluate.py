@@ -43,15 +43,15 @@ def _local(uri: str, endpoint_url: str | None, tmp: str) -> str:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    from engine.core.storage import open_store
     from engine.index.searcher import Searcher
     from engine.index.version import resolve_version
-    from engine.core.storage import open_store
 
     store = open_store(cfg["store"], endpoint_url=cfg["endpoint_url"])
     vid = resolve_version(store, cfg["index"], version=cfg["version"], alias=cfg["alias"])
     with tempfile.TemporaryDirectory(prefix="embedctl-eval-") as tmp:
         if cfg["benchmark"]:
-            from engine.quality.loop import evaluate_benchmark, load_benchmark
+            from engine.quality.benchmark import evaluate_benchmark, load_benchmark
 
             bench = load_benchmark(_local(cfg["benchmark"], cfg["endpoint_url"], tmp))
             searcher = Searcher.load(store, cfg["index"], vid)

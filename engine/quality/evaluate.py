@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.core.errors import ConfigError, SchemaError
-from engine.quality.metrics import mean_metrics, query_metrics
+from engine.index.hits import doc_ids_of_rows
 from engine.index.recall import knn_recall
+from engine.quality.metrics import mean_metrics, query_metrics
 
 if TYPE_CHECKING:
-    from engine.index.searcher import Searcher
     from engine.core.storage import Store
+    from engine.index.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -131,22 +132,6 @@ class EvalConfig:
     batch: int = 256
 
 
-def _doc_ranking(ids: np.ndarray, chunk_doc: Sequence[str], k: int) -> list[str]:
-    """Doc ids of a chunk ranking (row positions), each doc once at its best chunk, first ``k``."""
-    out: list[str] = []
-    seen: set[str] = set()
-    for i in ids.tolist():
-        if i < 0:
-            continue
-        d = chunk_doc[i]
-        if d not in seen:
-            seen.add(d)
-            out.append(d)
-            if len(out) == k:
-                break
-    return out
-
-
 def exact_doc_rankings(queries: np.ndarray, vectors: np.ndarray, doc_ids: Sequence[str], k: int,
                        ) -> tuple[list[list[str]], np.ndarray, np.ndarray]:
     """Exact search: per query the top-``k`` documents, plus chunk-level (scores, row ids) [q, depth]."""
@@ -156,7 +141,7 @@ def exact_doc_rankings(queries: np.ndarray, vectors: np.ndarray, doc_ids: Sequen
     depth = len(doc_ids) if n_docs <= k else min(len(doc_ids), k * 8)
     while True:
         scores, rows = exact_topk(queries, vectors, np.arange(len(vectors), dtype=np.int64), max(depth, 1))
-        ranked = [_doc_ranking(r, doc_ids, k) for r in rows]
+        ranked = [doc_ids_of_rows(r.tolist(), doc_ids, k) for r in rows]
         if depth >= len(doc_ids) or all(len(r) >= min(k, n_docs) for r in ranked):
             return ranked, scores, rows
         depth = min(len(doc_ids), depth * 4)
