@@ -22,11 +22,11 @@ import pytest
 
 from engine.core import layout
 from engine.core.errors import IntegrityError, NotFoundError
-from engine.publish.aliases import publish_version, read_alias, rollback_alias
+from engine.core.storage import Store, open_store, wait_for
 from engine.index.searcher import Searcher
+from engine.publish.aliases import publish_version, read_alias, rollback_alias
 from engine.serve.alias import AliasSearcher, default_loader
 from engine.serve.server import SearchServer
-from engine.core.storage import Store, open_store, wait_for
 from tests.version_utils import Versions, answers
 
 IDX = "docs"
@@ -207,7 +207,7 @@ def test_weighted_alias_serves_both_versions_sticky_per_key(store, v):
         target = read_alias(store, IDX).target
         assert ans.versions == [target.route(IDX, key) for key in keys]
         assert 0.2 < Counter(ans.versions)[v2] / len(keys) < 0.4
-        assert all(tag(hits) == {v.name_of(ver)} for ver, hits in zip(ans.versions, ans.results))
+        assert all(tag(hits) == {v.name_of(ver)} for ver, hits in zip(ans.versions, ans.results, strict=True))
         again = s.search(["shock wave"] * 50, k=1, keys=keys[:50])
         assert again.versions == ans.versions[:50]  # sticky
         # Cut over to v2: blue is retired, v2 (already loaded) is reused, not reloaded.

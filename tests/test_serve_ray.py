@@ -149,3 +149,41 @@ def test_two_replicas_on_ray_serve(ray_session, store, tmp_path):
         serve.delete(APP_NAME)
         serve.shutdown()
         time.sleep(0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_load_while_the_alias_swaps_rolls_out_and_rolls_back(ray_session, tmp_path):
+    """benchmarks/bench_serve.py's load test, bounded: 2 replicas, 4 loopback clients, 9 alias moves
+    (swap, weighted 30% and 70%, cutover, rollbacks) in ~20 s: zero failed queries, and every answer
+    is what the version the alias named for its generation (and its key) gives alone."""
+    from ray import serve
+
+    from benchmarks import bench_serve as bench
+    from engine.serve.ray_app import APP_NAME, build_application
+
+    store_uri = str(tmp_path / "store")
+    store = open_store(store_uri)
+    versions = bench.build_versions(store, ["v1", "v2", "v3"], rows=600, dim=16)
+    ref = bench.reference(store, versions, k=3)
+    publish_version(store, bench.INDEX, versions["v1"])
+    moves = bench.Moves(store, versions)
+    moves.record()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cfg = ServeConfig.from_flat({"store": store_uri, "index": bench.INDEX, "poll_interval": 0.1, "replicas": 2,
+                                 "num_cpus": 0.25, "max_batch_size": 16, "batch_wait_s": 0.002})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        bench.wait_ready(url, timeout=60)
+        load = bench.drive(url, clients=4, seconds=20, max_queries=20_000, k=3,
+                           during=lambda stop: moves.run(stop, 18))
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    assert load.failures == []
+    assert len(moves.done) == 9 and len(load.answers) > 100
+    assert bench.check(load, moves, ref) == []
+    served = Counter(a[4] for a in load.answers)
+    assert set(served) == set(versions.values()), served  # all three versions answered at some point
