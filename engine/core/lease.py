@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.core import layout
-from engine.core.errors import ConflictError, NotFoundError
+from engine.core.errors import ConflictError, EmbedctlError, NotFoundError
 from engine.core.names import whoami
 from engine.core.storage import Store, json_bytes
 
@@ -44,59 +44,84 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-@dataclass
-class Lease:
-    """A held lease: the object's key, our ETag of it, and its document."""
+class HeldLease:
+    """What a held lease does wherever its record lives: renew, record progress, release.
 
-    store: Store
-    key: str
-    etag: str
+    Subclasses say how the record is replaced (``_put``) and removed (``_drop``), each a
+    compare-and-swap that fails (ConflictError/NotFoundError) once someone else took the lease.
+    """
+
     doc: dict[str, Any]
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    lost: str | None = None  # why we no longer hold it (set by the heartbeat)
+    lock: threading.Lock
+    lost: str | None  # why we no longer hold it (set by the heartbeat)
 
     @property
     def lease_id(self) -> str:
         return str(self.doc["lease_id"])
 
-    def renew(self, ttl_s: float | None = None) -> None:
-        """Extend the expiry (``put_if_match`` on our ETag); ConflictError if someone took it."""
+    def _put(self, doc: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _drop(self) -> None:
+        raise NotImplementedError
+
+    def _where(self) -> str:
+        return ""
+
+    def _replace(self, doc: dict[str, Any]) -> None:
         with self.lock:
             if self.lost:
                 raise ConflictError(self.lost)
-            now = time.time()
-            ttl = float(ttl_s or self.doc["ttl_s"])
-            doc = dict(self.doc, renewed_at=now, expires_at=now + ttl, renewals=int(self.doc.get("renewals", 0)) + 1)
             try:
-                self.etag = self.store.put_if_match(self.key, json_bytes(doc), self.etag)
+                self._put(doc)
             except (ConflictError, NotFoundError) as err:
-                self.lost = (f"the {self.doc.get('what', '')} lease {self.store.describe(self.key)} was taken over by "
-                             f"another holder (ours expired or was broken: {err}); stopping without publishing")
+                self.lost = (f"the {self.doc.get('what', '')} lease{self._where()} was taken over by another holder "
+                             f"(ours expired or was broken: {err}); stopping without publishing")
                 raise ConflictError(self.lost) from err
             self.doc = doc
 
+    def renew(self, ttl_s: float | None = None) -> None:
+        """Extend the expiry; ConflictError (and ``lost`` set) if someone took the lease."""
+        now = time.time()
+        ttl = float(ttl_s or self.doc["ttl_s"])
+        self._replace(dict(self.doc, renewed_at=now, expires_at=now + ttl,
+                           renewals=int(self.doc.get("renewals", 0)) + 1))
+
     def update(self, **fields_: Any) -> None:
         """Record progress in the lease document (what ``embedctl refresh`` shows a waiting user)."""
-        with self.lock:
-            if self.lost:
-                raise ConflictError(self.lost)
-            doc = dict(self.doc, **fields_)
-            try:
-                self.etag = self.store.put_if_match(self.key, json_bytes(doc), self.etag)
-            except (ConflictError, NotFoundError) as err:
-                self.lost = f"the {self.doc.get('what', '')} lease was taken over by another holder ({err})"
-                raise ConflictError(self.lost) from err
-            self.doc = doc
+        self._replace(dict(self.doc, **fields_))
 
     def release(self) -> None:
         with self.lock:
             if self.lost:
                 return
             try:
-                self.store.delete_if_match(self.key, self.etag)
-            except ConflictError:
-                log.warning("lease %s changed hands before release; leaving it", self.store.describe(self.key))
+                self._drop()
+            except EmbedctlError as err:  # an unreleased lease expires by itself
+                log.warning("the %s lease%s changed hands before release, or the store failed (%s); leaving it",
+                            self.doc.get("what"), self._where(), err)
             self.lost = "released"
+
+
+@dataclass
+class Lease(HeldLease):
+    """A lease that is its own store object: its key, our ETag of it, and its document."""
+
+    store: Store
+    key: str
+    etag: str
+    doc: dict[str, Any]
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    lost: str | None = None
+
+    def _put(self, doc: dict[str, Any]) -> None:
+        self.etag = self.store.put_if_match(self.key, json_bytes(doc), self.etag)
+
+    def _drop(self) -> None:
+        self.store.delete_if_match(self.key, self.etag)
+
+    def _where(self) -> str:
+        return f" {self.store.describe(self.key)}"
 
 
 def lease_state(doc: dict[str, Any], now: float | None = None) -> tuple[bool, str]:
@@ -167,61 +192,37 @@ def _fmt_time(t: Any) -> str:
 DocUpdate = Callable[[Callable[[dict[str, Any]], None]], Any]
 
 
-class FieldLease:
+class FieldLease(HeldLease):
     """A lease kept as one field of a JSON document that its owner changes by compare-and-swap.
 
     A migration's runner lock lives in its state document, so that every state write checks the
     lock in the same compare-and-swap (a runner that lost it cannot write once more). Same record
     (``lease_record``), staleness rule (``lease_state``), take-over and keeper as ``Lease``;
-    ``update(change)`` is the owner's read-modify-CAS of the document (``change`` edits it in place).
+    ``update_doc(change)`` is the owner's read-modify-CAS of the document (``change`` edits it in place).
     """
 
-    def __init__(self, update: DocUpdate, field_name: str, doc: dict[str, Any]):
-        self._update = update
+    def __init__(self, update_doc: DocUpdate, field_name: str, doc: dict[str, Any]):
+        self._update_doc = update_doc
         self.field = field_name
         self.doc = doc
         self.lock = threading.Lock()
-        self.lost: str | None = None
-
-    @property
-    def lease_id(self) -> str:
-        return str(self.doc["lease_id"])
+        self.lost = None
 
     def _write(self, new: dict[str, Any] | None) -> None:
         def change(d: dict[str, Any]) -> None:
             held = d.get(self.field) or {}
             if held.get("lease_id") != self.lease_id:
-                raise ConflictError(f"the {self.doc.get('what', '')} lease was taken over by {held.get('by')} "
-                                    f"(pid {held.get('pid')} on {held.get('host')})" if held else
-                                    f"the {self.doc.get('what', '')} lease was released by someone else")
+                raise ConflictError(f"it is held by {held.get('by')} (pid {held.get('pid')} on {held.get('host')})"
+                                    if held else "it was released by someone else")
             d[self.field] = new
 
-        self._update(change)
+        self._update_doc(change)
 
-    def renew(self, ttl_s: float | None = None) -> None:
-        """Extend the expiry; ConflictError (and ``lost`` set) if someone took the lease."""
-        with self.lock:
-            if self.lost:
-                raise ConflictError(self.lost)
-            now = time.time()
-            doc = dict(self.doc, renewed_at=now, expires_at=now + float(ttl_s or self.doc["ttl_s"]),
-                       renewals=int(self.doc.get("renewals", 0)) + 1)
-            try:
-                self._write(doc)
-            except (ConflictError, NotFoundError) as err:
-                self.lost = str(err)
-                raise ConflictError(self.lost) from err
-            self.doc = doc
+    def _put(self, doc: dict[str, Any]) -> None:
+        self._write(doc)
 
-    def release(self) -> None:
-        with self.lock:
-            if self.lost:
-                return
-            try:
-                self._write(None)
-            except Exception as err:  # noqa: BLE001 - an unreleased lease expires by itself
-                log.warning("could not release the %s lease (%s); it expires by itself", self.doc.get("what"), err)
-            self.lost = "released"
+    def _drop(self) -> None:
+        self._write(None)
 
 
 def acquire_field_lease(update: DocUpdate, field_name: str, *, what: str, index: str, ttl_s: float,
@@ -251,7 +252,7 @@ def acquire_field_lease(update: DocUpdate, field_name: str, *, what: str, index:
 class LeaseKeeper:
     """Renews a lease every ``ttl/4`` seconds from a daemon thread while its holder works."""
 
-    def __init__(self, lease: Lease | FieldLease):
+    def __init__(self, lease: HeldLease):
         self.lease = lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="embedctl-lease", daemon=True)
