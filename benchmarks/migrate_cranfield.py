@@ -36,16 +36,22 @@ CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
 IDX = "cranfield"
 
 
-def write_corpus(out: Path) -> Path:
+def write_corpus(out: Path, docs: int | None = None) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [json.loads(line) for line in open(CRANFIELD / "corpus.jsonl", encoding="utf-8")]
+    rows = [json.loads(line) for line in open(CRANFIELD / "corpus.jsonl", encoding="utf-8")][:docs]
     path = out / "corpus"
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist([{"doc_id": r["doc_id"], "title": r.get("title"), "text": r["text"]}
                                          for r in rows]), path / "part-000.parquet", row_group_size=256)
     return path
+
+
+def pq_doc_ids(corpus: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [str(d) for d in pq.read_table(corpus / "part-000.parquet", columns=["doc_id"]).column("doc_id").to_pylist()]
 
 
 def write_benchmark(out: Path, doc_ids: set[str]) -> Path:
@@ -126,6 +132,7 @@ def main() -> int:
     ap.add_argument("--weights", default="5,25,100")
     ap.add_argument("--max-recall-drop", type=float, default=0.05)
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--docs", type=int, default=None, help="only the first N Cranfield documents [all 1,400]")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not (CRANFIELD / "corpus.jsonl").exists():
@@ -136,7 +143,9 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from engine.embed.config import EmbedJobConfig
     from engine.core.errors import GateError
-    from engine.migrate.migration import Migration, MigrationPlan, Tools, default_index_builder, default_loader
+    from engine.migrate.migration import Migration
+    from engine.migrate.plan import MigrationPlan
+    from engine.migrate.tools import Tools, default_index_builder, default_loader
     from engine.embed.pipeline import run_locally
     from engine.publish.aliases import publish_version
     from engine.migrate.report import find_chromium, screenshot
@@ -150,7 +159,7 @@ def main() -> int:
     timings: dict[str, float] = {}
     say = (lambda m: print(m, file=sys.stderr, flush=True))
 
-    corpus = write_corpus(out)
+    corpus = write_corpus(out, args.docs)
     t0 = time.perf_counter()
     blue_run = run_locally(EmbedJobConfig.from_flat({"corpus": str(corpus), "store": store_uri, "progress": False}))
     timings["blue_embed_s"] = time.perf_counter() - t0
@@ -160,7 +169,8 @@ def main() -> int:
         blue = default_index_builder(store, IDX, blue_run["run_id"], parent_version=None,
                                      options={"kind": "flat"})["version_id"]
         publish_version(store, IDX, blue, reason="Cranfield blue (MiniLM 384)")
-    bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in open(CRANFIELD / "corpus.jsonl")})
+    bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in open(CRANFIELD / "corpus.jsonl")}
+                            if args.docs is None else set(pq_doc_ids(corpus)))
     # Blue's own thresholds (what production runs with today), so the report shows how far
     # green's calibrated threshold lands from them.
     from engine.quality.benchmark import load_benchmark
@@ -216,6 +226,12 @@ def main() -> int:
         server.shutdown()
         searcher.stop()
 
+    # The report the migration keeps in the store, as it stood after the last phase (before the
+    # explicit rewrite below): it must say what the state says.
+    import re
+
+    stored = store.read_bytes(m.key("report.html")).decode()
+    stored_status = (re.search(r'status <span class="pill (\w+)">', stored) or [None, None])[1]
     report_path = m.write_report(out / "report.html")
     shot = None
     if find_chromium():
@@ -256,6 +272,8 @@ def main() -> int:
                  "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2) if lat else None},
         "seconds": {**{k2: round(v, 1) for k2, v in timings.items()}, **{k2: round(v, 1) for k2, v in phase_s.items()}},
         "report": report_path, "screenshot": shot, "out": str(out),
+        "stored_report": {"status": stored_status, "state_status": final["status"],
+                          "says_phase": bool(re.search(r"Phase: \w+", stored))},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     if args.json:
@@ -276,6 +294,7 @@ def main() -> int:
     print(f"load: {results['load']}")
     print(f"seconds: {results['seconds']}")
     print(f"report: {report_path}\nscreenshot: {shot}")
+    print(f"stored report after the last phase: {results['stored_report']}")
     return 0
 
 

@@ -1,5 +1,4 @@
-"""`embedctl migrate baseline|build|compare|calibrate|rollout|cutover|rollback|run|status|report|list`:
-a zero-downtime embedding-model migration, one resumable phase at a time."""
+"""`embedctl migrate run|baseline|build|compare|calibrate|rollout|cutover|rollback|abandon|status|report|list`."""
 
 from __future__ import annotations
 
@@ -95,8 +94,11 @@ def _say(as_json: bool) -> Any:
 
 
 def _tools(in_process: bool, address: str | None, as_json: bool) -> Any:
+    from collections.abc import Callable
+
     from engine.migrate.tools import Tools, local_embed_runner
 
+    runner: Callable[[Any], dict[str, Any]]
     if in_process:
         runner = local_embed_runner
     else:

@@ -1,14 +1,4 @@
-"""Ray driver for a model migration: `python jobs/migrate.py --config migrate.yaml` (also `embedctl migrate run`).
-
-Runs the migration's phases from where it stands (a rerun after a crash continues); the
-green build's embed job runs on Ray (the same job as `embedctl embed`), everything else (index
-build, comparison, calibration, rollout) in the driver.
-
-Config keys: ``store``, ``endpoint_url``, ``index``, ``migration_id``, ``until`` and the plan
-(``alias``, ``model``, ``dim``, ``corpus``, ``benchmark``, ``canaries``, ``queries``, ``pairs``,
-``k``, ``weights``, ``min_recall``, ``max_recall_drop``, ``max_error_rate``, ``soak``,
-``probe_url``, ``retention``, ``index_kind``, nested ``embed:`` / ``build:``).
-"""
+"""Ray driver body for a model migration (`jobs/migrate.py --config FILE`; `embedctl migrate` uses its embed runner)."""
 
 from __future__ import annotations
 
@@ -46,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the migration's phases from where it stands (a rerun after a crash continues); the
+    green build's embed job runs on Ray (the same job as `embedctl embed`), everything else
+    (index build, comparison, calibration, rollout) in the driver. Config keys: ``store``,
+    ``endpoint_url``, ``index``, ``migration_id``, ``until``, ``break_lock`` and the plan
+    (``alias``, ``model``, ``dim``, ``corpus``, ``benchmark``, ``canaries``, ``queries``,
+    ``pairs``, ``k``, ``weights``, ``min_recall``, ``max_recall_drop``, ``max_error_rate``,
+    ``soak``, ``probe_url``, ``retention``, ``index_kind``, nested ``embed:`` / ``build:``)."""
     from engine.core.errors import EmbedctlError
     from engine.migrate.migration import Migration
     from engine.migrate.plan import default_migration_id, plan_from_flat

@@ -1,26 +1,4 @@
-"""A model migration, one object: start or open it, run its phases under the runner lock, roll back, report.
-
-```
-baseline  -> evaluate the live (blue) version on the benchmark and canaries; store the figures
-build     -> re-embed the whole corpus with the new model (the embed job, resumable) and build a
-             green index version; the live alias is not touched
-compare   -> dual-run a query set on blue and green: overlap@k, Jaccard, top-1 agreement, rank
-             correlation, score-distribution shift, benchmark metrics, the queries that disagree most
-calibrate -> recalibrate similarity thresholds for green; refuses to go on without them
-rollout   -> weighted alias steps (5, 25, 100 % of query keys to green); each step checks the
-             canaries and gates before the next; a failed gate rolls back to blue by itself
-cutover   -> the alias serves green alone; blue is retained for instant rollback
-```
-
-One module per phase (``baseline``, ``build``, ``compare``, ``calibrate``, ``rollout``,
-``cutover``) over a shared ``MigrationContext``; ``runner`` runs them in order; ``state`` keeps
-the state document (``indexes/<index>/migrations/<id>/state.json``, compare-and-swap only, the
-runner's lease in its ``lock`` field); ``report`` rewrites ``report.html`` after every phase,
-rollback and abandon. Each phase records ``running`` before it works and ``done`` after, and is
-idempotent, so a migration killed anywhere and re-run continues from the phase it was in.
-Dimensions may differ between blue and green: every query is embedded by the model of the
-version that answers it.
-"""
+"""A model migration as one object: start or open it, run its phases under the runner lock, roll back, report."""
 
 from __future__ import annotations
 
@@ -42,6 +20,27 @@ class Migration:
     """One migration of one index alias. ``start`` creates (or resumes) it from a plan;
     ``open`` finds an existing one. Every phase method takes the runner lock, is idempotent,
     and records itself in the state.
+
+    ```
+    baseline  -> evaluate the live (blue) version on the benchmark and canaries; store the figures
+    build     -> re-embed the whole corpus with the new model (the embed job, resumable) and build a
+                 green index version; the live alias is not touched
+    compare   -> dual-run a query set on blue and green: overlap@k, Jaccard, top-1 agreement, rank
+                 correlation, score-distribution shift, benchmark metrics, the queries that disagree most
+    calibrate -> recalibrate similarity thresholds for green; refuses to go on without them
+    rollout   -> weighted alias steps (5, 25, 100 % of query keys to green); each step checks the
+                 canaries and gates before the next; a failed gate rolls back to blue by itself
+    cutover   -> the alias serves green alone; blue is retained for instant rollback
+    ```
+
+    One module per phase (``baseline``, ``build``, ``compare``, ``calibrate``, ``rollout``,
+    ``cutover``) over a shared ``MigrationContext``; ``runner`` runs them in order; ``state`` keeps
+    the state document (``indexes/<index>/migrations/<id>/state.json``, compare-and-swap only, the
+    runner's lease in its ``lock`` field); ``report`` rewrites ``report.html`` after every phase,
+    rollback and abandon. Each phase records ``running`` before it works and ``done`` after, and is
+    idempotent, so a migration killed anywhere and re-run continues from the phase it was in.
+    Dimensions may differ between blue and green: every query is embedded by the model of the
+    version that answers it.
 
     Example::
 

@@ -1,10 +1,4 @@
-"""The migration report: a self-contained HTML page from a jinja2 template, kept current in the store, and its screenshot.
-
-``render_migration_report(data)`` takes the JSON the migration stores (state, baseline,
-comparison, calibrations) and returns the page (``templates/report.html.j2``, autoescaped).
-Nothing on the page is fetched: no script, no font, no stylesheet, no image from elsewhere,
-so it can be mailed, attached to a ticket or opened from object storage as it is.
-"""
+"""The migration report: a self-contained HTML page from a jinja2 template, kept current in the store; its screenshot."""
 
 from __future__ import annotations
 
@@ -187,7 +181,9 @@ def report_view(data: Mapping[str, Any], *, charts: bool = True) -> dict[str, An
 
 
 def render_migration_report(data: Mapping[str, Any], *, charts: bool = True) -> str:
-    """The HTML page for a migration.
+    """The HTML page for a migration (``templates/report.html.j2``, autoescaped). Nothing on the
+    page is fetched (no script, font, stylesheet or image from elsewhere), so it can be mailed,
+    attached to a ticket or opened from object storage as it is.
 
     ``data``: ``{"state": <state.json>, "baseline": <baseline.json> | None, "compare":
     <compare.json> | None, "calibration": {"blue": record | None, "green": record | None},
