@@ -22,7 +22,11 @@ HEAVY = ("ray", "torch", "faiss", "sentence_transformers", "transformers", "onnx
          "sklearn", "scipy", "matplotlib", "bm25s", "boto3", "botocore", "fastapi", "uvicorn", "datasets",
          "accelerate", "tiktoken", "tokenizers")
 # Module-level imports of these are allowed where listed (module -> libraries), with the reason.
-HEAVY_ALLOWED: dict[str, set[str]] = {}
+HEAVY_ALLOWED: dict[str, set[str]] = {
+    # The ASGI app: its typed request models and routes are FastAPI objects at module level; only
+    # `embedctl serve` (and the Ray Serve replicas) import this module.
+    "engine/serve/app.py": {"fastapi"},
+}
 
 MAX_MODULE_LINES = 600
 MAX_FUNCTION_LINES = 80

@@ -16,13 +16,19 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable
-
-from engine.mining import (
-    BatchRunner, MiningJobConfig, MiningSource, finalize_mining, prepare_mining, read_pairs, resolve_source,
-)
+from collections.abc import Callable
+from typing import Any
 
 from engine.distributed.driver import drive, driver_parser
+from engine.mining import (
+    BatchRunner,
+    MiningJobConfig,
+    MiningSource,
+    finalize_mining,
+    prepare_mining,
+    read_pairs,
+    resolve_source,
+)
 
 log = logging.getLogger("embedctl.engine.distributed.mine_negatives")
 IN_FLIGHT_PER_ACTOR = 2
@@ -85,73 +91,81 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
     if prep.pending:
         import ray
 
-        from engine.core.errors import EmbedctlError
         from engine.distributed.runtime import init_ray
 
         init_ray(cfg.runtime.address)
-        pool = plan_mining_pool(ray.cluster_resources(), cfg.runtime.device, cfg.runtime.workers,
-                                cfg.runtime.threads_per_worker, len(prep.pending))
-        log.info("mining pool: %s", pool.reason)
-        pool_info = {"mode": "ray", "actors": pool.actors, "cpus_per_actor": pool.cpus_per_actor,
-                     "gpus_per_actor": pool.gpus_per_actor, "threads_per_actor": pool.threads_per_actor,
-                     "reason": pool.reason}
-        options: dict[str, Any] = {}
-        if not pool.gpus_per_actor:
-            # Ray sets OMP_NUM_THREADS=1 in a worker with less than one CPU before torch loads, and
-            # OpenMP keeps it: torch.set_num_threads later is not enough. Set it at process start.
-            env = {"OMP_NUM_THREADS": str(pool.threads_per_actor)}
-            if pool.threads_per_actor > 1:
-                # Ray runs workers at nice 15; OpenMP threads that spin at barriers lose their CPU to any
-                # other process and stall each other (measured: 4x slower on a busy 2-core machine).
-                # Passive waiting costs little on an idle machine.
-                env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
-            options["runtime_env"] = {"env_vars": env}
-        actor_cls: Any = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor,
-                                    max_restarts=2, max_task_retries=2, **options)(_MiningActor)
-        actors: list[Any] = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
-                  for _ in range(pool.actors)]
-        # wait for every actor to load its shards and model, so the mining phase is timed on its own
-        loaded = ray.get([a.ready.remote() for a in actors])
+        actors, pool_info = _start_actors(ray, cfg, prep)
         pool_info["startup_seconds"] = round(time.perf_counter() - t0, 3)
-        pool_info["actor_load_seconds"] = [round(x["load_seconds"], 3) for x in loaded]
-        pool_info["actor_torch_threads"] = [x["torch_threads"] for x in loaded]
         t_mine = time.perf_counter()
-        todo = list(prep.pending)
-        in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch)
-        load = [0] * len(actors)
-
-        def submit(a: int) -> None:
-            i = todo.pop(0)
-            ref = actors[a].run.remote(i, [g.to_dict() for g in prep.batches[i]])
-            in_flight[ref] = (a, i)
-            load[a] += 1
-
-        for a in range(len(actors)):
-            for _ in range(IN_FLIGHT_PER_ACTOR):
-                if todo:
-                    submit(a)
         try:
-            while in_flight:
-                done, _ = ray.wait(list(in_flight), num_returns=1)
-                a, i = in_flight.pop(done[0])
-                load[a] -= 1
-                try:
-                    stats = ray.get(done[0])
-                except ray.exceptions.RayTaskError as err:
-                    cause = getattr(err, "cause", None)
-                    if isinstance(cause, EmbedctlError):
-                        raise cause from err
-                    raise
-                if progress:
-                    progress({"event": "batch", "batch": i, "queries": stats["queries"], "rows": stats["rows_written"],
-                              "peak_rss_bytes": stats["worker"]["peak_rss_bytes"]})
-                if todo:
-                    submit(a)
+            _mine_batches(ray, actors, prep, progress)
         finally:
             for actor in actors:
                 ray.kill(actor)
         pool_info["mining_seconds"] = round(time.perf_counter() - t_mine, 3)
     return finalize_mining(prep, time.perf_counter() - t0, pool_info)
+
+
+def _start_actors(ray: Any, cfg: MiningJobConfig, prep: Any) -> tuple[list[Any], dict[str, Any]]:
+    """The actor pool, sized from the cluster, each actor loaded (shards and model) before mining."""
+    pool = plan_mining_pool(ray.cluster_resources(), cfg.runtime.device, cfg.runtime.workers,
+                            cfg.runtime.threads_per_worker, len(prep.pending))
+    log.info("mining pool: %s", pool.reason)
+    pool_info: dict[str, Any] = {"mode": "ray", "actors": pool.actors, "cpus_per_actor": pool.cpus_per_actor,
+                                 "gpus_per_actor": pool.gpus_per_actor, "threads_per_actor": pool.threads_per_actor,
+                                 "reason": pool.reason}
+    options: dict[str, Any] = {}
+    if not pool.gpus_per_actor:
+        # Ray sets OMP_NUM_THREADS=1 in a worker with less than one CPU before torch loads, and
+        # OpenMP keeps it: torch.set_num_threads later is not enough. Set it at process start.
+        env = {"OMP_NUM_THREADS": str(pool.threads_per_actor)}
+        if pool.threads_per_actor > 1:
+            # Ray runs workers at nice 15; OpenMP threads that spin at barriers lose their CPU to any
+            # other process and stall each other (measured: 4x slower on a busy 2-core machine).
+            # Passive waiting costs little on an idle machine.
+            env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+        options["runtime_env"] = {"env_vars": env}
+    actor_cls: Any = ray.remote(num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor,
+                                max_restarts=2, max_task_retries=2, **options)(_MiningActor)
+    actors: list[Any] = [actor_cls.remote(cfg, prep.source, prep.pairs.max_positives, pool.threads_per_actor)
+                         for _ in range(pool.actors)]
+    # wait for every actor to load its shards and model, so the mining phase is timed on its own
+    loaded = ray.get([a.ready.remote() for a in actors])
+    pool_info["actor_load_seconds"] = [round(x["load_seconds"], 3) for x in loaded]
+    pool_info["actor_torch_threads"] = [x["torch_threads"] for x in loaded]
+    return actors, pool_info
+
+
+def _mine_batches(ray: Any, actors: list[Any], prep: Any, progress: Progress | None) -> None:
+    """Keep IN_FLIGHT_PER_ACTOR batches queued on each actor until every pending batch is mined."""
+    from engine.core.errors import EmbedctlError
+
+    todo = list(prep.pending)
+    in_flight: dict[Any, tuple[int, int]] = {}  # ref -> (actor, batch)
+
+    def submit(a: int) -> None:
+        i = todo.pop(0)
+        in_flight[actors[a].run.remote(i, [g.to_dict() for g in prep.batches[i]])] = (a, i)
+
+    for a in range(len(actors)):
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            if todo:
+                submit(a)
+    while in_flight:
+        done, _ = ray.wait(list(in_flight), num_returns=1)
+        a, i = in_flight.pop(done[0])
+        try:
+            stats = ray.get(done[0])
+        except ray.exceptions.RayTaskError as err:
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, EmbedctlError):
+                raise cause from err
+            raise
+        if progress:
+            progress({"event": "batch", "batch": i, "queries": stats["queries"], "rows": stats["rows_written"],
+                      "peak_rss_bytes": stats["worker"]["peak_rss_bytes"]})
+        if todo:
+            submit(a)
 
 
 def dry_run(cfg: MiningJobConfig) -> dict[str, Any]:
