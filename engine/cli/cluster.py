@@ -48,6 +48,7 @@ JOBS: dict[str, str] = {
     "refresh": "refresh",
     "migrate": "migrate",
     "mine-negatives": "mine_negatives",
+    "generate-queries": "generate_queries",
     "evaluate": "evaluate",
 }
 
