@@ -123,6 +123,12 @@ def test_runner_lock_is_a_core_lease_in_the_state_document(tmp_path):
         assert lease_state(lock)[0] is False
         st = m.status()
         assert st["runner"]["by"] == "runner-1" and st["runner_state"].startswith("held by runner-1")
+        from click.testing import CliRunner
+
+        from engine.cli.app import cli
+
+        res = CliRunner().invoke(cli, ["migrate", "status", "--store", store.uri, "--index", IDX, "--migration", "m1"])
+        assert res.exit_code == 0 and "runner: held by runner-1 (pid" in res.stdout, res.output
         with pytest.raises(ConflictError, match=r"is being run: its lock is held by runner-1 \(pid \d+ on .*--break-lock"):
             Migration.open(store, IDX, "m1").state.acquire(by="runner-2")
         # --break-lock takes it from a live holder; the first runner can no longer write

@@ -163,6 +163,8 @@ def _echo_status(st: dict[str, Any]) -> None:
                                                                      if s.get("failures") else ""))
     if st.get("alias_now"):
         click.echo(f"  alias now: {st['alias_now']['target']} (generation {st['alias_now']['generation']})")
+    if st.get("runner"):
+        click.echo(f"  runner: {st['runner_state']}")
     if st.get("rollback"):
         click.echo(f"  rolled back: {st['rollback'].get('reason')}")
     if st.get("retain_until"):
