@@ -187,3 +187,36 @@ def test_load_while_the_alias_swaps_rolls_out_and_rolls_back(ray_session, tmp_pa
     assert bench.check(load, moves, ref) == []
     served = Counter(a[4] for a in load.answers)
     assert set(served) == set(versions.values()), served  # all three versions answered at some point
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cli_serve_ray_answers_and_stops_on_sigterm(tmp_path):
+    """`embedctl serve --ray` in its own process (its own local Ray): the ready line, answers over
+    loopback from both replicas, a clean exit 0 on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store = open_store(tmp_path / "store")
+    v = Versions(store, IDX)
+    publish_version(store, IDX, v["v1"])
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli.app", "serve", "--store", str(tmp_path / "store"),
+                             "--index", IDX, "--port", "0", "--ray", "--replicas", "2", "--num-cpus", "0.25"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line, deadline = "", time.monotonic() + 150
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if "serving" in line or not line:
+                break
+        m = re.search(r"on (http://127\.0\.0\.1:\d+) with Ray Serve \(2 replica", line)
+        assert m, line
+        r = httpx.get(f"{m.group(1)}/search", params={"q": "wing lift", "k": 1}, timeout=30)
+        assert r.status_code == 200 and r.headers["x-embedctl-version"] == v["v1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]

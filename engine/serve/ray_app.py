@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -153,8 +154,12 @@ def run_on_ray(cfg: ServeConfig, *, host: str, port: int, address: str | None, s
     os.environ.update(OFFLINE_ENV)
     started = not ray.is_initialized()
     if started:
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": dict(OFFLINE_ENV)})
+        for sig, handler in handlers.items():  # ray.init replaces them; the caller's stop cleanly
+            if callable(handler):
+                signal.signal(sig, handler)
     try:
         serve.start(http_options={"host": host, "port": port})
         handle = serve.run(build_application(cfg), name=APP_NAME, route_prefix="/", blocking=False)
@@ -167,7 +172,5 @@ def run_on_ray(cfg: ServeConfig, *, host: str, port: int, address: str | None, s
             serve.delete(APP_NAME)
         except Exception:  # noqa: BLE001 - shutting down anyway
             log.exception("deleting the Serve application %s failed", APP_NAME)
-        if started and not address:
-            serve.shutdown()  # our own local Ray: nothing else runs on it
         if started:
-            ray.shutdown()
+            ray.shutdown()  # a local Ray of our own goes with Serve; a cluster keeps its other apps
