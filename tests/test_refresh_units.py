@@ -144,3 +144,32 @@ def test_cli_dry_run_without_json_prints_the_plan(tmp_path):
     assert res.stdout == "" and res.exception is None
     assert f"would refresh docs from live={v1} (run {run1['run_id']})" in res.stderr
     assert "then publish to live" in res.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# an incremental update keeps the version's metadata filter columns in step with its rows
+# --------------------------------------------------------------------------------------------
+
+
+def test_incremental_update_keeps_metadata_filters_in_step(tmp_path):
+    from engine.core import layout
+    from engine.index.searcher import Searcher
+    from engine.refresh.session import run_refresh_locally
+    from tests.corpus_utils import make_docs, write_corpus
+    from tests.test_refresh import IDX, change, live_index, refresh_cfg
+
+    docs = make_docs(60, seed=21)
+    uri = str(tmp_path / "store")
+    store, _run, v1 = live_index(uri, tmp_path / "v1", docs)
+    if not (store.read_json(layout.version_manifest_key(IDX, v1)).get("metadata") or {}).get("shards"):
+        pytest.skip("this index builder writes no metadata filter columns")
+    new_docs = change(docs, modify=[4], delete=[5], add=1)
+    new_docs[-1]["lang"] = "de"
+    write_corpus(tmp_path / "v2", new_docs, files=2)
+    s = run_refresh_locally(refresh_cfg(tmp_path / "v2", uri))
+    assert s["status"] == "published" and s["strategy"] == "incremental"
+    with Searcher.load(store, IDX, s["version_id"]) as got:
+        de = got.search([new_docs[-1]["text"][:60]], got.rows, where="lang = 'de'")[0]
+        assert {h.doc_id for h in de} == {"added000"}
+        en = {h.doc_id for h in got.search([docs[4]["text"][:60]], got.rows, where="lang = 'en'")[0]}
+        assert docs[4]["doc_id"] in en and docs[5]["doc_id"] not in en and "added000" not in en

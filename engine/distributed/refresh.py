@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from engine.distributed.driver import drive, driver_parser
 from engine.refresh.config import RefreshConfig
 from engine.refresh.model import ModelProcess, can_embed_here, start_model_process
-from engine.refresh.reuse import RefreshEmbedder, VectorLookup
+from engine.refresh.reuse import RefreshEmbedder, VectorLookup, unit_misses
 from engine.refresh.session import RefreshSession, dry_run
 from engine.refresh.summary import exit_code
 
@@ -42,15 +42,7 @@ def _chunk_task(row: dict[str, Any], session_cfg: Any, plan_meta: dict[str, Any]
     unit = Unit(**json.loads(row["unit"]))
     dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
     chunked = chunk_unit(session_cfg, plan_meta, unit, dups)
-    return {"chunked": json.dumps(chunked), "misses": _misses(session_cfg, chunked, lookup)}
-
-
-def _misses(cfg: Any, chunked: dict[str, Any], lookup: VectorLookup) -> int:
-    from engine.core.storage import open_store
-    from engine.refresh.run_parts import read_columns
-
-    store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
-    return lookup.misses(read_columns(store, chunked["chunk_file"]["key"], ["content_hash"]).column(0).to_pylist())
+    return {"chunked": json.dumps(chunked), "misses": unit_misses(session_cfg, chunked, lookup)}
 
 
 class _RefreshActor:

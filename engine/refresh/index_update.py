@@ -18,7 +18,7 @@ from engine.core.storage import LocalStore, Store, json_bytes
 from engine.refresh.diff import RefreshDiff
 from engine.refresh.failpoints import stall_point
 from engine.refresh.recall_gate import measure_recall
-from engine.refresh.run_parts import local_copy, read_columns, read_run_rows, unit_vectors
+from engine.refresh.run_parts import local_copy, read_columns, read_run_rows, read_run_table, unit_vectors
 from engine.refresh.strategy import live_build_config
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ class _Incoming:
     dids: list[str]
     vecs: np.ndarray  # [n, dim] float32, unit length
     ids: np.ndarray  # [n] int64, above every live id
+    meta: pa.Table | None = None  # the version's metadata columns for these rows (filters), same order
 
 
 @dataclass
@@ -46,6 +47,8 @@ class _Copy:
     binary: bool
     rescore: str
     ranges: np.ndarray | None  # [2, dim] int8 rescore ranges of the live version
+    meta_keys: dict[int, str]  # shard -> its metadata file (filter columns), when the live version has them
+    meta_columns: list[str]
 
 
 def update_version(store: Store, index: str, live: dict[str, Any], version_id: str, run_manifest: dict[str, Any],
@@ -61,7 +64,7 @@ def update_version(store: Store, index: str, live: dict[str, Any], version_id: s
         return read_version_manifest(store, index, version_id)
     t0 = time.perf_counter()
     cp = _copy_plan(store, index, live, version_id)
-    incoming = _incoming(store, run_manifest, diff)
+    incoming = _incoming(store, run_manifest, diff, cp.meta_columns)
     shards = sorted(live["shards"], key=lambda s: int(s["shard"]))
     id_maps, removed_rows, max_id = _live_id_maps(store, cp, shards, set(diff.remove_ids))
     incoming.ids = np.arange(max_id + 1, max_id + 1 + len(incoming.cids), dtype=np.int64)
@@ -103,12 +106,16 @@ def _copy_plan(store: Store, index: str, live: dict[str, Any], version_id: str) 
     if rescore == "int8" and live_files.get("rescore_ranges"):
         data = store.read_bytes(layout.join(src, live_files["rescore_ranges"]))
         ranges = np.load(io.BytesIO(data), allow_pickle=False)
+    metadata = live.get("metadata") or {}
+    meta_keys = {int(m["shard"]): m["files"]["meta"] for m in metadata.get("shards") or []
+                 if (m.get("files") or {}).get("meta")}
     return _Copy(store, live, src, layout.version_prefix(index, version_id), str(live["kind"]) == "binary-rerank",
-                 rescore, ranges)
+                 rescore, ranges, meta_keys, list(metadata.get("columns") or {}) if meta_keys else [])
 
 
-def _incoming(store: Store, run_manifest: dict[str, Any], diff: RefreshDiff) -> _Incoming:
-    """Changed and new chunks' rows from the refresh run (stored or just embedded), sorted by chunk id."""
+def _incoming(store: Store, run_manifest: dict[str, Any], diff: RefreshDiff, meta_columns: list[str]) -> _Incoming:
+    """Changed and new chunks' rows from the refresh run (stored or just embedded), sorted by chunk id, with
+    their metadata columns when the live version keeps them for filters."""
     cids, dids, vecs = read_run_rows(store, run_manifest, set(diff.add_ids))
     order = np.argsort(np.array(cids, dtype=object), kind="stable") if cids else np.zeros(0, np.int64)
     cids = [cids[i] for i in order]
@@ -117,7 +124,12 @@ def _incoming(store: Store, run_manifest: dict[str, Any], diff: RefreshDiff) -> 
     if len(cids) != len(diff.add_ids):
         raise IntegrityError(f"refresh run {run_manifest['run_id']} holds {len(cids)} of the {len(diff.add_ids)} "
                              "chunks to add; rerun the refresh (it resumes)")
-    return _Incoming(cids, dids, unit_vectors(vecs), np.zeros(0, np.int64))
+    meta = None
+    if meta_columns:
+        t = read_run_table(store, run_manifest, ["chunk_id", *meta_columns], set(diff.add_ids))
+        pos = {c: i for i, c in enumerate(t.column("chunk_id").to_pylist())}
+        meta = t.take([pos[c] for c in cids]).drop_columns(["chunk_id"])
+    return _Incoming(cids, dids, unit_vectors(vecs), np.zeros(0, np.int64), meta)
 
 
 def _live_id_maps(store: Store, cp: _Copy, shards: list[dict[str, Any]],
@@ -142,9 +154,11 @@ def _update_shard(cp: _Copy, s: dict[str, Any], t: pa.Table, gone: np.ndarray, i
                   take: slice) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One shard of the new version: the live bytes when untouched, else rewritten (its manifest entry, artifacts)."""
     files = dict(s["files"])
+    meta_key = cp.meta_keys.get(int(s["shard"]))
     if not gone.any() and take.stop == take.start:
+        keys = [*files.values(), *([meta_key] if meta_key else [])]
         arts = [_copy_artifact(cp.store, layout.join(cp.src, key), layout.join(cp.dst, key), key, cp.live)
-                for key in files.values()]  # untouched shard: same bytes under the new version
+                for key in keys]  # untouched shard: same bytes under the new version
         return dict(s), arts
     with tempfile.TemporaryDirectory(prefix="embedctl-refresh-shard-") as tmp:
         paths = {role: os.path.join(tmp, os.path.basename(key)) for role, key in files.items()}
@@ -157,6 +171,9 @@ def _update_shard(cp: _Copy, s: dict[str, Any], t: pa.Table, gone: np.ndarray, i
             nbytes = os.path.getsize(paths[role])
             size += nbytes
             arts.append({"key": key, "bytes": nbytes, "sha256": digest})
+        if meta_key:
+            kept_ids = t.column("id").to_numpy()[~gone]
+            arts.append(_rewrite_meta(cp, meta_key, kept_ids, incoming, take, os.path.join(tmp, "meta.parquet")))
     ids_now = table.column("id").to_numpy()
     return {**s, "rows": int(table.num_rows), "bytes": size, "id_start": int(ids_now.min()) if len(ids_now) else 0,
             "id_end": int(ids_now.max()) + 1 if len(ids_now) else 0}, arts
@@ -202,6 +219,34 @@ def _rewrite_shard(cp: _Copy, s: dict[str, Any], t: pa.Table, gone: np.ndarray, 
         np.save(paths["rescore"], np.concatenate([old[keep], encode_rescore(add_vecs, cp.rescore, cp.ranges)]),
                 allow_pickle=False)
     return table
+
+
+def _rewrite_meta(cp: _Copy, key: str, kept_ids: np.ndarray, incoming: _Incoming, take: slice,
+                  path: str) -> dict[str, Any]:
+    """A shard's metadata file (``id`` + filter columns) without the removed rows, with the added ones."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    old = read_columns(cp.store, layout.join(cp.src, key), None)
+    kept = old.filter(pc.is_in(old.column("id"), value_set=pa.array(kept_ids, pa.int64())))
+    n = take.stop - take.start
+    cols: dict[str, Any] = {}
+    for f in old.schema:
+        if f.name == "id":
+            cols["id"] = pa.array(incoming.ids[take], pa.int64())
+        elif incoming.meta is not None and f.name in incoming.meta.column_names:
+            try:
+                cols[f.name] = incoming.meta.column(f.name).slice(take.start, n).cast(f.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+                raise IntegrityError(f"metadata column {f.name!r} of the snapshot does not fit the live version's "
+                                     f"type {f.type} ({err}); rerun with --strategy rebuild") from None
+        else:
+            cols[f.name] = pa.nulls(n, f.type)  # the snapshot lacks the column
+    table = pa.concat_tables([kept, pa.table(cols, schema=old.schema)])
+    pq.write_table(table, path, compression="zstd", write_statistics=True)
+    digest = cp.store.upload_file(layout.join(cp.dst, key), path)
+    return {"key": key, "bytes": os.path.getsize(path), "sha256": digest}
 
 
 def _gate_and_commit(store: Store, index: str, live: dict[str, Any], manifest: dict[str, Any],

@@ -116,6 +116,12 @@ class VectorLookup:
         return vecs
 
 
+def unit_misses(cfg: EmbedJobConfig, chunked: dict[str, Any], lookup: VectorLookup) -> int:
+    """How many distinct chunk texts of a chunked unit (its chunk file in the run) need the model."""
+    store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
+    return lookup.misses(read_columns(store, chunked["chunk_file"]["key"], ["content_hash"]).column(0).to_pylist())
+
+
 class ReusingEncoder(Encoder):
     """An encoder that answers from a previous run's stored vectors by content hash, and sends
     only unseen texts to the real model (loaded lazily: a unit whose chunks are all unchanged

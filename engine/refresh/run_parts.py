@@ -13,6 +13,8 @@ from engine.core.storage import LocalStore, Store
 if TYPE_CHECKING:
     import pyarrow as pa
 
+RUN_COLUMNS = frozenset({"chunk_id", "doc_id", "content_hash", "text", "embedding"})  # in every part
+
 _FILESYSTEMS: weakref.WeakKeyDictionary[Store, Any] = weakref.WeakKeyDictionary()
 _FS_LOCK = threading.Lock()
 
@@ -26,8 +28,8 @@ def _filesystem(store: Store) -> Any:
         return fs
 
 
-def read_columns(store: Store, key: str, columns: list[str]) -> pa.Table:
-    """Some columns of one Parquet object of the store."""
+def read_columns(store: Store, key: str, columns: list[str] | None) -> pa.Table:
+    """Some columns (None: all) of one Parquet object of the store."""
     import pyarrow.parquet as pq
 
     with _filesystem(store).open_input_file(store.arrow_path(key)) as f:
@@ -62,19 +64,30 @@ def chunk_rows(store: Store, run_manifest: dict[str, Any], kind: str = "chunks")
 def read_run_rows(store: Store, run_manifest: dict[str, Any], chunk_ids: set[str] | None = None,
                   limit: int | None = None, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
     """(chunk ids, doc ids, vectors [n, dim] float32) of a run's rows: those in ``chunk_ids``, or a seeded
-    sample of ``limit`` rows. Reads the id column of every part, vectors only of parts that hold wanted rows."""
+    sample of ``limit`` rows (see ``read_run_table``)."""
+    t = read_run_table(store, run_manifest, ["chunk_id", "doc_id", "embedding"], chunk_ids, limit, seed)
+    if not t.num_rows:
+        return [], [], np.zeros((0, int(run_manifest["dim"])), dtype=np.float32)
+    return (t.column("chunk_id").to_pylist(), t.column("doc_id").to_pylist(),
+            column_vectors(t).astype(np.float32))
+
+
+def read_run_table(store: Store, run_manifest: dict[str, Any], columns: list[str], chunk_ids: set[str] | None = None,
+                   limit: int | None = None, seed: int = 0) -> pa.Table:
+    """Some columns of a run's rows: those in ``chunk_ids``, or a seeded sample of ``limit`` rows, in part order.
+
+    Reads the id column of every embeddings part, the other columns only of parts that hold wanted rows; a
+    column a part lacks (a snapshot without it) comes back as nulls."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    dim = int(run_manifest["dim"])
     parts = [o["key"] for o in run_manifest["outputs"]["embeddings"] if int(o.get("rows", 0)) > 0]
     if chunk_ids is None and limit is not None:
         total = sum(int(o["rows"]) for o in run_manifest["outputs"]["embeddings"])
         rng = np.random.default_rng(seed)
         pick = set(rng.choice(total, size=min(limit, total), replace=False).tolist()) if total else set()
-    cids: list[str] = []
-    dids: list[str] = []
-    vecs: list[np.ndarray] = []
+    tables: list[pa.Table] = []
     offset = 0
     for key in parts:
         ids = read_columns(store, key, ["chunk_id"]).column(0)
@@ -86,12 +99,14 @@ def read_run_rows(store: Store, run_manifest: dict[str, Any], chunk_ids: set[str
         offset += len(ids)
         if not len(rows):
             continue
-        t = read_columns(store, key, ["chunk_id", "doc_id", "embedding"]).take(pa.array(rows, pa.int64()))
-        cids += t.column("chunk_id").to_pylist()
-        dids += t.column("doc_id").to_pylist()
-        vecs.append(column_vectors(t).astype(np.float32))
-    mat = np.concatenate(vecs) if vecs else np.zeros((0, dim), dtype=np.float32)
-    return cids, dids, mat
+        present = columns
+        if set(columns) - RUN_COLUMNS:  # metadata columns: a snapshot may lack one
+            with _filesystem(store).open_input_file(store.arrow_path(key)) as f:
+                present = [c for c in columns if c in set(pq.read_schema(f).names)]
+        tables.append(read_columns(store, key, present).take(pa.array(rows, pa.int64())))
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in columns if c != "embedding"})
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def local_copy(store: Store, key: str, path: str) -> str:

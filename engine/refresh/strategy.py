@@ -106,6 +106,8 @@ def _incremental_blockers(vman: dict[str, Any]) -> str:
     for s in shards:
         if "index" not in (s.get("files") or {}) or "ids" not in (s.get("files") or {}):
             return f"shard {s.get('shard')} has no FAISS file or id map (not built by embedctl build-index)"
+    if (vman.get("sparse") or {}).get("shards"):
+        return "it has BM25 shards, whose term statistics cover every row of a shard (a rebuild recomputes them)"
     if vman.get("kind") not in ("flat", "ivfpq", "binary-rerank"):
         return f"unknown index kind {vman.get('kind')!r}"
     return ""
