@@ -173,3 +173,25 @@ def test_incremental_update_keeps_metadata_filters_in_step(tmp_path):
         assert {h.doc_id for h in de} == {"added000"}
         en = {h.doc_id for h in got.search([docs[4]["text"][:60]], got.rows, where="lang = 'en'")[0]}
         assert docs[4]["doc_id"] in en and docs[5]["doc_id"] not in en and "added000" not in en
+
+
+def test_a_version_with_bm25_shards_is_rebuilt_not_updated_in_place(tmp_path):
+    from engine.index.searcher import Searcher
+    from engine.refresh.session import run_refresh_locally
+    from tests.corpus_utils import make_docs, write_corpus
+    from tests.test_refresh import IDX, change, live_index, refresh_cfg
+
+    docs = make_docs(40, seed=22)
+    uri = str(tmp_path / "store")
+    try:
+        store, _run, _v1 = live_index(uri, tmp_path / "v1", docs, build={"kind": "flat", "sparse": "bm25"})
+    except (ConfigError, TypeError) as err:
+        pytest.skip(f"this index builder makes no BM25 shards ({err})")
+    write_corpus(tmp_path / "v2", change(docs, modify=[2], delete=[3], add=1), files=2)
+    s = run_refresh_locally(refresh_cfg(tmp_path / "v2", uri))
+    assert s["status"] == "published" and s["strategy"] == "rebuild" and "BM25" in s["strategy_reason"]
+    from engine.core import layout
+
+    assert store.read_json(layout.version_manifest_key(IDX, s["version_id"]))["sparse"]["shards"]  # BM25 kept
+    with Searcher.load(store, IDX, s["version_id"]) as got:
+        assert got.rows == s["snapshot_chunks"]
