@@ -227,3 +227,34 @@ def test_healthz_is_503_until_a_version_is_loaded(store):
     finally:
         server.shutdown()
         s.stop()
+
+
+@pytest.mark.parametrize("model", [{"name": "no-such-model-anywhere", "dim": 16, "fingerprint": "0" * 64},
+                                   {"name": "hash:32", "dim": 32}])
+def test_a_version_whose_query_encoder_cannot_be_loaded_is_never_served(store, model):
+    """The encoder is loaded (offline) before the swap: a model that is not installed, or one that
+    differs from what the version was built with, is refused and the old version keeps serving."""
+    from engine.core import layout
+
+    v = Versions(store, IDX)
+    publish_version(store, IDX, v["v1"])
+    s = AliasSearcher(store, IDX, "live", poll_interval=3600).start()
+    server = SearchServer(s, port=0).start()
+    try:
+        v2 = v["v2"]
+        key = layout.version_manifest_key(IDX, v2)
+        manifest = store.read_json(key)
+        manifest["model"] = {**manifest["model"], **model}
+        store.write_json(key, manifest)
+        publish_version(store, IDX, v2, verifier=lambda *a, **kw: None)
+        t0 = time.monotonic()
+        assert not s.poll_once()
+        assert time.monotonic() - t0 < 30  # offline: no download attempt, no hub timeout
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            health = c.get("/healthz").json()
+            assert health["status"] == "degraded" and health["failure"]["versions"] == [v2]
+            r = c.get("/search", params={"q": "wing lift"})
+            assert r.status_code == 200 and r.headers["X-Embedctl-Version"] == v["v1"]
+    finally:
+        server.shutdown()
+        s.stop()
