@@ -1,8 +1,10 @@
 """Ray driver for the embed job: `python jobs/embed.py --config job.yaml` (also `embedctl embed`).
 
 Spreads work as: pending units -> chunk tasks (CPU, Ray Data map) -> embedding actor pool
-(CPU or GPU, Ray Data map_batches) -> per-unit commits. Retries: an actor that dies mid-unit
-is restarted and the unit is retried (its writes are idempotent).
+(CPU or GPU, Ray Data map_batches: vectors only) -> writer tasks (CPU, Ray Data map: append,
+write, hash, commit). The device never waits for a unit's I/O. Retries: an actor that dies
+mid-unit is restarted and the unit retried; a writer that dies mid-write is retried (every
+write is idempotent and the commit marker is written last).
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import logging
 import os
 import sys
 import time
-import warnings
-from typing import Any, Callable
-
-from engine.embed.config import EmbedJobConfig
-from engine.embed.pipeline import UnitEmbedder, finalize_run, plan_meta_for, prepare_run, run_summary
+from collections.abc import Callable
+from typing import Any
 
 from engine.distributed.driver import drive, driver_parser
+from engine.embed.config import EmbedJobConfig
+from engine.embed.embedder import UnitEmbedder, commit_row
+from engine.embed.pipeline import finalize_run, plan_meta_for, prepare_run, run_summary
 
 log = logging.getLogger("embedctl.engine.distributed.embed")
 
@@ -34,8 +36,8 @@ def _chunk_task(row: dict[str, Any], cfg: EmbedJobConfig, plan_meta: dict[str, A
 
     unit = Unit(**json.loads(row["unit"]))
     dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
-    summary, table, ids = chunk_unit_tokens(cfg, plan_meta, unit, dups)
-    packed = pretokenize(cfg, table, ids)
+    summary, table, token_ids = chunk_unit_tokens(cfg, plan_meta, unit, dups)
+    packed = pretokenize(cfg, table, token_ids)
     ids, lens = packed if packed else (b"", b"")
     return {"chunked": json.dumps(summary), "ids": ids, "lens": lens}
 
@@ -45,45 +47,45 @@ class _EmbedActor:
         self.embedder = UnitEmbedder(cfg, run_id, threads=threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return self.embedder(batch)
+        return self.embedder.encode_batch(batch)  # vectors only: the writer tasks commit
 
 
 def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run (or resume) the embed job on Ray and return the final manifest."""
-    import ray
-
-    from engine.distributed.runtime import init_ray, plan_pool
-
     started_at = time.time()
     t0 = time.perf_counter()
     prepared = prepare_run(cfg)  # all validation happens here, before Ray starts any work
+    plan_s = time.perf_counter() - t0
     if progress:
         progress({"event": "planned", "run_id": prepared.run_id, "units": len(prepared.plan.units),
                   "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
+    driver: dict[str, float] = {"plan_s": round(plan_s, 3)}
     if prepared.pending:
-        init_ray(cfg.runtime.address)
-        pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
-        log.info("embedding pool: %s", pool.reason)
-        plan_meta = plan_meta_for(prepared)
-        items = []
-        for u in prepared.pending:
-            dups = prepared.plan.duplicates.get(u.file, {})
-            unit_dups = {str(r): loc for r, loc in dups.items() if u.row_start <= r < u.row_end}
-            items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
+        _run_units(cfg, prepared, progress, driver, t0)
+    return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at, driver_timings=driver)
+
+
+def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, driver: dict[str, float],
+               t0: float) -> None:
+    """Chunk tasks -> embedding actors -> writer tasks over the pending units, streamed by Ray Data."""
+    import ray
+
+    from engine.distributed.runtime import init_ray, plan_pool, quiet_ray_data
+
+    t_ray = time.perf_counter()
+    init_ray(cfg.runtime.address)
+    driver["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
+    pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
+    log.info("embedding pool: %s", pool.reason)
+    plan_meta = plan_meta_for(prepared)
+    items = []
+    for u in prepared.pending:
+        dups = prepared.plan.duplicates.get(u.file, {})
+        unit_dups = {str(r): loc for r, loc in dups.items() if u.row_start <= r < u.row_end}
+        items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
+    with quiet_ray_data():  # Ray Data's own warnings and log lines, kept out of the CLI unless -v
+        ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
         ds = ds.map(_chunk_task, fn_kwargs={"cfg": cfg, "plan_meta": plan_meta}, num_cpus=pool.cpus_per_task)
-        actor_env: dict[str, str] = {}
-        if not pool.gpus_per_actor:
-            # Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker before torch loads, and OpenMP keeps
-            # that per thread: torch.set_num_threads later is not enough. Set it at process start.
-            actor_env["OMP_NUM_THREADS"] = str(pool.threads_per_actor)
-            # Ray workers run niced; threads spinning at OpenMP barriers lose their slices to any
-            # other load and the actor crawls (seen here: 4x slower in the mining actors).
-            actor_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        if os.environ.get("EMBEDCTL_TEST_CRASH_ONCE"):  # fault-injection hook for the retry test
-            actor_env["EMBEDCTL_TEST_CRASH_ONCE"] = os.environ["EMBEDCTL_TEST_CRASH_ONCE"]
-        extra: dict[str, Any] = {"runtime_env": {"env_vars": actor_env}} if actor_env else {}
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
         ds = ds.map_batches(
             _EmbedActor,
             fn_constructor_kwargs={"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor},
@@ -94,12 +96,35 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
             # An actor killed mid-unit is restarted and the unit retried: writes are idempotent.
             max_restarts=3,
             max_task_retries=3,
-            **extra,
+            **_actor_env(pool),
         )
+        # Writers: off the device's path; a writer killed mid-write is retried (the marker comes last).
+        ds = ds.map(commit_row, fn_kwargs={"cfg": cfg, "run_id": prepared.run_id}, num_cpus=pool.cpus_per_writer,
+                    max_retries=3, **_writer_env())
         for row in ds.iter_rows():
+            if "first_unit_done_s" not in driver:
+                driver["first_unit_done_s"] = round(time.perf_counter() - t0, 3)
             if progress:
                 progress({"event": "unit", **json.loads(row["marker"])})
-    return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at)
+
+
+def _actor_env(pool: Any) -> dict[str, Any]:
+    actor_env: dict[str, str] = {}
+    if not pool.gpus_per_actor:
+        # Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker before torch loads, and OpenMP keeps
+        # that per thread: torch.set_num_threads later is not enough. Set it at process start.
+        actor_env["OMP_NUM_THREADS"] = str(pool.threads_per_actor)
+        # Ray workers run niced; threads spinning at OpenMP barriers lose their slices to any
+        # other load and the actor crawls (seen here: 4x slower in the mining actors).
+        actor_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if os.environ.get("EMBEDCTL_TEST_CRASH_ONCE"):  # fault-injection hook for the retry test
+        actor_env["EMBEDCTL_TEST_CRASH_ONCE"] = os.environ["EMBEDCTL_TEST_CRASH_ONCE"]
+    return {"runtime_env": {"env_vars": actor_env}} if actor_env else {}
+
+
+def _writer_env() -> dict[str, Any]:
+    flag = os.environ.get("EMBEDCTL_TEST_CRASH_IN_WRITE_ONCE")  # fault-injection hook for the writer test
+    return {"runtime_env": {"env_vars": {"EMBEDCTL_TEST_CRASH_IN_WRITE_ONCE": flag}}} if flag else {}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     os.environ.update({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ})
+    if _ray_log_level() > logging.INFO:
+        # Ray's C++ core prints an ERROR line on every map_batches actor pool ("constructor arguments in
+        # the object store and max_restarts > 0"): Ray Data always passes its map transformer by
+        # reference, and we want restarts. Without -v only fatal C++ lines reach the terminal (this
+        # driver's and, for a local Ray, its workers' log files); errors a user can act on still raise.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster's workers get their environment from the image / the job's runtime_env.
@@ -34,7 +42,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
         # credentials must never travel in a runtime_env (the dashboard shows it).
         in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or "RAY_JOB_SUBMISSION_ID" in os.environ
         env_vars = {} if in_submitted_job else {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
-        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False)
+        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,
+                 logging_level=_ray_log_level())
     else:
         # A local Ray needs no auth token; "local" starts a fresh cluster even if a killed
         # `ray start` left /tmp/ray/ray_current_cluster behind. Local workers may inherit S3 settings.
@@ -42,11 +51,45 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         env_vars = {k: os.environ[k] for k in list(OFFLINE_ENV) + LOCAL_ONLY_ENV if k in os.environ}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env_vars})
+                 runtime_env={"env_vars": env_vars}, logging_level=_ray_log_level())
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ray
+
+
+def _ray_log_level() -> int:
+    """Ray's own INFO chatter ("Started a local Ray instance", executor plans) only when the user asked
+    for INFO logs (``embedctl -v``); warnings and errors always pass."""
+    return logging.INFO if logging.getLogger().getEffectiveLevel() <= logging.INFO else logging.WARNING
+
+
+@contextmanager
+def quiet_ray_data() -> Iterator[None]:
+    """Keep Ray Data's driver-side chatter out of a user's terminal unless -v asked for INFO logs.
+
+    Ray Data logs, on every run, an ERROR-level line that actor constructor arguments went to the
+    object store (it always does that for map_batches actors; nothing is wrong) and a warning
+    about progress bars (we turn them off on purpose); neither is actionable by a user. Real
+    failures still surface: they raise from ``iter_rows``.
+    """
+    import warnings
+
+    if logging.getLogger().getEffectiveLevel() <= logging.INFO:
+        yield
+        return
+    loggers = [logging.getLogger(n) for n in ("ray.data", "ray.data._internal")]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
+            yield
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
 
 
 GPU_ACTORS_PER_CARD = 2
@@ -62,6 +105,7 @@ class PoolPlan:
     threads_per_actor: int
     cpus_per_task: float  # the chunk/read tasks
     reason: str
+    cpus_per_writer: float = 0.25  # the tasks that write and commit each unit after the actors
 
 
 def plan_pool(resources: dict[str, float], device: str, workers: int | None = None,
@@ -81,7 +125,8 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
         n = workers or (max(1, int(gpus)) * per_gpu if gpus >= 1 else 1)
         gpa = min(1.0, gpus / n) if gpus >= 1 else 1.0
         cpa = min(1.0, max(0.25, (cpus - 1) / n)) if cpus > 1 else 0.25
-        return PoolPlan(n, cpa, gpa, threads or 1, min(0.5, cpus / 4), f"{n} GPU actor(s) over {gpus:g} GPUs")
+        return PoolPlan(n, cpa, gpa, threads or 1, min(0.5, cpus / 4), f"{n} GPU actor(s) over {gpus:g} GPUs",
+                        min(0.5, cpus / 4))
     # CPU: reserve at most cpus-1 for actors (>= 1 CPU stays free for reading/chunking/writing).
     spare = max(cpus - 1.0, cpus / 2)
     n = workers or max(1, int(spare // 2) if cpus > 4 else 1)
@@ -91,6 +136,9 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
     thr = threads or max(1, math.floor(cpus / n))
     # Chunk tasks: half a CPU each on larger machines; on a small one, the CPUs the actors leave
     # (one task at a time beside the actor, so start-up is not a scramble of worker boots).
-    task_cpus = min(0.5, cpus / 4) if cpus > 4 else min(1.0, max(0.5, cpus - n * cpa))
+    # Writers take a quarter CPU so one can always run beside a chunk task and the actor.
+    writer_cpus = 0.25
+    task_cpus = min(0.5, cpus / 4) if cpus > 4 else min(1.0, max(0.5, cpus - n * cpa - writer_cpus))
     return PoolPlan(n, round(cpa, 3), 0.0, thr, round(task_cpus, 3),
-                    f"{n} CPU actor(s) x {cpa:g} CPU reserved, {thr} torch thread(s) each, on {cpus:g} CPUs")
+                    f"{n} CPU actor(s) x {cpa:g} CPU reserved, {thr} torch thread(s) each, on {cpus:g} CPUs",
+                    writer_cpus)

@@ -7,14 +7,14 @@ every manifest.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from engine.embed.chunking import ChunkConfig
-from engine.embed.corpus import CorpusConfig
 from engine.core.config import from_flat
 from engine.core.errors import ConfigError
+from engine.embed.chunking import ChunkConfig
+from engine.embed.corpus import CorpusConfig
 
 
 @dataclass(frozen=True)

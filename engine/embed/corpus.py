@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import ConfigError, SchemaError
 from engine.core.storage import LocalStore, Store, open_store
@@ -340,7 +341,7 @@ def validate_unit(table: pa.Table, unit: Unit, cfg: CorpusConfig, plan: CorpusPl
                  for c in plan.metadata_columns}
     dups = plan.duplicates.get(unit.file, {})
     out = ValidatedRows([], [], [], [], {c: [] for c in plan.metadata_columns}, [])
-    for i, (doc_id, text) in enumerate(zip(ids, texts)):
+    for i, (doc_id, text) in enumerate(zip(ids, texts, strict=True)):
         row = unit.row_start + i
         reason, detail = None, ""
         raw_bytes = text if isinstance(text, bytes) else None

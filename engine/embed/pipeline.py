@@ -2,7 +2,8 @@
 
 prepare_run  -> plan the corpus (schema check, units, duplicates), save the plan, list pending units
 chunk_unit   -> read + validate + normalise + chunk one unit; write chunks/ and rejects/ parts
-UnitEmbedder -> embed one unit's chunks (token-budget batches); write embeddings/, then commit it
+UnitEmbedder -> embed one unit's chunks (token-budget batches)      } engine.embed.embedder: on Ray the
+commit_unit  -> append the vectors, write embeddings/, then commit  } actor only computes, writers commit
 finalize_run -> gather the unit commits into manifest.json
 
 Resume: a unit is done when ``_state/done/<unit>.json`` exists; that marker is written last,
@@ -16,23 +17,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass
-from functools import lru_cache
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import __version__
 from engine.core.errors import ConfigError
-from engine.core.layout import run_manifest_key, run_part_key, run_prefix
-from engine.core.storage import Store, join, json_bytes, open_store, sha256_file
-from engine.embed.chunking import ChunkConfig, Chunker, chunk_id_for, content_hash, normalize_text
+from engine.core.layout import run_manifest_key, run_part_key
+from engine.core.storage import open_store
+from engine.embed.chunking import chunk_id_for, content_hash, normalize_text
 from engine.embed.config import EmbedJobConfig
 from engine.embed.corpus import CorpusPlan, Unit, corpus_store, plan_corpus, read_unit, rejects_schema, validate_unit
-from engine.embed.tokenizers import HFTokenizer, Tokenizer, WhitespaceTokenizer, load_tokenizer
+from engine.embed.embedder import UnitEmbedder, commit_unit
+from engine.embed.model_facts import ModelInfo, embed_inputs, make_chunker, model_info, model_tokenizer
+from engine.embed.parts import embedding_column, read_part, state_key, write_part
+from engine.embed.tokenizers import HFTokenizer
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,60 +42,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-def state_key(run_id: str, *parts: str) -> str:
-    return join(run_prefix(run_id), "_state", *parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# model facts without loading the model (tokenizer + max length), for the CPU chunk stage
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    path: str
-    max_seq_length: int
-
-
-@lru_cache(maxsize=8)
-def model_info(spec: str | None) -> ModelInfo:
-    if spec and spec.startswith("hash:"):
-        return ModelInfo(spec, "", 512)
-    from engine.embed.encoders import resolve_model_path
-
-    name, path = resolve_model_path(spec)
-    max_len = 512
-    cfg = Path(path) / "sentence_bert_config.json"
-    if cfg.exists():
-        max_len = int(json.loads(cfg.read_text()).get("max_seq_length") or max_len)
-    return ModelInfo(name, path, max_len)
-
-
-@lru_cache(maxsize=8)
-def model_tokenizer(spec: str | None) -> Tokenizer:
-    info = model_info(spec)
-    if not info.path:
-        return WhitespaceTokenizer()
-    tok_json = Path(info.path) / "tokenizer.json"
-    if not tok_json.exists():
-        raise ConfigError(f"model folder {info.path} has no tokenizer.json (a fast tokenizer is needed for chunking)")
-    return HFTokenizer(tok_json, name=f"hf:{info.name}")
-
-
-@lru_cache(maxsize=8)
-def _chunker(cfg_json: str) -> Chunker:
-    d = json.loads(cfg_json)
-    chunk_cfg = ChunkConfig(**d["chunk"])
-    mtok = model_tokenizer(d["model"])
-    return Chunker(chunk_cfg, load_tokenizer(chunk_cfg.tokenizer, mtok), mtok, model_info(d["model"]).max_seq_length,
-                   prompt=d.get("passage_prompt") or "")
-
-
-def make_chunker(cfg: EmbedJobConfig) -> Chunker:
-    return _chunker(json.dumps({"chunk": asdict(cfg.chunk), "model": cfg.embed.model,
-                                "passage_prompt": cfg.embed.passage_prompt}, sort_keys=True))
+# Re-exported: callers import the embed job's pieces from here (refresh, mining, tests, benchmarks).
+__all__ = ["ModelInfo", "PreparedRun", "UnitEmbedder", "chunk_unit", "chunk_unit_table", "chunk_unit_tokens",
+           "commit_unit", "embed_inputs", "embedding_column", "finalize_run", "make_chunker", "model_info",
+           "model_tokenizer", "plan_meta_for", "prepare_run", "pretokenize", "read_part", "run_locally", "run_summary",
+           "state_key", "unpack_ids", "write_part"]
 
 
 def default_run_id(cfg: EmbedJobConfig, plan: CorpusPlan) -> str:
@@ -295,110 +247,6 @@ def _count(items: Any) -> dict[str, int]:
     return out
 
 
-def write_part(store: Store, key: str, table: pa.Table) -> dict[str, Any]:
-    """Write a Parquet part atomically (temp file -> upload/rename); return its key, rows, bytes, sha256.
-
-    Written without timestamps or writer-dependent metadata so equal tables give equal bytes.
-    """
-    import pyarrow.parquet as pq
-
-    with tempfile.TemporaryDirectory(prefix="embedctl-part-") as tmp:
-        path = os.path.join(tmp, "part.parquet")
-        pq.write_table(table, path, compression="zstd", row_group_size=8192, write_statistics=True)
-        digest, size = sha256_file(path), os.path.getsize(path)
-        store.upload_file(key, path)
-    return {"key": key, "rows": table.num_rows, "bytes": size, "sha256": digest}
-
-
-def read_part(store: Store, key: str) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    with store.arrow_filesystem().open_input_file(store.arrow_path(key)) as f:
-        return pq.read_table(f)
-
-
-# ---------------------------------------------------------------------------------------------
-# embed stage (CPU or GPU actor)
-# ---------------------------------------------------------------------------------------------
-
-
-def embedding_column(vectors: Any, dtype: str) -> pa.FixedSizeListArray:
-    import numpy as np
-    import pyarrow as pa
-
-    arr = np.ascontiguousarray(vectors, dtype=np.float16 if dtype == "float16" else np.float32)
-    n, dim = arr.shape if arr.ndim == 2 else (0, 0)
-    flat = pa.array(arr.reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, dim) if n else pa.array([], type=pa.list_(flat.type, max(dim, 1)))
-
-
-class UnitEmbedder:
-    """Holds the model once; embeds whole units and commits them. Used as a Ray Data actor."""
-
-    def __init__(self, cfg: EmbedJobConfig, run_id: str, threads: int | None = None, encoder: Encoder | None = None):
-        from engine.embed.encoders import load_encoder
-
-        self.created_at = time.time()  # start-up accounting (manifest timings.start_up)
-        self.cfg = cfg
-        self.run_id = run_id
-        self.store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
-        e = cfg.embed
-        self.encoder = encoder or load_encoder(
-            e.model, device=e.device, dtype=e.dtype, truncate_dim=e.truncate_dim, query_prompt=e.query_prompt,
-            passage_prompt=e.passage_prompt, batch_tokens=e.batch_tokens, threads=threads, compile=e.compile,
-        )
-        self.ready_at = time.time()
-
-    def embed_unit(self, chunked: dict[str, Any], token_ids: list[Any] | None = None) -> dict[str, Any]:
-        """Embed one unit's chunks (from pre-tokenized ids when given) and commit the unit."""
-        import pyarrow as pa
-
-        _maybe_crash_for_test()
-        started_at = time.time()
-        t0 = time.perf_counter()
-        chunks = read_part(self.store, chunked["chunk_file"]["key"])
-        encode_ids = getattr(self.encoder, "encode_ids", None)
-        if token_ids is not None and encode_ids is not None and len(token_ids) == chunks.num_rows:
-            vectors = encode_ids(token_ids)  # [n_chunks, dim] float32, L2-normalised
-        else:
-            vectors = self.encoder.encode_passages(embed_inputs(chunks, make_chunker(self.cfg)))
-        column = embedding_column(vectors, self.cfg.embed.output_dtype)
-        table = chunks.append_column(pa.field("embedding", column.type), column)
-        emb_file = write_part(self.store, run_part_key(self.run_id, "embeddings", chunked["unit_id"]), table)
-        embed_seconds = time.perf_counter() - t0
-        marker = {k: v for k, v in chunked.items() if k not in ("chunk_seconds",)}
-        marker.update(embedding_file=emb_file, dim=self.encoder.dim, model=self.encoder.identity, chunk_seconds=chunked["chunk_seconds"],
-                      embed_seconds=embed_seconds, started_at=round(started_at, 3),
-                      actor_created_at=round(self.created_at, 3), actor_ready_at=round(self.ready_at, 3))
-        # The commit: written last, so a unit with a marker has all three parts.
-        self.store.write_bytes(state_key(self.run_id, "done", f"{chunked['unit_id']}.json"), json_bytes(marker))
-        return marker
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Ray Data entry point: a batch of unit rows (JSON ``chunked``; packed ``ids``/``lens`` when pre-tokenized)."""
-        out = []
-        for i, s in enumerate(batch["chunked"]):
-            ids = batch["ids"][i] if "ids" in batch else None
-            token_ids = unpack_ids(ids, batch["lens"][i]) if ids else None
-            out.append(self.embed_unit(json.loads(s), token_ids))
-        return {"marker": [json.dumps(m) for m in out]}
-
-
-def embed_inputs(chunks: pa.Table, chunker: Chunker) -> list[str]:
-    """Title prefix + chunk text, exactly as the chunker sized it (the prompt is added by the encoder)."""
-    texts = chunks.column("text").to_pylist()
-    titles = chunks.column("title").to_pylist()
-    return [chunker.prefix_for(t) + x for t, x in zip(titles, texts, strict=True)]
-
-
-def _maybe_crash_for_test() -> None:
-    """Test hook: with EMBEDCTL_TEST_CRASH_ONCE=<flag file>, the first worker to get here dies for real."""
-    flag = os.environ.get("EMBEDCTL_TEST_CRASH_ONCE")
-    if flag and not os.path.exists(flag):
-        Path(flag).write_text(str(os.getpid()))
-        os._exit(137)
-
-
 # ---------------------------------------------------------------------------------------------
 # finalize
 # ---------------------------------------------------------------------------------------------
@@ -418,10 +266,11 @@ def start_up(markers: list[dict[str, Any]], job_started_at: float) -> dict[str, 
 
 
 def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float,
-                 started_at: float | None = None) -> dict[str, Any]:
+                 started_at: float | None = None, driver_timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Gather unit commits into the manifest; the run succeeds only if every unit is committed.
 
-    ``started_at`` (epoch seconds) adds ``timings.start_up`` for the units embedded in this attempt."""
+    ``started_at`` (epoch seconds) adds ``timings.start_up`` for the units embedded in this attempt;
+    ``driver_timings`` (plan_s, ray_init_s, first_unit_done_s: the driver's own clock) join it."""
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     run_id = prepared.run_id
     markers = {}
@@ -448,8 +297,11 @@ def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float
     timings: dict[str, Any] = {"wall_seconds": round(wall_seconds, 3), "chunk_worker_seconds": round(chunk_s, 3),
                                "embed_worker_seconds": round(embed_s, 3)}
     startup = start_up(ordered, started_at) if started_at else None
-    if startup:
-        timings["start_up"] = startup
+    if startup or driver_timings:
+        timings["start_up"] = {**(driver_timings or {}), **(startup or {})}
+    write_s = sum(float(m.get("write_seconds", 0.0)) for m in ordered)
+    if write_s:
+        timings["write_worker_seconds"] = round(write_s, 3)
     manifest = dict(prepared.manifest)
     manifest.update(
         status="succeeded" if not missing else "incomplete",

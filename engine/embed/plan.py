@@ -71,8 +71,8 @@ def plan_job(cfg: EmbedJobConfig, sample_docs: int = 256, workers: int = 1, thro
                              normalize)
         docs_seen += table.num_rows
         rejects += len(rows.rejects)
-        for text, title in zip(rows.texts, rows.titles):
-            for ch in chunker.chunk(text, title):
+        for doc_chunks in chunker.chunk_many(rows.texts, rows.titles):
+            for ch in doc_chunks:
                 texts.append(ch.embed_text)
                 tokens += ch.n_tokens
     n_chunks = len(texts)
