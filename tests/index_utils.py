@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 
 from engine.core import layout
-from engine.embed.encoders import load_encoder
 from engine.core.storage import Store, json_bytes
+from engine.embed.encoders import load_encoder
 from engine.embed.pipeline import write_part
 
 
@@ -34,10 +34,12 @@ def hash_identity(dim: int) -> dict[str, Any]:
 
 def make_run(store: Store, run_id: str, vectors: np.ndarray, *, parts: int = 3, model: dict[str, Any] | None = None,
              doc_of: Any = None, dtype: str = "float32", chunk_ids: list[str] | None = None,
-             doc_ids: list[str] | None = None, status: str = "succeeded") -> dict[str, Any]:
+             doc_ids: list[str] | None = None, status: str = "succeeded", texts: list[str] | None = None,
+             columns: dict[str, pa.Array] | None = None) -> dict[str, Any]:
     """Write ``vectors`` as an embed run of ``parts`` Parquet parts; returns the run manifest.
 
-    chunk ``c<i>`` belongs to doc ``d<doc_of(i)>`` (default: two chunks per doc)."""
+    chunk ``c<i>`` belongs to doc ``d<doc_of(i)>`` (default: two chunks per doc); ``texts`` replace
+    the ``text <i>`` chunk texts; ``columns`` (name -> Arrow array of n rows) are metadata columns."""
     n, dim = vectors.shape if vectors.ndim == 2 else (0, 0)
     doc_of = doc_of or (lambda i: i // 2)
     chunk_ids = chunk_ids or [f"c{i:06d}" for i in range(n)]
@@ -46,14 +48,15 @@ def make_run(store: Store, run_id: str, vectors: np.ndarray, *, parts: int = 3, 
     outputs = []
     bounds = np.linspace(0, n, parts + 1).round().astype(int) if n else np.zeros(parts + 1, dtype=int)
     value_type = pa.float16() if dtype == "float16" else pa.float32()
-    for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for p, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         rows = vectors[a:b].astype(np.float16 if dtype == "float16" else np.float32)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1), type=value_type), model["dim"])
         table = pa.table({
             "chunk_id": pa.array(chunk_ids[a:b], pa.string()),
             "doc_id": pa.array(doc_ids[a:b], pa.string()),
             "chunk_index": pa.array([0] * (b - a), pa.int32()),
-            "text": pa.array([f"text {i}" for i in range(a, b)], pa.string()),
+            "text": pa.array(texts[a:b] if texts is not None else [f"text {i}" for i in range(a, b)], pa.string()),
+            **{name: col.slice(int(a), int(b - a)) for name, col in (columns or {}).items()},
             "embedding": emb,
         })
         outputs.append(write_part(store, layout.run_part_key(run_id, "embeddings", f"{p:05d}"), table))

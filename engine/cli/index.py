@@ -109,6 +109,9 @@ class _BuildProgress:
 @click.option("--no-gate", is_flag=True, help="Measure recall but never fail on it.")
 @click.option("--gate-queries", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sparse", type=click.Choice(["none", "bm25"]), default="none", show_default=True,
+              help="bm25: BM25 shards (bm25s, English stop words, Snowball stemmer) beside the dense ones, for "
+                   "search --mode sparse|hybrid.")
 @click.option("--parent-version", default=None, help="Lineage: the version this one replaces [newest existing].")
 @click.option("--force", is_flag=True, help="Build a new version even if this exact build finished before.")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
@@ -121,7 +124,7 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
                     shards: int | None, memory_budget: str | None, nlist: int | None, pq_m: int | None,
                     pq_nbits: int | None, train_size: int | None, rescore: str, rescore_multiplier: int | None,
                     nprobe: int | None, gate_recall: float, no_gate: bool, gate_queries: int, seed: int,
-                    parent_version: str | None, force: bool, executor: str, address: str | None,
+                    sparse: str, parent_version: str | None, force: bool, executor: str, address: str | None,
                     workers: int | None, config_path: str | None, as_json: bool) -> None:
     """Train once on a sample of an embed run, add its vectors to N shards in parallel, gate on recall.
 
@@ -131,6 +134,7 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
       embedctl build-index --store ./store --run RUN_ID --index docs --kind binary-rerank --json
       embedctl build-index --store s3://bkt/emb --run RUN_ID --index docs --memory-budget 4GB --shards 8
       embedctl build-index --store ./store --run RUN_ID --index docs --factory "OPQ48,IVF4096,PQ48x4fs"
+      embedctl build-index --store ./store --run RUN_ID --index docs --sparse bm25   # + BM25 for hybrid search
       python jobs/build_index.py --config build.yaml      # the same job, for `ray job submit`
 
     Rerunning the same command after a crash resumes (no retraining, committed shards kept);
@@ -145,7 +149,7 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
         "store": store, "endpoint_url": endpoint_url, "run": run, "index": index, "kind": kind, "factory": factory,
         "shards": shards, "memory_budget": memory_budget, "nlist": nlist, "pq_m": pq_m, "pq_nbits": pq_nbits,
         "train_size": train_size, "rescore": rescore, "rescore_multiplier": rescore_multiplier, "nprobe": nprobe,
-        "gate_recall": gate_recall, "gate_queries": gate_queries, "seed": seed,
+        "gate_recall": gate_recall, "gate_queries": gate_queries, "seed": seed, "sparse": sparse,
         "parent_version": parent_version, "force": force or None, "executor": executor, "address": address,
         "workers": workers,
     }
@@ -192,10 +196,23 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
 @click.option("--no-verify", is_flag=True, help="Skip checksum verification of the version's files.")
 @click.option("--threshold", default=None,
               help="Drop hits below a score, or 'auto' (the version's calibrated thresholds; stale ones are refused).")
+@click.option("--mode", type=click.Choice(["dense", "sparse", "hybrid"]), default="dense", show_default=True,
+              help="dense vectors, BM25 shards (--sparse bm25 builds), or both fused.")
+@click.option("--fusion", type=click.Choice(["rrf", "weighted"]), default=None,
+              help="Hybrid fusion: reciprocal-rank or weighted normalised scores [the version's tuned default, else "
+                   "rrf k=60].")
+@click.option("--where", "where", default=None,
+              help="Metadata filter, e.g. \"lang = 'de' AND updated_at >= '2026-01-01'\" (= != < <= > >=, IN, "
+                   "IS NULL, AND/OR/NOT, parentheses).")
+@click.option("--rerank", "rerank_path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A local sentence-transformers CrossEncoder folder that re-scores the top hits.")
+@click.option("--rerank-depth", type=click.IntRange(1), default=None, help="Hits re-scored per query [k].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
                queries: tuple[str, ...], k: int, nprobe: int | None, rescore_multiplier: int | None,
-               collapse_docs: bool, device: str, no_verify: bool, threshold: str | None, as_json: bool) -> None:
+               collapse_docs: bool, device: str, no_verify: bool, threshold: str | None, mode: str,
+               fusion: str | None, where: str | None, rerank_path: str | None, rerank_depth: int | None,
+               as_json: bool) -> None:
     """Search an index version with the model it was built with.
 
     \b
@@ -203,6 +220,9 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
       embedctl search --store ./store --index docs --alias live --query "wing lift at high angle of attack"
       embedctl search --store ./store --index docs --version latest -q "heat transfer" -q "shock waves" -k 5 --json
       embedctl search --store ./store --index docs --alias live -q "buckling of panels" --docs --nprobe 64
+      embedctl search --store ./store --index docs --alias live -q "heat transfer" --mode hybrid --fusion rrf
+      embedctl search --store ./store --index docs --alias live -q "Wärme" --where "lang = 'de' AND year >= 2020"
+      embedctl search --store ./store --index docs --alias live -q "flutter" --rerank ./ce-model --rerank-depth 50
     """
     from engine.index.searcher import Searcher
     from engine.index.version import resolve_version
@@ -210,18 +230,30 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
     thresholds = None
+    if threshold is not None and mode != "dense":
+        from engine.core.errors import ConfigError
+
+        raise ConfigError(f"--threshold is calibrated on dense scores; {mode} scores (BM25 or fused) need their own "
+                          "calibration, which does not exist yet: drop --threshold or use --mode dense")
+    if rerank_depth is not None and rerank_path is None:
+        from engine.core.errors import ConfigError
+
+        raise ConfigError("--rerank-depth needs --rerank FOLDER")
     if threshold is not None:
         from engine.quality.calibration_store import resolve_threshold
 
         thresholds = resolve_threshold(st, index, vid, threshold)  # refused here, before loading, if stale
     t0 = time.perf_counter()
     searcher = Searcher.load(st, index, vid, verify=not no_verify, device=device)
+    reranker = searcher.reranker(rerank_path) if rerank_path else None
     t_load = time.perf_counter() - t0
     try:
         t1 = time.perf_counter()
         results = searcher.search(list(queries), k, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
-                                  collapse_docs=collapse_docs)
+                                  collapse_docs=collapse_docs, mode=mode, fusion=fusion, where=where,
+                                  rerank=reranker, rerank_depth=rerank_depth)
         t_search = time.perf_counter() - t1
+        fused = searcher.resolve_fusion(fusion).to_dict() if mode == "hybrid" else None
     finally:
         searcher.close()
     reasons: list[str | None] = [None] * len(results)
@@ -234,10 +266,16 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
                    "results": [{"query": q, "empty_reason": why if not hits else None,
                                 "hits": [{"chunk_id": h.chunk_id, "doc_id": h.doc_id, "score": h.score}
                                          for h in hits]} for q, hits, why in zip(queries, results, reasons, strict=True)],
-                   "timings": {"load_s": round(t_load, 3), "search_s": round(t_search, 3)}})
+                   "timings": {"load_s": round(t_load, 3), "search_s": round(t_search, 3),
+                               **({"rerank_s": round(reranker.last_seconds, 3)} if reranker else {})},
+                   **({"mode": mode} if mode != "dense" else {}), **({"fusion": fused} if fused else {}),
+                   **({"where": where} if where is not None else {})})
         return
     click.echo(f"{index}/{vid}" + (f" (alias {alias})" if alias else "") + f": {len(queries)} quer"
-               f"{'y' if len(queries) == 1 else 'ies'} in {t_search * 1000:.0f} ms", err=True)
+               f"{'y' if len(queries) == 1 else 'ies'} in {t_search * 1000:.0f} ms"
+               + (f" ({mode}" + (f", {fused['method']} {fused['source']}" if fused else "") + ")" if mode != "dense"
+                  else "")
+               + (f", rerank {reranker.last_seconds * 1000:.0f} ms" if reranker else ""), err=True)
     for q, hits, why in zip(queries, results, reasons, strict=True):
         click.echo(f"\n{q}")
         if not hits:
@@ -278,16 +316,16 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
       embedctl evaluate --store ./store --index docs --version latest --queries q.jsonl --qrels q.tsv -k 20 --json
     """
     from engine.core.errors import ConfigError
-    from engine.quality.evaluate import EvalConfig, evaluate_version
     from engine.index.version import resolve_version
+    from engine.quality.evaluate import EvalConfig, evaluate_version
 
     st = _open(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
     if benchmark_path is not None:
         if queries_path or qrels_path:
             raise ConfigError("give --benchmark or --queries/--qrels, not both")
-        from engine.quality.benchmark import evaluate_benchmark, load_benchmark
         from engine.index.searcher import Searcher
+        from engine.quality.benchmark import evaluate_benchmark, load_benchmark
 
         searcher = Searcher.load(st, index, vid, device=device)
         try:
@@ -320,3 +358,57 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
     if f"recall_vs_exact@{k}" in m:
         click.echo(f"  chunk recall@{k} of the index against exact search: {m[f'recall_vs_exact@{k}']:.4f}")
     click.echo(f"  per-query results: {summary['per_query_path']}")
+
+
+@click.command("tune-fusion")
+@_store_options
+@_version_options
+@click.option("--queries", "queries_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help='JSON lines: {"query_id", "text"}.')
+@click.option("--qrels", "qrels_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="TSV with a header: query_id doc_id grade.")
+@click.option("--gain", type=click.Choice(["cranfield", "linear", "binary"]), default="cranfield", show_default=True)
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="nDCG@k is what is tuned.")
+@click.option("--split", "share", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Share of the queries the fusion is tuned on; the rest report it (held out).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--depth", type=click.IntRange(1), default=100, show_default=True, help="Candidates from each list.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
+                    queries_path: str, qrels_path: str, gain: str, k: int, share: float, seed: int, depth: int,
+                    device: str, as_json: bool) -> None:
+    """Tune hybrid fusion (RRF k and weights, or weighted normalised scores) on judged queries; store it beside
+    the version, where `search --mode hybrid` finds it as its default.
+
+    \b
+    Examples:
+      embedctl tune-fusion --store ./store --index cranfield --alias live \\
+          --queries ../shared/data/cranfield/queries.jsonl --qrels ../shared/data/cranfield/qrels.tsv
+    """
+    from engine.index.searcher import Searcher
+    from engine.index.tuning import tune_version
+    from engine.index.version import resolve_version
+    from engine.quality.evaluate import load_qrels, load_queries
+    from engine.quality.metrics import ndcg_at_k
+
+    st = _open(store, endpoint_url)
+    vid = resolve_version(st, index, version, alias)
+    queries = [(q.query_id, q.text) for q in load_queries(queries_path)]
+    qrels = load_qrels(qrels_path, gain)
+    with Searcher.load(st, index, vid, device=device) as searcher:
+        record = tune_version(searcher, st, queries, qrels, ndcg_at_k, k=k, share=share, seed=seed, depth=depth,
+                              label=f"{queries_path} + {qrels_path}")
+    bench = record["benchmark"]
+    out = {"index": index, "version": vid, "record": record["key"], "chosen": record["chosen"],
+           "tuned_on": bench["tuned_on"], "held_out": bench["held_out"], f"tuned_ndcg@{k}": record["tuned_value"],
+           f"held_out_ndcg@{k}": record["held_out"]}
+    if as_json:
+        emit_json(out)
+        return
+    c = record["chosen"]
+    how = f"rrf k={c['rrf_k']}" if c["method"] == "rrf" else "weighted"
+    click.echo(f"{index}/{vid}: fusion {how}, dense weight {c['dense_weight']} (nDCG@{k} {record['tuned_value']:.4f} "
+               f"on {bench['tuned_on']} queries); stored as {record['key']}")
+    click.echo(f"  held out ({bench['held_out']} queries): " + ", ".join(
+        f"{name} {v:.4f}" for name, v in record["held_out"].items()))

@@ -45,7 +45,7 @@ from engine.core.storage import Store, join, json_bytes
 from engine.index.context import MANIFEST_FORMAT, BuildContext, Progress, now_iso, upload_bytes
 from engine.index.gate import run_gate
 from engine.index.params import BuildConfig, IndexParams, choose_params
-from engine.index.runs import Mapper, RunInfo, local_mapper, read_run
+from engine.index.runs import Mapper, RunInfo, local_mapper, metadata_columns, read_run
 from engine.index.shards import add_shards, shard_committed
 from engine.index.train import sample_vectors, train_quantizer
 from engine.index.version import list_versions, new_version_id, read_version_manifest
@@ -56,7 +56,7 @@ REPORT_KEY = "build-report.json"
 MANIFEST_KEYS = frozenset({
     "format", "version_id", "index", "created_at", "engine_version", "model", "dim", "metric", "kind", "params",
     "source_run", "source", "parent_version", "shards", "files", "artifacts", "counts", "recall_gate", "thresholds",
-    "build_key", "timings"})
+    "build_key", "timings", "sparse", "metadata"})
 
 
 @dataclass
@@ -197,7 +197,7 @@ def _draft_manifest(ctx: BuildContext, params: IndexParams, state: dict[str, Any
                        "bytes": sum(f["bytes"] for f in r["files"].values()),
                        "files": {role: f["key"] for role, f in r["files"].items()}})
         artifacts.extend(dict(f) for f in r["files"].values())
-    return {
+    manifest = {
         "format": MANIFEST_FORMAT, "version_id": state["version_id"], "index": ctx.index, "created_at": now_iso(),
         "engine_version": __version__, "model": run.model, "dim": run.dim, "metric": run.metric,
         "kind": params.kind, "params": params.to_dict(), "source_run": run.run_id,
@@ -206,6 +206,35 @@ def _draft_manifest(ctx: BuildContext, params: IndexParams, state: dict[str, Any
         "counts": {"vectors": run.rows, "shards": len(shards)}, "recall_gate": None, "thresholds": {},
         "build_key": ctx.key,
     }
+    manifest.update(_extra_sections(ctx, shard_results, artifacts))
+    return manifest
+
+
+def _extra_sections(ctx: BuildContext, shard_results: list[dict[str, Any]],
+                    artifacts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``sparse`` (BM25 shards) and ``metadata`` (filter columns) sections, when the shards have them;
+    their files join ``artifacts`` (checksummed and verified like every other file)."""
+    out: dict[str, Any] = {}
+    if ctx.cfg.sparse != "none":
+        from engine.index.sparse import BM25_PARAMS, TOKENIZER, library_version
+
+        shards = []
+        for r in shard_results:
+            files = r.get("sparse") or {}
+            shards.append({"shard": r["shard"], "rows": r["rows"], "id_start": r["id_start"], "id_end": r["id_end"],
+                           "files": {name: f["key"] for name, f in files.items()}})
+            artifacts.extend(dict(f) for f in files.values())
+        out["sparse"] = {"kind": ctx.cfg.sparse, "library": library_version(), "params": BM25_PARAMS,
+                         "tokenizer": TOKENIZER, "fields": ["title", "text"], "shards": shards}
+    if any(r.get("meta") for r in shard_results):
+        columns = metadata_columns(ctx.run_columns())
+        shards = []
+        for r in shard_results:
+            files = r.get("meta") or {}
+            shards.append({"shard": r["shard"], "files": {role: f["key"] for role, f in files.items()}})
+            artifacts.extend(dict(f) for f in files.values())
+        out["metadata"] = {"columns": columns, "shards": shards}
+    return out
 
 
 def _finish_manifest(ctx: BuildContext, manifest: dict[str, Any], params: IndexParams, gate: dict[str, Any],

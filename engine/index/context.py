@@ -18,7 +18,7 @@ from engine.core import layout
 from engine.core.errors import NotFoundError
 from engine.core.storage import Store, join
 from engine.index.params import BuildConfig
-from engine.index.runs import Mapper, RunInfo
+from engine.index.runs import Mapper, RunInfo, run_columns
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,13 @@ class BuildContext:
         self.state_prefix = join(layout.index_prefix(index), "builds", self.key[:24])
         self.state_key = join(self.state_prefix, "state.json")
         self.timings: dict[str, float] = {}
+        self._columns: dict[str, str] | None = None
+
+    def run_columns(self) -> dict[str, str]:
+        """Column -> Arrow type of the run's embeddings parts (read once)."""
+        if self._columns is None:
+            self._columns = run_columns(self.store, self.run)
+        return self._columns
 
     def emit(self, event: str, **info: Any) -> None:
         log.info("build %s: %s %s", self.index, event, {k: v for k, v in info.items() if k != "exact"})

@@ -35,6 +35,7 @@ RESCORE_MULTIPLIERS = (1, 2, 4, 8, 16, 32)
 PLATEAU = 0.001  # tuning stops when doubling nprobe / the multiplier gains less recall than this
 DEFAULT_PQ_NBITS = 4  # 4-bit fast-scan PQ: trains in seconds, searches with SIMD lookups
 CALIBRATION_ROWS = 100_000  # int8 range calibration sample for binary-rerank (no other training)
+SPARSE_KINDS: tuple[str, ...] = ("none", "bm25")  # none: dense only; bm25: BM25 shards beside the dense ones
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -87,6 +88,7 @@ class BuildConfig:
     gate_queries: int = 256
     target_recall: float = 0.95  # what nprobe / multiplier tuning aims for (at least gate_recall)
     seed: int = 0
+    sparse: str = "none"  # none | bm25: BM25 shards beside the dense ones, over the same chunks
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -111,9 +113,15 @@ class BuildConfig:
             raise ConfigError(f"memory_budget must be positive, got {self.memory_budget!r}")
         if self.factory is not None and not self.factory.strip():
             raise ConfigError("factory must be a FAISS factory string, got an empty one")
+        if self.sparse not in SPARSE_KINDS:
+            raise ConfigError(f"sparse must be one of {', '.join(SPARSE_KINDS)}, got {self.sparse!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings; ``sparse`` only when asked for, so dense-only builds keep their build keys."""
+        d = dataclasses.asdict(self)
+        if d["sparse"] == "none":
+            del d["sparse"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BuildConfig:

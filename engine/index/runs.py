@@ -17,6 +17,11 @@ from engine.core.storage import Store, check_key, join
 if TYPE_CHECKING:
     import pyarrow as pa
 
+# Columns every chunk row has; any other column of an embeddings part (title, lang, updated_at,
+# ...) is metadata an index version can filter on.
+CHUNK_COLUMNS = frozenset({"chunk_id", "doc_id", "chunk_index", "text", "char_start", "char_end", "n_tokens",
+                           "content_hash", "embedding"})
+
 Mapper = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[Any]]
 
 
@@ -194,3 +199,25 @@ def read_run_vectors(store: Store, run_id: str) -> tuple[np.ndarray, list[str], 
     mat = np.concatenate(vecs) if vecs else np.zeros((0, run.dim), dtype=np.float32)
     return mat, chunk_ids, doc_ids
 
+
+def run_columns(store: Store, run: RunInfo) -> dict[str, str]:
+    """Column name -> Arrow type (as text) of the run's embeddings parts (its first part's schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not run.parts:
+        return {}
+    part = run.parts[0]
+    try:
+        with store.arrow_filesystem().open_input_file(store.arrow_path(part.key)) as f:
+            schema = pq.read_schema(f)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise SchemaError(f"cannot read {store.describe(part.key)}: {err}") from None
+    return {f.name: str(f.type) for f in schema}
+
+
+def metadata_columns(columns: dict[str, str]) -> dict[str, str]:
+    """The filterable metadata columns among a run's columns (scalar types only, chunk columns left out)."""
+    return {name: t for name, t in columns.items()
+            if name not in CHUNK_COLUMNS and not t.startswith(("list", "large_list", "fixed_size_list", "struct",
+                                                                "map"))}

@@ -35,9 +35,12 @@ from engine.core import layout
 from engine.core.errors import ConfigError, IntegrityError
 from engine.core.storage import LocalStore, Store, join
 from engine.index.faiss_ops import import_faiss, merge_topk
+from engine.index.filters import MetadataFilter
+from engine.index.fusion import FUSION_METHODS, FusionConfig, default_fusion
 from engine.index.hits import best_per_doc
 from engine.index.params import DEFAULT_RESCORE_MULTIPLIER, RESCORE_DTYPES
 from engine.index.quantize import pack_sign_bits, rescore_scores
+from engine.index.retrieve import COLLAPSE_FANOUT, MODES, SparseShard, search_modes
 from engine.index.runs import normalize_rows
 from engine.index.verify import check_manifest_shape, verify_artifacts
 from engine.index.version import read_version_manifest
@@ -50,7 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_NPROBE = 16
-COLLAPSE_FANOUT = 4  # chunk hits fetched per wanted document when collapsing to documents
 CACHE_ENV = "EMBEDCTL_CACHE_DIR"
 
 
@@ -100,27 +102,75 @@ def _read_faiss(path: str, binary: bool) -> Any:
         return reader(path)
 
 
-def _search_params(index: Any, nprobe: int | None, binary: bool) -> tuple[Any, list[Any]]:
-    """FAISS search parameters for ``nprobe`` (per call: a shared index is never mutated)."""
+def _search_params(index: Any, nprobe: int | None, binary: bool, sel: Any = None) -> tuple[Any, list[Any]]:
+    """FAISS search parameters for ``nprobe`` and an ID selector ``sel`` (per call: a shared index is never
+    mutated). Returns (params or None, objects to keep alive while searching)."""
     faiss = import_faiss()
 
-    if nprobe is None:
-        return None, []
-    if binary:
-        if not hasattr(faiss.downcast_IndexBinary(index), "nlist"):
+    ivf = (hasattr(faiss.downcast_IndexBinary(index), "nlist") if binary
+           else faiss.try_extract_index_ivf(index) is not None)
+    if not ivf:
+        if sel is None:
             return None, []
-        p = faiss.SearchParametersIVF()
-        p.nprobe = nprobe
-        return p, [p]
-    if faiss.try_extract_index_ivf(index) is None:
+        p = faiss.SearchParameters()
+        p.sel = sel
+        return p, [p, sel]
+    if nprobe is None and sel is None:
         return None, []
     p = faiss.SearchParametersIVF()
-    p.nprobe = nprobe
-    if isinstance(index, faiss.IndexPreTransform):
+    if nprobe is not None:
+        p.nprobe = nprobe
+    if sel is not None:
+        p.sel = sel
+    if not binary and isinstance(index, faiss.IndexPreTransform):
         outer = faiss.SearchParametersPreTransform()
         outer.index_params = p
-        return outer, [outer, p]  # keep both alive: SWIG does not own index_params
-    return p, [p]
+        return outer, [outer, p, sel]  # keep both alive: SWIG does not own index_params
+    return p, [p, sel]
+
+
+def _nlist_of(index: Any, binary: bool) -> int | None:
+    faiss = import_faiss()
+    if binary:
+        b = faiss.downcast_IndexBinary(index)
+        return int(b.nlist) if hasattr(b, "nlist") else None
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else None
+
+
+def _filtered_search(shard: _Shard, x: np.ndarray, want: int, nprobe: int | None,
+                     mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The shard's best ``want`` candidates among the rows ``mask`` keeps, found inside FAISS (an ID selector;
+    IVF probes more lists until ``want`` candidates turn up or every list is probed). Index types without
+    selector support (binary IVF) search ever deeper and drop the rest, until ``want`` remain or the whole
+    shard was searched. (distances [q, want], FAISS labels [q, want]; -1 = empty.)"""
+    faiss = import_faiss()
+    keys = np.nonzero(mask)[0].astype(np.int64) if shard.row_ids else shard.ids[mask]
+    sel = faiss.IDSelectorBatch(keys)
+    nlist = _nlist_of(shard.index, shard.binary)
+    probe = nprobe if nlist is not None else None
+    try:
+        while True:
+            params, _keep = _search_params(shard.index, probe, shard.binary, sel)
+            dist, found = shard.index.search(x, want, params=params)
+            if probe is None or nlist is None or probe >= nlist or (found >= 0).sum(axis=1).min() >= want:
+                return dist, found
+            probe = min(probe * 4, nlist)
+    except RuntimeError:  # this index type takes no ID selector
+        log.debug("shard %d: no ID selector support; filtering deeper candidate lists", shard.number)
+    params, _keep = _search_params(shard.index, nlist, shard.binary)  # every list: the whole shard is reachable
+    depth = min(max(4 * want, 64), shard.rows)
+    while True:
+        dist, found = shard.index.search(x, depth, params=params) if params is not None else shard.index.search(x, depth)
+        rows = found if shard.row_ids else np.searchsorted(shard.ids, np.where(found >= 0, found, shard.ids[0]))
+        keep = (found >= 0) & mask[np.clip(rows, 0, len(mask) - 1)]
+        if keep.sum(axis=1).min() >= want or depth >= shard.rows:
+            break
+        depth = min(depth * 4, shard.rows)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :want]  # kept candidates first, in their order
+    kept = np.take_along_axis(keep, order, axis=1)
+    return (np.where(kept, np.take_along_axis(dist, order, axis=1), 0),
+            np.where(kept, np.take_along_axis(found, order, axis=1), -1))
 
 
 class _Shard:
@@ -200,6 +250,12 @@ class Searcher:
         self._encoder_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=min(len(self._shards), os.cpu_count() or 1)) \
             if len(self._shards) > 1 else None
+        self.sparse_shards = [SparseShard(e, paths, where) for e in sorted(
+            (manifest.get("sparse") or {}).get("shards") or [], key=lambda e: int(e["shard"]))]
+        self.filter = MetadataFilter(manifest, paths, self._ids, self._chunk_ids, self._doc_ids, where)
+        self.fusion = FusionConfig()  # hybrid default: the version's tuned fusion when load() finds one
+        self._rerankers: dict[str, Any] = {}
+        self._texts: Any = None  # engine.index.rerank.ChunkTexts, set by load_manifest
         self.closed = False
 
     # --- loading ----------------------------------------------------------------------------------
@@ -237,6 +293,13 @@ class Searcher:
                 paths = _materialize(store, index, manifest, cache_dir)
                 verify_artifacts(store, index, manifest, files=paths)
         searcher = cls(index, manifest, paths, device=device, encoder=encoder, where=where)
+        if searcher.sparse_shards:
+            from engine.index.fusion import latest_fusion_record
+
+            searcher.fusion = default_fusion(latest_fusion_record(store, index, str(manifest["version_id"])))
+        from engine.index.rerank import ChunkTexts
+
+        searcher._texts = ChunkTexts(store, manifest)
         log.info("loaded %s/%s: %s, %d vectors in %d shard(s)", index, manifest["version_id"], manifest["kind"],
                  searcher.rows, len(searcher._shards))
         return searcher
@@ -290,42 +353,102 @@ class Searcher:
 
     # --- search -------------------------------------------------------------------------------------
     def search(self, queries: Sequence[str], k: int = 10, *, nprobe: int | None = None,
-               rescore_multiplier: int | None = None, collapse_docs: bool = False) -> list[list[Hit]]:
-        """Embed ``queries`` with the version's model and search; one list of hits per query."""
+               rescore_multiplier: int | None = None, collapse_docs: bool = False, mode: str = "dense",
+               fusion: FusionConfig | str | None = None, where: str | None = None, rerank: Any = None,
+               rerank_depth: int | None = None) -> list[list[Hit]]:
+        """Embed ``queries`` with the version's model and search; one list of hits per query.
+
+        ``mode``: dense (default), sparse (BM25 shards) or hybrid (both, fused by ``fusion``: a
+        FusionConfig, "rrf"/"weighted", or None for the version's tuned default). ``where``: a
+        metadata filter (``engine.index.where``), applied inside the search. ``rerank``: a local
+        cross-encoder folder (or a loaded ``engine.index.rerank.Reranker``) that re-scores the top
+        ``rerank_depth`` hits (default: all k)."""
         if isinstance(queries, (str, bytes)) or not all(isinstance(q, str) for q in queries):
             raise ConfigError("queries must be a list of strings (wrap a single query in a list)")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if not queries:
             return []
-        vectors = self.encode_queries(queries)
-        return self.search_vectors(vectors, k, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
-                                   collapse_docs=collapse_docs)
+        allowed = self.allowed_ids(where) if where is not None else None
+        depth = max(k, rerank_depth or 0) if rerank is not None else k
+        if mode == "dense":
+            vectors = self.encode_queries(queries)
+            hits = self._dense(vectors, depth, nprobe, rescore_multiplier, collapse_docs, allowed)
+        else:
+            hits = search_modes(self, queries, depth, mode=mode, fusion=self.resolve_fusion(fusion), allowed=allowed,
+                                nprobe=nprobe, rescore_multiplier=rescore_multiplier, collapse_docs=collapse_docs)
+        if rerank is not None:
+            from engine.index.rerank import rerank_hits
+
+            hits = rerank_hits(self, queries, hits, rerank, depth=rerank_depth)
+        return [h[:k] for h in hits]
+
+    def resolve_fusion(self, fusion: FusionConfig | str | None) -> FusionConfig:
+        """A FusionConfig as given, a method name with the default settings, or the version's default."""
+        if fusion is None:
+            return self.fusion
+        if isinstance(fusion, FusionConfig):
+            return fusion.validate()
+        if fusion not in FUSION_METHODS:
+            raise ConfigError(f"fusion must be one of {', '.join(FUSION_METHODS)}, got {fusion!r}")
+        if fusion == self.fusion.method:
+            return self.fusion  # the tuned settings of that method
+        return FusionConfig(method=fusion, source="given")
+
+    def reranker(self, path: str) -> Any:
+        """The cross-encoder in the local folder ``path`` (loaded once per searcher, on its device)."""
+        from engine.index.rerank import Reranker
+
+        with self._encoder_lock:
+            if path not in self._rerankers:
+                self._rerankers[path] = Reranker(path, device=self.device)
+            return self._rerankers[path]
+
+    def chunk_texts(self, chunk_ids: Sequence[str]) -> list[str]:
+        """The title + text of chunks (from the version's source run; read once, on first use)."""
+        if self._texts is None:
+            raise ConfigError("chunk texts need a searcher loaded from a store (Searcher.load)")
+        return list(self._texts(chunk_ids))
+
+    def allowed_ids(self, where: str) -> np.ndarray:
+        """Sorted global ids of the rows a ``--where`` expression keeps (ConfigError naming the columns)."""
+        return self.filter.allowed_ids(where)
 
     def search_vectors(self, vectors: np.ndarray, k: int = 10, *, nprobe: int | None = None,
                        rescore_multiplier: int | None = None, collapse_docs: bool = False,
-                       model: Mapping[str, Any] | None = None) -> list[list[Hit]]:
+                       model: Mapping[str, Any] | None = None, where: str | None = None) -> list[list[Hit]]:
         """Search with query vectors [q, dim] (``model``: their model identity, checked when given)."""
         if model is not None:
             self.check_model(model)
+        allowed = self.allowed_ids(where) if where is not None else None
+        return self._dense(vectors, k, nprobe, rescore_multiplier, collapse_docs, allowed)
+
+    def _dense(self, vectors: np.ndarray, k: int, nprobe: int | None, rescore_multiplier: int | None,
+               collapse_docs: bool, allowed: np.ndarray | None) -> list[list[Hit]]:
         q = self._check_vectors(vectors)
         if not collapse_docs:
-            return self._hits(*self.search_ids(q, k, nprobe=nprobe, rescore_multiplier=rescore_multiplier))
+            return self._hits(*self.search_ids(q, k, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
+                                               allowed=allowed))
+        rows = self.rows if allowed is None else len(allowed)
         want = k * COLLAPSE_FANOUT
         while True:
             hits = self._hits(*self.search_ids(q, want, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
-                                               depth_k=k))
+                                               depth_k=k, allowed=allowed))
             collapsed = [best_per_doc(h, k) for h in hits]
             short = any(len(c) < k and len(h) >= want for c, h in zip(collapsed, hits, strict=True))
-            if not short or want >= self.rows:
+            if not short or want >= rows:
                 return collapsed
-            want = min(want * 4, self.rows)
+            want = min(want * 4, rows)
 
     def search_ids(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
-                   rescore_multiplier: int | None = None, depth_k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   rescore_multiplier: int | None = None, depth_k: int | None = None,
+                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw merged results: (scores [q, k] float32, global ids [q, k] int64; -1 / -inf pad).
 
         Each shard re-ranks ``max(k, depth_k x rescore_multiplier)`` candidates (``depth_k``
         defaults to ``k``; document collapse asks for more chunk hits than the k documents it
-        returns, without multiplying the candidate depth again)."""
+        returns, without multiplying the candidate depth again). ``allowed`` (sorted global ids,
+        from ``allowed_ids(where)``) restricts the search to those rows, inside FAISS."""
         if self.closed:
             raise ConfigError(f"searcher for {self.index}/{self.version_id} is closed")
         if k < 1:
@@ -343,7 +466,7 @@ class Searcher:
         depth = max(k, (depth_k or k) * mult)
 
         def one(shard: _Shard) -> tuple[np.ndarray, np.ndarray]:
-            return self._search_shard(shard, q, k, nprobe, depth)
+            return self._search_shard(shard, q, k, nprobe, depth, allowed)
 
         results = list(self._pool.map(one, self._shards)) if self._pool else [one(s) for s in self._shards]
         return merge_topk([r[0] for r in results], [r[1] for r in results], k)
@@ -361,12 +484,20 @@ class Searcher:
         return normalize_rows(np.array(v, dtype=np.float32, order="C"))
 
     def _search_shard(self, shard: _Shard, q: np.ndarray, k: int, nprobe: int | None,
-                      depth: int) -> tuple[np.ndarray, np.ndarray]:
+                      depth: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         rescore = shard.rescore is not None
-        want = min(depth if rescore else k, shard.rows)
-        params, _keep = _search_params(shard.index, nprobe, shard.binary)
         x = pack_sign_bits(q) if shard.binary else q
-        dist, found = shard.index.search(x, want, params=params) if params is not None else shard.index.search(x, want)
+        if allowed is None:
+            want = min(depth if rescore else k, shard.rows)
+            params, _keep = _search_params(shard.index, nprobe, shard.binary)
+            dist, found = (shard.index.search(x, want, params=params) if params is not None
+                           else shard.index.search(x, want))
+        else:
+            mask = np.isin(shard.ids, allowed)  # [rows] the shard's rows the filter keeps
+            want = min(depth if rescore else k, int(mask.sum()))
+            if want == 0:
+                return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+            dist, found = _filtered_search(shard, x, want, nprobe, mask)
         valid = found >= 0
         if shard.row_ids:
             rows = np.where(valid, found, 0)  # [q, want] row of each candidate in the shard
@@ -383,6 +514,10 @@ class Searcher:
         top = min(k, want)
         order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -scores), axis=-1)[:, :top]
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(np.where(valid, ids, -1), order, axis=1)
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """``Hit`` lists of raw results (scores [q, k], global ids [q, k]; -1 = empty slot)."""
+        return self._hits(scores, ids)
 
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         valid = ids >= 0

@@ -28,7 +28,7 @@ from engine.index.faiss_ops import (
 )
 from engine.index.params import IndexParams
 from engine.index.quantize import encode_rescore, pack_sign_bits
-from engine.index.runs import PartRef, RunInfo, read_part
+from engine.index.runs import PartRef, RunInfo, metadata_columns, read_part
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,17 @@ class ShardTask:
     gate_queries: np.ndarray  # [g, dim] float32
     gate_depth: int  # exact neighbours per gate query to return
     threads: int | None = None  # FAISS OpenMP threads inside the task (None: leave as is)
+    sparse: str = "none"  # bm25: also a BM25 shard over the same rows
+    has_title: bool = False  # the parts have a title column (BM25 indexes title + text)
+    meta_columns: tuple[str, ...] = ()  # metadata columns written beside the shard for filters
+
+
+def shard_base(shard: int) -> str:
+    return f"shards/shard-{shard:05d}"
 
 
 def shard_files(shard: int, rescore: str) -> dict[str, str]:
-    base = f"shards/shard-{shard:05d}"
+    base = shard_base(shard)
     files = {"index": f"{base}.faiss", "ids": f"{base}.ids.parquet"}
     if rescore != "none":
         files["rescore"] = f"{base}.rescore.npy"
@@ -72,8 +79,9 @@ def _exact_key(state_prefix: str, shard: int) -> str:
 
 def shard_committed(store: Store, prefix: str, marker: Mapping[str, Any]) -> bool:
     """A shard marker counts only while every file it names is in the store with its size."""
+    files = [*marker["files"].values(), *(marker.get("sparse") or {}).values(), *(marker.get("meta") or {}).values()]
     try:
-        return all(store.size(join(prefix, f["key"])) == f["bytes"] for f in marker["files"].values())
+        return all(store.size(join(prefix, f["key"])) == f["bytes"] for f in files)
     except NotFoundError:
         return False
 
@@ -108,7 +116,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     if task.threads:
         faiss.omp_set_num_threads(task.threads)
     t0, cpu0 = time.perf_counter(), time.process_time()
-    vecs, chunk_ids, doc_ids = _read_shard_rows(task)
+    vecs, cols = _read_shard_rows(task)
     ids = np.arange(task.id_start, task.id_end, dtype=np.int64)
     if len(vecs) != len(ids):
         raise IntegrityError(f"shard {task.shard}: read {len(vecs)} vectors for ids [{task.id_start}, {task.id_end})")
@@ -132,29 +140,35 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
     else:
         index.add_with_ids(x, ids)
     t_add = time.perf_counter() - t1
-    files = _write_shard_files(task, prefix, index, ids, vecs, chunk_ids, doc_ids)
+    files = _write_shard_files(task, prefix, index, ids, vecs, cols["chunk_id"], cols["doc_id"])
+    extras = _write_shard_extras(task, prefix, ids, cols)
     marker = {"shard": task.shard, "rows": int(len(ids)), "id_start": task.id_start, "id_end": task.id_end,
               "id_mode": id_mode_for(task.kind, task.factory),
               "files": files, "seconds": {"read": round(t_read, 3), "add": round(t_add, 3),
                                           "total": round(time.perf_counter() - t0, 3),
-                                          "cpu": round(time.process_time() - cpu0, 3)}}
+                                          "cpu": round(time.process_time() - cpu0, 3)}, **extras}
     store.write_bytes(_exact_key(task.state_prefix, task.shard), npz_bytes(scores=ex_scores, ids=ex_ids))
     store.write_json(mkey, marker)  # the commit point of this shard
     return {**marker, "exact": {"scores": ex_scores, "ids": ex_ids}, "skipped": False}
 
 
-def _read_shard_rows(task: ShardTask) -> tuple[np.ndarray, list[Any], list[Any]]:
-    """Vectors [n, dim] of the shard's id range with their chunk_id / doc_id arrays (one per part read)."""
-    vec_parts, chunk_parts, doc_parts = [], [], []
+def _read_shard_rows(task: ShardTask) -> tuple[np.ndarray, dict[str, list[Any]]]:
+    """Vectors [n, dim] of the shard's id range and its columns (column -> one Arrow array per part read)."""
+    columns = ["chunk_id", "doc_id"]
+    if task.sparse != "none":
+        columns += ["text"] + (["title"] if task.has_title else [])
+    columns += [c for c in task.meta_columns if c not in columns]
+    vec_parts: list[np.ndarray] = []
+    cols: dict[str, list[Any]] = {c: [] for c in columns}
     for part in task.parts:
         lo = max(task.id_start, part.start) - part.start
         hi = min(task.id_end, part.start + part.rows) - part.start
-        v, cols = read_part(task.store, part, task.dim, rows=slice(lo, hi))
+        v, got = read_part(task.store, part, task.dim, columns=columns, rows=slice(lo, hi))
         vec_parts.append(v)
-        chunk_parts.append(cols["chunk_id"])
-        doc_parts.append(cols["doc_id"])
+        for c in columns:
+            cols[c].append(got[c])
     vecs = np.concatenate(vec_parts) if vec_parts else np.zeros((0, task.dim), dtype=np.float32)
-    return vecs, chunk_parts, doc_parts
+    return vecs, cols
 
 
 def _write_shard_files(task: ShardTask, prefix: str, index: Any, ids: np.ndarray, vecs: np.ndarray,
@@ -185,6 +199,44 @@ def _write_shard_files(task: ShardTask, prefix: str, index: Any, ids: np.ndarray
     return files
 
 
+def _write_shard_extras(task: ShardTask, prefix: str, ids: np.ndarray,
+                        cols: dict[str, list[Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The BM25 shard (``sparse``: file name -> {key, bytes, sha256}) and the metadata file for filters
+    (``meta``), when the build asks for them; {} otherwise (a dense-only marker stays as it was)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    base = shard_base(task.shard)
+    tmp = tempfile.mkdtemp(prefix="embedctl-shard-extra-")
+    try:
+        if task.sparse == "bm25":
+            from engine.index.sparse import Bm25Index, index_text
+
+            texts = pa.concat_arrays(cols["text"]).to_pylist() if cols["text"] else []
+            titles = pa.concat_arrays(cols["title"]).to_pylist() if cols.get("title") else [None] * len(texts)
+            folder = os.path.join(tmp, "bm25")
+            os.makedirs(folder)
+            names = Bm25Index.build([index_text(t, x) for t, x in zip(titles, texts, strict=True)]).save(folder)
+            out["sparse"] = {}
+            for name in names:
+                key = f"{base}.bm25/{name}"
+                path = os.path.join(folder, name)
+                digest = task.store.upload_file(join(prefix, key), path)
+                out["sparse"][name] = {"key": key, "bytes": os.path.getsize(path), "sha256": digest}
+        if task.meta_columns:
+            table = pa.table({"id": pa.array(ids, type=pa.int64()),
+                              **{c: pa.concat_arrays(cols[c]) for c in task.meta_columns}})
+            key = f"{base}.meta.parquet"
+            path = os.path.join(tmp, "meta.parquet")
+            pq.write_table(table, path, compression="zstd", write_statistics=True)
+            digest = task.store.upload_file(join(prefix, key), path)
+            out["meta"] = {"meta": {"key": key, "bytes": os.path.getsize(path), "sha256": digest}}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def add_shards(ctx: BuildContext, params: IndexParams, state: dict[str, Any], gate_vecs: np.ndarray,
                ) -> list[dict[str, Any]]:
     prefix = layout.version_prefix(ctx.index, state["version_id"])
@@ -193,11 +245,14 @@ def add_shards(ctx: BuildContext, params: IndexParams, state: dict[str, Any], ga
         data = ctx.store.read_bytes(join(prefix, state["ranges"]["key"]))
         ranges = np.load(io.BytesIO(data), allow_pickle=False)
     depth = 2 * ctx.cfg.gate_k + 1
+    columns = ctx.run_columns()
+    meta = tuple(sorted(metadata_columns(columns)))
     tasks = [ShardTask(store=ctx.store, index=ctx.index, version_id=state["version_id"],
                        state_prefix=ctx.state_prefix, shard=s, id_start=a, id_end=b,
                        parts=parts_for(ctx.run, a, b), dim=params.dim, kind=params.kind,
                        factory=params.factory, trained=state.get("trained"), rescore=params.rescore,
-                       ranges=ranges, gate_queries=gate_vecs, gate_depth=depth, threads=ctx.task_threads)
+                       ranges=ranges, gate_queries=gate_vecs, gate_depth=depth, threads=ctx.task_threads,
+                       sparse=ctx.cfg.sparse, has_title="title" in columns, meta_columns=meta)
              for s, (a, b) in enumerate(shard_ranges(params.rows, params.shards))]
     t0 = time.perf_counter()
     results: dict[int, dict[str, Any]] = {}

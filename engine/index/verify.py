@@ -33,6 +33,12 @@ def check_manifest_shape(manifest: Mapping[str, Any], where: str) -> list[dict[s
     for role, key in (manifest.get("files") or {}).items():
         if key not in listed:
             raise IntegrityError(f"{where}: file {role}={key!r} is not in artifacts")
+    for section in ("sparse", "metadata"):  # BM25 shards and filter columns, when the build made them
+        for shard in (manifest.get(section) or {}).get("shards") or []:
+            for role, key in (shard.get("files") or {}).items():
+                if key not in listed:
+                    raise IntegrityError(f"{where}: {section} shard {shard.get('shard')} file {role}={key!r} is not "
+                                         "in artifacts (a version copied without its files?)")
     return list(artifacts)
 
 

@@ -1,0 +1,97 @@
+"""Sparse and hybrid retrieval over a loaded version: BM25 shards, fusion with the dense list, the rerank hook.
+
+``Searcher.search(mode="sparse"|"hybrid")`` lands here; dense-only searches never do. Both
+lists are taken ``FusionConfig.depth`` deep (at least k, and k x 4 chunk hits when collapsing
+to documents), restricted to the ``allowed`` ids of a filter inside each search, then fused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.core.errors import ConfigError, IntegrityError
+from engine.index.faiss_ops import merge_topk
+from engine.index.fusion import FusionConfig, fuse
+from engine.index.sparse import Bm25Index, tokenize, top_rows
+
+if TYPE_CHECKING:
+    from engine.index.searcher import Searcher
+
+log = logging.getLogger(__name__)
+
+MODES = ("dense", "sparse", "hybrid")
+COLLAPSE_FANOUT = 4  # chunk hits per wanted document when collapsing to documents
+
+
+class SparseShard:
+    """One loaded BM25 shard: rows ``[id_start, id_start + rows)`` of the version's global ids."""
+
+    def __init__(self, entry: Mapping[str, Any], paths: Mapping[str, str], where: str):
+        self.number = int(entry["shard"])
+        self.rows = int(entry["rows"])
+        self.id_start = int(entry["id_start"])
+        files = entry.get("files") or {}
+        self.bm25 = Bm25Index.load({name: paths[key] for name, key in files.items()}, self.rows,
+                                   f"{where} sparse shard {self.number}") if self.rows else None
+        if self.bm25 is not None and int(getattr(self.bm25.model, "scores", {}).get("num_docs", self.rows)) != self.rows:
+            raise IntegrityError(f"{where}: sparse shard {self.number} indexes "
+                                 f"{self.bm25.model.scores.get('num_docs')} rows, the manifest says {self.rows}")
+
+    def search(self, tokens: Sequence[str], depth: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [m], global ids [m]) of the best ``depth`` rows sharing a term with the query, m <= depth."""
+        if self.bm25 is None:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        mask = None
+        if allowed is not None:
+            lo, hi = np.searchsorted(allowed, [self.id_start, self.id_start + self.rows])
+            mask = np.zeros(self.rows, dtype=bool)
+            mask[allowed[lo:hi] - self.id_start] = True
+        scores, rows = top_rows(self.bm25.scores(tokens), depth, mask)
+        return scores, rows + self.id_start
+
+
+def sparse_ids(shards: Sequence[SparseShard], texts: Sequence[str], depth: int,
+               allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """BM25 top ``depth`` over every sparse shard: (scores [q, depth], ids [q, depth]; -inf / -1 padded)."""
+    q = len(texts)
+    out_s = np.full((q, depth), -np.inf, dtype=np.float32)
+    out_i = np.full((q, depth), -1, dtype=np.int64)
+    for row, tokens in enumerate(tokenize(texts)):
+        per = [s.search(tokens, depth, allowed) for s in shards]
+        s_cat = [np.pad(sc, (0, depth - len(sc)), constant_values=-np.inf)[None, :] for sc, _ in per]
+        i_cat = [np.pad(ids, (0, depth - len(ids)), constant_values=-1)[None, :] for _, ids in per]
+        if per:
+            ms, mi = merge_topk(s_cat, i_cat, depth)
+            out_s[row], out_i[row] = ms[0], mi[0]
+    return out_s, out_i
+
+
+def search_modes(searcher: Searcher, queries: Sequence[str], k: int, *, mode: str, fusion: FusionConfig,
+                 allowed: np.ndarray | None, nprobe: int | None, rescore_multiplier: int | None,
+                 collapse_docs: bool) -> list[list[Any]]:
+    """Sparse or hybrid search of text queries; ``Hit`` lists (scores: BM25 or the fused score)."""
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not searcher.sparse_shards:
+        raise ConfigError(f"index {searcher.index}/{searcher.version_id} has no sparse shards, so --mode {mode} "
+                          "cannot run; rebuild it with `embedctl build-index --sparse bm25` or use --mode dense")
+    want = k * COLLAPSE_FANOUT if collapse_docs else k
+    depth = max(want, fusion.depth) if mode == "hybrid" else want
+    sparse = sparse_ids(searcher.sparse_shards, queries, depth, allowed)
+    if mode == "sparse":
+        scores, ids = sparse
+    else:
+        vectors = searcher.encode_queries(queries)
+        dense = searcher.search_ids(vectors, depth, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
+                                    depth_k=k, allowed=allowed)
+        scores, ids = fuse(dense, sparse, fusion, want)
+    hits = searcher.hits(scores[:, :want], ids[:, :want])
+    if collapse_docs:
+        from engine.index.hits import best_per_doc
+
+        hits = [best_per_doc(h, k) for h in hits]
+    return hits

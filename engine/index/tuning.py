@@ -1,0 +1,107 @@
+"""Fusion tuning on judged queries: both candidate lists once, every fusion of a grid scored, the best recorded.
+
+The metric comes in as an argument (the quality layer's nDCG, a higher layer than this one).
+Queries split deterministically (a hash of the seed and the query id): the fusion is chosen on
+one part and reported, beside dense, sparse and untuned RRF, on the held-out rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.core.errors import ConfigError
+from engine.index.fusion import FusionConfig, fuse, save_fusion_record, tune_fusion
+from engine.index.retrieve import sparse_ids
+
+if TYPE_CHECKING:
+    from engine.core.storage import Store
+    from engine.index.searcher import Searcher
+
+Metric = Callable[[Sequence[str], Mapping[str, float], int], float]  # (doc ranking, gains, k) -> value
+
+
+def split_queries(query_ids: Sequence[str], share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(positions to tune on, held-out positions): ``share`` of the queries by a seeded hash of their ids."""
+    if not 0.0 < share <= 1.0:
+        raise ConfigError(f"tuning split must be within (0, 1], got {share}")
+    order = sorted(range(len(query_ids)), key=lambda i: hashlib.sha256(f"{seed}:{query_ids[i]}".encode()).digest())
+    n = max(1, round(share * len(order)))
+    return sorted(order[:n]), sorted(order[n:])
+
+
+def candidate_lists(searcher: Searcher, texts: Sequence[str], depth: int, k: int,
+                    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The dense and the sparse top ``depth`` of every query (what each fusion then merges)."""
+    if not searcher.sparse_shards:
+        raise ConfigError(f"index {searcher.index}/{searcher.version_id} has no sparse shards to fuse; rebuild it "
+                          "with --sparse bm25")
+    dense = searcher.search_ids(searcher.encode_queries(list(texts)), depth, depth_k=k)
+    return dense, sparse_ids(searcher.sparse_shards, texts, depth, None)
+
+
+def doc_lookup(searcher: Searcher, ids: np.ndarray) -> dict[int, str]:
+    """Global id -> doc id for every id in ``ids`` (-1 left out)."""
+    uniq = np.unique(ids[ids >= 0])
+    hits = searcher.hits(np.zeros((1, len(uniq)), np.float32), uniq[None, :])[0]
+    return dict(zip(uniq.tolist(), [h.doc_id for h in hits], strict=True))
+
+
+class DocScorer:
+    """Mean metric over documents (best chunk per document) of fused id rankings, for a set of queries."""
+
+    def __init__(self, doc_of: Mapping[int, str], gains: Sequence[Mapping[str, float]], metric: Metric, k: int):
+        self.doc_of, self.gains, self.metric, self.k = doc_of, gains, metric, k
+
+    def __call__(self, ids: np.ndarray) -> float:
+        values = []
+        for row, gains in zip(ids, self.gains, strict=True):
+            ranking: list[str] = []
+            for i in row.tolist():
+                if i >= 0 and self.doc_of[i] not in ranking:
+                    ranking.append(self.doc_of[i])
+            values.append(self.metric(ranking, gains, self.k))
+        return float(np.mean(values)) if values else 0.0
+
+
+def _take(pair: tuple[np.ndarray, np.ndarray], rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    return pair[0][list(rows)], pair[1][list(rows)]
+
+
+def tune_version(searcher: Searcher, store: Store, queries: Sequence[tuple[str, str]],
+                 qrels: Mapping[str, Mapping[str, float]], metric: Metric, *, k: int = 10, share: float = 0.5,
+                 seed: int = 0, depth: int = 100, save: bool = True, label: str = "") -> dict[str, Any]:
+    """Tune the fusion of ``searcher``'s version on judged ``queries`` ((query_id, text)) and store the record.
+
+    Returns the record (plus ``key`` when saved): chosen fusion, its value on the tuning part, and
+    dense / sparse / RRF-60 / tuned on the held-out part (on the tuning part when nothing is held out)."""
+    judged = [(qid, text) for qid, text in queries if qrels.get(qid)]
+    if not judged:
+        raise ConfigError("no query has a judged relevant document; nothing to tune the fusion on")
+    tune_rows, held_rows = split_queries([q for q, _ in judged], share, seed)
+    gains = [qrels[q] for q, _ in judged]
+    dense, sparse = candidate_lists(searcher, [t for _, t in judged], depth, k)
+    doc_of = doc_lookup(searcher, np.concatenate([dense[1], sparse[1]], axis=1))
+
+    def scorer(rows: Sequence[int]) -> DocScorer:
+        return DocScorer(doc_of, [gains[r] for r in rows], metric, k)
+
+    tuned = tune_fusion(_take(dense, tune_rows), _take(sparse, tune_rows), scorer(tune_rows), depth=depth)
+    chosen = FusionConfig.from_dict(tuned["chosen"])
+    report_rows = held_rows or tune_rows
+    score = scorer(report_rows)
+    d, s = _take(dense, report_rows), _take(sparse, report_rows)
+    held = {"dense": score(d[1]), "sparse": score(s[1]),
+            "rrf60": score(fuse(d, s, FusionConfig(depth=depth), depth)[1]),
+            "tuned": score(fuse(d, s, chosen, depth)[1])}
+    record: dict[str, Any] = {
+        "metric": f"ndcg@{k}", "chosen": tuned["chosen"], "tuned_value": tuned["value"],
+        "benchmark": {"label": label, "queries": len(judged), "split": share, "seed": seed,
+                      "tuned_on": len(tune_rows), "held_out": len(held_rows)},
+        "held_out": {name: round(v, 4) for name, v in held.items()}, "grid": tuned["grid"]}
+    if save:
+        record["key"] = save_fusion_record(store, searcher.index, searcher.version_id, record)
+    return record
