@@ -80,9 +80,9 @@ def embed(as_json: bool, **kwargs: Any) -> None:
 
     Rerunning the same command after a crash resumes the run: only missing units are redone.
     """
-    from engine.embed.config import EmbedJobConfig
     from engine.core.errors import ConfigError
     from engine.distributed.embed import run_embed_job
+    from engine.embed.config import EmbedJobConfig
 
     flat = _flat(kwargs)
     if not flat.get("corpus") or not flat.get("store"):
@@ -104,8 +104,21 @@ def embed(as_json: bool, **kwargs: Any) -> None:
             f"run {summary['run_id']}: {summary['status']} - {c['input_rows']} rows = {c['accepted']} accepted + "
             f"{c['rejected']} rejected; {c['chunks']} chunks, {c['tokens']} tokens, dim {summary['dim']}; "
             f"{summary['timings']['wall_seconds']:.1f} s", err=True)
+        if line := start_up_line(summary.get("timings") or {}):
+            click.echo(line, err=True)
     if manifest["status"] != "succeeded":
         sys.exit(1)
+
+
+def start_up_line(timings: dict[str, Any]) -> str:
+    """The job's fixed start in one line (seconds after the command's job began), from manifest timings."""
+    up = timings.get("start_up") or {}
+    parts = [(label, up[key]) for key, label in (("plan_s", "plan"), ("ray_init_s", "Ray"),
+                                                  ("first_worker_created_s", "actor up at"),
+                                                  ("model_load_s", "model load"),
+                                                  ("first_unit_start_s", "first unit started at"),
+                                                  ("first_unit_done_s", "first unit committed at")) if key in up]
+    return "start-up: " + ", ".join(f"{label} {value:.1f} s" for label, value in parts) if parts else ""
 
 
 class _Reporter:
@@ -161,8 +174,8 @@ def plan(as_json: bool, sample_docs: int, workers: int, throughput: float | None
       embedctl plan --corpus ./corpus
       embedctl plan --corpus s3://bucket/corpus/ --workers 8 --throughput 15000 --json
     """
-    from engine.embed.config import EmbedJobConfig
     from engine.core.errors import ConfigError
+    from engine.embed.config import EmbedJobConfig
     from engine.embed.plan import plan_job
 
     flat = _flat(kwargs)
@@ -201,15 +214,15 @@ def demo(store: str, docs: int, model: str | None, query: str, as_json: bool) ->
     """
     import os
 
+    from engine.core.storage import open_store
+    from engine.distributed.embed import run_embed_job
     from engine.embed.config import EmbedJobConfig
     from engine.embed.stdlib_corpus import write_demo_corpus
     from engine.index.build import build_index
     from engine.index.params import BuildConfig
-    from engine.publish.aliases import publish_version
     from engine.index.searcher import Searcher
     from engine.index.version import resolve_version
-    from engine.core.storage import open_store
-    from engine.distributed.embed import run_embed_job
+    from engine.publish.aliases import publish_version
 
     corpus = write_demo_corpus(os.path.join(store, "demo-corpus"), limit=docs)
     cfg = EmbedJobConfig.from_flat({"corpus": str(corpus), "store": store, "model": model, "unit_rows": 64})
