@@ -15,9 +15,10 @@ import logging
 import os
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -105,6 +106,26 @@ def token_budget_batches(lengths: list[int], batch_tokens: int, max_rows: int = 
     if cur:
         batches.append(cur)
     return batches
+
+
+def pad_ids(ids: list[np.ndarray], max_seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token ids with 0 to a multiple of ``PAD_BUCKET`` (few distinct shapes).
+
+    Returns ``(padded, valid)``: int64 ``[rows, width]`` and its bool mask (True = a real token).
+    """
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    width = min(max_seq_length, -(-int(lengths.max()) // PAD_BUCKET) * PAD_BUCKET)
+    # One vectorised scatter instead of a Python loop per row: [rows, width], pad id 0.
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    padded = np.zeros((len(ids), width), dtype=np.int64)
+    padded[valid] = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+    return padded, valid
+
+
+def truncate_ids(ids: list[list[int]], limit: int) -> list[np.ndarray]:
+    """Over-long inputs keep their first tokens and the closing special token ([SEP]), as
+    sentence-transformers' truncation does."""
+    return [np.asarray(x if len(x) <= limit else x[: limit - 1] + x[-1:], dtype=np.int64) for x in ids]
 
 
 def is_oom(err: BaseException) -> bool:
@@ -224,17 +245,14 @@ class SentenceTransformerEncoder(Encoder):
             if inner is None:
                 raise ConfigError("--compile: this model's first module exposes no torch model to compile")
             compiled = torch.compile(inner, dynamic=True)
-            if hasattr(first, "auto_model"):
-                first.auto_model = compiled
-            else:
-                first.model = compiled
+            setattr(first, "auto_model" if hasattr(first, "auto_model") else "model", compiled)
         tok_json = Path(path) / "tokenizer.json"
         tokenizer: Tokenizer = HFTokenizer(tok_json, name=f"hf:{name}") if tok_json.exists() else _STTokenizer(self.model)
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         native_dim = int(get_dim() or 0)
         super().__init__(
             name=name, path=path, fingerprint=model_fingerprint(path), native_dim=native_dim,
-            max_seq_length=int(self.model.max_seq_length), tokenizer=tokenizer, **kwargs,
+            max_seq_length=int(self.model.max_seq_length or 0), tokenizer=tokenizer, **kwargs,
         )
         if self.truncate_dim and not 1 <= self.truncate_dim <= native_dim:
             raise ConfigError(f"--dim {self.truncate_dim} must be between 1 and the model's dimension {native_dim}")
@@ -270,12 +288,7 @@ class SentenceTransformerEncoder(Encoder):
         """Forward pre-tokenized inputs (specials included): pad to a bucket, pinned async copy."""
         import torch
 
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        width = min(self.max_seq_length, -(-int(lengths.max()) // PAD_BUCKET) * PAD_BUCKET)  # few distinct shapes
-        # One vectorised scatter instead of a Python loop per row: [rows, width], pad id 0.
-        valid = np.arange(width)[None, :] < lengths[:, None]
-        padded = np.zeros((len(ids), width), dtype=np.int64)
-        padded[valid] = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+        padded, valid = pad_ids(ids, self.max_seq_length)
         input_ids = torch.from_numpy(padded)
         mask = torch.from_numpy(valid.astype(np.int64))
         features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask,
@@ -379,11 +392,7 @@ class NativeBertEncoder(SentenceTransformerEncoder):
 
     def _forward(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer.ids_batch(texts)  # type: ignore[attr-defined]
-        limit = self.max_seq_length
-        # Over-long inputs keep their first tokens and the closing special token ([SEP]), as
-        # sentence-transformers' truncation does.
-        ids = [x if len(x) <= limit else x[: limit - 1] + x[-1:] for x in ids]
-        return self._forward_ids([np.asarray(x, dtype=np.int64) for x in ids])
+        return self._forward_ids(truncate_ids(ids, self.max_seq_length))
 
 
 class _STTokenizer:
@@ -445,12 +454,19 @@ def load_encoder(
     batch_tokens: int = 0,
     threads: int | None = None,
     compile: bool = False,
+    backend: str = "torch",
+    quantize: str = "none",
 ) -> Encoder:
     """The one way to get an encoder. ``hash:DIM`` is the model-free test encoder.
 
-    ``batch_tokens`` 0 picks the budget for the device (``default_batch_tokens``).
+    ``batch_tokens`` 0 picks the budget for the device (``default_batch_tokens``). ``backend``
+    torch|onnx|openvino|auto and ``quantize`` none|int8 choose the runtime
+    (``engine.embed.backends``); the hash encoder has none and ignores them.
     """
+    from engine.embed.backends import check_choice, resolve_backend
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_choice(backend, quantize)
     is_hash = bool(model and model.startswith("hash:"))
     if not batch_tokens:
         batch_tokens = CPU_BATCH_TOKENS if is_hash else default_batch_tokens(device)
@@ -466,6 +482,13 @@ def load_encoder(
             raise ConfigError(f"--dim {truncate_dim} must be between 1 and {dim}")
         return enc
     name, path = resolve_model_path(model)
+    if resolve_backend(backend, quantize, device) == "onnx":
+        if dtype not in ("auto", "float32"):
+            raise ConfigError(f"--dtype {dtype} applies to the torch backend; --backend onnx computes in float32 "
+                              "(or int8 weights with --quantize int8)")
+        from engine.embed.backends.onnx_encoder import OnnxEncoder
+
+        return OnnxEncoder(name, path, quantize=quantize, threads=threads, **kwargs)
     cls = encoder_class(path, device)
     return cls(name, path, device=device, dtype=dtype, threads=threads, compile=compile, **kwargs)
 
@@ -497,15 +520,36 @@ def encoder_class(path: str, device: str = "cpu") -> type[SentenceTransformerEnc
 
 
 def encoder_from_identity(identity: dict[str, Any], device: str = "cpu", **overrides: Any) -> Encoder:
-    """Reload the model a manifest names; refuse a model whose weights differ from the recorded fingerprint."""
+    """Reload the model a manifest names, on the backend and quantization it records (none recorded:
+    torch/none); refuse a model whose weights differ from the recorded fingerprint, and a ``backend``
+    or ``quantize`` override that differs from the recorded one."""
+    from engine.embed.backends import identity_backend
+
     spec = identity.get("name") if str(identity.get("name", "")).startswith("hash:") else None
     if spec is None:
         path = identity.get("path") or ""
         spec = path if path and Path(path).is_dir() else identity.get("name")
+    backend, quantize = identity_backend(identity)
+    asked = {"backend": overrides.pop("backend", None), "quantize": overrides.pop("quantize", None)}
+    recorded = {"backend": backend, "quantize": quantize}
+    differ = [f"{k} {v!r} (recorded: {recorded[k]!r})" for k, v in asked.items() if v not in (None, "auto", recorded[k])]
+    if differ and not str(spec).startswith("hash:"):
+        raise ConfigError(
+            f"the manifest's vectors were made by {identity.get('name')!r} on backend {backend}/{quantize}; asking for "
+            f"{', '.join(differ)} would mix vectors from two runtimes. Drop the flag (the recorded backend is used), "
+            "or re-embed with `embedctl migrate`")
+    if backend != "torch" and device == "auto":
+        device = "cpu"  # the runtime backends run on the CPU here
     enc = load_encoder(
         spec, device=device, truncate_dim=identity.get("truncate_dim"), query_prompt=identity.get("query_prompt"),
-        passage_prompt=identity.get("passage_prompt"), **overrides,
+        passage_prompt=identity.get("passage_prompt"), backend=backend, quantize=quantize, **overrides,
     )
+    want_export = identity.get("export_fingerprint")
+    got_export = enc.identity.get("export_fingerprint")
+    if want_export and got_export and want_export != got_export:
+        log.warning("model %s: this host's %s export %s differs from the recorded %s (other library versions); "
+                    "vectors agree to export precision", identity.get("name"), backend, str(got_export)[:12],
+                    str(want_export)[:12])
     if identity.get("fingerprint") and enc.fingerprint != identity["fingerprint"]:
         raise ConfigError(
             f"model {identity.get('name')!r} found at {enc.path or spec} has weights fingerprint {enc.fingerprint[:12]}, "

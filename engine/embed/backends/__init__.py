@@ -1,0 +1,88 @@
+"""Inference backends for sentence models: the names, the choice per device, and what a model identity records.
+
+``torch`` runs the model in torch (the native BERT on CPU, sentence-transformers on CUDA);
+``onnx`` runs an ONNX export of the local model folder in ONNX Runtime, fp32 or dynamic int8
+(``engine.embed.backends.onnx_export`` builds and caches it, ``onnx_encoder`` runs it);
+``openvino`` is named so that asking for it gives a clear answer. ``auto`` picks per device.
+
+A model identity written by a torch/fp32 encoder carries no backend fields (identities written
+before backends existed look the same); ``identity_backend`` reads both kinds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from engine.core.errors import ConfigError
+
+Backend = Literal["torch", "onnx", "openvino"]
+BackendChoice = Literal["auto", "torch", "onnx", "openvino"]
+Quantize = Literal["none", "int8"]
+
+BACKENDS: tuple[str, ...] = ("torch", "onnx", "openvino")
+BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8")
+
+# What ``auto`` runs on a CPU with fp32 vectors. benchmarks/bench_backends.py measures the
+# candidates side by side (README, CPU backends); the figure decides this constant.
+CPU_AUTO_BACKEND: Backend = "onnx"
+
+
+def check_choice(backend: str, quantize: str) -> None:
+    """Refuse unknown names and impossible pairs before any model loads."""
+    if backend not in BACKEND_CHOICES:
+        raise ConfigError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
+    if quantize not in QUANTIZE_CHOICES:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    if backend == "torch" and quantize != "none":
+        raise ConfigError(f"--quantize {quantize} needs a runtime backend: use --backend onnx (or auto); "
+                          "the torch backend runs fp32/bf16/fp16 only")
+
+
+def resolve_backend(backend: str, quantize: str, device: str) -> Backend:
+    """The concrete backend for a choice on a device (``auto``: CUDA -> torch, CPU -> ``CPU_AUTO_BACKEND``;
+    int8 always -> onnx, the only int8 runtime here)."""
+    check_choice(backend, quantize)
+    if backend == "auto":
+        if quantize != "none":
+            return "onnx"
+        return "torch" if _is_cuda(device) else CPU_AUTO_BACKEND
+    if backend == "openvino":
+        if importlib.util.find_spec("openvino") is None:
+            raise ConfigError("--backend openvino needs the 'openvino' package, which is not installed; "
+                              "use --backend onnx (ONNX Runtime, installed with embedctl) or torch")
+        raise ConfigError("--backend openvino is not wired into this embedctl version yet; use --backend onnx "
+                          "(ONNX Runtime, same export, int8 via --quantize int8) or torch")
+    if backend == "onnx" and _is_cuda(device, explicit_only=True):
+        raise ConfigError("--backend onnx runs on the CPU (onnxruntime's CPU provider); use --device cpu, "
+                          "or --backend torch on CUDA")
+    return backend  # type: ignore[return-value]  # checked against BACKENDS above
+
+
+def _is_cuda(device: str, explicit_only: bool = False) -> bool:
+    if device.startswith("cuda"):
+        return True
+    if device != "auto" or explicit_only:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def identity_backend(identity: Mapping[str, Any]) -> tuple[str, str]:
+    """``(backend, quantize)`` a model identity records; identities without the fields are torch/none."""
+    return str(identity.get("backend") or "torch"), str(identity.get("quantize") or "none")
+
+
+def check_same_backend(want: Mapping[str, Any], got: Mapping[str, Any], what: str = "the index") -> None:
+    """Refuse vectors (e.g. queries) from another backend/quantization than ``want`` (e.g. an index) was built with."""
+    if str(want.get("name", "")).startswith("hash:") or str(got.get("name", "")).startswith("hash:"):
+        return  # the test encoder has no backends
+    w, g = identity_backend(want), identity_backend(got)
+    if w != g:
+        raise ConfigError(
+            f"queries would be embedded with backend {g[0]}/{g[1]}, but {what} was built with {w[0]}/{w[1]}; "
+            f"an int8 or runtime-exported model places vectors slightly differently, so mixing them is refused. "
+            f"Embed queries with --backend {w[0]} --quantize {w[1]} (the default follows the index)")
