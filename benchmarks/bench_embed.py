@@ -74,10 +74,10 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
+    from engine.distributed.embed import run_embed_job
+    from engine.distributed.runtime import init_ray
     from engine.embed.config import EmbedJobConfig
     from engine.embed.pipeline import embed_inputs, make_chunker
-    from engine.distributed.runtime import init_ray
-    from engine.distributed.embed import run_embed_job
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     try:

@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +30,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_embed import write_corpus  # noqa: E402
+
+
+class WorkerRss(threading.Thread):
+    """Samples the largest resident set of any Ray worker process (``ray::...``) every 0.5 s."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, False
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop:
+            for p in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if cmd.startswith("ray::") and p.info["memory_info"] is not None:
+                    self.peak = max(self.peak, p.info["memory_info"].rss)
+            time.sleep(0.5)
 
 
 def main() -> None:
@@ -52,9 +72,12 @@ def main() -> None:
         cpus = float(ray.cluster_resources().get("CPU", 1))
         cfg = EmbedJobConfig.from_flat({"corpus": str(tmp / "corpus"), "store": str(tmp / "store"), "device": "cpu",
                                         "model": args.model, "unit_rows": args.unit_rows})
+        sampler = WorkerRss()
+        sampler.start()
         t1 = time.perf_counter()
         m = run_embed_job(cfg)
         job = time.perf_counter() - t1
+        sampler.stop = True
         c, t = m["counts"], m["timings"]
         stages = {"chunk_tasks": t["chunk_worker_seconds"], "embed_actors": t["embed_worker_seconds"],
                   "writers": t.get("write_worker_seconds", 0.0)}
@@ -69,6 +92,9 @@ def main() -> None:
             "stage_busy_s": {k: round(v, 2) for k, v in stages.items()},
             "stage_chunks_per_busy_s": {k: round(c["chunks"] / v, 1) if v else None for k, v in stages.items()},
             "start_up": t.get("start_up"),
+            # bounded by a unit and its queue, not by the corpus: compare --scale 1 with --scale 10
+            "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "worker_peak_rss_mb": round(sampler.peak / 2**20, 1),
         }
         print(json.dumps(res, indent=2))
         if args.out:

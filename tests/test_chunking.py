@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.embed.chunking import ChunkConfig, Chunker, chunk_id_for, normalize_text
 from engine.core.errors import ConfigError
+from engine.embed.chunking import ChunkConfig, Chunker, chunk_id_for, normalize_text
 from engine.embed.pipeline import model_info, model_tokenizer
 from engine.embed.tokenizers import TiktokenTokenizer, WhitespaceTokenizer
 

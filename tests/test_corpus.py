@@ -6,12 +6,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from engine.core.errors import ConfigError, SchemaError
 from engine.embed.chunking import normalize_text
 from engine.embed.corpus import (
-    DUPLICATE_ID, EMPTY_ID, EMPTY_TEXT, INVALID_UTF8, NULL_ID, NULL_TEXT, OVERSIZED, CorpusConfig, _cut_units,
-    plan_corpus, read_unit, validate_unit,
+    DUPLICATE_ID,
+    EMPTY_ID,
+    EMPTY_TEXT,
+    INVALID_UTF8,
+    NULL_ID,
+    NULL_TEXT,
+    OVERSIZED,
+    CorpusConfig,
+    _cut_units,
+    plan_corpus,
+    read_unit,
+    validate_unit,
 )
-from engine.core.errors import ConfigError, SchemaError
 from tests.corpus_utils import make_docs, write_corpus
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -13,8 +14,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from engine.embed.config import EmbedJobConfig
 from engine.core.errors import ConfigError
+from engine.embed.config import EmbedJobConfig
 from engine.embed.pipeline import run_locally
 from tests.corpus_utils import make_docs, write_corpus
 
@@ -84,7 +85,7 @@ def test_rerun_is_a_noop_and_resume_redoes_only_missing_units(tmp_path, corpus):
     cfg = cfg_for(tmp_path)
     first = run_locally(cfg)
     run_dir = os.path.join(cfg.store, "runs", first["run_id"])
-    before = {p: open(p, "rb").read() for p in glob.glob(f"{run_dir}/*/*.parquet")}
+    before = {p: Path(p).read_bytes() for p in glob.glob(f"{run_dir}/*/*.parquet")}
     # simulate a crash that lost two units: their commits and one part are gone
     markers = sorted(glob.glob(f"{run_dir}/_state/done/*.json"))
     for mk in markers[:2]:
@@ -94,7 +95,7 @@ def test_rerun_is_a_noop_and_resume_redoes_only_missing_units(tmp_path, corpus):
     again = run_locally(cfg)
     assert again["run_id"] == first["run_id"] and again["attempts"] == 2
     assert again["units"]["done_before_this_attempt"] == len(markers) - 2
-    after = {p: open(p, "rb").read() for p in glob.glob(f"{run_dir}/*/*.parquet")}
+    after = {p: Path(p).read_bytes() for p in glob.glob(f"{run_dir}/*/*.parquet")}
     assert after == before  # byte-for-byte identical parts
     assert again["counts"] == first["counts"]
     assert again["outputs"] == first["outputs"]
