@@ -31,6 +31,8 @@ class EmbedConfig:
     passage_prompt: str | None = None  # E5-style "passage: "
     pretokenize: bool = True  # tokenize in the CPU chunk tasks; actors only pad + forward
     compile: bool = False  # torch.compile(dynamic=True) the model once per actor (GPU)
+    backend: Literal["auto", "torch", "onnx", "openvino"] = "torch"  # runtime (engine.embed.backends); auto: per device
+    quantize: Literal["none", "int8"] = "none"  # int8: dynamic int8 weights on a runtime backend (onnx)
 
     SPEED_ONLY = ("batch_tokens", "pretokenize", "compile")  # never change the vectors beyond fp noise
 
@@ -43,6 +45,9 @@ class EmbedConfig:
             raise ConfigError(f"batch_tokens must be at least 64 (or 0: chosen by device), got {self.batch_tokens}")
         if self.truncate_dim is not None and self.truncate_dim < 1:
             raise ConfigError(f"dim must be positive, got {self.truncate_dim}")
+        from engine.embed.backends import check_choice
+
+        check_choice(self.backend, self.quantize)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ class EmbedJobConfig:
         d.pop("endpoint_url", None)
         for k in EmbedConfig.SPEED_ONLY:  # a resume may change these (e.g. a smaller budget after OOM)
             d["embed"].pop(k, None)
+        for k, default in (("backend", "torch"), ("quantize", "none")):  # runs from before backends keep their ids
+            if d["embed"].get(k) == default:
+                d["embed"].pop(k)
         return d
 
     @classmethod

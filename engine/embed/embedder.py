@@ -43,6 +43,7 @@ def load_unit_encoder(cfg: EmbedJobConfig, threads: int | None = None) -> Encode
     return load_encoder(
         e.model, device=e.device, dtype=e.dtype, truncate_dim=e.truncate_dim, query_prompt=e.query_prompt,
         passage_prompt=e.passage_prompt, batch_tokens=e.batch_tokens, threads=threads, compile=e.compile,
+        backend=e.backend, quantize=e.quantize,
     )
 
 

@@ -468,8 +468,9 @@ def load_encoder(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_choice(backend, quantize)
     is_hash = bool(model and model.startswith("hash:"))
-    if not batch_tokens:
-        batch_tokens = CPU_BATCH_TOKENS if is_hash else default_batch_tokens(device)
+    runtime = "torch" if is_hash else resolve_backend(backend, quantize, device)
+    if not batch_tokens:  # the runtime backends run on the CPU: no torch import to ask about CUDA
+        batch_tokens = CPU_BATCH_TOKENS if is_hash or runtime != "torch" else default_batch_tokens(device)
     kwargs: dict[str, Any] = {"truncate_dim": truncate_dim or None, "query_prompt": query_prompt or "",
                               "passage_prompt": passage_prompt or "", "batch_tokens": batch_tokens}
     if model and is_hash:
@@ -482,7 +483,7 @@ def load_encoder(
             raise ConfigError(f"--dim {truncate_dim} must be between 1 and {dim}")
         return enc
     name, path = resolve_model_path(model)
-    if resolve_backend(backend, quantize, device) == "onnx":
+    if runtime == "onnx":
         if dtype not in ("auto", "float32"):
             raise ConfigError(f"--dtype {dtype} applies to the torch backend; --backend onnx computes in float32 "
                               "(or int8 weights with --quantize int8)")
