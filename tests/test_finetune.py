@@ -157,3 +157,77 @@ def test_job_driver_dry_run_and_s3_output(triplets, tmp_path, s3_bucket):
     assert store.exists("embedctl_finetune.json") and store.exists("1_Pooling/config.json")
     with pytest.raises(ConfigError, match="--overwrite"):
         _train(FinetuneConfig.from_flat({"triplets": str(triplets), "out": f"{s3_bucket}/models/ft"}))
+
+
+# ---------------------------------------------------------------------------------------------
+# unsupervised objectives on an embed run's chunks (TSDAE, SimCSE)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chunk_run(tmp_path_factory) -> tuple[Path, str]:
+    """An embed run (hash encoder: only its chunks matter) with a duplicate and a too-short document."""
+    tmp = tmp_path_factory.mktemp("unsup")
+    docs = make_docs(14, seed=4, min_words=12, max_words=30)
+    docs.append({**docs[0], "doc_id": "copy-of-0"})
+    docs.append({"doc_id": "tiny", "title": "", "text": "wing lift.", "lang": "en"})
+    write_corpus(tmp / "corpus", docs)
+    m = run_locally(EmbedJobConfig.from_flat({"corpus": str(tmp / "corpus"), "store": str(tmp / "store"),
+                                              "model": "hash:16", "chunk_tokens": 64}))
+    return tmp / "store", m["run_id"]
+
+
+def test_run_texts_and_noise_for_unsupervised_objectives(chunk_run):
+    import random
+
+    from engine.finetune.unsupervised import delete_words, read_run_texts, unsupervised_dataset
+
+    store, run = chunk_run
+    texts, report = read_run_texts(str(store), run)
+    assert report["duplicates"] == 1 and report["too_short"] == 1 and len(texts) == 14
+    assert texts[0].startswith("report 0")  # the title prefix the run embedded
+    rng = random.Random(0)
+    noisy = [delete_words(t, 0.6, rng) for t in texts]
+    assert all(0 < len(n.split()) < len(t.split()) for n, t in zip(noisy, texts))
+    assert delete_words("one", 0.99, random.Random(1)) == "one"
+    ds = unsupervised_dataset(texts, "tsdae", 0.6, 0)
+    assert ds.column_names == ["noisy", "text"] and ds["text"] == texts
+    ds = unsupervised_dataset(texts, "simcse", 0.6, 0)
+    assert ds["anchor"] == ds["positive"] == texts
+
+
+def test_unsupervised_refusals(chunk_run, tmp_path):
+    store, run = chunk_run
+    with pytest.raises(ConfigError, match="--store, --run"):
+        FinetuneConfig.from_flat({"objective": "tsdae", "out": "o"})
+    with pytest.raises(ConfigError, match="not --triplets"):
+        FinetuneConfig.from_flat({"objective": "simcse", "store": str(store), "run": run, "out": "o",
+                                  "triplets": "t"})
+    with pytest.raises(ConfigError, match="--objective"):
+        FinetuneConfig.from_flat({"objective": "mlm", "out": "o"})
+    with pytest.raises(ConfigError, match="tsdae or simcse"):
+        FinetuneConfig.from_flat({"triplets": "t", "out": "o", "run": run})
+    from engine.core.errors import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        run_finetune(FinetuneConfig.from_flat({"objective": "simcse", "store": str(store), "run": "no-such-run",
+                                               "out": str(tmp_path / "x"), "device": "cpu"}))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("objective", ["tsdae", "simcse"])
+def test_unsupervised_objective_trains_and_the_model_embeds(chunk_run, tmp_path, objective):
+    """Packaged MiniLM, two steps on the run's chunks, benchmark before/after; the folder loads as an encoder."""
+    store, run = chunk_run
+    bench = write_bench(tmp_path / "bench", make_docs(12, seed=21, min_words=12, max_words=30), 5)
+    out = tmp_path / objective
+    r = run_finetune(FinetuneConfig.from_flat({"objective": objective, "store": str(store), "run": run,
+                                               "out": str(out), "batch_size": 4, "max_steps": 2, "device": "cpu",
+                                               "eval_set": str(bench)}))
+    assert r["objective"] == objective and r["training"]["steps"] == 2 and r["data"]["rows_used"] == 14
+    assert r["eval"]["benchmark"]["before"]["queries"] == 5 and "ndcg@10" in r["eval"]["benchmark"]["delta"]
+    from engine.embed.encoders import load_encoder
+
+    vecs = load_encoder(str(out)).encode_passages(["wing flutter at supersonic speed"])
+    assert vecs.shape == (1, 384)

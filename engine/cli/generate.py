@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import click
@@ -86,7 +85,7 @@ def generate_queries(as_json: bool, dry_run: bool, **kwargs: Any) -> None:
         return
     from engine.distributed.generate_queries import run_generation
 
-    progress = _Progress(enabled=not as_json and sys.stderr.isatty())
+    progress = _Progress(enabled=not as_json)
     try:
         summary = run_generation(cfg, progress)
     finally:
@@ -109,26 +108,21 @@ def _read_prompt(path: str) -> str:
 
 
 class _Progress:
-    """A rich bar over chunks on a terminal (local mode) or tasks (Ray); log lines otherwise."""
+    """Job events -> the shared progress bar (chunks in local mode, tasks' chunks on Ray)."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar: Any = None
-        self.task: Any = None
+        from engine.cli.common import ProgressBar
+
+        self.bar = ProgressBar("generate", "chunks", enabled=enabled)
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event["event"] == "planned":
-            log.info("%d chunks selected, %d to ask", event["chunks"], event["pending"])
-            if self.enabled and event["pending"]:
-                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-                self.bar = Progress(TextColumn("[bold]generate"), BarColumn(),
-                                    TextColumn("{task.completed}/{task.total} chunks"), TimeElapsedColumn())
-                self.bar.start()
-                self.task = self.bar.add_task("generate", total=event["pending"])
-        elif self.bar is not None:
-            self.bar.update(self.task, advance=1 if event["event"] == "chunk" else event.get("chunks", 0))
+            self.bar.note("%d chunks selected, %d to ask", event["chunks"], event["pending"])
+            self.bar.start(event["pending"])
+        elif event["event"] == "chunk":
+            self.bar.advance()
+        elif event["event"] == "task":
+            self.bar.advance(event["chunks"])
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.close()

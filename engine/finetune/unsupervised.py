@@ -15,7 +15,6 @@ import logging
 import random
 from typing import Any
 
-from engine.core import layout
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
 
 log = logging.getLogger(__name__)
@@ -29,16 +28,11 @@ def read_run_texts(store_uri: str, run_id: str, endpoint_url: str | None = None)
     import pyarrow.dataset as ds
 
     from engine.core.storage import open_store
+    from engine.index.runs import read_run
     from engine.mining import norm_text, run_chunker
 
     store = open_store(store_uri, endpoint_url=endpoint_url)
-    mkey = layout.run_manifest_key(run_id)
-    if not store.exists(mkey):
-        raise NotFoundError(f"embed run {run_id!r} does not exist in {store.describe()}")
-    man = store.read_json(mkey)
-    if man.get("kind") != "embed" or man.get("status") != "succeeded":
-        raise ConfigError(f"run {run_id!r} is a {man.get('status')!r} {man.get('kind')!r} run; unsupervised "
-                          "objectives need the chunks of a succeeded embed run")
+    man = read_run(store, run_id).manifest  # exists, succeeded, names a model
     keys = [str(p["key"]) for p in (man.get("outputs") or {}).get("chunks", []) if int(p.get("rows", 0)) > 0]
     if not keys:
         raise NotFoundError(f"embed run {run_id!r} has no chunks")

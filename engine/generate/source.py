@@ -10,7 +10,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine.core import layout
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
 from engine.core.storage import Store, join
 from engine.generate.config import GenerateJobConfig
@@ -35,14 +34,12 @@ class ChunkItem:
 
 
 def read_run_manifest(store: Store, run_id: str) -> dict[str, Any]:
-    key = layout.run_manifest_key(run_id)
-    if not store.exists(key):
-        raise NotFoundError(f"embed run {run_id!r} does not exist in {store.describe()}")
-    man = store.read_json(key)
-    if man.get("kind") != "embed":
+    """The embed run's manifest (engine.index's reader: exists, succeeded, has a model and parts)."""
+    from engine.index.runs import read_run
+
+    man = read_run(store, run_id).manifest
+    if man.get("kind", "embed") != "embed":
         raise ConfigError(f"run {run_id!r} is a {man.get('kind')!r} run, not an embed run")
-    if man.get("status") != "succeeded":
-        raise ConfigError(f"embed run {run_id!r} is {man.get('status')!r}; finish it (rerun the embed command) first")
     return man
 
 
