@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -236,9 +238,6 @@ class MigrationState:
     def acquire(self, *, by: str, break_lock: bool = False) -> None:
         """Take the runner lock (free, expired, or its process here is dead; ``break_lock``
         takes it regardless) and keep it renewed. ConflictError when another live runner holds it."""
-        import os
-        import uuid
-
         runner = uuid.uuid4().hex
 
         def held(holder: dict[str, Any], why: str) -> str:
