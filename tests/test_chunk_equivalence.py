@@ -172,3 +172,16 @@ def test_ascii_twin_tokenizes_plain_ascii_exactly_like_the_model_tokenizer():
     for t in ["caf\u00e9", "a\x01b", "\u6771\u4eac", "tab\x0bvt"]:
         (doc,) = tok.encode_docs([t])
         assert doc.ids == tok._tok.encode(t, add_special_tokens=False).ids
+
+
+def test_batched_calls_are_bounded_by_characters(monkeypatch):
+    import engine.embed.chunking as chunking
+
+    tok = model_tokenizer(None)
+    chunker = Chunker(ChunkConfig(chunk_tokens=40, chunk_overlap=8), tok, tok, model_info(None).max_seq_length)
+    docs = seeded_docs(40, seed=5)
+    texts, titles = [normalize_text(t) for t, _ in docs], [title for _, title in docs]
+    whole = chunker.chunk_many(texts, titles)
+    monkeypatch.setattr(chunking, "BATCH_CHARS", 500)
+    assert chunker.chunk_many(texts, titles) == whole
+    assert chunking._char_bounded_groups(["a" * 300, "b" * 300, "c" * 900, "d"], 500) == [(0, 1), (1, 2), (2, 3), (3, 4)]

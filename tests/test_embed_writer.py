@@ -17,13 +17,7 @@ from engine.embed.config import EmbedJobConfig
 from engine.embed.pipeline import run_locally
 from tests.conftest import REPO
 from tests.corpus_utils import make_docs, write_corpus
-
-
-def flat(tmp_path, store: str, **kw):
-    d = {"corpus": str(tmp_path / "corpus"), "store": str(tmp_path / store), "model": "hash:24",
-         "chunk_tokens": 40, "chunk_overlap": 8, "unit_rows": 16}
-    d.update(kw)
-    return d
+from tests.test_embed_job import flat
 
 
 @pytest.mark.ray

@@ -24,6 +24,9 @@ _SPACES = re.compile(r"[^\S\n]+")  # whitespace except newline
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _PARAGRAPH = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# Characters per batched tokenizer call: a unit of huge documents never holds all their
+# encodings (~100 bytes per token) at once; Cranfield's 2,048-document units need ~1 call.
+BATCH_CHARS = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -171,12 +174,14 @@ class Chunker:
             return [self.chunk(t, title) for t, title in zip(texts, titles, strict=True)]
         prefixes = self._prefixes(titles)
         out = []
-        for text, title, doc in zip(texts, titles, self._fast_tok.encode_docs(texts), strict=True):
-            prefix, prefix_ids = prefixes[self._clean_title(title)]
-            try:
-                out.append(self._chunk(text, prefix, _DocView(doc), prefix_ids))
-            except _Unaligned:  # a span edge inside a word (only possible with unnormalised text)
-                out.append(self._chunk(text, prefix))
+        for lo, hi in _char_bounded_groups(texts, BATCH_CHARS):
+            docs = self._fast_tok.encode_docs(texts[lo:hi])
+            for text, title, doc in zip(texts[lo:hi], titles[lo:hi], docs, strict=True):
+                prefix, prefix_ids = prefixes[self._clean_title(title)]
+                try:
+                    out.append(self._chunk(text, prefix, _DocView(doc), prefix_ids))
+                except _Unaligned:  # a span edge inside a word (only possible with unnormalised text)
+                    out.append(self._chunk(text, prefix))
         return out
 
     def _chunk(self, text: str, prefix: str, doc: _DocView | None = None,
@@ -314,6 +319,19 @@ class _DocView:
                 return None
             return [(start, end, None, chunker.prompt_tokens + body + tok.n_special)]
         return [(start, end, tok.head + prefix_ids + d.ids[i0:i1] + tok.tail, None)]
+
+
+def _char_bounded_groups(texts: list[str], max_chars: int) -> list[tuple[int, int]]:
+    """[lo, hi) runs of texts of at most ``max_chars`` characters in all (one text may exceed it alone)."""
+    groups, lo, size = [], 0, 0
+    for i, t in enumerate(texts):
+        if i > lo and size + len(t) > max_chars:
+            groups.append((lo, i))
+            lo, size = i, 0
+        size += len(t)
+    if lo < len(texts):
+        groups.append((lo, len(texts)))
+    return groups
 
 
 def _token_windows(text: str, lo: int, hi: int, window: int, overlap: int,
