@@ -5,7 +5,7 @@ or in-process):
 
 ```
 candidates (ranked)       embedding: exact search over the run's vectors, or the ANN index
-                          bm25: rank-bm25 over the chunk texts; random: seeded uniform draws
+                          bm25: BM25 (bm25s, as the index) over the chunk texts; random: seeded uniform draws
   -> dedupe texts         one candidate per content hash (sentence-transformers dedupes its corpus)
   -> window               the first range_max + max_positives (the same window sentence-transformers searches)
   -> exclude positives    every known positive of the query (all its chunks), and any candidate

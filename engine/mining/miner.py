@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.core.errors import ConfigError
+from engine.core.storage import open_store
 from engine.mining.config import SOURCES, MiningJobConfig, parse_mix, quotas
 from engine.mining.corpus import (
     KEY_CHUNK_NORM,
@@ -27,7 +27,6 @@ from engine.mining.corpus import (
 from engine.mining.pairs import QueryGroup
 from engine.mining.rules import Candidates, PositiveInfo, apply_rules, sample_order
 from engine.mining.stats import BatchStats
-from engine.core.storage import open_store
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -40,39 +39,31 @@ log = logging.getLogger(__name__)
 MIN_PIECE_CHARS = 32  # a chunk shorter than this inside a positive's text is not taken for a piece of it
 
 
-_TOKEN = re.compile(r"\w+", re.UNICODE)
-STOPWORDS = frozenset(
-    "a an and are as at be by for from has have in is it its of on or that the this to was were what which with"
-    .split())
-
-
 def bm25_tokens(text: str) -> list[str]:
-    return [t for t in _TOKEN.findall((text or "").lower()) if t not in STOPWORDS]
+    """The index's BM25 tokens of a text (lower-cased, English stop words out, Snowball-stemmed)."""
+    from engine.index.sparse import tokenize
+
+    return tokenize([text or ""])[0]
 
 
 class Bm25Candidates:
-    """BM25 (Okapi, rank-bm25) over the chunks' embedded texts; built once per worker.
-
-    rank-bm25 scores a query against every document in Python (O(corpus) per query term):
-    fine to a few hundred thousand chunks; beyond that use the embedding strategy.
-    """
+    """BM25 over the chunks' texts with the library and tokenizer of the index's sparse shards (bm25s,
+    ``engine.index.sparse``); built once per worker. Scoring a query reads only its terms' postings."""
 
     def __init__(self, corpus: MinedCorpus):
-        from rank_bm25 import BM25Okapi
+        from engine.index.sparse import Bm25Index
 
         t0 = time.perf_counter()
-        tokenized = [bm25_tokens(t) for batch in corpus.iter_column("text") for t in batch]
-        self.bm25 = BM25Okapi(tokenized)
-        log.info("BM25 over %d chunks built in %.1f s", len(tokenized), time.perf_counter() - t0)
+        texts = [t or "" for batch in corpus.iter_column("text") for t in batch]
+        self.bm25 = Bm25Index.build(texts)
+        log.info("BM25 over %d chunks built in %.1f s", len(texts), time.perf_counter() - t0)
 
     def top(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, bm25 scores) best first, only rows sharing a term with the query."""
-        scores = np.asarray(self.bm25.get_scores(bm25_tokens(query)), dtype=np.float64)
-        k = min(k, scores.size)
-        idx = np.argpartition(-scores, k - 1)[:k]
-        idx = idx[np.lexsort((idx, -scores[idx]))]
-        idx = idx[scores[idx] > 0]
-        return idx.astype(np.int64), scores[idx]
+        from engine.index.sparse import top_rows
+
+        scores, rows = top_rows(self.bm25.scores(bm25_tokens(query)), max(k, 1))
+        return rows.astype(np.int64), scores.astype(np.float64)
 
 
 def query_rng(seed: int, key: str) -> np.random.Generator:
