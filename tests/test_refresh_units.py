@@ -195,3 +195,18 @@ def test_a_version_with_bm25_shards_is_rebuilt_not_updated_in_place(tmp_path):
     assert store.read_json(layout.version_manifest_key(IDX, s["version_id"]))["sparse"]["shards"]  # BM25 kept
     with Searcher.load(store, IDX, s["version_id"]) as got:
         assert got.rows == s["snapshot_chunks"]
+
+
+def test_the_refresh_run_inherits_the_live_runtime_backend_and_refuses_another():
+    from engine.refresh.live import LiveVersion, embed_job_config
+
+    run = {"config": {"corpus": {"corpus": "old/"}, "chunk": {"chunk_tokens": 64},
+                      "embed": {"model": "hash:8", "backend": "onnx", "quantize": "int8", "device": "cuda"}},
+           "model": {"name": "hash:8", "dim": 8, "fingerprint": "hash-v1-8"}}
+    live = LiveVersion(alias="live", alias_generation=1, alias_etag=None, weighted=False, version_id="v1",
+                       version_manifest={"dim": 8}, run_id="r1", run_manifest=run)
+    cfg = embed_job_config(RefreshConfig.from_flat({**BASE, "device": "cpu"}), live)
+    assert (cfg.embed.backend, cfg.embed.quantize, cfg.chunk.chunk_tokens) == ("onnx", "int8", 64)
+    assert cfg.embed.device == "cpu" and cfg.corpus.corpus == "snap/"  # free keys: this run's own
+    with pytest.raises(ConfigError, match=r"backend='torch' \(live: 'onnx'\).*embedctl migrate"):
+        embed_job_config(RefreshConfig.from_flat({**BASE, "backend": "torch"}), live)

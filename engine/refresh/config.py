@@ -116,7 +116,7 @@ def split_refresh_keys(flat: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 
 # Keys that change vectors or chunk ids: a refresh must use the live version's values.
 IDENTITY_KEYS = tuple(f.name for f in fields(ChunkConfig)) + (
-    "model", "truncate_dim", "query_prompt", "passage_prompt", "output_dtype")
+    "model", "truncate_dim", "query_prompt", "passage_prompt", "output_dtype", "backend", "quantize")
 # Keys a refresh may change freely: how the snapshot is read, how the work runs.
 # (Device, precision and speed knobs are not inherited from the live run: it may have run on GPUs.)
 FREE_KEYS = tuple(f.name for f in fields(CorpusConfig) if f.name not in ("corpus", "endpoint_url")) + (
