@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 @click.option("--run-id", default=None, help="Refresh run id [derived from the live run, config and snapshot].")
 @click.option("--version-id", default=None, help="New version id [the refresh run id].")
 @click.option("--lease-ttl", "lease_ttl_s", type=float, default=None,
-              help="Seconds until a crashed refresh's lease expires [300].")
+              help="Seconds until a crashed refresh's lease expires [120].")
 @click.option("--break-lease", is_flag=True, default=None, help="Take the refresh lease even if it looks held "
               "(only when you know its holder is dead).")
 @click.option("--executor", type=click.Choice(["auto", "local", "ray"]), default=None,
