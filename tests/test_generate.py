@@ -144,6 +144,7 @@ def test_generate_pairs_rerun_cached_and_read_by_mining_and_finetune(run_store, 
 def test_failed_chunk_is_counted_written_around_and_retried_on_rerun(tmp_path):
     docs = make_docs(6, seed=3, min_words=12, max_words=20)
     docs[2]["text"] += " FAIL:500 marker"
+    docs.append({**docs[0], "doc_id": "copy-of-0"})  # the same passage: asked once, its queries deduplicated
     write_corpus(tmp_path / "corpus", docs)
     m = run_locally(EmbedJobConfig.from_flat({"corpus": str(tmp_path / "corpus"), "store": str(tmp_path / "s"),
                                               "model": "hash:16"}))
@@ -151,14 +152,17 @@ def test_failed_chunk_is_counted_written_around_and_retried_on_rerun(tmp_path):
         cfg = cfg_for(tmp_path / "s", m["run_id"], srv, max_retries=1)
         with pytest.raises(GenerationIncomplete) as err:
             run_generation_locally(cfg)
-        assert err.value.exit_code == 9 and "1 of 6 chunks" in str(err.value)
+        assert err.value.exit_code == 9 and "1 of 7 chunks" in str(err.value)
         assert srv.requests == 5 + 2
         with pytest.raises(GenerationIncomplete):
             run_generation_locally(cfg)  # only the failed chunk is asked again
         assert srv.requests == 7 + 2
     job_id = cfg.job_id()
     man = json.loads((tmp_path / "s" / "runs" / job_id / "manifest.json").read_text())
-    assert man["status"] == "incomplete" and man["summary"]["chunks"]["failed_by_reason"] == {"server_error": 1}
+    c = man["summary"]["chunks"]
+    assert man["status"] == "incomplete" and c["failed_by_reason"] == {"server_error": 1}
+    assert c["cached_before"] == 6 and c["asked"] == 1 and c["same_passage_as_another"] == 0  # the rerun's view
+    assert man["summary"]["queries"]["dropped"]["duplicate"] == 2
     assert [f["reason"] for f in man["failed"]] == ["server_error"]
     assert pq.read_table(tmp_path / "s" / "runs" / job_id / "pairs.parquet").num_rows == 10  # 5 chunks x 2
 

@@ -80,7 +80,7 @@ def generate_queries(as_json: bool, dry_run: bool, **kwargs: Any) -> None:
 
         prep = prepare_generation(cfg)
         emit_json({"job_id": prep.job_id, "selected": len(prep.items), "skipped_short": prep.skipped_short,
-                   "cached": len(prep.items) - len(prep.pending), "to_ask": len(prep.pending), "out": prep.out_uri,
+                   "cached": prep.cached, "to_ask": len(prep.pending), "out": prep.out_uri,
                    "settings_id": cfg.llm.settings_id()})
         return
     from engine.distributed.generate_queries import run_generation

@@ -75,6 +75,7 @@ class PreparedGeneration:
     skipped_short: int
     job_id: str
     out_uri: str
+    cached: int = 0  # selected chunks whose answer was already stored
 
 
 def prepare_generation(cfg: GenerateJobConfig) -> PreparedGeneration:
@@ -97,7 +98,8 @@ def prepare_generation(cfg: GenerateJobConfig) -> PreparedGeneration:
     out = cfg.out or f"{cfg.store.rstrip('/')}/{layout.run_prefix(job_id)}/pairs.parquet"
     log.info("%d chunks selected, %d cached, %d to ask %s for", len(items), len(items) - len(pending),
              len(pending), cfg.llm.model)
-    return PreparedGeneration(cfg, store, man, items, pending, short, job_id, out)
+    return PreparedGeneration(cfg, store, man, items, pending, short, job_id, out,
+                              sum(1 for it in items if it.passage_key in have))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +295,8 @@ def _summary(prep: PreparedGeneration, results: list[dict[str, Any]], answers: d
     asked = len(prep.pending)
     n = prep.cfg.llm.queries_per_chunk
     counts = {"selected": len(prep.items), "skipped_short": prep.skipped_short,
-              "cached_before": len(prep.items) - asked, "asked": asked,
+              "cached_before": prep.cached, "asked": asked,
+              "same_passage_as_another": len(prep.items) - prep.cached - asked,
               "answered": sum(1 for r in results if r["status"] == "ok"), "failed": len(unanswered),
               "failed_by_reason": by_reason}
     # every selected chunk is answered (now or before) or counted as failed: nothing vanishes
