@@ -78,11 +78,24 @@ def test_sparse_shards_are_files_of_the_version(hybrid):
         path.write_bytes(good)
 
 
+def test_sparse_is_a_build_config_key(hybrid):
+    from engine.distributed.build_index import BuildJobConfig
+
+    cfg = BuildJobConfig.from_flat({"store": "x", "run": "r", "index": "i", "sparse": "bm25"})
+    assert cfg.build.sparse == "bm25" and cfg.build.to_dict()["sparse"] == "bm25"
+    with pytest.raises(ConfigError, match="sparse must be one of none, bm25"):
+        BuildJobConfig.from_flat({"store": "x", "run": "r", "index": "i", "sparse": "splade"})
+    summary = hybrid[1].summary()
+    assert summary["sparse"] == {"kind": "bm25", "shards": 2}
+    assert summary["filter_columns"] == ["flag", "lang", "updated_at", "year"]
+
+
 def test_dense_only_versions_are_unchanged(tmp_path):
     store = open_store(tmp_path / "store")
     make_run(store, "r1", clustered_vectors(300, DIM, seed=1), parts=1)
     res = build_index(store, "r1", "docs", BuildConfig(kind="flat"))
     assert "sparse" not in res.manifest and "metadata" not in res.manifest
+    assert "sparse" not in res.summary() and "filter_columns" not in res.summary()
     assert "sparse" not in BuildConfig().to_dict()  # the build key of a dense build is what it was
     with Searcher.load(store, "docs", res.version_id) as s:
         with pytest.raises(ConfigError, match="no sparse shards"):

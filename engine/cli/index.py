@@ -1,4 +1,4 @@
-"""`embedctl build-index | search | evaluate`: index versions from embed runs, and queries against them."""
+"""`embedctl build-index | search | evaluate | tune-fusion`: index versions from embed runs, and queries against them."""
 
 from __future__ import annotations
 
@@ -11,29 +11,9 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
+from engine.cli.common import open_store, store_options, version_options
 
 log = logging.getLogger(__name__)
-
-
-def _store_options(f: Any) -> Any:
-    f = click.option("--endpoint-url", default=None, envvar="EMBEDCTL_S3_ENDPOINT_URL",
-                     help="S3-compatible endpoint for s3:// stores [EMBEDCTL_S3_ENDPOINT_URL].")(f)
-    f = click.option("--store", required=True, envvar="EMBEDCTL_STORE",
-                     help="The store: a path, file:// or s3://bucket/prefix [EMBEDCTL_STORE].")(f)
-    return f
-
-
-def _version_options(f: Any) -> Any:
-    f = click.option("--alias", default=None, help="Use the version this alias points to.")(f)
-    f = click.option("--version", "version", default=None, help="Version id, or 'latest'.")(f)
-    f = click.option("--index", required=True, help="Index name.")(f)
-    return f
-
-
-def _open(store: str, endpoint_url: str | None) -> Any:
-    from engine.core.storage import open_store
-
-    return open_store(store, endpoint_url=endpoint_url)
 
 
 class _BuildProgress:
@@ -87,7 +67,7 @@ class _BuildProgress:
 
 
 @click.command("build-index")
-@_store_options
+@store_options
 @click.option("--run", "run", required=True, help="The embed run to index.")
 @click.option("--index", required=True, help="Index name (versions accumulate under it).")
 @click.option("--kind", type=click.Choice(["ivfpq", "binary-rerank", "flat"]), default="ivfpq", show_default=True)
@@ -184,8 +164,8 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
 
 
 @click.command("search")
-@_store_options
-@_version_options
+@store_options
+@version_options
 @click.option("--query", "-q", "queries", multiple=True, required=True, help="Query text (repeatable).")
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True)
 @click.option("--nprobe", type=click.IntRange(1), default=None, help="IVF lists probed [the version's tuned default].")
@@ -227,7 +207,7 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
     from engine.index.searcher import Searcher
     from engine.index.version import resolve_version
 
-    st = _open(store, endpoint_url)
+    st = open_store(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
     thresholds = None
     if threshold is not None and mode != "dense":
@@ -284,18 +264,25 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
             click.echo(f"  {rank:>3}  {h.score:.4f}  {h.doc_id}  {h.chunk_id}")
 
 
+def _judgment_options(f: Any) -> Any:
+    """``--queries`` / ``--qrels`` / ``--gain``: judged queries, as evaluate and tune-fusion read them."""
+    f = click.option("--gain", type=click.Choice(["cranfield", "linear", "binary"]), default="cranfield",
+                     show_default=True, help="Grade -> gain: cranfield = 5-grade for grades 1..4 (1 best), linear = "
+                                             "grade, binary = 1 if > 0.")(f)
+    f = click.option("--qrels", "qrels_path", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help="TSV with a header: query_id doc_id grade.")(f)
+    f = click.option("--queries", "queries_path", default=None, type=click.Path(exists=True, dir_okay=False),
+                     help='JSON lines: {"query_id", "text"}.')(f)
+    return f
+
+
 @click.command("evaluate")
-@_store_options
-@_version_options
-@click.option("--queries", "queries_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help='JSON lines: {"query_id", "text"}.')
-@click.option("--qrels", "qrels_path", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="TSV with a header: query_id doc_id grade.")
+@store_options
+@version_options
+@_judgment_options
 @click.option("--benchmark", "benchmark_path", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A benchmark file (embedctl benchmark build) instead of --queries/--qrels; per lang/type breakdown.")
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--gain", type=click.Choice(["cranfield", "linear", "binary"]), default="cranfield", show_default=True,
-              help="Grade -> gain: cranfield = 5-grade for grades 1..4 (1 best), linear = grade, binary = 1 if > 0.")
 @click.option("--per-query", "per_query_path", default=None,
               help="Per-query results (JSON lines) [eval-<index>-<version>.jsonl].")
 @click.option("--no-exact", is_flag=True, help="Skip the exact-search baseline.")
@@ -319,7 +306,7 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
     from engine.index.version import resolve_version
     from engine.quality.evaluate import EvalConfig, evaluate_version
 
-    st = _open(store, endpoint_url)
+    st = open_store(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
     if benchmark_path is not None:
         if queries_path or qrels_path:
@@ -361,13 +348,9 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
 
 
 @click.command("tune-fusion")
-@_store_options
-@_version_options
-@click.option("--queries", "queries_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help='JSON lines: {"query_id", "text"}.')
-@click.option("--qrels", "qrels_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="TSV with a header: query_id doc_id grade.")
-@click.option("--gain", type=click.Choice(["cranfield", "linear", "binary"]), default="cranfield", show_default=True)
+@store_options
+@version_options
+@_judgment_options
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="nDCG@k is what is tuned.")
 @click.option("--split", "share", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Share of the queries the fusion is tuned on; the rest report it (held out).")
@@ -376,8 +359,8 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
-                    queries_path: str, qrels_path: str, gain: str, k: int, share: float, seed: int, depth: int,
-                    device: str, as_json: bool) -> None:
+                    queries_path: str | None, qrels_path: str | None, gain: str, k: int, share: float, seed: int,
+                    depth: int, device: str, as_json: bool) -> None:
     """Tune hybrid fusion (RRF k and weights, or weighted normalised scores) on judged queries; store it beside
     the version, where `search --mode hybrid` finds it as its default.
 
@@ -392,7 +375,11 @@ def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: s
     from engine.quality.evaluate import load_qrels, load_queries
     from engine.quality.metrics import ndcg_at_k
 
-    st = _open(store, endpoint_url)
+    if not (queries_path and qrels_path):
+        from engine.core.errors import ConfigError
+
+        raise ConfigError("tune-fusion needs --queries and --qrels (judged queries)")
+    st = open_store(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
     queries = [(q.query_id, q.text) for q in load_queries(queries_path)]
     qrels = load_qrels(qrels_path, gain)

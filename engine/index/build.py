@@ -74,7 +74,10 @@ class BuildResult:
                 "params": {k: m["params"].get(k) for k in ("factory", "nlist", "pq_m", "pq_nbits", "nprobe",
                                                            "rescore", "rescore_multiplier", "ram_bytes")},
                 "timings": m["timings"], "reused": self.reused, "resumed": self.resumed,
-                "bytes": sum(a["bytes"] for a in m["artifacts"])}
+                "bytes": sum(a["bytes"] for a in m["artifacts"]),
+                **({"sparse": {"kind": m["sparse"]["kind"], "shards": len(m["sparse"]["shards"])}} if m.get("sparse")
+                   else {}),
+                **({"filter_columns": sorted(m["metadata"]["columns"])} if m.get("metadata") else {})}
 
 
 def build_index(store: Store, run_id: str, index: str, cfg: BuildConfig | None = None, *,
