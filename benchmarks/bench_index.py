@@ -41,7 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engine.quality.evaluate import EvalConfig, evaluate_searcher, load_qrels, load_queries  # noqa: E402
+from engine.quality.evaluate import EvalConfig, evaluate_searcher  # noqa: E402
+from engine.quality.judgments import load_qrels, load_queries  # noqa: E402
 from engine.index.build import build_index  # noqa: E402
 from engine.index.faiss_ops import exact_topk  # noqa: E402
 from engine.index.params import BuildConfig  # noqa: E402

@@ -10,13 +10,14 @@ import pytest
 from click.testing import CliRunner
 
 from engine.cli.app import cli
-from engine.embed.encoders import load_encoder
 from engine.core.errors import ConfigError, SchemaError
-from engine.quality.evaluate import EvalConfig, evaluate_searcher, evaluate_version, load_qrels, load_queries
+from engine.core.storage import open_store
+from engine.embed.encoders import load_encoder
 from engine.index.build import build_index
 from engine.index.params import BuildConfig
 from engine.index.searcher import Searcher
-from engine.core.storage import open_store
+from engine.quality.evaluate import EvalConfig, evaluate_searcher, evaluate_version
+from engine.quality.judgments import load_qrels, load_queries
 from tests.index_utils import make_run
 
 DIM = 64

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from engine.quality.evaluate import GAINS
-from engine.quality.metrics import dcg, mean_metrics, mrr_at_k, ndcg_at_k, query_metrics, recall_at_k
 from engine.index.recall import knn_recall
+from engine.quality.judgments import GAINS
+from engine.quality.metrics import dcg, mean_metrics, mrr_at_k, ndcg_at_k, query_metrics, recall_at_k
 
 
 def test_recall_at_k_by_hand():

@@ -34,8 +34,8 @@ class Benchmark:
 
 def load_benchmark(path: str | os.PathLike[str], gain: str = "binary") -> Benchmark:
     """A folder with corpus.jsonl (doc_id, text, optional title), queries.jsonl (query_id, text) and
-    qrels.tsv (query_id, doc_id, grade, with a header); grades become gains by ``engine.quality.evaluate.GAINS``."""
-    from engine.quality.evaluate import load_qrels, load_queries
+    qrels.tsv (query_id, doc_id, grade, with a header); grades become gains by ``engine.quality.judgments.GAINS``."""
+    from engine.quality.judgments import load_qrels, load_queries
 
     root = Path(path)
     for name in ("corpus.jsonl", "queries.jsonl", "qrels.tsv"):

@@ -18,15 +18,15 @@ import numpy as np
 from engine.core import layout
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
 from engine.core.storage import Store, join, sha256_bytes
+from engine.quality import metrics
+from engine.quality.evaluate import EvalConfig, evaluate_searcher
+from engine.quality.judgments import Query
 from engine.quality.records import open_text, pick, read_records
 from engine.quality.reports import now_iso
 
 log = logging.getLogger(__name__)
 
-
 BENCHMARK_FORMAT = "embedctl-benchmark"
-
-
 BENCHMARK_FORMAT_VERSION = 1
 
 
@@ -231,25 +231,41 @@ def evaluate_benchmark(searcher: Any, bench: Benchmark, *, ks: Sequence[int] = (
     ``engine.quality.metrics``: nDCG on the graded gains, recall and MRR on the docs whose gain reaches
     the benchmark's ``relevant_min_gain``. Queries with no relevant doc are skipped (counted).
     """
-    import tempfile
-
-    from engine.quality import metrics
-    from engine.quality.evaluate import EvalConfig, Query, evaluate_searcher
-
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ConfigError(f"ks must be positive integers, got {list(ks)!r}")
     kmax = ks[-1]
     graded = {q: {d: g for d, g in docs.items() if g > 0} for q, docs in bench.qrels.items()}
     queries = [Query(q["query_id"], q["text"]) for q in bench.queries]
-    with tempfile.TemporaryDirectory(prefix="embedctl-eval-") as tmp:
-        path = os.path.join(tmp, "per_query.jsonl")
-        summary = evaluate_searcher(searcher, queries, graded, EvalConfig(k=kmax, exact=exact, nprobe=nprobe),
-                                    store=store, per_query_path=path)
-        per_query = [json.loads(line) for line in open(path, encoding="utf-8")]
+    per_query: list[dict[str, Any]] = []
+    summary = evaluate_searcher(searcher, queries, graded, EvalConfig(k=kmax, exact=exact, nprobe=nprobe),
+                                store=store, per_query=per_query)
+    rows, groups, skipped = _benchmark_rows(bench, per_query, graded, ks)
+    if not rows["index"]:
+        raise SchemaError("no benchmark query has a relevant document (check relevant_min_gain and the qrels)")
+    result: dict[str, Any] = {
+        "benchmark": bench.benchmark_id, "index": searcher.index, "version": searcher.version_id,
+        "kind": searcher.manifest.get("kind"), "ks": ks, "queries": len(bench.queries),
+        "evaluated": len(rows["index"]), "skipped_no_relevant": skipped,
+        "relevant_min_gain": bench.relevant_min_gain, "corpus_match": _corpus_match(searcher, bench, store),
+        **_metric_table(rows),
+        f"recall_vs_exact@{kmax}": summary["metrics"].get(f"recall_vs_exact@{kmax}"), "timings": summary["timings"],
+    }
+    for col, by in groups.items():
+        if by:
+            result[f"by_{col}"] = {value: _metric_table(r) for value, r in sorted(by.items())}
+    return result
+
+
+SideRows = dict[str, list[dict[str, float]]]  # "index"/"exact" -> one metrics row per query
+
+
+def _benchmark_rows(bench: Benchmark, per_query: Sequence[Mapping[str, Any]], graded: Mapping[str, Mapping[str, float]],
+                    ks: Sequence[int]) -> tuple[SideRows, dict[str, dict[str, SideRows]], int]:
+    """Metric rows at every ``k`` per side, overall and grouped by ``lang``/``type``; queries skipped."""
     meta = {q["query_id"]: q for q in bench.queries}
-    rows: dict[str, list[dict[str, float]]] = {"index": [], "exact": []}
-    groups: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {"lang": {}, "type": {}}
+    rows: SideRows = {"index": [], "exact": []}
+    groups: dict[str, dict[str, SideRows]] = {"lang": {}, "type": {}}
     skipped = 0
     for rec in per_query:
         qid = rec["query_id"]
@@ -271,31 +287,24 @@ def evaluate_benchmark(searcher: Any, bench: Benchmark, *, ks: Sequence[int] = (
                 value = meta[qid].get(col)
                 if value not in (None, ""):
                     groups[col].setdefault(str(value), {"index": [], "exact": []})[side].append(row)
-    if not rows["index"]:
-        raise SchemaError("no benchmark query has a relevant document (check relevant_min_gain and the qrels)")
+    return rows, groups, skipped
 
-    def table(side_rows: Mapping[str, list[dict[str, float]]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"queries": len(side_rows["index"]),
-                               "index": {k: round(v, 6) for k, v in metrics.mean_metrics(side_rows["index"]).items()}}
-        if side_rows["exact"]:
-            out["exact"] = {k: round(v, 6) for k, v in metrics.mean_metrics(side_rows["exact"]).items()}
-        return out
 
-    corpus_match = None
-    if store is not None and bench.corpus.get("fingerprint") and searcher.manifest.get("source_run"):
-        ids, _ = run_doc_ids(store, str(searcher.manifest["source_run"]))
-        corpus_match = corpus_fingerprint(ids) == bench.corpus["fingerprint"]
-        if not corpus_match:
-            log.warning("benchmark %s was judged against another corpus than %s/%s indexes; unjudged new docs "
-                        "count as misses", bench.benchmark_id, searcher.index, searcher.version_id)
-    result: dict[str, Any] = {
-        "benchmark": bench.benchmark_id, "index": searcher.index, "version": searcher.version_id,
-        "kind": searcher.manifest.get("kind"), "ks": ks, "queries": len(bench.queries),
-        "evaluated": len(rows["index"]), "skipped_no_relevant": skipped,
-        "relevant_min_gain": bench.relevant_min_gain, "corpus_match": corpus_match, **table(rows),
-        f"recall_vs_exact@{kmax}": summary["metrics"].get(f"recall_vs_exact@{kmax}"), "timings": summary["timings"],
-    }
-    for col, by in groups.items():
-        if by:
-            result[f"by_{col}"] = {value: table(r) for value, r in sorted(by.items())}
-    return result
+def _metric_table(side_rows: SideRows) -> dict[str, Any]:
+    out: dict[str, Any] = {"queries": len(side_rows["index"]),
+                           "index": {k: round(v, 6) for k, v in metrics.mean_metrics(side_rows["index"]).items()}}
+    if side_rows["exact"]:
+        out["exact"] = {k: round(v, 6) for k, v in metrics.mean_metrics(side_rows["exact"]).items()}
+    return out
+
+
+def _corpus_match(searcher: Any, bench: Benchmark, store: Store | None) -> bool | None:
+    """Whether the version indexes the corpus the benchmark was judged against (None: unknown)."""
+    if store is None or not bench.corpus.get("fingerprint") or not searcher.manifest.get("source_run"):
+        return None
+    ids, _ = run_doc_ids(store, str(searcher.manifest["source_run"]))
+    match = corpus_fingerprint(ids) == bench.corpus["fingerprint"]
+    if not match:
+        log.warning("benchmark %s was judged against another corpus than %s/%s indexes; unjudged new docs "
+                    "count as misses", bench.benchmark_id, searcher.index, searcher.version_id)
+    return match

@@ -6,10 +6,14 @@ exact inner-product search over the *same vectors* (the version's source run), s
 the index's approximation shows as the difference between the two. Per-query results go to a
 JSON-lines file.
 
-Inputs: queries JSONL ``{"query_id", "text"}``; qrels TSV ``query_id  doc_id  grade`` with a
-header line. How grades become gains is a named mapping (``GAINS``); the default ``cranfield``
-follows the Cranfield collection, where grade 1 is the best (complete answer) and 4 the least
-(minimum interest), -1 judged non-relevant: gain = 5 - grade for grades 1..4, else 0.
+Inputs are read by ``engine.quality.judgments`` (queries JSONL ``{"query_id", "text"}``, qrels
+``query_id  doc_id  grade`` with a header, TREC qrels, CSV or Parquet). How grades become gains
+is a named mapping (``judgments.GAINS``); the default ``cranfield`` follows the Cranfield
+collection, where grade 1 is the best (complete answer) and 4 the least (minimum interest), -1
+judged non-relevant: gain = 5 - grade for grades 1..4, else 0.
+
+The steps: ``search_index`` (the version's own ranking), ``search_exact`` (the same vectors,
+searched exactly), ``score_rankings`` (per-query metrics of each side) and ``summarize``.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +31,7 @@ import numpy as np
 from engine.core.errors import ConfigError, SchemaError
 from engine.index.hits import doc_ids_of_rows
 from engine.index.recall import knn_recall
+from engine.quality.judgments import Query, load_qrels, load_queries
 from engine.quality.metrics import mean_metrics, query_metrics
 
 if TYPE_CHECKING:
@@ -34,92 +39,6 @@ if TYPE_CHECKING:
     from engine.index.searcher import Searcher
 
 log = logging.getLogger(__name__)
-
-
-def _gain_cranfield(grade: float) -> float:
-    return 5.0 - grade if 1 <= grade <= 4 else 0.0
-
-
-def _gain_linear(grade: float) -> float:
-    return float(grade) if grade > 0 else 0.0
-
-
-def _gain_binary(grade: float) -> float:
-    return 1.0 if grade > 0 else 0.0
-
-
-# name -> grade -> gain. "linear": the grade is the gain (TREC style: higher = more relevant);
-# "binary": any positive grade is relevant with gain 1.
-GAINS: dict[str, Callable[[float], float]] = {"cranfield": _gain_cranfield, "linear": _gain_linear,
-                                               "binary": _gain_binary}
-
-
-@dataclass(frozen=True)
-class Query:
-    query_id: str
-    text: str
-
-
-def load_queries(path: str | os.PathLike[str]) -> list[Query]:
-    """Queries from JSON lines ``{"query_id", "text"}`` (``_id``/``id`` and ``query`` accepted too)."""
-    out: list[Query] = []
-    seen: set[str] = set()
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read queries file {os.fspath(path)!r}: {err.strerror}") from None
-    with fh:
-        for n, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SchemaError(f"{os.fspath(path)}:{n}: not JSON ({err.msg})") from None
-            qid = next((row[k] for k in ("query_id", "_id", "id") if k in row), None)
-            text = next((row[k] for k in ("text", "query") if k in row), None)
-            if qid is None or not isinstance(text, str):
-                raise SchemaError(f"{os.fspath(path)}:{n}: a query needs 'query_id' and 'text'")
-            qid = str(qid)
-            if qid in seen:
-                raise SchemaError(f"{os.fspath(path)}:{n}: duplicate query_id {qid!r}")
-            seen.add(qid)
-            out.append(Query(qid, text))
-    if not out:
-        raise SchemaError(f"queries file {os.fspath(path)!r} holds no queries")
-    return out
-
-
-def load_qrels(path: str | os.PathLike[str], gain: str = "cranfield") -> dict[str, dict[str, float]]:
-    """``query_id -> {doc_id: gain}`` from a TSV with a header (``query_id doc_id grade``); zero gains dropped."""
-    if gain not in GAINS:
-        raise ConfigError(f"gain mapping must be one of {', '.join(GAINS)}, got {gain!r}")
-    to_gain = GAINS[gain]
-    out: dict[str, dict[str, float]] = {}
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read qrels file {os.fspath(path)!r}: {err.strerror}") from None
-    with fh:
-        lines = [ln.rstrip("\n") for ln in fh if ln.strip()]
-    if not lines:
-        raise SchemaError(f"qrels file {os.fspath(path)!r} is empty")
-    header = lines[0].split("\t") if "\t" in lines[0] else lines[0].split()
-    cols = [h.strip().lower() for h in header]
-    if not {"query_id", "doc_id"} <= set(cols) or not ({"grade", "score", "relevance"} & set(cols)):
-        raise SchemaError(f"qrels file {os.fspath(path)!r} needs a header 'query_id doc_id grade' (got {header})")
-    qi, di = cols.index("query_id"), cols.index("doc_id")
-    gi = next(cols.index(c) for c in ("grade", "score", "relevance") if c in cols)
-    for n, line in enumerate(lines[1:], start=2):
-        parts = line.split("\t") if "\t" in line else line.split()
-        try:
-            q, d, g = parts[qi].strip(), parts[di].strip(), float(parts[gi])
-        except (IndexError, ValueError):
-            raise SchemaError(f"{os.fspath(path)}:{n}: expected 'query_id doc_id grade', got {line!r}") from None
-        value = to_gain(g)
-        if value > 0:
-            out.setdefault(q, {})[d] = max(value, out.get(q, {}).get(d, 0.0))
-    return out
 
 
 @dataclass(frozen=True)
@@ -147,83 +66,119 @@ def exact_doc_rankings(queries: np.ndarray, vectors: np.ndarray, doc_ids: Sequen
         depth = min(len(doc_ids), depth * 4)
 
 
-def evaluate_searcher(searcher: Searcher, queries: Sequence[Query], qrels: Mapping[str, Mapping[str, float]],
-                      cfg: EvalConfig = EvalConfig(), *, store: Store | None = None,
-                      per_query_path: str | os.PathLike[str] | None = None,
-                      query_vectors: np.ndarray | None = None) -> dict[str, Any]:
-    """Metrics of ``searcher`` (and of exact search over its source run in ``store``) on judged queries."""
+@dataclass
+class Side:
+    """One side of an evaluation (the index, or exact search): per query its ranked doc ids."""
+
+    docs: list[list[str]]  # [n_queries][<= k] doc ids, best first
+    scores: list[list[float]] | None = None  # [n_queries][<= k] the docs' scores, when kept per query
+    seconds: float = 0.0
+    chunk_recall: np.ndarray | None = None  # [n_queries] chunk-level recall@k against exact search
+
+
+def search_index(searcher: Searcher, qv: np.ndarray, cfg: EvalConfig) -> Side:
+    """The version's own top-``k`` documents per query (one hit per document), in batches."""
+    t0 = time.perf_counter()
+    hits: list[Any] = []
+    for i in range(0, len(qv), cfg.batch):
+        hits += searcher.search_vectors(qv[i:i + cfg.batch], cfg.k, nprobe=cfg.nprobe,
+                                        rescore_multiplier=cfg.rescore_multiplier, collapse_docs=True)
+    return Side(docs=[[h.doc_id for h in r] for r in hits], scores=[[round(h.score, 6) for h in r] for r in hits],
+                seconds=time.perf_counter() - t0)
+
+
+def search_exact(searcher: Searcher, store: Store | None, qv: np.ndarray, cfg: EvalConfig) -> Side:
+    """Exact search over the version's source vectors, and the index's chunk-level recall against it."""
     from engine.index.runs import read_run_vectors
 
-    if cfg.k < 1:
-        raise ConfigError(f"k must be >= 1, got {cfg.k}")
-    k = cfg.k
+    if store is None:
+        raise ConfigError("exact search needs the store holding the version's source run")
+    run_id = searcher.manifest.get("source_run")
+    if not run_id:
+        raise SchemaError(f"version {searcher.version_id} records no source run; use --no-exact")
     t0 = time.perf_counter()
-    qv = query_vectors if query_vectors is not None else searcher.encode_queries([q.text for q in queries])
-    t_embed = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    index_hits = []
-    for i in range(0, len(queries), cfg.batch):
-        index_hits += searcher.search_vectors(qv[i:i + cfg.batch], k, nprobe=cfg.nprobe,
-                                              rescore_multiplier=cfg.rescore_multiplier, collapse_docs=True)
-    t_search = time.perf_counter() - t1
-    index_docs = [[h.doc_id for h in hits] for hits in index_hits]
+    vectors, _chunk_ids, doc_ids = read_run_vectors(store, str(run_id))
+    docs, ex_scores, ex_rows = exact_doc_rankings(qv, vectors, doc_ids, cfg.k)
+    # Chunk-level recall@k of the index against exact search (rows are global ids).
+    _, found = searcher.search_ids(qv, cfg.k, nprobe=cfg.nprobe, rescore_multiplier=cfg.rescore_multiplier)
+    recall = knn_recall(found, ex_rows, ex_scores, cfg.k) if len(vectors) else np.ones(len(qv))
+    return Side(docs=docs, seconds=time.perf_counter() - t0, chunk_recall=recall)
 
-    exact_docs: list[list[str]] | None = None
-    chunk_recall: np.ndarray | None = None
-    t_exact = 0.0
-    if cfg.exact:
-        if store is None:
-            raise ConfigError("exact search needs the store holding the version's source run")
-        run_id = searcher.manifest.get("source_run")
-        if not run_id:
-            raise SchemaError(f"version {searcher.version_id} records no source run; use --no-exact")
-        t2 = time.perf_counter()
-        vectors, _chunk_ids, doc_ids = read_run_vectors(store, str(run_id))
-        exact_docs, ex_scores, ex_rows = exact_doc_rankings(qv, vectors, doc_ids, k)
-        # Chunk-level recall@k of the index against exact search (rows are global ids).
-        _, found = searcher.search_ids(qv, k, nprobe=cfg.nprobe, rescore_multiplier=cfg.rescore_multiplier)
-        chunk_recall = knn_recall(found, ex_rows, ex_scores, k) if len(vectors) else np.ones(len(queries))
-        t_exact = time.perf_counter() - t2
 
-    rows_index, rows_exact, per_query = [], [], []
+def score_rankings(queries: Sequence[Query], qrels: Mapping[str, Mapping[str, float]], sides: Mapping[str, Side],
+                   k: int) -> tuple[dict[str, list[dict[str, float]]], list[dict[str, Any]], int]:
+    """Per-query metrics of each side: (metric rows per side, per-query records, queries skipped).
+    A query with no relevant judged document is skipped (and counted)."""
+    rows: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    per_query: list[dict[str, Any]] = []
     skipped = 0
     for n, q in enumerate(queries):
         gains = qrels.get(q.query_id, {})
         rec: dict[str, Any] = {"query_id": q.query_id, "text": q.text, "relevant": len(gains)}
+        per_query.append(rec)
         if not gains:
             skipped += 1
             rec["skipped"] = "no relevant documents judged"
-            per_query.append(rec)
             continue
-        m_index = query_metrics(index_docs[n], gains, k)
-        rows_index.append(m_index)
-        rec["index"] = {**m_index, "docs": index_docs[n], "scores": [round(h.score, 6) for h in index_hits[n]]}
-        if exact_docs is not None:
-            m_exact = query_metrics(exact_docs[n], gains, k)
-            rows_exact.append(m_exact)
-            rec["exact"] = {**m_exact, "docs": exact_docs[n]}
-            assert chunk_recall is not None
-            rec[f"recall_vs_exact@{k}"] = float(chunk_recall[n])
-        per_query.append(rec)
-    if not rows_index:
-        raise SchemaError("no query has a judged relevant document (check that query ids match the qrels file)")
+        for name, side in sides.items():
+            m = query_metrics(side.docs[n], gains, k)
+            rows[name].append(m)
+            rec[name] = {**m, "docs": side.docs[n]}
+            if side.scores is not None:
+                rec[name]["scores"] = side.scores[n]
+            if side.chunk_recall is not None:
+                rec[f"recall_vs_exact@{k}"] = float(side.chunk_recall[n])
+    return rows, per_query, skipped
+
+
+def summarize(searcher: Searcher, cfg: EvalConfig, n_queries: int, rows: Mapping[str, list[dict[str, float]]],
+              skipped: int, sides: Mapping[str, Side], embed_s: float) -> dict[str, Any]:
+    """The summary ``evaluate`` prints: mean metrics per side, what exact search retains, timings."""
+    k = cfg.k
     summary: dict[str, Any] = {
         "index": searcher.index, "version": searcher.version_id, "kind": searcher.kind, "k": k, "gain": cfg.gain,
-        "queries": len(queries), "evaluated": len(rows_index), "skipped_no_judgments": skipped,
-        "metrics": {"index": mean_metrics(rows_index)},
-        "timings": {"embed_s": round(t_embed, 3), "search_s": round(t_search, 3), "exact_s": round(t_exact, 3),
-                    "search_ms_per_query": round(t_search * 1000 / max(len(queries), 1), 3)},
+        "queries": n_queries, "evaluated": len(rows["index"]), "skipped_no_judgments": skipped,
+        "metrics": {"index": mean_metrics(rows["index"])},
+        "timings": {"embed_s": round(embed_s, 3), "search_s": round(sides["index"].seconds, 3),
+                    "exact_s": round(sides["exact"].seconds if "exact" in sides else 0.0, 3),
+                    "search_ms_per_query": round(sides["index"].seconds * 1000 / max(n_queries, 1), 3)},
     }
-    if rows_exact:
-        exact = mean_metrics(rows_exact)
+    if rows.get("exact"):
+        exact = mean_metrics(rows["exact"])
         summary["metrics"]["exact"] = exact
         summary["metrics"]["retained"] = {key: (summary["metrics"]["index"][key] / v if v else None)
                                           for key, v in exact.items()}
-        assert chunk_recall is not None
-        summary["metrics"][f"recall_vs_exact@{k}"] = float(chunk_recall.mean())
+        recall = sides["exact"].chunk_recall
+        assert recall is not None
+        summary["metrics"][f"recall_vs_exact@{k}"] = float(recall.mean())
+    return summary
+
+
+def evaluate_searcher(searcher: Searcher, queries: Sequence[Query], qrels: Mapping[str, Mapping[str, float]],
+                      cfg: EvalConfig = EvalConfig(), *, store: Store | None = None,
+                      per_query_path: str | os.PathLike[str] | None = None,
+                      query_vectors: np.ndarray | None = None,
+                      per_query: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Metrics of ``searcher`` (and of exact search over its source run in ``store``) on judged
+    queries. Per-query records go to ``per_query_path`` (JSON lines) and/or are appended to
+    ``per_query``."""
+    if cfg.k < 1:
+        raise ConfigError(f"k must be >= 1, got {cfg.k}")
+    t0 = time.perf_counter()
+    qv = query_vectors if query_vectors is not None else searcher.encode_queries([q.text for q in queries])
+    embed_s = time.perf_counter() - t0
+    sides = {"index": search_index(searcher, qv, cfg)}
+    if cfg.exact:
+        sides["exact"] = search_exact(searcher, store, qv, cfg)
+    rows, records, skipped = score_rankings(queries, qrels, sides, cfg.k)
+    if not rows["index"]:
+        raise SchemaError("no query has a judged relevant document (check that query ids match the qrels file)")
+    summary = summarize(searcher, cfg, len(queries), rows, skipped, sides, embed_s)
+    if per_query is not None:
+        per_query.extend(records)
     if per_query_path is not None:
         with open(per_query_path, "w", encoding="utf-8") as f:
-            for rec in per_query:
+            for rec in records:
                 f.write(json.dumps(rec, sort_keys=True) + "\n")
         summary["per_query_path"] = os.fspath(per_query_path)
     return summary

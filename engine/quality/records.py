@@ -25,6 +25,15 @@ def open_text(path: str | os.PathLike[str]) -> io.TextIOWrapper:
     return open(p, encoding="utf-8")
 
 
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A whole UTF-8 text file (gunzipped when it ends in .gz); SchemaError when it is not UTF-8 text."""
+    with open_text(path) as f:
+        try:
+            return f.read()
+        except (UnicodeDecodeError, OSError, EOFError) as err:
+            raise SchemaError(f"{os.fspath(path)} is not UTF-8 text (or not valid gzip): {err}") from err
+
+
 def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Rows of a JSONL (``.jsonl``/``.ndjson``, optionally ``.gz``), JSON list, CSV/TSV with a
     header, or Parquet file, as dicts. Raises SchemaError naming the file and line on bad input."""
@@ -40,35 +49,43 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             return pq.read_table(p).to_pylist()
         except Exception as err:  # noqa: BLE001 - pyarrow raises many types; the user needs the file name
             raise SchemaError(f"{p} is not a readable Parquet file: {err}") from err
-    with open_text(p) as f:
-        if suffix in (".tsv", ".csv", ".txt"):
-            import csv
+    text = read_text(p)
+    head = text.lstrip()[:1]
+    if suffix in (".tsv", ".csv", ".txt") and head != "{":  # a .txt/.tsv of JSON objects is JSON lines
+        return _delimited_rows(p, text, "," if suffix == ".csv" else "\t")
+    if suffix == ".json" and head != "{":  # a .json holding one object per line is JSON lines too
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SchemaError(f"{p} is not valid JSON: {err}") from err
+        if not isinstance(data, list):
+            raise SchemaError(f"{p}: expected a JSON list of objects")
+        return data
+    return _json_lines(p, text)
 
-            delim = "," if suffix == ".csv" else "\t"
-            rows = list(csv.DictReader(f, delimiter=delim))
-            if rows and None in rows[0]:
-                raise SchemaError(f"{p}: line 2 has more fields than the header")
-            return [{k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items()} for r in rows]
-        if suffix == ".json":
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise SchemaError(f"{p} is not valid JSON: {err}") from err
-            if not isinstance(data, list):
-                raise SchemaError(f"{p}: expected a JSON list of objects")
-            return data
-        out = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SchemaError(f"{p}:{lineno}: not a JSON object ({err.msg})") from err
-            if not isinstance(row, dict):
-                raise SchemaError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            out.append(row)
-        return out
+
+def _delimited_rows(p: Path, text: str, delim: str) -> list[dict[str, Any]]:
+    import csv
+
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=delim))
+    if rows and None in rows[0]:
+        raise SchemaError(f"{p}: line 2 has more fields than the header")
+    return [{k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items()} for r in rows]
+
+
+def _json_lines(p: Path, text: str) -> list[dict[str, Any]]:
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SchemaError(f"{p}:{lineno}: not a JSON object ({err.msg})") from err
+        if not isinstance(row, dict):
+            raise SchemaError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        out.append(row)
+    return out
 
 
 def pick(row: Mapping[str, Any], names: Sequence[str], what: str, where: str) -> Any:
