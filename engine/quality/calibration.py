@@ -14,7 +14,8 @@ import numpy as np
 
 from engine.core.errors import ConfigError
 from engine.core.storage import Store, join, json_bytes, sha256_bytes
-from engine.quality.calibration_store import calibration_prefix, new_calibration_id, version_identity, version_manifest
+from engine.index.version import read_version_manifest
+from engine.quality.calibration_store import calibration_prefix, new_calibration_id, version_identity
 from engine.quality.pairs import LabelledPair, score_pairs
 from engine.quality.plots import plot_calibration
 from engine.quality.prcurve import best_fbeta, best_relative, choose_floor, downsample_curve, point_at, pr_curve
@@ -24,11 +25,8 @@ from engine.quality.thresholds import Rule, Thresholds
 
 log = logging.getLogger(__name__)
 
-
 CALIBRATION_FORMAT = 1
-
-
-MAX_REFERENCE_QUERIES = 2000
+MAX_REFERENCE_QUERIES = 2000  # reference query embeddings kept for drift
 
 
 @dataclass(frozen=True)
@@ -85,7 +83,7 @@ def calibrate(store: Store, index: str, version: str, pairs: Sequence[LabelledPa
     ``<id>.png`` (the curve) and last ``<id>.json`` (the record; its existence commits the
     calibration). Returns the record.
     """
-    manifest = version_manifest(store, index, version)
+    manifest = read_version_manifest(store, index, version)
     if searcher is None:
         searcher = open_searcher(store, index, version, loader)
     sp = score_pairs(searcher, pairs, cfg.depth, query_encoder=query_encoder)

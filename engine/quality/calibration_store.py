@@ -13,20 +13,12 @@ import numpy as np
 from engine.core import layout
 from engine.core.errors import ConfigError, NotFoundError
 from engine.core.storage import Store, join, sha256_bytes
+from engine.index.version import read_version_manifest
 from engine.quality.thresholds import Rule, Thresholds
 
 log = logging.getLogger(__name__)
 
-
 CALIBRATION_DIR = "calibration"
-
-
-def version_manifest(store: Store, index: str, version: str) -> dict[str, Any]:
-    try:
-        return store.read_json(layout.version_manifest_key(index, version))
-    except NotFoundError:
-        raise NotFoundError(f"version {version!r} of index {index!r} has no manifest in {store.describe()}: "
-                            "it does not exist or its upload never finished") from None
 
 
 def calibration_prefix(index: str, version: str) -> str:
@@ -76,7 +68,7 @@ def load_calibration(store: Store, index: str, version: str, *, inherit: bool = 
     current = version
     for _ in range(64):
         try:
-            manifest = version_manifest(store, index, current)
+            manifest = read_version_manifest(store, index, current)
         except NotFoundError:
             return None
         if current == version and (emb := _embedded_thresholds(manifest)) is not None:
@@ -158,7 +150,7 @@ def calibration_status(store: Store, index: str, version: str) -> dict[str, Any]
     another version (inherited or copied); ``needs_recalibration`` is true when the model, the
     quantization or the corpus differ from what they were fitted on, or nothing was ever fitted.
     """
-    manifest = version_manifest(store, index, version)
+    manifest = read_version_manifest(store, index, version)
     rec = load_calibration(store, index, version)
     if rec is None:
         return {"version": version, "calibrated": False, "calibration_id": None, "calibrated_on": None,
@@ -212,7 +204,7 @@ def resolve_threshold(store: Store, index: str, version: str, spec: str | float 
     if rec is None:
         raise NotFoundError(f"--threshold auto: version {version!r} of index {index!r} has no calibration; run "
                             f"`embedctl calibrate --index {index} --version {version} --pairs PAIRS` first")
-    reasons = calibration_differences(rec, version_manifest(store, index, version))
+    reasons = calibration_differences(rec, read_version_manifest(store, index, version))
     if reasons and not allow_stale:
         raise ConfigError(f"--threshold auto: the thresholds of {index}/{version} were calibrated on "
                           f"{rec.get('version_id')} and no longer fit: {'; '.join(reasons)}. Recalibrate "

@@ -24,7 +24,6 @@ from engine.quality.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
-
 CANARY_FORMAT = 1
 
 

@@ -15,13 +15,13 @@ import numpy as np
 from engine.core.errors import ConfigError, GateError, NotFoundError, SchemaError
 from engine.core.storage import Store
 from engine.index.hits import doc_scores
+from engine.index.version import read_version_manifest
 from engine.quality.calibration import empty_rate, query_profile
 from engine.quality.calibration_store import (
     calibration_differences,
     calibration_status,
     load_calibration,
     reference_embeddings,
-    version_manifest,
 )
 from engine.quality.records import open_text, pick, read_records
 from engine.quality.reports import delta, now_iso, prometheus_text, score_distribution
@@ -36,7 +36,6 @@ from engine.quality.scoring import (
 from engine.quality.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
-
 
 DRIFT_FORMAT = 1
 
@@ -91,15 +90,15 @@ def psi_noise(n_reference: int, n_current: int, bins: int = 10) -> float:
 
 
 def ks_statistic(reference: Sequence[float], current: Sequence[float]) -> float | None:
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
-    a = np.sort(np.asarray(reference, dtype=np.float64))
-    b = np.sort(np.asarray(current, dtype=np.float64))
+    """Two-sample Kolmogorov-Smirnov statistic (``scipy.stats.ks_2samp``): the largest gap between
+    the two empirical CDFs, rounded to 6 places; None when either side is empty."""
+    from scipy.stats import ks_2samp
+
+    a = np.asarray(reference, dtype=np.float64)
+    b = np.asarray(current, dtype=np.float64)
     if not a.size or not b.size:
         return None
-    grid = np.concatenate([a, b])
-    cdf_a = np.searchsorted(a, grid, side="right") / a.size
-    cdf_b = np.searchsorted(b, grid, side="right") / b.size
-    return round(float(np.max(np.abs(cdf_a - cdf_b))), 6)
+    return round(float(ks_2samp(a, b).statistic), 6)
 
 
 def embedding_drift(reference: np.ndarray, current: np.ndarray, novelty_quantile: float = 0.05) -> dict[str, Any]:
@@ -177,7 +176,7 @@ def run_drift(store: Store, index: str, queries: Sequence[str], *, alias: str = 
     if rec is None:
         raise NotFoundError(f"drift compares with calibration time, but {index}/{version} was never calibrated; run "
                             f"`embedctl calibrate --index {index} --version {version} --pairs PAIRS` first")
-    manifest = version_manifest(store, index, version)
+    manifest = read_version_manifest(store, index, version)
     model_changes = [r for r in calibration_differences(rec, manifest) if r.startswith("model changed")]
     if model_changes:
         raise ConfigError(f"{index}/{version} has no calibration of its own model (the newest is from "

@@ -14,7 +14,6 @@ from engine.core.errors import ConfigError, SchemaError
 
 log = logging.getLogger(__name__)
 
-
 MAX_CURVE_POINTS = 256
 
 
@@ -61,8 +60,13 @@ def f_beta(precision: np.ndarray | float, recall: np.ndarray | float, beta: floa
 def pr_curve(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> PRCurve:
     """The precision-recall curve of ``score >= t`` over labelled pairs (NaN score = not retrieved).
 
-    Tied scores move together (a threshold cannot split them), so there is one point per
-    distinct score, not per pair.
+    ``sklearn.metrics.precision_recall_curve`` computes the curve over the retrieved pairs (one
+    point per distinct score: tied scores move together, a threshold cannot split them). The
+    project's rule differs in one way, which this wrapper adds: a pair the index did not
+    retrieve (NaN) can pass no threshold, so recall is over *all* relevant pairs
+    (``tp / positives``, sklearn's recall scaled by retrieved/all relevant) and the counts
+    include them as misses. The points come back descending, without sklearn's closing
+    (precision 1, recall 0) point, with the tp/fp counts at each threshold.
     """
     s = np.asarray(scores, dtype=np.float64)  # [n]
     y = np.asarray(labels, dtype=bool)  # [n]
@@ -70,18 +74,26 @@ def pr_curve(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.n
         raise ValueError(f"scores {s.shape} and labels {y.shape} must be 1-d and aligned")
     positives, negatives = int(y.sum()), int((~y).sum())
     keep = ~np.isnan(s)
-    s, y = s[keep], y[keep]
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    # last index of each run of equal scores: the point where that threshold's group is complete
-    last = np.flatnonzero(np.concatenate([s[1:] != s[:-1], [True]])) if len(s) else np.zeros(0, dtype=int)
-    tp = np.cumsum(y)[last] if len(s) else np.zeros(0, dtype=int)
-    fp = (last + 1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 1.0)
+    s, y = s[keep], y[keep]  # [m] the retrieved pairs
+    if not len(s):
+        empty = np.zeros(0, dtype=np.float64)
+        return PRCurve(empty, empty, empty, np.zeros(0, np.int64), np.zeros(0, np.int64), positives, negatives)
+    thresholds = np.unique(s)[::-1]  # [t] distinct scores, descending
+    kept = len(s) - np.searchsorted(np.sort(s), thresholds, side="left")  # [t] pairs with score >= threshold
+    retrieved_pos = int(y.sum())
+    if retrieved_pos == 0:  # sklearn warns and calls recall 1 here; no threshold finds a relevant pair
+        tp = np.zeros(len(thresholds), dtype=np.int64)
+        precision = np.zeros(len(thresholds), dtype=np.float64)
+    else:
+        from sklearn.metrics import precision_recall_curve
+
+        p_sk, r_sk, t_sk = precision_recall_curve(y, s)  # ascending thresholds, plus a closing (1, 0) point
+        assert np.array_equal(t_sk[::-1], thresholds), "sklearn's thresholds are the distinct retrieved scores"
+        precision = p_sk[:-1][::-1].astype(np.float64)
+        tp = np.rint(r_sk[:-1][::-1] * retrieved_pos).astype(np.int64)
     recall = tp / positives if positives else np.zeros(len(tp))
-    return PRCurve(thresholds=s[last], precision=precision.astype(np.float64), recall=recall.astype(np.float64),
-                   tp=tp.astype(np.int64), fp=fp.astype(np.int64), positives=positives, negatives=negatives)
+    return PRCurve(thresholds=thresholds, precision=precision, recall=recall.astype(np.float64), tp=tp,
+                   fp=(kept - tp).astype(np.int64), positives=positives, negatives=negatives)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from engine.index.hits import hit_field
 
 log = logging.getLogger(__name__)
 
-
 Rule = Literal["absolute", "relative"]
 
 
