@@ -86,7 +86,8 @@ def benchmark_build(queries: str, qrels: str, corpus_run: str | None, store: str
     corpus_ids: set[str] | None = None
     source: dict[str, Any] | None = None
     if corpus_run:
-        st = _open(store, endpoint_url)  # type: ignore[arg-type]
+        assert store is not None  # checked above
+        st = _open(store, endpoint_url)
         corpus_ids, manifest = run_doc_ids(st, corpus_run)
         source = {"run": corpus_run, "store": st.describe(), "inputs": manifest.get("inputs")}
     elif corpus_path:
@@ -280,9 +281,10 @@ def calibrate(store: str, endpoint_url: str | None, index: str, version: str, pa
     from engine.quality.calibration import CalibrationConfig, calibrate
     from engine.quality.calibration_store import calibration_prefix
     from engine.quality.pairs import read_pairs
+
     st = _open(store, endpoint_url)
-    cfg = CalibrationConfig(beta=beta, depth=depth, rule=rule, floor=floor, floor_recall=floor_recall,  # type: ignore[arg-type]
-                              plot=plot)
+    cfg = CalibrationConfig(beta=beta, depth=depth, rule="relative" if rule == "relative" else "absolute",
+                            floor=floor, floor_recall=floor_recall, plot=plot)
     rec = calibrate(st, index, version, read_pairs(pairs), cfg, pairs_source=str(Path(pairs).resolve()))
     if plot_out and rec.get("plot"):
         Path(plot_out).write_bytes(st.read_bytes(f"{calibration_prefix(index, version)}/{rec['plot']}"))
