@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z-]{2,}")
-_STOP = frozenset("the and for with that this from are was were has have its into not but can".split())
+_STOP = frozenset(["the", "and", "for", "with", "that", "this", "from", "are", "was", "were", "has", "have", "its", "into", "not", "but", "can"])
 
 
 def passage_of(messages: list[dict[str, Any]]) -> str:

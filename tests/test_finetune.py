@@ -13,14 +13,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.embed.config import EmbedJobConfig
 from engine.core.errors import ConfigError
+from engine.embed.config import EmbedJobConfig
+from engine.embed.pipeline import run_locally
 from engine.finetune.train import (
-    Benchmark, FinetuneConfig, evaluate, load_benchmark, run_finetune, stdlib_benchmark, training_columns,
-    write_benchmark, _dataset,
+    Benchmark,
+    FinetuneConfig,
+    _dataset,
+    evaluate,
+    load_benchmark,
+    run_finetune,
+    stdlib_benchmark,
+    training_columns,
+    write_benchmark,
 )
 from engine.mining import MiningJobConfig, run_mining_locally
-from engine.embed.pipeline import run_locally
 from tests.corpus_utils import make_docs, write_corpus
 
 
@@ -188,7 +195,7 @@ def test_run_texts_and_noise_for_unsupervised_objectives(chunk_run):
     assert texts[0].startswith("report 0")  # the title prefix the run embedded
     rng = random.Random(0)
     noisy = [delete_words(t, 0.6, rng) for t in texts]
-    assert all(0 < len(n.split()) < len(t.split()) for n, t in zip(noisy, texts))
+    assert all(0 < len(n.split()) < len(t.split()) for n, t in zip(noisy, texts, strict=True))
     assert delete_words("one", 0.99, random.Random(1)) == "one"
     ds = unsupervised_dataset(texts, "tsdae", 0.6, 0)
     assert ds.column_names == ["noisy", "text"] and ds["text"] == texts

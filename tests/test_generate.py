@@ -20,7 +20,12 @@ from engine.core.errors import ConfigError
 from engine.embed.config import EmbedJobConfig
 from engine.embed.pipeline import run_locally
 from engine.generate import (
-    ChatClient, EndpointError, GenerateJobConfig, GenerationIncomplete, LLMConfig, parse_queries,
+    ChatClient,
+    EndpointError,
+    GenerateJobConfig,
+    GenerationIncomplete,
+    LLMConfig,
+    parse_queries,
     run_generation_locally,
 )
 from engine.generate.client import ChunkFailed, RateLimiter
