@@ -258,3 +258,37 @@ def test_a_version_whose_query_encoder_cannot_be_loaded_is_never_served(store, m
     finally:
         server.shutdown()
         s.stop()
+
+
+def test_requests_that_queue_while_the_workers_are_busy_are_answered_as_one_batch(store):
+    import asyncio
+
+    from engine.serve.app import SearchRequest
+    from engine.serve.batching import BatchingBackend
+
+    v = Versions(store, IDX)
+    publish_version(store, IDX, v["v1"])
+    calls: list[int] = []
+
+    class Counting(_Plain):
+        def search(self, queries, k=10):
+            calls.append(len(queries))
+            time.sleep(0.05)
+            return self.inner.search(queries, k=k)
+
+    s = AliasSearcher(store, IDX, "live", poll_interval=3600,
+                      loader=lambda st, i, ver: Counting(default_loader(st, i, ver))).start()
+    batches: list[int] = []
+    backend = BatchingBackend(s, max_batch_size=4, workers=1, on_batch=batches.append)
+    reqs = [SearchRequest(queries=[f"wing lift {i}"], k=2) for i in range(9)]
+
+    async def main():
+        return await asyncio.gather(*(backend.search(r) for r in reqs))
+
+    try:
+        answers_ = asyncio.run(main())
+        assert batches == [4, 4, 1] and calls == [4, 4, 1]  # all nine queued before the worker ran
+        for req, got in zip(reqs, answers_, strict=True):
+            assert got.results == s.search(req.queries, req.k).results
+    finally:
+        s.stop()

@@ -20,8 +20,8 @@ from engine.core.storage import Store, open_store, wait_for
 from engine.publish.aliases import publish_version, read_alias
 from engine.serve.alias import AliasSearcher
 from engine.serve.app import SearchRequest
+from engine.serve.batching import search_batch
 from engine.serve.config import ServeConfig
-from engine.serve.ray_app import search_batch
 from tests.conftest import free_port
 from tests.version_utils import Versions, answers
 

@@ -15,13 +15,12 @@ Every error is JSON ``{"error": "..."}`` with a 4xx/5xx code: 400 for a malforme
 out-of-limit request, 413 for a body over the limit (answered from the Content-Length before
 the body is read; a chunked body is counted as it arrives), 503 while nothing is loaded, 504
 past the request timeout. The app never holds the searcher itself: a ``SearchBackend`` does
-(threads for uvicorn, ``@serve.batch`` under Ray Serve).
+(``engine.serve.batching``: threads for uvicorn, ``@serve.batch`` under Ray Serve).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -188,22 +187,8 @@ class SearchBackend(Protocol):
     """Who answers searches for the app: holds the alias searcher."""
 
     searcher: AliasSearcher
-    batches: bool  # True when the backend observes ``metrics.batch`` itself (one figure per batch)
 
     async def search(self, req: SearchRequest) -> SearchAnswer: ...
-
-
-class ThreadBackend:
-    """Each request searches in a worker thread (FAISS and torch release the GIL)."""
-
-    batches = False
-
-    def __init__(self, searcher: AliasSearcher):
-        self.searcher = searcher
-
-    async def search(self, req: SearchRequest) -> SearchAnswer:
-        call = functools.partial(self.searcher.search, req.queries, req.k, keys=req.routing_keys(), **req.options())
-        return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 # --- the body guard ---------------------------------------------------------------------------------
@@ -371,8 +356,6 @@ def create_app(backend: SearchBackend, limits: ServeLimits | None = None, *, met
 
     async def run(req: SearchRequest) -> Response:
         t0 = time.perf_counter()
-        if not backend.batches:
-            metrics.batch.observe(len(req.queries))
         try:
             answer = await asyncio.wait_for(backend.search(req), timeout=limits.request_timeout_s)
         except asyncio.TimeoutError:

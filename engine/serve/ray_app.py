@@ -21,12 +21,11 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from engine.core.errors import ConfigError
 from engine.serve.alias import AliasSearcher, SearchAnswer, make_loader
 from engine.serve.app import SearchRequest, create_app
+from engine.serve.batching import search_batch
 from engine.serve.config import ServeConfig
 from engine.serve.metrics import ServeMetrics
 
@@ -41,40 +40,8 @@ DEPLOYMENT_NAME = "AliasSearchReplica"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def search_batch(searcher: AliasSearcher, reqs: Sequence[SearchRequest]) -> list[SearchAnswer | Exception]:
-    """Answer several requests with one ``searcher.search`` call per (k, options) group.
-
-    Each group is one snapshot (one version set) and one encoder pass per version. A group that
-    fails fails only its own requests: the exception is returned in their places.
-    """
-    groups: dict[tuple[int, tuple[tuple[str, str], ...]], list[int]] = {}
-    for i, req in enumerate(reqs):
-        groups.setdefault((req.k, tuple(sorted(req.options().items()))), []).append(i)
-    out: list[SearchAnswer | Exception] = [ConfigError("not answered")] * len(reqs)
-    for (k, options), members in groups.items():
-        queries: list[str] = []
-        keys: list[str | None] = []
-        for i in members:
-            queries.extend(reqs[i].queries)
-            keys.extend(reqs[i].routing_keys() or [None] * len(reqs[i].queries))
-        try:
-            answer = searcher.search(queries, k, keys=keys, **dict(options))
-        except Exception as err:  # noqa: BLE001 - handed back to each request of the group
-            for i in members:
-                out[i] = err
-            continue
-        at = 0
-        for i in members:
-            n = len(reqs[i].queries)
-            out[i] = SearchAnswer(answer.results[at:at + n], answer.versions[at:at + n], answer.generation)
-            at += n
-    return out
-
-
 class AliasSearchReplica:
     """One Ray Serve replica: an alias searcher, a batching queue and the FastAPI app over them."""
-
-    batches = True
 
     def __init__(self, cfg: ServeConfig):
         from ray import serve

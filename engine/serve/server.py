@@ -1,7 +1,8 @@
 """One-process serving: the FastAPI search app on uvicorn, in a background thread (no Ray).
 
 ``SearchServer(searcher, host, port).start()`` binds (port 0: any free port; ``url`` says
-which), serves ``engine.serve.app`` over ``ThreadBackend`` and stops with ``shutdown()``.
+which), serves ``engine.serve.app`` over ``BatchingBackend`` (searches in threads; requests
+that queue while every thread is busy are answered as one batch) and stops with ``shutdown()``.
 uvicorn bounds the work in flight (``max_concurrency``: beyond it new requests get 503) and
 drops idle keep-alive connections; ``ServeLimits`` bounds each request.
 """
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import ConfigError
 from engine.serve.alias import AliasSearcher
-from engine.serve.app import ServeLimits, ThreadBackend, create_app
+from engine.serve.app import ServeLimits, create_app
+from engine.serve.batching import BatchingBackend
+from engine.serve.metrics import ServeMetrics
 
 if TYPE_CHECKING:
     from engine.serve.config import ServeConfig
@@ -35,7 +38,7 @@ class SearchServer:
 
     def __init__(self, searcher: AliasSearcher, host: str = "127.0.0.1", port: int = 8080, *,
                  max_k: int | None = None, max_batch: int | None = None, limits: ServeLimits | None = None,
-                 max_concurrency: int = 512, keep_alive_s: float = 5.0):
+                 max_concurrency: int = 512, keep_alive_s: float = 5.0, max_batch_size: int = 64):
         import uvicorn
 
         limits = limits or ServeLimits()
@@ -46,7 +49,9 @@ class SearchServer:
             limits = replace(limits, **overrides)
         self.searcher = searcher
         self.limits = limits
-        self.app = create_app(ThreadBackend(searcher), limits)
+        metrics = ServeMetrics(searcher.status)
+        backend = BatchingBackend(searcher, max_batch_size=max_batch_size, on_batch=metrics.batch.observe)
+        self.app = create_app(backend, limits, metrics=metrics)
         self._sock = _bind(host, port)
         # h11, not httptools: httptools lowercases response header names, and clients that read
         # `X-Embedctl-Version` from a plain dict of headers (as with the stdlib server) must find it.
@@ -111,7 +116,8 @@ def run_standalone(cfg: ServeConfig, *, host: str, port: int, stop: threading.Ev
     searcher = AliasSearcher(store, cfg.index, cfg.alias, poll_interval=cfg.poll_interval,
                              loader=make_loader(cfg.device)).start()
     try:
-        server = SearchServer(searcher, host=host, port=port, limits=cfg.limits, max_concurrency=max_concurrency)
+        server = SearchServer(searcher, host=host, port=port, limits=cfg.limits, max_concurrency=max_concurrency,
+                              max_batch_size=cfg.ray.max_batch_size)
         server.start()
         try:
             if on_ready is not None:
