@@ -20,7 +20,9 @@ from typing import Literal
 from engine.core.errors import ConfigError
 from engine.embed.tokenizers import DocTokens, HFTokenizer, Tokenizer
 
-_SPACES = re.compile(r"[^\S\n]+")  # whitespace except newline
+# Runs of whitespace other than newline that are not already one plain space (a lone " " is
+# left alone: matching every space made this sub the costliest step of normalisation).
+_SPACES = re.compile(r"[^\S\n]{2,}|[^\S\n ]")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
 _PARAGRAPH = re.compile(r"\n\s*\n")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -151,7 +153,7 @@ class Chunker:
             ids = doc.ids
             if len(ids) > cap:
                 cut = doc.ends[cap - 1]
-                aligned = doc.words[cap] != doc.words[cap - 1] and all(map(int.__lt__, doc.starts, doc.ends))
+                aligned = doc.words[cap] != doc.words[cap - 1]
                 ids = ids[:cap] if aligned else tok.encode_docs([title[:cut]])[0].ids
                 out[title] = (title[:cut] + "\n", ids)
             else:
@@ -200,7 +202,7 @@ class Chunker:
             spans = self._recursive(text, window, overlap, offsets)
         chunks: list[Chunk] = []
         for start, end in spans:
-            sliced = doc.fit(start, end, prefix_ids, self) if doc is not None and prefix_ids is not None else None
+            sliced = doc.fit(text, start, end, prefix_ids, self) if doc is not None and prefix_ids is not None else None
             for s, e, ids, n in sliced or self._fit(text, start, end, prefix):
                 body = text[s:e]
                 embed_text = prefix + body
@@ -277,9 +279,8 @@ class _DocView:
     """
 
     def __init__(self, doc: DocTokens):
-        # Spans must be non-empty and in order (map/all keep this check at C speed).
-        if not (all(map(int.__lt__, doc.starts, doc.ends)) and all(map(int.__le__, doc.ends, doc.starts[1:]))):
-            raise _Unaligned("empty or overlapping token spans")
+        # WordPiece tokens are never empty and come in text order (each covers >= 1 character of
+        # its word; words come in order), so the spans need no scan here; edges are checked below.
         self.doc = doc
 
     def _range(self, lo: int, hi: int) -> tuple[int, int]:
@@ -300,25 +301,37 @@ class _DocView:
             raise _Unaligned(f"word straddles [{lo}, {hi})")
         return list(zip(d.starts[i0:i1], d.ends[i0:i1], strict=True))
 
-    def fit(self, start: int, end: int, prefix_ids: list[int],
+    def fit(self, text: str, start: int, end: int, prefix_ids: list[int],
             chunker: Chunker) -> list[tuple[int, int, list[int] | None, int | None]] | None:
-        """The piece's model ids (specials included) and n_tokens by slicing; None -> tokenize it alone."""
+        """The piece's model ids (specials included) and n_tokens by slicing; None -> tokenize it alone.
+
+        A window cut inside a word: only that partial word is tokenized on its own (in the piece
+        it is a word of its own, split at the same whitespace/punctuation); the words between
+        are sliced from the document's encoding.
+        """
         i0, i1 = self._range(start, end)
         d = self.doc
         if i1 <= i0 or d.ends[i1 - 1] != end or d.starts[i0] != start:
             return None
-        if not (self._word_edge(i0) and self._word_edge(i1)):
-            return None  # a window cut inside a word: its own tokenization may differ
+        k, j = i0, i1  # [i0, k): partial first word; [k, j): whole words; [j, i1): partial last word
+        while not self._word_edge(k):
+            k += 1
+        while not self._word_edge(j):
+            j -= 1
+        if k > j:
+            return None  # the piece lies inside one word
         tok = chunker._fast_tok
         assert tok is not None
-        body = len(prefix_ids) + (i1 - i0)
+        head = tok.plain_ids(text[start:d.starts[k] if k < i1 else end]) if k > i0 else []
+        tail = tok.plain_ids(text[d.starts[j]:end]) if j < i1 else []
+        body = len(prefix_ids) + len(head) + (j - k) + len(tail)
         if body > chunker.limit:
             return None
         if chunker.prompt:
             if not chunker.prompt[-1].isspace():
                 return None
             return [(start, end, None, chunker.prompt_tokens + body + tok.n_special)]
-        return [(start, end, tok.head + prefix_ids + d.ids[i0:i1] + tok.tail, None)]
+        return [(start, end, tok.head + prefix_ids + head + d.ids[k:j] + tail + tok.tail, None)]
 
 
 def _char_bounded_groups(texts: list[str], max_chars: int) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,8 +48,8 @@ class DocTokens:
     """One text's tokens from a batched pass (no specials): ids, character spans, pre-tokenizer word index."""
 
     ids: list[int]
-    starts: list[int]
-    ends: list[int]
+    starts: Sequence[int]
+    ends: Sequence[int]
     words: list[int | None]
 
 
@@ -106,8 +107,13 @@ class HFTokenizer:
         for e in encs:
             offs = e.offsets
             starts, ends = zip(*offs, strict=True) if offs else ((), ())
-            out.append(DocTokens(e.ids, list(starts), list(ends), e.word_ids))
+            out.append(DocTokens(e.ids, starts, ends, e.word_ids))
         return out
+
+    def plain_ids(self, text: str) -> list[int]:
+        """One short text's ids without specials (a partial word at a window's edge)."""
+        twin = self._ascii_twin if self._ascii_twin is not None and not _NOT_PLAIN_ASCII.search(text) else self._tok
+        return list(twin.encode(text, add_special_tokens=False).ids)
 
     def _make_ascii_twin(self) -> Any:
         """The same tokenizer with BERT's normaliser cut down to what it does to printable ASCII.
