@@ -242,7 +242,7 @@ def gc(store: str, endpoint_url: str | None, index: str, keep: int, grace: str, 
 @click.option("--max-ongoing", type=click.IntRange(min=1), default=64, show_default=True,
               help="--ray: requests in flight per replica.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="--ray: requests batched into one encode + search.")
+              help="Concurrent requests answered by one encode + search (batched when busy; with --ray, @serve.batch).")
 def serve(store: str, endpoint_url: str | None, index: str, alias: str, host: str, port: int, poll_interval: float,
           device: str, max_batch: int, max_k: int, max_query_chars: int, max_body_bytes: int, request_timeout: float,
           max_concurrency: int, use_ray: bool, address: str | None, replicas: int, min_replicas: int | None,
