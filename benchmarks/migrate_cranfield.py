@@ -267,6 +267,7 @@ def main() -> int:
             "probe_queries": (st.get("gates") or {}).get("queries")} for st in final["rollout"]["steps"]],
         "outcome": outcome, "rollback_reason": rollback_reason,
         "load": {"queries": sum(load.by_version.values()) + len(load.failures), "failed": len(load.failures),
+                 "failure_samples": sorted(set(load.failures))[:5],
                  "by_version": load.by_version,
                  "p50_ms": round(1000 * lat[len(lat) // 2], 2) if lat else None,
                  "p99_ms": round(1000 * lat[int(len(lat) * 0.99)], 2) if lat else None},
