@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from typing import Any
 
 import click
 
 from engine.cli.app import emit_json
-from engine.cli.common import open_store, store_options, version_options
+from engine.cli.common import ProgressBar, open_store, store_options, version_options
 
 log = logging.getLogger(__name__)
 
 
 class _BuildProgress:
-    """A rich progress bar over shards on a terminal; log lines otherwise."""
+    """The build's events as lines on stderr, with the shared progress bar over shards on a terminal."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and sys.stderr.isatty()
-        self.bar: Any = None
-        self.task: Any = None
+        self.bar = ProgressBar("adding shards", "shards", enabled=enabled)
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -32,21 +29,15 @@ class _BuildProgress:
             click.echo(msg, err=True)
             for why in event.get("reasoning", []):
                 click.echo(f"  - {why}", err=True)
-            if self.enabled and event["shards"]:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-                self.bar = Progress(TextColumn("adding shards"), BarColumn(), MofNCompleteColumn(),
-                                    TimeElapsedColumn(), transient=True)
-                self.bar.start()
-                self.task = self.bar.add_task("shards", total=event["shards"])
+            self.bar.start(event["shards"])
         elif kind == "trained":
             if not event.get("reused"):
                 click.echo(f"trained on {event.get('vectors', 0):,} vectors in {event['seconds']:.1f}s", err=True)
             else:
                 click.echo("reusing the trained quantizer of the interrupted build", err=True)
         elif kind == "shard_done":
-            if self.bar is not None:
-                self.bar.update(self.task, completed=event["done"])
+            if self.bar.drawing:
+                self.bar.update(event["done"])
             else:
                 click.echo(f"shard {event['shard']} ({event['rows']:,} rows) "
                            f"{'already committed' if event['skipped'] else 'added'} [{event['done']}/{event['total']}]",
@@ -61,9 +52,7 @@ class _BuildProgress:
             click.echo(f"this build already finished: version {event['version']}", err=True)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        self.bar.close()
 
 
 @click.command("build-index")
