@@ -158,6 +158,7 @@ def test_failed_chunk_is_counted_written_around_and_retried_on_rerun(tmp_path):
         with pytest.raises(GenerationIncomplete) as err:
             run_generation_locally(cfg)
         assert err.value.exit_code == 9 and "1 of 7 chunks" in str(err.value)
+        assert err.value.summary["status"] == "incomplete" and err.value.summary["chunks"]["failed"] == 1
         assert srv.requests == 5 + 2
         with pytest.raises(GenerationIncomplete):
             run_generation_locally(cfg)  # only the failed chunk is asked again

@@ -84,10 +84,15 @@ def generate_queries(as_json: bool, dry_run: bool, **kwargs: Any) -> None:
                    "settings_id": cfg.llm.settings_id()})
         return
     from engine.distributed.generate_queries import run_generation
+    from engine.generate import GenerationIncomplete
 
     progress = _Progress(enabled=not as_json)
     try:
         summary = run_generation(cfg, progress)
+    except GenerationIncomplete as err:
+        if as_json:
+            emit_json(err.summary)  # the counts still go to stdout; the exit code (9) says some chunks failed
+        raise
     finally:
         progress.close()
     if as_json:

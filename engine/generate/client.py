@@ -50,6 +50,10 @@ class GenerationIncomplete(EmbedctlError):
 
     exit_code = 9
 
+    def __init__(self, message: str, summary: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.summary = summary or {}  # what `--json` still prints
+
 
 class ChunkFailed(Exception):
     """One chunk could not be answered (reason is one of RETRYABLE or ``rejected_<status>``)."""

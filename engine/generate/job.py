@@ -275,7 +275,7 @@ def finalize_generation(prep: PreparedGeneration, results: list[dict[str, Any]],
             f"{len(unanswered)} of {len(prep.items)} chunks have no queries after retries ({reasons}); the "
             f"{table.num_rows} pairs of the others are in {prep.out_uri}. Rerun the same command to retry only "
             f"those chunks (answers are cached); failed chunk ids are in the manifest "
-            f"{store.describe(layout.run_manifest_key(prep.job_id))}")
+            f"{store.describe(layout.run_manifest_key(prep.job_id))}", summary)
     assert not failed_keys - {it.passage_key for it in unanswered}
     return summary
 
