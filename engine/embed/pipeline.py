@@ -327,6 +327,10 @@ def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float
     )
     if counts["input_rows"] != counts["accepted"] + counts["rejected"]:
         raise AssertionError("row accounting broke: input != accepted + rejected")
+    if model and not missing and model.get("quantize", "none") != "none":  # a quantized run: its cosine to fp32
+        from engine.embed.backends.quality import run_quality
+
+        manifest["quality"] = run_quality(cfg, store, model, manifest["outputs"]["embeddings"])
     store.write_json(run_manifest_key(run_id), manifest)
     return manifest
 

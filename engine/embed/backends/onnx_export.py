@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -38,6 +39,7 @@ OPSET = 17
 INT8_RECIPE = {"op_types": ["MatMul"], "per_channel": True, "weight_type": "QInt8", "reduce_range": False}
 FUSED_MODEL_TYPES = ("bert",)  # ONNX Runtime's BERT fusions are exercised for these (the parity check guards them)
 _MODULE_KINDS = {"Transformer": "transformer", "Pooling": "pooling", "Normalize": "normalize"}
+_EXPORT_LOCK = threading.Lock()  # torch.onnx.export keeps process-global state: one export per process at a time
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,7 @@ def _export_fp32(folder: Path, out: Path, layout: dict[str, Any]) -> dict[str, A
     check[1][2, 3:] = 0
     axes = {name: {0: "rows", 1: "width"} for name in [*inputs, "token_embeddings"]}
     raw = out.with_name("raw.onnx")
-    with warnings.catch_warnings(), torch.no_grad():
+    with _EXPORT_LOCK, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         want = TokenEmbeddings(model)(*check).numpy()  # before exporting: the tracer leaves the module altered
         torch.onnx.export(TokenEmbeddings(model), tuple(trace), str(raw), dynamo=False, opset_version=OPSET,
