@@ -280,6 +280,26 @@ def test_tune_fusion_cli_writes_the_record(hybrid, tmp_path):
     store.delete(out["record"])
 
 
+def test_evaluate_compares_modes_side_by_side(hybrid, tmp_path):
+    _, res, _, root = hybrid
+    texts = texts_for(3000)
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"query_id": f"q{i}", "text": texts[i * 11]})
+                                                for i in range(12)))
+    (tmp_path / "qrels.tsv").write_text("query_id\tdoc_id\tgrade\n" + "".join(
+        f"q{i}\td{(i * 11) // 2:06d}\t1\n" for i in range(12)))
+    args = ["evaluate", "--store", str(root / "store"), "--index", "docs", "--version", res.version_id, "--queries",
+            str(tmp_path / "q.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"), "--per-query",
+            str(tmp_path / "pq.jsonl"), "--modes", "dense,sparse,hybrid"]
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["modes"]) == {"dense", "sparse", "hybrid"} and "ndcg@10" in out["modes"]["sparse"]
+    assert out["modes"]["dense"]["ndcg@10"] == pytest.approx(out["metrics"]["index"]["ndcg@10"])
+    assert out["modes"]["sparse"]["recall@10"] > 0.5  # the query is the relevant chunk's own text
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0 and "search modes" in table.stdout and "hybrid" in table.stdout
+
+
 def test_cli_search_modes_filters_and_errors(hybrid, capsys):
     _, res, _, root = hybrid
     base = ["search", "--store", str(root / "store"), "--index", "docs", "--version", res.version_id]

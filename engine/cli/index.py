@@ -278,11 +278,13 @@ def _judgment_options(f: Any) -> Any:
 @click.option("--nprobe", type=click.IntRange(1), default=None)
 @click.option("--rescore-multiplier", type=click.IntRange(1), default=None)
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--modes", default=None,
+              help="Also compare search modes side by side, e.g. dense,sparse,hybrid (a version with BM25 shards).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
                  queries_path: str | None, qrels_path: str | None, benchmark_path: str | None, k: int, gain: str,
                  per_query_path: str | None, no_exact: bool, nprobe: int | None, rescore_multiplier: int | None,
-                 device: str, as_json: bool) -> None:
+                 device: str, modes: str | None, as_json: bool) -> None:
     """recall@k, MRR@k and graded nDCG@k of a version on judged queries, beside exact search on the same vectors.
 
     \b
@@ -290,6 +292,8 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
       embedctl evaluate --store ./store --index cranfield --alias live \\
           --queries ../shared/data/cranfield/queries.jsonl --qrels ../shared/data/cranfield/qrels.tsv
       embedctl evaluate --store ./store --index docs --version latest --queries q.jsonl --qrels q.tsv -k 20 --json
+      embedctl evaluate --store ./store --index docs --alias live --queries q.jsonl --qrels q.tsv \
+          --modes dense,sparse,hybrid
     """
     from engine.core.errors import ConfigError
     from engine.index.version import resolve_version
@@ -320,6 +324,8 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
     cfg = EvalConfig(k=k, gain=gain, exact=not no_exact, nprobe=nprobe, rescore_multiplier=rescore_multiplier)
     summary = evaluate_version(st, index, vid, queries_path, qrels_path, cfg, per_query_path=per_query_path,
                                device=device)
+    if modes:
+        summary["modes"] = _compare_modes(st, index, vid, queries_path, qrels_path, gain, k, modes, device)
     if as_json:
         emit_json(summary)
         return
@@ -334,6 +340,28 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
     if f"recall_vs_exact@{k}" in m:
         click.echo(f"  chunk recall@{k} of the index against exact search: {m[f'recall_vs_exact@{k}']:.4f}")
     click.echo(f"  per-query results: {summary['per_query_path']}")
+    if modes:
+        click.echo(f"  search modes (documents, k={k}):")
+        for mode, row in summary["modes"].items():
+            click.echo(f"  {mode:8}" + "".join(f"{row[n]:>12.4f}" for n in names))
+
+
+def _compare_modes(st: Any, index: str, vid: str, queries_path: str, qrels_path: str, gain: str, k: int,
+                   modes: str, device: str) -> dict[str, dict[str, float]]:
+    from engine.core.errors import ConfigError
+    from engine.index.retrieve import MODES
+    from engine.index.searcher import Searcher
+    from engine.index.tuning import compare_modes
+    from engine.quality.evaluate import load_qrels, load_queries
+    from engine.quality.metrics import query_metrics
+
+    wanted = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in MODES]
+    if bad or not wanted:
+        raise ConfigError(f"--modes takes a comma list of {', '.join(MODES)}, got {modes!r}")
+    queries = [(q.query_id, q.text) for q in load_queries(queries_path)]
+    with Searcher.load(st, index, vid, device=device) as searcher:
+        return compare_modes(searcher, queries, load_qrels(qrels_path, gain), query_metrics, k=k, modes=wanted)
 
 
 @click.command("tune-fusion")

@@ -1,4 +1,5 @@
-"""Fusion tuning on judged queries: both candidate lists once, every fusion of a grid scored, the best recorded.
+"""Hybrid search on judged queries: dense/sparse/hybrid side by side, and fusion tuning (candidate lists
+once, every fusion of a grid scored, the best recorded beside the version).
 
 The metric comes in as an argument (the quality layer's nDCG, a higher layer than this one).
 Queries split deterministically (a hash of the seed and the query id): the fusion is chosen on
@@ -22,15 +23,36 @@ if TYPE_CHECKING:
     from engine.index.searcher import Searcher
 
 Metric = Callable[[Sequence[str], Mapping[str, float], int], float]  # (doc ranking, gains, k) -> value
+Metrics = Callable[[Sequence[str], Mapping[str, float], int], Mapping[str, float]]  # -> {"ndcg@k": ..., ...}
 
 
-def split_queries(query_ids: Sequence[str], share: float, seed: int) -> tuple[list[int], list[int]]:
-    """(positions to tune on, held-out positions): ``share`` of the queries by a seeded hash of their ids."""
+def compare_modes(searcher: Searcher, queries: Sequence[tuple[str, str]], qrels: Mapping[str, Mapping[str, float]],
+                  metrics: Metrics, *, k: int = 10, modes: Sequence[str] = ("dense", "sparse", "hybrid"),
+                  ) -> dict[str, dict[str, float]]:
+    """Mean metrics of each search mode over the judged ``queries`` ((query_id, text)), documents collapsed to
+    their best chunk; hybrid uses the version's default fusion (its tuning record, else RRF k=60)."""
+    judged = [(qid, text) for qid, text in queries if qrels.get(qid)]
+    if not judged:
+        raise ConfigError("no query has a judged relevant document (check that query ids match the qrels file)")
+    texts = [t for _, t in judged]
+    out: dict[str, dict[str, float]] = {}
+    for mode in modes:
+        results = searcher.search(texts, k, collapse_docs=True, mode=mode)
+        rows = [metrics([h.doc_id for h in hits], qrels[qid], k) for (qid, _), hits in zip(judged, results,
+                                                                                              strict=True)]
+        out[mode] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    return out
+
+
+def split_queries(query_ids: Sequence[str], share: float, seed: int, fold: int = 0) -> tuple[list[int], list[int]]:
+    """(positions to tune on, held-out positions): ``share`` of the queries by a seeded hash of their ids
+    (``fold`` 1 swaps the two parts: a 2-fold tuning scores every query with a fusion not tuned on it)."""
     if not 0.0 < share <= 1.0:
         raise ConfigError(f"tuning split must be within (0, 1], got {share}")
     order = sorted(range(len(query_ids)), key=lambda i: hashlib.sha256(f"{seed}:{query_ids[i]}".encode()).digest())
     n = max(1, round(share * len(order)))
-    return sorted(order[:n]), sorted(order[n:])
+    first, rest = sorted(order[:n]), sorted(order[n:])
+    return (rest, first) if fold and rest else (first, rest)
 
 
 def candidate_lists(searcher: Searcher, texts: Sequence[str], depth: int, k: int,
@@ -73,7 +95,7 @@ def _take(pair: tuple[np.ndarray, np.ndarray], rows: Sequence[int]) -> tuple[np.
 
 def tune_version(searcher: Searcher, store: Store, queries: Sequence[tuple[str, str]],
                  qrels: Mapping[str, Mapping[str, float]], metric: Metric, *, k: int = 10, share: float = 0.5,
-                 seed: int = 0, depth: int = 100, save: bool = True, label: str = "") -> dict[str, Any]:
+                 seed: int = 0, depth: int = 100, save: bool = True, label: str = "", fold: int = 0) -> dict[str, Any]:
     """Tune the fusion of ``searcher``'s version on judged ``queries`` ((query_id, text)) and store the record.
 
     Returns the record (plus ``key`` when saved): chosen fusion, its value on the tuning part, and
@@ -81,7 +103,7 @@ def tune_version(searcher: Searcher, store: Store, queries: Sequence[tuple[str, 
     judged = [(qid, text) for qid, text in queries if qrels.get(qid)]
     if not judged:
         raise ConfigError("no query has a judged relevant document; nothing to tune the fusion on")
-    tune_rows, held_rows = split_queries([q for q, _ in judged], share, seed)
+    tune_rows, held_rows = split_queries([q for q, _ in judged], share, seed, fold)
     gains = [qrels[q] for q, _ in judged]
     dense, sparse = candidate_lists(searcher, [t for _, t in judged], depth, k)
     doc_of = doc_lookup(searcher, np.concatenate([dense[1], sparse[1]], axis=1))
@@ -99,7 +121,7 @@ def tune_version(searcher: Searcher, store: Store, queries: Sequence[tuple[str, 
             "tuned": score(fuse(d, s, chosen, depth)[1])}
     record: dict[str, Any] = {
         "metric": f"ndcg@{k}", "chosen": tuned["chosen"], "tuned_value": tuned["value"],
-        "benchmark": {"label": label, "queries": len(judged), "split": share, "seed": seed,
+        "benchmark": {"label": label, "queries": len(judged), "split": share, "seed": seed, "fold": fold,
                       "tuned_on": len(tune_rows), "held_out": len(held_rows)},
         "held_out": {name: round(v, 4) for name, v in held.items()}, "grid": tuned["grid"]}
     if save:
