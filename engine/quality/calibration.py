@@ -20,7 +20,7 @@ from engine.quality.pairs import LabelledPair, score_pairs
 from engine.quality.plots import plot_calibration
 from engine.quality.prcurve import best_fbeta, best_relative, choose_floor, downsample_curve, point_at, pr_curve
 from engine.quality.reports import now_iso
-from engine.quality.scoring import Loader, QueryEncoder, open_searcher, query_encoder_for
+from engine.quality.scoring import Loader, QueryEncoder, close_searcher, open_searcher, query_encoder_for
 from engine.quality.thresholds import Rule, Thresholds
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,21 @@ def calibrate(store: Store, index: str, version: str, pairs: Sequence[LabelledPa
     ``<id>.png`` (the curve) and last ``<id>.json`` (the record; its existence commits the
     calibration). Returns the record.
     """
-    manifest = read_version_manifest(store, index, version)
+    manifest = read_version_manifest(store, index, version)  # a missing version fails here, before any load
+    own = searcher is None and loader is None  # a searcher nobody else holds: closed when done
     if searcher is None:
         searcher = open_searcher(store, index, version, loader)
+    try:
+        return _fit_and_store(store, index, version, manifest, pairs, cfg, searcher, query_encoder, pairs_source)
+    finally:
+        if own:
+            close_searcher(searcher)
+
+
+def _fit_and_store(store: Store, index: str, version: str, manifest: Mapping[str, Any],
+                   pairs: Sequence[LabelledPair], cfg: CalibrationConfig, searcher: Any,
+                   query_encoder: QueryEncoder | None, pairs_source: str | None) -> dict[str, Any]:
+    """``calibrate``'s body: score the pairs, fit the three rules, write embeddings, plot and record."""
     sp = score_pairs(searcher, pairs, cfg.depth, query_encoder=query_encoder)
     curve = pr_curve(sp.scores, sp.labels)
     op = best_fbeta(curve, cfg.beta)
