@@ -334,25 +334,7 @@ def create_app(backend: SearchBackend, limits: ServeLimits | None = None, *, met
     app.state.metrics = metrics
     app.state.limits = limits
 
-    def count(path: str, method: str, code: int) -> None:
-        metrics.requests.labels(path if path in ROUTES else "other", method, str(code)).inc()
-
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, on_response=count,
-                       on_refuse=lambda _msg: metrics.errors.labels("too_large").inc())
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        return _error(metrics, 400, "bad_request", _describe(err.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        if err.status_code == 404:
-            message = f"no such endpoint {request.url.path!r}; try /search, /healthz, /version, /metrics"
-        elif err.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        else:
-            message = str(err.detail)
-        return JSONResponse({"error": message}, status_code=err.status_code)
+    _add_guards(app, metrics, limits)
 
     async def run(req: SearchRequest) -> Response:
         t0 = time.perf_counter()
@@ -399,6 +381,37 @@ def create_app(backend: SearchBackend, limits: ServeLimits | None = None, *, met
             return _error(metrics, err.code, err.kind, str(err))
         return await run(req)
 
+    _add_status_routes(app, searcher, metrics)
+    return app
+
+
+def _add_guards(app: FastAPI, metrics: ServeMetrics, limits: ServeLimits) -> None:
+    """Body limit, per-response counting, and JSON bodies for FastAPI's own errors (400/404/405)."""
+
+    def count(path: str, method: str, code: int) -> None:
+        metrics.requests.labels(path if path in ROUTES else "other", method, str(code)).inc()
+
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, on_response=count,
+                       on_refuse=lambda _msg: metrics.errors.labels("too_large").inc())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        return _error(metrics, 400, "bad_request", _describe(err.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            message = f"no such endpoint {request.url.path!r}; try /search, /healthz, /version, /metrics"
+        elif err.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(err.detail)
+        return JSONResponse({"error": message}, status_code=err.status_code)
+
+
+def _add_status_routes(app: FastAPI, searcher: AliasSearcher, metrics: ServeMetrics) -> None:
+    """``/healthz``, ``/version`` and ``/metrics``."""
+
     @app.get("/healthz", summary="ok, degraded (a refused version; the old one serves) or loading (503)")
     async def healthz() -> JSONResponse:
         st = searcher.status()
@@ -416,8 +429,6 @@ def create_app(backend: SearchBackend, limits: ServeLimits | None = None, *, met
     async def prometheus() -> Response:
         data, content_type = metrics.render()
         return Response(data, media_type=content_type)
-
-    return app
 
 
 def _engine_version() -> str:
