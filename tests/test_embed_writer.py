@@ -77,5 +77,6 @@ def test_cli_output_has_no_ray_chatter(ray_session, tmp_path):
         capture_output=True, text=True, timeout=180, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    for noise in ("constructor arguments", "Progress bars", "ray_remote_args", "Started a local Ray"):
+    for noise in ("constructor arguments", "Progress bars", "ray_remote_args", "Started a local Ray", "core_worker",
+                  "logging.cc"):
         assert noise not in out.stderr, out.stderr

@@ -72,9 +72,10 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
 
     from engine.distributed.runtime import init_ray, plan_pool, quiet_ray_data
 
-    t_ray = time.perf_counter()
-    init_ray(cfg.runtime.address)
-    driver["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
+    with quiet_ray_data():  # Ray's own warnings and log lines, kept out of the CLI unless -v
+        t_ray = time.perf_counter()
+        init_ray(cfg.runtime.address)
+        driver["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
     pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
     log.info("embedding pool: %s", pool.reason)
     plan_meta = plan_meta_for(prepared)

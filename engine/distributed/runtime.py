@@ -29,12 +29,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     if ray.is_initialized():
         return ray
     os.environ.update({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ})
-    if _ray_log_level() > logging.INFO:
-        # Ray's C++ core prints an ERROR line on every map_batches actor pool ("constructor arguments in
-        # the object store and max_restarts > 0"): Ray Data always passes its map transformer by
-        # reference, and we want restarts. Without -v only fatal C++ lines reach the terminal (this
-        # driver's and, for a local Ray, its workers' log files); errors a user can act on still raise.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         # A cluster's workers get their environment from the image / the job's runtime_env.
@@ -66,30 +60,69 @@ def _ray_log_level() -> int:
 
 @contextmanager
 def quiet_ray_data() -> Iterator[None]:
-    """Keep Ray Data's driver-side chatter out of a user's terminal unless -v asked for INFO logs.
+    """Keep Ray's own chatter out of a user's terminal unless -v asked for INFO logs.
 
-    Ray Data logs, on every run, an ERROR-level line that actor constructor arguments went to the
-    object store (it always does that for map_batches actors; nothing is wrong) and a warning
-    about progress bars (we turn them off on purpose); neither is actionable by a user. Real
-    failures still surface: they raise from ``iter_rows``.
+    Without it a first run prints Ray's C++ ERROR line "constructor arguments in the object store
+    and max_restarts > 0" (Ray Data always passes its map transformer to actors by reference, and
+    we want actor restarts: nothing is wrong) and Ray Data's progress-bar warning (we turn the
+    bars off on purpose). Neither is actionable, and the C++ line cannot be switched off by level
+    without another line saying so; so while Ray runs, writes to file descriptor 2 from native
+    code go to a log file (``ray-chatter-<pid>.log`` in the temp folder), while Python's own
+    ``sys.stderr`` (our logging, progress bar, errors) keeps the terminal. Failures still raise.
     """
     import warnings
 
     if logging.getLogger().getEffectiveLevel() <= logging.INFO:
         yield
         return
-    loggers = [logging.getLogger(n) for n in ("ray.data", "ray.data._internal")]
-    saved = [lg.level for lg in loggers]
+    loggers = [logging.getLogger(n) for n in ("ray", "ray.data")]
+    saved_levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+        lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_stderr_to_file():
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\..*")
             yield
     finally:
-        for lg, level in zip(loggers, saved, strict=True):
+        for lg, level in zip(loggers, saved_levels, strict=True):
             lg.setLevel(level)
+
+
+@contextmanager
+def _native_stderr_to_file() -> Iterator[None]:
+    """fd 2 -> a log file for native writers; ``sys.stderr`` and logging handlers keep the terminal."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        term = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    path = os.path.join(tempfile.gettempdir(), f"ray-chatter-{os.getpid()}.log")
+    old = sys.stderr
+    py_err = os.fdopen(os.dup(term), "w", buffering=1, encoding=getattr(old, "encoding", None) or "utf-8",
+                       errors="backslashreplace")
+    handlers = [h for lg in (logging.getLogger(), logging.getLogger("ray")) for h in lg.handlers
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is old]
+    with open(path, "ab") as f:
+        os.dup2(f.fileno(), 2)
+    sys.stderr = py_err
+    for h in handlers:
+        h.setStream(py_err)
+    log.debug("Ray's native log lines go to %s", path)
+    try:
+        yield
+    finally:
+        py_err.flush()
+        os.dup2(term, 2)
+        os.close(term)
+        sys.stderr = old
+        for h in handlers:
+            h.setStream(old)
+        py_err.close()
 
 
 GPU_ACTORS_PER_CARD = 2
