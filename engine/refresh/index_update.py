@@ -329,10 +329,9 @@ def rebuild_version(store: Store, index: str, run_id: str, live: dict[str, Any],
                     gate_recall: float | None) -> dict[str, Any]:
     """The rebuild path: the index builder on the refresh run, with the live version's build settings.
 
-    The builder resumes by its own build key. The refresh record goes into the version manifest when the
-    builder takes ``manifest_extra``; otherwise into ``refresh.json`` beside the manifest (and the run)."""
-    import inspect
-
+    The builder resumes by its own build key. The refresh record goes into the version manifest
+    (``manifest_extra``); a version the builder had already finished without it (same build key) gets it in
+    ``refresh.json`` beside its manifest."""
     from engine.index.build import build_index
     from engine.index.params import BuildConfig
 
@@ -341,13 +340,10 @@ def rebuild_version(store: Store, index: str, run_id: str, live: dict[str, Any],
         cfg_d["gate_recall"] = gate_recall
     cfg = BuildConfig.from_dict(cfg_d)
     record = {**record, "build_config": cfg.to_dict()}
-    kwargs: dict[str, Any] = {"parent_version": str(live["version_id"])}
-    extra_ok = "manifest_extra" in inspect.signature(build_index).parameters
-    if extra_ok:
-        kwargs["manifest_extra"] = {"refresh": record}
-    result = build_index(store, run_id, index, cfg, **kwargs)
+    result = build_index(store, run_id, index, cfg, parent_version=str(live["version_id"]),
+                         manifest_extra={"refresh": record})
     manifest = result.manifest
-    if not extra_ok or "refresh" not in manifest:
+    if "refresh" not in manifest:
         side = layout.join(layout.version_prefix(index, result.version_id), "refresh.json")
         if not store.exists(side):
             store.write_json(side, record)
