@@ -77,7 +77,7 @@ class FinetuneConfig:
     max_steps: int | None = None
     eval_set: str | None = None  # benchmark folder
     general_eval: str | None = None  # a second benchmark folder, or "stdlib"
-    eval_gain: str = "binary"  # binary | linear | cranfield (engine.quality.evaluate.GAINS)
+    eval_gain: str = "binary"  # binary | linear | cranfield (engine.quality.judgments.GAINS)
     eval_max_queries: int | None = None
     device: str = "auto"
     seed: int = 42
