@@ -105,6 +105,10 @@ def test_two_replicas_on_ray_serve(ray_session, store, tmp_path):
             assert c.post("/search", json={"queries": [], "k": 2}).status_code == 400
             assert c.post("/search", content=b"x" * (2 << 20)).status_code == 413
 
+            # Serving state goes to Ray's metrics too (what a cluster-wide Prometheus scrapes).
+            handle = serve.get_app_handle(APP_NAME)
+            assert all(handle.export_state.remote().result(timeout_s=30) for _ in range(4))
+
             # Every replica follows the alias: after a swap, all answers come from v2.
             publish_version(store, IDX, v2)
             assert wait_for(lambda: all(c.get("/version").json()["version"] == v2 for _ in range(8)), timeout=30)

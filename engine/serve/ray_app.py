@@ -61,6 +61,7 @@ class AliasSearchReplica:
         except Exception:  # noqa: BLE001 - outside a replica (tests call the class directly)
             self.replica = f"pid-{os.getpid()}"
         self.metrics = ServeMetrics(self.searcher.status, replica=self.replica)
+        self._gauges: dict[str, Any] | None = None
         self._batched = serve.batch(max_batch_size=cfg.ray.max_batch_size,
                                     batch_wait_timeout_s=cfg.ray.batch_wait_s)(self._run_batch)
         log.info("replica %s serving %s/%s: %s", self.replica, cfg.index, cfg.alias, self.searcher.status())
@@ -85,9 +86,35 @@ class AliasSearchReplica:
 
     def check_health(self) -> None:
         """Ray Serve restarts a replica whose check raises: only when its alias poller died. A
-        degraded replica (a refused version) is healthy: it serves the old version."""
+        degraded replica (a refused version) is healthy: it serves the old version. Each check
+        also exports the replica's serving state to Ray's own metrics (cluster-wide, per replica)."""
+        self.export_state()
         if not self.searcher.polling:
             raise RuntimeError(f"replica {self.replica}: the alias poller is not running")
+
+    def export_state(self) -> bool:
+        """``embedctl_serving_degraded`` / ``_generation`` / ``_swaps`` gauges in Ray's metrics
+        (Serve adds the deployment and replica tags): ``/metrics`` answers for one replica only."""
+        try:
+            if self._gauges is None:
+                from ray.serve.metrics import Gauge
+
+                # tag_keys: Ray annotates it as a 1-tuple, but takes any number of keys.
+                self._gauges = {name: Gauge(f"embedctl_serving_{name}", description,
+                                            tag_keys=("index", "alias"))  # type: ignore[arg-type]
+                                for name, description in (
+                                    ("degraded", "1 while this replica refuses the alias's target"),
+                                    ("generation", "Alias generation this replica serves"),
+                                    ("swaps", "Targets this replica switched to since it started"))}
+            st = self.searcher.status()
+            tags = {"index": self.cfg.index, "alias": self.cfg.alias}
+            self._gauges["degraded"].set(1.0 if self.searcher.degraded else 0.0, tags=tags)
+            self._gauges["generation"].set(float(st.get("generation") or 0), tags=tags)
+            self._gauges["swaps"].set(float(st.get("swaps") or 0), tags=tags)
+            return True
+        except Exception:  # noqa: BLE001 - metrics must never fail a health check
+            log.exception("exporting serving state to Ray metrics failed")
+            return False
 
     def __del__(self) -> None:
         searcher = getattr(self, "searcher", None)
