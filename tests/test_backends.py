@@ -224,3 +224,23 @@ def test_minilm_onnx_fp32_and_int8_against_torch(tiny):
     cos = (int8.encode(texts) * want).sum(axis=1)
     assert cos.mean() > 0.98 and cos.min() > 0.97, cos
     assert int8.identity["dim"] == 384 and int8.identity["max_seq_length"] == 256
+
+
+def test_searcher_refuses_a_query_encoder_of_another_backend(tiny, tmp_path):
+    from engine.core.storage import open_store
+    from engine.index.build import build_index
+    from engine.index.params import BuildConfig
+    from engine.index.searcher import Searcher
+    from tests.index_utils import make_run
+
+    int8 = load_encoder(str(tiny), device="cpu", backend="onnx", quantize="int8")
+    texts = [f"{w} flow over a wing section {i}" for i, w in enumerate(["shock", "heat", "flutter", "drag"] * 4)]
+    store = open_store(tmp_path / "store")
+    make_run(store, "r1", int8.encode_passages(texts), parts=2, model=int8.identity,
+             chunk_ids=[f"c{i}" for i in range(len(texts))], doc_ids=[f"d{i}" for i in range(len(texts))])
+    vid = build_index(store, "r1", "docs", BuildConfig(kind="flat")).version_id
+    with Searcher.load(store, "docs", vid) as s:  # the query encoder follows the index: onnx/int8
+        assert s.encoder.identity["quantize"] == "int8"
+        assert s.search(["shock flow over a wing section 0"], k=1)[0][0].chunk_id == "c0"
+    with pytest.raises(ConfigError, match="built with onnx/int8"):
+        Searcher.load(store, "docs", vid, encoder=load_encoder(str(tiny), device="cpu"))

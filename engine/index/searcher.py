@@ -347,6 +347,9 @@ class Searcher:
             raise ConfigError(f"queries are embedded with model {identity.get('name')!r} (fingerprint {str(fp_got)[:12]}), "
                               f"but index {self.index}/{self.version_id} was built with {name!r} (fingerprint "
                               f"{str(fp_want)[:12]}); scores across models mean nothing, so this is refused")
+        from engine.embed.backends import check_same_backend  # int8/onnx query vectors only for an index built so
+
+        check_same_backend(want, identity, f"index {self.index}/{self.version_id}")
         if (want.get("truncate_dim") or None) != (identity.get("truncate_dim") or None):
             raise ConfigError(f"queries are truncated to {identity.get('truncate_dim')} dims but the index was built "
                               f"with truncate_dim={want.get('truncate_dim')}")
