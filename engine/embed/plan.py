@@ -82,7 +82,8 @@ def plan_job(cfg: EmbedJobConfig, sample_docs: int = 256, workers: int = 1, thro
 
         e = cfg.embed
         enc = load_encoder(e.model, device=e.device, dtype=e.dtype, truncate_dim=e.truncate_dim,
-                           passage_prompt=e.passage_prompt, batch_tokens=e.batch_tokens)
+                           passage_prompt=e.passage_prompt, batch_tokens=e.batch_tokens, backend=e.backend,
+                           quantize=e.quantize)
         timed = texts[:256] or ["warm up"]
         enc.encode_passages(timed[:8])  # warm-up: first call pays one-off costs
         t0 = time.perf_counter()
