@@ -95,7 +95,7 @@ class LoadLoop:
             i += 2
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/search", body=json.dumps({"queries": [q], "k": 10, "keys": [q]}),
+                conn.request("POST", "/search", body=json.dumps({"queries": [q], "k": 10}),
                              headers={"Content-Type": "application/json"})
                 resp = conn.getresponse()
                 body = json.loads(resp.read())

@@ -162,6 +162,26 @@ def test_heartbeat_renews_the_lease_in_the_state(tmp_path):
     assert st.read()["lock"] is None
 
 
+def test_http_probe_routes_long_queries_by_their_text(tmp_path):
+    """The gate's HTTP probe sends no explicit routing key: the server routes by the query text,
+    and explicit keys are limited to 256 characters (3 of Cranfield's 225 queries are longer)."""
+    from engine.migrate.gates import probe_http
+    from engine.migrate.tools import default_loader
+    from engine.serve.alias import AliasSearcher, SearchServer
+
+    setup = make_blue(tmp_path, str(tmp_path / "store"), n_docs=12)
+    searcher = AliasSearcher(setup["store"], IDX, "live", poll_interval=3600, loader=default_loader).start()
+    server = SearchServer(searcher, port=0).start()
+    try:
+        long_query = " ".join(d["text"] for d in setup["docs"][:3])[:400]
+        assert len(long_query) > 256
+        got = probe_http(server.url, [long_query, "short query"], 3, 1, {setup["blue"]}, wait_s=10)
+    finally:
+        server.shutdown()
+        searcher.stop()
+    assert got["errors"] == 0 and got["failures"] == [] and got["by_version"] == {setup["blue"]: 2}
+
+
 # =============================================================================================
 # plan keys through engine.core.config
 # =============================================================================================

@@ -170,7 +170,9 @@ def probe_http(url: str, texts: Sequence[str], k: int, generation: int, allowed:
     errors = 0
     by_version: dict[str, int] = {}
     for text in texts:
-        body = json.dumps({"queries": [text], "k": k, "keys": [text]}).encode()
+        # No explicit key: the server routes by the query text itself, and explicit routing keys
+        # are limited to 256 characters while queries may be longer.
+        body = json.dumps({"queries": [text], "k": k}).encode()
         req = urllib.request.Request(f"{base}/search", data=body, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
