@@ -4,6 +4,7 @@ mode/where pass-through only where the loaded version's searcher takes it, and t
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -29,20 +30,29 @@ def store(tmp_path) -> Store:
     return open_store(tmp_path / "store")
 
 
-@pytest.fixture
-def served(store):
-    """(client, server, versions) for an alias on v1, served with small limits."""
+@contextlib.contextmanager
+def serving(store: Store, wrap=None, limits: ServeLimits | None = None):
+    """(client, searcher, versions) for an alias on v1 served over loopback; ``wrap`` wraps each
+    loaded version's searcher."""
     v = Versions(store, IDX)
     publish_version(store, IDX, v["v1"])
-    s = AliasSearcher(store, IDX, "live", poll_interval=3600).start()
-    limits = ServeLimits(max_batch=8, max_k=20, max_query_chars=100, max_body_bytes=64 * 1024)
+    loader = (lambda st, i, ver: wrap(default_loader(st, i, ver))) if wrap else None
+    s = AliasSearcher(store, IDX, "live", poll_interval=3600, loader=loader).start()
     server = SearchServer(s, port=0, limits=limits).start()
     try:
         with httpx.Client(base_url=server.url, timeout=10) as client:
-            yield client, server, v
+            yield client, s, v
     finally:
         server.shutdown()
         s.stop()
+
+
+@pytest.fixture
+def served(store):
+    """(client, server url, versions) for an alias on v1, served with small limits."""
+    limits = ServeLimits(max_batch=8, max_k=20, max_query_chars=100, max_body_bytes=64 * 1024)
+    with serving(store, limits=limits) as (client, _s, v):
+        yield client, str(client.base_url).rstrip("/"), v
 
 
 @pytest.mark.parametrize("body, why", [
@@ -85,7 +95,7 @@ def test_bad_query_strings_and_bodies(served):
 
 
 def test_a_10_mb_body_gets_413_quickly_and_the_server_keeps_serving(served):
-    client, server, v = served
+    client, url, v = served
     t0 = time.monotonic()
     r = client.post("/search", content=b"x" * TEN_MB, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and "over the limit" in r.json()["error"]
@@ -93,7 +103,7 @@ def test_a_10_mb_body_gets_413_quickly_and_the_server_keeps_serving(served):
     r = client.post("/search", content=iter([b"y" * (1 << 20)] * 10))
     assert r.status_code == 413
     # A plain stdlib client writing the whole body before it reads: no reset, a clean 413.
-    host, port = server.url.removeprefix("http://").split(":")
+    host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     conn.request("POST", "/search", body=b"{" + b" " * TEN_MB + b"}", headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -158,34 +168,23 @@ class _Plain:
 
 @pytest.mark.parametrize("wrapper", [_Optioned, _Plain])
 def test_mode_and_where_pass_through_only_when_the_version_takes_them(store, wrapper):
-    v = Versions(store, IDX)
-    publish_version(store, IDX, v["v1"])
-    s = AliasSearcher(store, IDX, "live", poll_interval=3600,
-                      loader=lambda st, i, ver: wrapper(default_loader(st, i, ver))).start()
-    server = SearchServer(s, port=0).start()
     _Optioned.seen.clear()
-    try:
-        with httpx.Client(base_url=server.url, timeout=10) as c:
-            assert c.get("/search", params={"q": "wing"}).status_code == 200  # no option: always served
-            r1 = c.get("/search", params={"q": "wing", "mode": "hybrid", "where": "lang = 'en'"})
-            r2 = c.post("/search", json={"queries": ["wing"], "mode": "dense"})
-            st = c.get("/version").json()
-        if wrapper is _Optioned:
-            assert r1.status_code == r2.status_code == 200
-            assert _Optioned.seen[-2:] == [{"mode": "hybrid", "where": "lang = 'en'"}, {"mode": "dense", "where": None}]
-            assert st["search_options"] == ["mode", "where"]
-        else:
-            assert r1.status_code == r2.status_code == 400
-            assert "mode" in r1.json()["error"] and v["v1"] in r2.json()["error"]
-            assert st["search_options"] == []
-    finally:
-        server.shutdown()
-        s.stop()
+    with serving(store, wrap=wrapper) as (c, _s, v):
+        assert c.get("/search", params={"q": "wing"}).status_code == 200  # no option: always served
+        r1 = c.get("/search", params={"q": "wing", "mode": "hybrid", "where": "lang = 'en'"})
+        r2 = c.post("/search", json={"queries": ["wing"], "mode": "dense"})
+        st = c.get("/version").json()
+    if wrapper is _Optioned:
+        assert r1.status_code == r2.status_code == 200
+        assert _Optioned.seen[-2:] == [{"mode": "hybrid", "where": "lang = 'en'"}, {"mode": "dense", "where": None}]
+        assert st["search_options"] == ["mode", "where"]
+    else:
+        assert r1.status_code == r2.status_code == 400
+        assert "mode" in r1.json()["error"] and v["v1"] in r2.json()["error"]
+        assert st["search_options"] == []
 
 
 def test_a_search_past_the_timeout_gets_504_and_others_still_answer(store):
-    v = Versions(store, IDX)
-    publish_version(store, IDX, v["v1"])
     release = threading.Event()
 
     class Slow(_Plain):
@@ -194,18 +193,13 @@ def test_a_search_past_the_timeout_gets_504_and_others_still_answer(store):
                 release.wait(10)
             return self.inner.search(queries, k=k)
 
-    s = AliasSearcher(store, IDX, "live", poll_interval=3600,
-                      loader=lambda st, i, ver: Slow(default_loader(st, i, ver))).start()
-    server = SearchServer(s, port=0, limits=ServeLimits(request_timeout_s=0.5)).start()
     try:
-        with httpx.Client(base_url=server.url, timeout=10) as c:
+        with serving(store, wrap=Slow, limits=ServeLimits(request_timeout_s=0.5)) as (c, _s, _v):
             r = c.get("/search", params={"q": "slow"})
             assert r.status_code == 504 and "longer than 0.5 s" in r.json()["error"]
             assert c.get("/search", params={"q": "wing"}).status_code == 200
     finally:
         release.set()
-        server.shutdown()
-        s.stop()
 
 
 def test_healthz_is_503_until_a_version_is_loaded(store):
@@ -236,11 +230,7 @@ def test_a_version_whose_query_encoder_cannot_be_loaded_is_never_served(store, m
     differs from what the version was built with, is refused and the old version keeps serving."""
     from engine.core import layout
 
-    v = Versions(store, IDX)
-    publish_version(store, IDX, v["v1"])
-    s = AliasSearcher(store, IDX, "live", poll_interval=3600).start()
-    server = SearchServer(s, port=0).start()
-    try:
+    with serving(store) as (c, s, v):
         v2 = v["v2"]
         key = layout.version_manifest_key(IDX, v2)
         manifest = store.read_json(key)
@@ -250,14 +240,10 @@ def test_a_version_whose_query_encoder_cannot_be_loaded_is_never_served(store, m
         t0 = time.monotonic()
         assert not s.poll_once()
         assert time.monotonic() - t0 < 30  # offline: no download attempt, no hub timeout
-        with httpx.Client(base_url=server.url, timeout=10) as c:
-            health = c.get("/healthz").json()
-            assert health["status"] == "degraded" and health["failure"]["versions"] == [v2]
-            r = c.get("/search", params={"q": "wing lift"})
-            assert r.status_code == 200 and r.headers["X-Embedctl-Version"] == v["v1"]
-    finally:
-        server.shutdown()
-        s.stop()
+        health = c.get("/healthz").json()
+        assert health["status"] == "degraded" and health["failure"]["versions"] == [v2]
+        r = c.get("/search", params={"q": "wing lift"})
+        assert r.status_code == 200 and r.headers["X-Embedctl-Version"] == v["v1"]
 
 
 def test_requests_that_queue_while_the_workers_are_busy_are_answered_as_one_batch(store):
