@@ -133,6 +133,12 @@ def test_a_folder_that_cannot_be_exported_names_folder_and_backend(tmp_path, cac
     folder = _tiny_bert(tmp_path / "maxpool", "max")
     with pytest.raises(ConfigError, match=rf"{folder}.*--backend onnx: pooling"):
         load_encoder(str(folder), device="cpu", backend="onnx")
+    write_corpus(tmp_path / "corpus", make_docs(4, seed=1))
+    cfg = EmbedJobConfig.from_flat({"corpus": str(tmp_path / "corpus"), "store": str(tmp_path / "store"),
+                                    "model": str(folder), "device": "cpu", "backend": "onnx"})
+    with pytest.raises(ConfigError, match=rf"{folder}.*--backend onnx"):
+        run_locally(cfg)  # refused while preparing the run, before any unit
+    assert not (tmp_path / "store" / "runs").exists()
     plain = _tiny_bert(tmp_path / "plain", "mean")
 
     def offline(*a, **k):

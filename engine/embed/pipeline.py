@@ -75,6 +75,9 @@ def prepare_run(cfg: EmbedJobConfig) -> PreparedRun:
     """Validate inputs and config before any work; create or resume the run."""
     cfg.validate()
     make_chunker(cfg)  # config errors (chunk size vs model limit, missing tokenizer) surface now
+    from engine.embed.backends import prebuild
+
+    prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     _cstore, plan = plan_corpus(cfg.corpus)
     run_id = cfg.run_id or default_run_id(cfg, plan)

@@ -86,3 +86,17 @@ def check_same_backend(want: Mapping[str, Any], got: Mapping[str, Any], what: st
             f"queries would be embedded with backend {g[0]}/{g[1]}, but {what} was built with {w[0]}/{w[1]}; "
             f"an int8 or runtime-exported model places vectors slightly differently, so mixing them is refused. "
             f"Embed queries with --backend {w[0]} --quantize {w[1]} (the default follows the index)")
+
+
+def prebuild(model: str | None, backend: str, quantize: str, device: str) -> None:
+    """Build a run's runtime export once in the driver, before its actors start (each would otherwise
+    build the same export at the same time; the cache keeps that safe, not cheap)."""
+    if model and model.startswith(("hash:", "standin:")):
+        return  # the hash and stand-in test encoders have no export
+    if resolve_backend(backend, quantize, device) != "onnx":
+        return
+    from engine.embed.backends.onnx_export import ensure_onnx_model
+    from engine.embed.encoders import model_fingerprint, resolve_model_path
+
+    path = resolve_model_path(model)[1]
+    ensure_onnx_model(path, model_fingerprint(path), quantize)
