@@ -143,6 +143,28 @@ def test_hybrid_search_and_collapse(hybrid):
         assert [h.chunk_id for h in dense] == [h.chunk_id for h in s.search(["heat transfer"], 5, mode="dense")[0]]
 
 
+def test_hybrid_documents_fuse_by_document(hybrid):
+    """With --docs a document's rank in each list is its best chunk's, and the two lists fuse by document."""
+    store, res, _, _ = hybrid
+    from engine.index.retrieve import sparse_ids
+
+    query = "shock wave boundary layer"
+    with Searcher.load(store, "docs", res.version_id) as s:
+        got = [h.doc_id for h in s.search([query], 10, mode="hybrid", collapse_docs=True)[0]]
+        dense = s.hits(*s.search_ids(s.encode_queries([query]), 100, depth_k=10))[0]
+        sparse = s.hits(*sparse_ids(s.sparse_shards, [query], 100, None))[0]
+    score: dict[str, float] = {}
+    for hits in (dense, sparse):
+        seen: list[str] = []
+        for h in hits:
+            if h.doc_id not in seen:
+                seen.append(h.doc_id)
+        for rank, doc in enumerate(seen, start=1):
+            score[doc] = score.get(doc, 0.0) + 0.5 / (60 + rank)
+    want = sorted(score, key=lambda d: -score[d])[:10]
+    assert [score[d] for d in got] == pytest.approx([score[d] for d in want])
+
+
 @pytest.mark.parametrize("where", ["flag = TRUE", "lang = 'de' AND year >= 2020", "lang IN ('fr', 'es') OR flag",
                                    "NOT (lang = 'en') AND updated_at < '2025-04-01'", "doc_id = 'd000010'"])
 def test_filters_return_exactly_the_top_k_of_the_matching_rows(hybrid, where):

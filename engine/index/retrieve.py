@@ -70,6 +70,38 @@ def sparse_ids(shards: Sequence[SparseShard], texts: Sequence[str], depth: int,
     return out_s, out_i
 
 
+def per_doc(scores: np.ndarray, ids: np.ndarray, codes: np.ndarray,
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A best-first chunk list as a document list: each document once, at its best chunk, ranks compacted.
+    (scores [q, d], doc codes [q, d], the chunk ids standing for them [q, d]; -inf / -1 padded.)"""
+    out_s = np.full(scores.shape, -np.inf, dtype=np.float32)
+    out_c = np.full(ids.shape, -1, dtype=np.int64)
+    out_i = np.full(ids.shape, -1, dtype=np.int64)
+    for row in range(ids.shape[0]):
+        valid = np.nonzero(ids[row] >= 0)[0]
+        _, first = np.unique(codes[row, valid], return_index=True)
+        keep = valid[np.sort(first)]
+        n = len(keep)
+        out_s[row, :n], out_c[row, :n], out_i[row, :n] = scores[row, keep], codes[row, keep], ids[row, keep]
+    return out_s, out_c, out_i
+
+
+def fuse_docs(searcher: Searcher, dense: tuple[np.ndarray, np.ndarray], sparse: tuple[np.ndarray, np.ndarray],
+              fusion: FusionConfig, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fusion over documents: each list collapsed to its documents first (a document's rank is its best
+    chunk's), fused by document, each fused document shown by its best dense chunk (else its BM25 chunk).
+    (scores [q, k], chunk ids [q, k].)"""
+    ds, dc, di = per_doc(dense[0], dense[1], searcher.doc_codes(dense[1])[0])
+    ss, sc, si = per_doc(sparse[0], sparse[1], searcher.doc_codes(sparse[1])[0])
+    fs, fc = fuse((ds, dc), (ss, sc), fusion, k)
+    out = np.full(fc.shape, -1, dtype=np.int64)
+    for row in range(fc.shape[0]):
+        rep = dict(zip(sc[row].tolist(), si[row].tolist(), strict=True))
+        rep.update(zip(dc[row].tolist(), di[row].tolist(), strict=True))
+        out[row] = [rep.get(c, -1) if c >= 0 else -1 for c in fc[row].tolist()]
+    return fs, out
+
+
 def search_modes(searcher: Searcher, queries: Sequence[str], k: int, *, mode: str, fusion: FusionConfig,
                  allowed: np.ndarray | None, nprobe: int | None, rescore_multiplier: int | None,
                  collapse_docs: bool) -> list[list[Any]]:
@@ -88,7 +120,8 @@ def search_modes(searcher: Searcher, queries: Sequence[str], k: int, *, mode: st
         vectors = searcher.encode_queries(queries)
         dense = searcher.search_ids(vectors, depth, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
                                     depth_k=k, allowed=allowed)
-        scores, ids = fuse(dense, sparse, fusion, want)
+        scores, ids = fuse_docs(searcher, dense, sparse, fusion, want) if collapse_docs else fuse(dense, sparse,
+                                                                                                   fusion, want)
     hits = searcher.hits(scores[:, :want], ids[:, :want])
     if collapse_docs:
         from engine.index.hits import best_per_doc

@@ -256,6 +256,7 @@ class Searcher:
         self.fusion = FusionConfig()  # hybrid default: the version's tuned fusion when load() finds one
         self._rerankers: dict[str, Any] = {}
         self._texts: Any = None  # engine.index.rerank.ChunkTexts, set by load_manifest
+        self._doc_dict: tuple[np.ndarray, list[str]] | None = None  # row -> doc code, code -> doc id
         self.closed = False
 
     # --- loading ----------------------------------------------------------------------------------
@@ -517,6 +518,19 @@ class Searcher:
         top = min(k, want)
         order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -scores), axis=-1)[:, :top]
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(np.where(valid, ids, -1), order, axis=1)
+
+    def doc_codes(self, ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Document codes of global ids ([...] int64, -1 stays -1) and the doc id of each code."""
+        if self._doc_dict is None:
+            import pyarrow.compute as pc
+
+            enc = pc.dictionary_encode(self._doc_ids)
+            self._doc_dict = (enc.indices.to_numpy(zero_copy_only=False).astype(np.int64),
+                              enc.dictionary.to_pylist())
+        codes, names = self._doc_dict
+        valid = ids >= 0
+        pos = np.searchsorted(self._ids, np.where(valid, ids, 0))
+        return np.where(valid, codes[np.minimum(pos, len(codes) - 1)] if len(codes) else -1, -1), names
 
     def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
         """``Hit`` lists of raw results (scores [q, k], global ids [q, k]; -1 = empty slot)."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from engine.core.errors import ConfigError
 from engine.index.fusion import FusionConfig, fuse, save_fusion_record, tune_fusion
-from engine.index.retrieve import sparse_ids
+from engine.index.retrieve import per_doc, sparse_ids
 
 if TYPE_CHECKING:
     from engine.core.storage import Store
@@ -57,23 +57,26 @@ def split_queries(query_ids: Sequence[str], share: float, seed: int, fold: int =
 
 def candidate_lists(searcher: Searcher, texts: Sequence[str], depth: int, k: int,
                     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The dense and the sparse top ``depth`` of every query (what each fusion then merges)."""
+    """The dense and the sparse top ``depth`` of every query as document lists (scores, doc codes), what each
+    fusion then merges, as ``search(..., collapse_docs=True)`` does."""
     if not searcher.sparse_shards:
         raise ConfigError(f"index {searcher.index}/{searcher.version_id} has no sparse shards to fuse; rebuild it "
                           "with --sparse bm25")
     dense = searcher.search_ids(searcher.encode_queries(list(texts)), depth, depth_k=k)
-    return dense, sparse_ids(searcher.sparse_shards, texts, depth, None)
+    sparse = sparse_ids(searcher.sparse_shards, texts, depth, None)
+    ds, dc, _ = per_doc(dense[0], dense[1], searcher.doc_codes(dense[1])[0])
+    ss, sc, _ = per_doc(sparse[0], sparse[1], searcher.doc_codes(sparse[1])[0])
+    return (ds, dc), (ss, sc)
 
 
-def doc_lookup(searcher: Searcher, ids: np.ndarray) -> dict[int, str]:
-    """Global id -> doc id for every id in ``ids`` (-1 left out)."""
-    uniq = np.unique(ids[ids >= 0])
-    hits = searcher.hits(np.zeros((1, len(uniq)), np.float32), uniq[None, :])[0]
-    return dict(zip(uniq.tolist(), [h.doc_id for h in hits], strict=True))
+def doc_lookup(searcher: Searcher, codes: np.ndarray) -> dict[int, str]:
+    """Doc code -> doc id for every code in ``codes`` (-1 left out)."""
+    names = searcher.doc_codes(np.zeros(0, np.int64))[1]
+    return {int(c): names[int(c)] for c in np.unique(codes[codes >= 0])}
 
 
 class DocScorer:
-    """Mean metric over documents (best chunk per document) of fused id rankings, for a set of queries."""
+    """Mean metric of fused document rankings (doc codes, -1 = empty) for a set of queries."""
 
     def __init__(self, doc_of: Mapping[int, str], gains: Sequence[Mapping[str, float]], metric: Metric, k: int):
         self.doc_of, self.gains, self.metric, self.k = doc_of, gains, metric, k
