@@ -129,7 +129,7 @@ def tune_fusion(dense: tuple[np.ndarray, np.ndarray], sparse: tuple[np.ndarray, 
         _, ids = fuse(dense, sparse, cfg, depth)
         results.append((score(ids), cfg))
     best_value, best = max(results, key=lambda r: r[0])  # max keeps the first of equal values
-    return {"chosen": best.to_dict(), "value": round(best_value, 4),
+    return {"chosen": dataclasses.replace(best, source="tuned").to_dict(), "value": round(best_value, 4),
             "grid": [{**c.to_dict(), "value": round(v, 4)} for v, c in results]}
 
 
