@@ -41,15 +41,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from engine.quality.evaluate import EvalConfig, evaluate_searcher  # noqa: E402
-from engine.quality.judgments import load_qrels, load_queries  # noqa: E402
+from engine.core.storage import open_store  # noqa: E402
 from engine.index.build import build_index  # noqa: E402
 from engine.index.faiss_ops import exact_topk  # noqa: E402
 from engine.index.params import BuildConfig  # noqa: E402
-from engine.quality.metrics import ndcg_at_k  # noqa: E402
-from engine.index.recall import knn_recall
+from engine.index.recall import knn_recall  # noqa: E402
 from engine.index.searcher import Searcher  # noqa: E402
-from engine.core.storage import open_store  # noqa: E402
+from engine.quality.evaluate import EvalConfig, evaluate_searcher  # noqa: E402
+from engine.quality.judgments import load_qrels, load_queries  # noqa: E402
+from engine.quality.metrics import ndcg_at_k  # noqa: E402
 from tests.index_utils import clustered_vectors, make_run  # noqa: E402
 
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
@@ -68,8 +68,8 @@ def log(msg: str) -> None:
 
 def cranfield_embeddings(enc: Any) -> dict[str, Any]:
     """Docs (title + text), queries and sentences of Cranfield, embedded once and cached."""
-    docs = [json.loads(line) for line in open(CRANFIELD / "corpus.jsonl", encoding="utf-8")]
-    queries = [json.loads(line) for line in open(CRANFIELD / "queries.jsonl", encoding="utf-8")]
+    docs = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+    queries = [json.loads(line) for line in (CRANFIELD / "queries.jsonl").read_text(encoding="utf-8").splitlines()]
     sents, sent_docs = [], []
     for d in docs:
         for s in d["text"].split(" . "):
@@ -117,7 +117,7 @@ def latency(searcher: Searcher, queries: np.ndarray, *, singles: int = 200, batc
 
 
 def ndcg_mean(rankings: list[list[str]], qids: list[str], qrels: dict[str, dict[str, float]]) -> float:
-    vals = [ndcg_at_k(r, qrels[q], K) for r, q in zip(rankings, qids) if q in qrels]
+    vals = [ndcg_at_k(r, qrels[q], K) for r, q in zip(rankings, qids, strict=True) if q in qrels]
     return float(np.mean(vals))
 
 
@@ -222,8 +222,8 @@ def bench_ivfpq_real(store: Any, emb: dict[str, Any], enc: Any) -> dict[str, Any
 
 
 def bench_synthetic(work: Path, rows: int, dim: int = 384, repeats: int = 2) -> dict[str, Any]:
-    from engine.distributed.runtime import init_ray
     from engine.distributed.build_index import BuildJobConfig, run_build_job
+    from engine.distributed.runtime import init_ray
 
     store_path = work / "synthetic"
     store = open_store(store_path)

@@ -39,7 +39,7 @@ from engine.index.hits import best_per_doc  # noqa: E402
 from engine.index.params import BuildConfig  # noqa: E402
 from engine.index.searcher import Searcher  # noqa: E402
 from engine.index.tuning import tune_version  # noqa: E402
-from engine.quality.evaluate import load_qrels, load_queries  # noqa: E402
+from engine.quality.judgments import load_qrels, load_queries  # noqa: E402
 from engine.quality.metrics import ndcg_at_k  # noqa: E402
 
 CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"

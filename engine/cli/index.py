@@ -352,7 +352,7 @@ def _compare_modes(st: Any, index: str, vid: str, queries_path: str, qrels_path:
     from engine.index.retrieve import MODES
     from engine.index.searcher import Searcher
     from engine.index.tuning import compare_modes
-    from engine.quality.evaluate import load_qrels, load_queries
+    from engine.quality.judgments import load_qrels, load_queries
     from engine.quality.metrics import query_metrics
 
     wanted = [m.strip() for m in modes.split(",") if m.strip()]
@@ -389,7 +389,7 @@ def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: s
     from engine.index.searcher import Searcher
     from engine.index.tuning import tune_version
     from engine.index.version import resolve_version
-    from engine.quality.evaluate import load_qrels, load_queries
+    from engine.quality.judgments import load_qrels, load_queries
     from engine.quality.metrics import ndcg_at_k
 
     if not (queries_path and qrels_path):
