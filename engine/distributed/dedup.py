@@ -45,9 +45,8 @@ def find_duplicates_ray(cfg: CorpusConfig, keys: Sequence[str], total_rows: int,
     partitions = partitions_for(total_rows, ids_per_partition)
     split = ray.remote(num_cpus=cpus_per_task, num_returns=partitions, max_retries=3)(_partition_file)
     find = ray.remote(num_cpus=cpus_per_task, max_retries=3)(_find_in_partition)
-    per_file = [split.remote(cfg, key, i, partitions) for i, key in enumerate(keys)]
-    if partitions == 1:
-        per_file = [[ref] for ref in per_file]
+    refs: list[Any] = [split.remote(cfg, key, i, partitions) for i, key in enumerate(keys)]
+    per_file: list[list[Any]] = [[r] for r in refs] if partitions == 1 else [list(r) for r in refs]
     found = ray.get([find.remote(*[refs[p] for refs in per_file]) for p in range(partitions)])
     dups = to_duplicate_map(found, keys)
     log.info("duplicate ids: %d rows in %d file(s), %d partition(s) over %d file(s)",

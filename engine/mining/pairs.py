@@ -34,7 +34,8 @@ class QueryGroup:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QueryGroup:
-        return cls(d["key"], d.get("query_id"), d["query"], [tuple(p) for p in d["positives"]])  # type: ignore[misc]
+        positives = [(p[0], p[1]) for p in d["positives"]]
+        return cls(d["key"], d.get("query_id"), d["query"], positives)
 
 
 @dataclass
