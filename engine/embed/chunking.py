@@ -13,7 +13,7 @@ import json
 import re
 import unicodedata
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -152,8 +152,8 @@ class Chunker:
         for title, doc in zip(cleaned, tok.encode_docs(cleaned), strict=True):
             ids = doc.ids
             if len(ids) > cap:
-                cut = doc.ends[cap - 1]
-                aligned = doc.words[cap] != doc.words[cap - 1]
+                cut = doc.span(cap - 1)[1]
+                aligned = doc.word(cap) != doc.word(cap - 1)
                 ids = ids[:cap] if aligned else tok.encode_docs([title[:cut]])[0].ids
                 out[title] = (title[:cut] + "\n", ids)
             else:
@@ -263,7 +263,7 @@ class Chunker:
         return self._fit(text, start, left_end, prefix) + self._fit(text, mid, end, prefix)
 
 
-_Offsets = Callable[[str, int, int], list[tuple[int, int]]]
+_Offsets = Callable[[str, int, int], Sequence[tuple[int, int]]]
 
 
 class _Unaligned(Exception):
@@ -289,17 +289,27 @@ class _DocView:
         return i0, i1
 
     def _word_edge(self, i: int) -> bool:
-        w = self.doc.words
-        return i <= 0 or i >= len(w) or w[i] != w[i - 1]
-
-    def offsets(self, text: str, lo: int, hi: int) -> list[tuple[int, int]]:
-        i0, i1 = self._range(lo, hi)
         d = self.doc
+        return i <= 0 or i >= d.n or d.word(i) != d.word(i - 1)
+
+    def offsets(self, text: str, lo: int, hi: int) -> Sequence[tuple[int, int]]:
+        d = self.doc
+        if lo == 0 and hi >= len(text):
+            return _AllSpans(d)  # the whole document: every token, no edge to check
+        i0, i1 = self._range(lo, hi)
         if (i0 > 0 and d.ends[i0 - 1] > lo) or (i1 > i0 and d.ends[i1 - 1] > hi):
             raise _Unaligned(f"token straddles [{lo}, {hi})")
         if not (self._word_edge(i0) and self._word_edge(i1)):
             raise _Unaligned(f"word straddles [{lo}, {hi})")
         return list(zip(d.starts[i0:i1], d.ends[i0:i1], strict=True))
+
+    def _piece(self, start: int, end: int) -> tuple[int, int] | None:
+        """Token range [i0, i1) of exactly the characters [start, end), or None."""
+        d = self.doc
+        i0, last = d.token_at(start), d.token_at(end - 1)
+        if i0 is None or last is None or d.span(i0)[0] != start or d.span(last)[1] != end:
+            return None
+        return i0, last + 1
 
     def fit(self, text: str, start: int, end: int, prefix_ids: list[int],
             chunker: Chunker) -> list[tuple[int, int, list[int] | None, int | None]] | None:
@@ -309,10 +319,11 @@ class _DocView:
         it is a word of its own, split at the same whitespace/punctuation); the words between
         are sliced from the document's encoding.
         """
-        i0, i1 = self._range(start, end)
         d = self.doc
-        if i1 <= i0 or d.ends[i1 - 1] != end or d.starts[i0] != start:
+        piece = self._piece(start, end) if end > start else None
+        if piece is None or piece[1] <= piece[0]:
             return None
+        i0, i1 = piece
         k, j = i0, i1  # [i0, k): partial first word; [k, j): whole words; [j, i1): partial last word
         while not self._word_edge(k):
             k += 1
@@ -322,8 +333,8 @@ class _DocView:
             return None  # the piece lies inside one word
         tok = chunker._fast_tok
         assert tok is not None
-        head = tok.plain_ids(text[start:d.starts[k] if k < i1 else end]) if k > i0 else []
-        tail = tok.plain_ids(text[d.starts[j]:end]) if j < i1 else []
+        head = tok.plain_ids(text[start:d.span(k)[0] if k < i1 else end]) if k > i0 else []
+        tail = tok.plain_ids(text[d.span(j)[0]:end]) if j < i1 else []
         body = len(prefix_ids) + len(head) + (j - k) + len(tail)
         if body > chunker.limit:
             return None
@@ -332,6 +343,19 @@ class _DocView:
                 return None
             return [(start, end, None, chunker.prompt_tokens + body + tok.n_special)]
         return [(start, end, tok.head + prefix_ids + head + d.ids[k:j] + tail + tok.tail, None)]
+
+
+class _AllSpans(Sequence[tuple[int, int]]):
+    """Every token's (start, end) of a document, read on demand (windows touch only their edges)."""
+
+    def __init__(self, doc: DocTokens):
+        self.doc = doc
+
+    def __len__(self) -> int:
+        return self.doc.n
+
+    def __getitem__(self, i):  # int only: windows index one token, never a slice
+        return self.doc.span(i if i >= 0 else self.doc.n + i)
 
 
 def _char_bounded_groups(texts: list[str], max_chars: int) -> list[tuple[int, int]]:
@@ -350,7 +374,7 @@ def _char_bounded_groups(texts: list[str], max_chars: int) -> list[tuple[int, in
 def _token_windows(text: str, lo: int, hi: int, window: int, overlap: int,
                    offsets: _Offsets) -> list[tuple[int, int]]:
     offs = offsets(text, lo, hi)
-    if not offs:
+    if not len(offs):
         return [(lo, hi)] if text[lo:hi].strip() else []
     stride = max(1, window - overlap)
     spans = []

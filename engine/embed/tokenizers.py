@@ -6,6 +6,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,14 +44,45 @@ class WhitespaceTokenizer:
         return sum(1 for _ in _WORD.finditer(text))
 
 
-@dataclass
 class DocTokens:
-    """One text's tokens from a batched pass (no specials): ids, character spans, pre-tokenizer word index."""
+    """One text's tokens from a batched pass (no specials), read from the tokenizer's ``Encoding``.
 
-    ids: list[int]
-    starts: Sequence[int]
-    ends: Sequence[int]
-    words: list[int | None]
+    Python lists are built only when asked for: most documents need their ids and a handful of
+    token spans and word indexes at window edges, not every token's offsets (building those lists
+    cost more than the tokenizer pass's remaining Python work).
+    """
+
+    def __init__(self, enc: Any):
+        self._enc = enc
+        self.n = len(enc)
+
+    @cached_property
+    def ids(self) -> list[int]:
+        return list(self._enc.ids)
+
+    @cached_property
+    def _spans(self) -> tuple[Sequence[int], Sequence[int]]:
+        offs = self._enc.offsets
+        return tuple(zip(*offs, strict=True)) if offs else ((), ())  # type: ignore[return-value]
+
+    @property
+    def starts(self) -> Sequence[int]:
+        return self._spans[0]
+
+    @property
+    def ends(self) -> Sequence[int]:
+        return self._spans[1]
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Token ``i``'s (start, end) characters."""
+        return tuple(self._enc.token_to_chars(i))
+
+    def word(self, i: int) -> int | None:
+        return self._enc.token_to_word(i)
+
+    def token_at(self, char: int) -> int | None:
+        """The token covering character ``char`` (None for a character no token covers)."""
+        return self._enc.char_to_token(char)
 
 
 class HFTokenizer:
@@ -103,12 +135,7 @@ class HFTokenizer:
         rest = [i for i, e in enumerate(encs) if e is None]
         for i, e in zip(rest, self._tok.encode_batch([texts[i] for i in rest], add_special_tokens=False), strict=True):
             encs[i] = e
-        out = []
-        for e in encs:
-            offs = e.offsets
-            starts, ends = zip(*offs, strict=True) if offs else ((), ())
-            out.append(DocTokens(e.ids, starts, ends, e.word_ids))
-        return out
+        return [DocTokens(e) for e in encs]
 
     def plain_ids(self, text: str) -> list[int]:
         """One short text's ids without specials (a partial word at a window's edge)."""
