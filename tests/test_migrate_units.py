@@ -198,3 +198,13 @@ def test_plan_keys_nested_and_flat_through_core_config():
         plan_from_flat({"index": IDX, "benchmark": "b.json", "embed": {"model": "hash:8", "modle": 1}})
     with pytest.raises(ConfigError, match="soak must be a duration"):
         plan_from_flat({"index": IDX, "benchmark": "b.json", "model": "hash:8", "soak": "soon"})
+
+
+def test_green_build_keeps_blues_sparse_shards():
+    from engine.migrate.build import green_build_options
+    from engine.migrate.evaluation import version_facts
+
+    blue = version_facts({"version_id": "v1", "kind": "flat", "params": {}, "sparse": {"kind": "bm25", "shards": []}})
+    assert green_build_options({}, blue)["sparse"] == "bm25"
+    assert green_build_options({"sparse": "none"}, blue)["sparse"] == "none"  # the plan's word wins
+    assert "sparse" not in green_build_options({}, version_facts({"version_id": "v0", "kind": "flat"}))

@@ -55,12 +55,14 @@ def green_embed_config(ctx: MigrationContext) -> Any:
 
 def green_build_options(build: dict[str, Any], blue: dict[str, Any]) -> dict[str, Any]:
     """The plan's index-build options; without a kind, blue's (what was asked for: a small corpus
-    may have been built flat); nlist, pq_m, ... are chosen again for green's dimension."""
+    may have been built flat) and blue's sparse shards; nlist, pq_m, ... are chosen again for green's dimension."""
     options = dict(build)
     if "kind" not in options and blue.get("kind"):
         options["kind"] = (blue.get("params") or {}).get("requested_kind") or blue["kind"]
         if (blue.get("params") or {}).get("rescore"):
             options.setdefault("rescore", blue["params"]["rescore"])
+    if "sparse" not in options and blue.get("sparse"):
+        options["sparse"] = blue["sparse"]  # green keeps blue's BM25 shards (hybrid search keeps working)
     return options
 
 

@@ -99,7 +99,8 @@ def version_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
             "model": dict(model) if isinstance(model, Mapping) else {"name": model},
             "dim": manifest.get("dim") or (model.get("dim") if isinstance(model, Mapping) else None),
             "kind": manifest.get("kind"), "params": manifest.get("params"),
-            "source_run": manifest.get("source_run"), "rows": rows}
+            "source_run": manifest.get("source_run"), "rows": rows,
+            "sparse": (manifest.get("sparse") or {}).get("kind")}
 
 
 def same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
