@@ -17,9 +17,8 @@ import sys
 import tempfile
 from typing import Any
 
-from engine.finetune.train import FinetuneConfig
-
 from engine.distributed.driver import drive, driver_parser
+from engine.finetune.train import FinetuneConfig
 
 log = logging.getLogger("embedctl.engine.distributed.finetune")
 
