@@ -20,6 +20,13 @@ def store_options(f: Any) -> Any:
     return f
 
 
+def shared_filesystem_option(f: Any) -> Any:
+    """``--shared-filesystem``: a local-path store is mounted on every Ray node (else refused on a multi-node cluster)."""
+    return click.option("--shared-filesystem", is_flag=True, default=None,
+                        help="The local-path store is a filesystem every Ray node mounts (NFS, ...); without it a "
+                             "local path is refused when the cluster has several nodes [EMBEDCTL_SHARED_FILESYSTEM].")(f)
+
+
 def index_option(f: Any) -> Any:
     return click.option("--index", required=True, help="Index name.")(f)
 

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
+from engine.cli.common import shared_filesystem_option
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def _flat(kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--workers", type=int, default=None, help="Embedding actors [sized from the cluster's resources].")
 @click.option("--threads-per-worker", type=int, default=None, help="torch threads per CPU actor.")
 @click.option("--address", default=None, help="Ray address [RAY_ADDRESS, else a local Ray].")
+@shared_filesystem_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")
 def embed(as_json: bool, **kwargs: Any) -> None:
     """Chunk and embed a Parquet corpus on Ray into runs/<run_id>/ in the store.

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
-from engine.cli.common import ProgressBar, open_store, store_options, version_options
+from engine.cli.common import ProgressBar, open_store, shared_filesystem_option, store_options, version_options
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class _BuildProgress:
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True,
               help="ray: shard tasks on Ray (local Ray, or --address); local: in this process.")
 @click.option("--address", default=None, help="Ray address [RAY_ADDRESS, else a local Ray].")
+@shared_filesystem_option
 @click.option("--workers", type=click.IntRange(1), default=None, help="Shard tasks in flight [cluster CPUs].")
 @click.option("--config", "config_path", default=None, help="YAML/JSON file with the same keys (flags win).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -94,7 +95,8 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
                     pq_nbits: int | None, train_size: int | None, rescore: str, rescore_multiplier: int | None,
                     nprobe: int | None, gate_recall: float, no_gate: bool, gate_queries: int, seed: int,
                     sparse: str, parent_version: str | None, force: bool, executor: str, address: str | None,
-                    workers: int | None, config_path: str | None, as_json: bool) -> None:
+                    shared_filesystem: bool | None, workers: int | None, config_path: str | None,
+                    as_json: bool) -> None:
     """Train once on a sample of an embed run, add its vectors to N shards in parallel, gate on recall.
 
     \b
@@ -120,7 +122,7 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
         "train_size": train_size, "rescore": rescore, "rescore_multiplier": rescore_multiplier, "nprobe": nprobe,
         "gate_recall": gate_recall, "gate_queries": gate_queries, "seed": seed, "sparse": sparse,
         "parent_version": parent_version, "force": force or None, "executor": executor, "address": address,
-        "workers": workers,
+        "workers": workers, "shared_filesystem": shared_filesystem,
     }
     for name, value in given.items():
         if value is None:

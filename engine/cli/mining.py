@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
+from engine.cli.common import shared_filesystem_option
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def _flat(kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--cache-dir", default=None,
               help="Where workers keep memory-mapped shards [<tmp>/embedctl-mining-cache].")
 @click.option("--address", default=None, help="Ray address [RAY_ADDRESS, else a local Ray].")
+@shared_filesystem_option
 @click.option("--local", is_flag=True, default=None, help="Run in this process without Ray (small corpora).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing output mined with other settings.")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// URIs.")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
-from engine.cli.common import ProgressBar
+from engine.cli.common import ProgressBar, shared_filesystem_option
 from engine.cli.embed import _flat, corpus_options
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
               help="Where chunking and embedding run [auto: in this process when the change is small].")
 @click.option("--workers", type=int, default=None, help="Embedding actors [sized from the cluster].")
 @click.option("--address", default=None, help="Ray address [RAY_ADDRESS, else a local Ray when needed].")
+@shared_filesystem_option
 @click.option("--dry-run", is_flag=True, help="Resolve the live version, check compatibility and the lease, "
               "print the plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout.")

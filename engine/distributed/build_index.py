@@ -50,6 +50,7 @@ class BuildJobConfig(FlatConfig):
     force: bool = False  # a new version even if the same build finished before
     executor: str = "ray"  # ray | local (in this process, no Ray)
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a private local Ray
+    shared_filesystem: bool = False  # a local-path store is mounted on every Ray node (else refused on >1 node)
     workers: int | None = None  # shard tasks in flight; None = cluster CPUs / cpus_per_task
     cpus_per_task: float = 1.0
 
@@ -129,10 +130,10 @@ def run_build_job(cfg: BuildJobConfig, progress: Progress | None = None) -> Buil
     if cfg.executor == "ray":
         import ray
 
-        from engine.distributed.runtime import init_ray
+        from engine.distributed.placement import connect_for_store
 
         t0 = time.perf_counter()
-        init_ray(cfg.address)
+        connect_for_store(cfg.address, cfg.store, shared_filesystem=cfg.shared_filesystem)
         pool = plan_ray_pool(ray.cluster_resources(), cfg.workers, cfg.cpus_per_task)
         log.info("ray ready in %.1fs; %s", time.perf_counter() - t0, pool.reason)
         mapper, parallelism, threads = pool, pool.size, max(1, int(cfg.cpus_per_task))

@@ -54,15 +54,38 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
     """Run (or resume) the embed job on Ray and return the final manifest."""
     started_at = time.time()
     t0 = time.perf_counter()
-    prepared = prepare_run(cfg)  # all validation happens here, before Ray starts any work
+    driver: dict[str, float] = {}  # plan_s includes connecting Ray and finding duplicate ids on it
+    # all validation happens here, before Ray starts any work; duplicate ids are found on the cluster
+    prepared = prepare_run(cfg, duplicate_finder=_ray_duplicate_finder(cfg, driver))
     plan_s = time.perf_counter() - t0
     if progress:
         progress({"event": "planned", "run_id": prepared.run_id, "units": len(prepared.plan.units),
                   "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
-    driver: dict[str, float] = {"plan_s": round(plan_s, 3)}
+    driver["plan_s"] = round(plan_s, 3)
     if prepared.pending:
         _run_units(cfg, prepared, progress, driver, t0)
     return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at, driver_timings=driver)
+
+
+def _ray_duplicate_finder(cfg: EmbedJobConfig, driver: dict[str, float]) -> Any:
+    """Duplicate ids found by Ray tasks (hash partitions), so the driver never holds every id.
+
+    Ray is connected (and the store checked) here, the first thing that needs the cluster."""
+    def find(corpus: Any, keys: list[str], total_rows: int) -> dict[str, dict[int, str]]:
+        from engine.distributed.dedup import find_duplicates_ray
+        from engine.distributed.placement import connect_for_store
+        from engine.distributed.runtime import quiet_ray_data
+
+        with quiet_ray_data():
+            t_ray = time.perf_counter()
+            connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem)
+            driver["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
+            t_dup = time.perf_counter()
+            dups = find_duplicates_ray(corpus, keys, total_rows)
+            driver["dedup_s"] = round(time.perf_counter() - t_dup, 3)
+        return dups
+
+    return find
 
 
 def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, driver: dict[str, float],
@@ -70,12 +93,13 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
     """Chunk tasks -> embedding actors -> writer tasks over the pending units, streamed by Ray Data."""
     import ray
 
-    from engine.distributed.runtime import init_ray, plan_pool, quiet_ray_data
+    from engine.distributed.placement import connect_for_store
+    from engine.distributed.runtime import plan_pool, quiet_ray_data
 
     with quiet_ray_data():  # Ray's own warnings and log lines, kept out of the CLI unless -v
         t_ray = time.perf_counter()
-        init_ray(cfg.runtime.address)
-        driver["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
+        connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem)
+        driver.setdefault("ray_init_s", round(time.perf_counter() - t_ray, 3))
     pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
     log.info("embedding pool: %s", pool.reason)
     plan_meta = plan_meta_for(prepared)

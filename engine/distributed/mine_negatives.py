@@ -91,9 +91,9 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
     if prep.pending:
         import ray
 
-        from engine.distributed.runtime import init_ray
+        from engine.distributed.placement import connect_for_store
 
-        init_ray(cfg.runtime.address)
+        connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem)
         actors, pool_info = _start_actors(ray, cfg, prep)
         pool_info["startup_seconds"] = round(time.perf_counter() - t0, 3)
         t_mine = time.perf_counter()

@@ -47,6 +47,16 @@ def check_store_reachable(store: str, *, shared_filesystem: bool = False, what: 
             f"or a path every node mounts, and pass --shared-filesystem (or {SHARED_FS_ENV}=1) if it is one")
 
 
+def connect_for_store(address: str | None, store: str, *, shared_filesystem: bool = False,
+                      what: str = "store") -> Any:
+    """Connect (or start) Ray, then refuse a local-path store on a multi-node cluster before any work."""
+    from engine.distributed.runtime import init_ray
+
+    ray = init_ray(address)
+    check_store_reachable(store, shared_filesystem=shared_filesystem, what=what)
+    return ray
+
+
 def current_node() -> dict[str, str]:
     """This worker's node id and IP, for per-unit records (empty outside Ray)."""
     try:

@@ -139,7 +139,8 @@ def _items(session: RefreshSession) -> list[dict[str, str]]:
 def _chunk_on_ray(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
     import ray
 
-    from engine.distributed.runtime import init_ray, plan_pool
+    from engine.distributed.placement import connect_for_store
+    from engine.distributed.runtime import plan_pool
     from engine.embed.pipeline import plan_meta_for
 
     st = session.state
@@ -147,7 +148,7 @@ def _chunk_on_ray(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
     session.stage("chunk")
     if not st.prepared.pending:
         return []
-    init_ray(st.cfg.runtime.address)
+    connect_for_store(st.cfg.runtime.address, st.cfg.store, shared_filesystem=st.cfg.runtime.shared_filesystem)
     pool = plan_pool(ray.cluster_resources(), "cpu", None, None)
     items = _items(session)
     ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
@@ -159,11 +160,12 @@ def _chunk_on_ray(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
 def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], int]], progress: Progress | None) -> None:
     import ray
 
-    from engine.distributed.runtime import init_ray, plan_pool
+    from engine.distributed.placement import connect_for_store
+    from engine.distributed.runtime import plan_pool
 
     st = session.state
     assert st is not None
-    init_ray(st.cfg.runtime.address)
+    connect_for_store(st.cfg.runtime.address, st.cfg.store, shared_filesystem=st.cfg.runtime.shared_filesystem)
     copy_only = [{"chunked": json.dumps(c)} for c, m in chunked if m == 0]
     to_embed = [{"chunked": json.dumps(c)} for c, m in chunked if m > 0]
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*")

@@ -58,6 +58,7 @@ class RuntimeConfig:
     workers: int | None = None  # embedding actors; None = sized from the cluster's resources
     threads_per_worker: int | None = None  # torch threads per CPU actor; None = CPUs / workers
     progress: bool = True
+    shared_filesystem: bool = False  # a local-path store is mounted on every Ray node (else refused on >1 node)
 
 
 @dataclass(frozen=True)

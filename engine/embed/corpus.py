@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -194,8 +194,15 @@ def _check_types(store: Store, key: str, schema: pa.Schema, cfg: CorpusConfig, t
             raise SchemaError(f"{store.describe(key)}: title column {title_col!r} has type {t}; it must be a string column")
 
 
-def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool = True) -> tuple[Store, CorpusPlan]:
-    """Validate every file's schema, fingerprint inputs, cut units and find duplicate ids."""
+# (corpus config, file keys in corpus order, total rows) -> {file key: {row: "first key#row"}}
+DuplicateFinder = Callable[[CorpusConfig, list[str], int], dict[str, dict[int, str]]]
+
+
+def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool | DuplicateFinder = True) -> tuple[Store, CorpusPlan]:
+    """Validate every file's schema, fingerprint inputs, cut units and find duplicate ids.
+
+    ``find_duplicates``: True finds them in this process; a function finds them elsewhere (on Ray:
+    ``engine.distributed.dedup``) by the same first-occurrence rule."""
     import pyarrow as pa
 
     if cfg.unit_rows < 1:
@@ -235,7 +242,9 @@ def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool = True) -> tuple[Sto
     meta_schema = pa.schema([(c, meta_types[c]) for c in sorted(meta_types)])
     plan = CorpusPlan(files=files, units=units, has_title=title_col is not None, metadata_columns=sorted(meta_types),
                       metadata_schema=base64.b64encode(meta_schema.serialize().to_pybytes()).decode())
-    if find_duplicates:
+    if callable(find_duplicates):
+        plan.duplicates = find_duplicates(cfg, keys, sum(f.rows for f in files))
+    elif find_duplicates:
         plan.duplicates = _find_duplicates(store, keys, cfg.id_column)
     return store, plan
 

@@ -38,6 +38,7 @@ from engine.embed.tokenizers import HFTokenizer
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from engine.embed.corpus import DuplicateFinder
     from engine.embed.encoders import Encoder
 
 log = logging.getLogger(__name__)
@@ -71,15 +72,16 @@ class PreparedRun:
     manifest: dict[str, Any]
 
 
-def prepare_run(cfg: EmbedJobConfig) -> PreparedRun:
-    """Validate inputs and config before any work; create or resume the run."""
+def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = None) -> PreparedRun:
+    """Validate inputs and config before any work; create or resume the run (duplicate ids found in this
+    process, or by ``duplicate_finder``: on Ray)."""
     cfg.validate()
     make_chunker(cfg)  # config errors (chunk size vs model limit, missing tokenizer) surface now
     from engine.embed.backends import prebuild
 
     prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
-    _cstore, plan = plan_corpus(cfg.corpus)
+    _cstore, plan = plan_corpus(cfg.corpus, find_duplicates=duplicate_finder or True)
     run_id = cfg.run_id or default_run_id(cfg, plan)
     previous = None
     if store.exists(run_manifest_key(run_id)):

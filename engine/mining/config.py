@@ -132,6 +132,7 @@ class MiningRuntime:
     """How mining is spread; never part of the job's identity."""
 
     address: str | None = None  # Ray address; None = RAY_ADDRESS or a local Ray
+    shared_filesystem: bool = False  # a local-path store is mounted on every Ray node (else refused on >1 node)
     workers: int | None = None  # mining actors; None = sized from the cluster's resources
     threads_per_worker: int | None = None
     device: str = "auto"  # query encoder (and cross-encoder) device
