@@ -22,6 +22,7 @@ from engine.core.storage import json_bytes, open_store
 from engine.embed.config import EmbedJobConfig
 from engine.embed.model_facts import STANDIN_PREFIX, embed_inputs, make_chunker
 from engine.embed.parts import embedding_column, read_part, state_key, write_part
+from engine.embed.parts_index import worker_location
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,7 +72,7 @@ class UnitEmbedder:
             vectors = self.encoder.encode_passages(embed_inputs(chunks, make_chunker(self.cfg)))
         info = {"dim": self.encoder.dim, "model": self.encoder.identity, "embed_seconds": time.perf_counter() - t0,
                 "started_at": round(started_at, 3), "actor_created_at": round(self.created_at, 3),
-                "actor_ready_at": round(self.ready_at, 3)}
+                "actor_ready_at": round(self.ready_at, 3), "embed_worker": worker_location()}
         return vectors, info
 
     def embed_unit(self, chunked: dict[str, Any], token_ids: list[Any] | None = None) -> dict[str, Any]:
@@ -125,7 +126,8 @@ def commit_unit(cfg: EmbedJobConfig, run_id: str, chunked: dict[str, Any], vecto
     marker.update(embedding_file=emb_file, dim=info["dim"], model=info["model"], chunk_seconds=chunked["chunk_seconds"],
                   embed_seconds=info["embed_seconds"], write_seconds=round(time.perf_counter() - t0, 4),
                   started_at=info["started_at"], actor_created_at=info["actor_created_at"],
-                  actor_ready_at=info["actor_ready_at"])
+                  actor_ready_at=info["actor_ready_at"], embed_worker=info.get("embed_worker") or {},
+                  write_worker=worker_location())
     # The commit: written last, so a unit with a marker has all three parts.
     store.write_bytes(state_key(run_id, "done", f"{chunked['unit_id']}.json"), json_bytes(marker))
     return marker

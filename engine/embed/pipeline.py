@@ -33,6 +33,7 @@ from engine.embed.corpus import CorpusPlan, Unit, corpus_store, plan_corpus, rea
 from engine.embed.embedder import UnitEmbedder, commit_unit
 from engine.embed.model_facts import ModelInfo, embed_inputs, make_chunker, model_info, model_tokenizer
 from engine.embed.parts import embedding_column, read_part, state_key, write_part
+from engine.embed.parts_index import nodes_summary, read_markers, run_outputs, summarize_outputs, write_parts_index
 from engine.embed.tokenizers import HFTokenizer
 
 if TYPE_CHECKING:
@@ -278,10 +279,7 @@ def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float
     ``driver_timings`` (plan_s, ray_init_s, first_unit_done_s: the driver's own clock) join it."""
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     run_id = prepared.run_id
-    markers = {}
-    for key in store.list(state_key(run_id, "done")):
-        m = store.read_json(key)
-        markers[m["unit_id"]] = m
+    markers = {m["unit_id"]: m for m in read_markers(store, store.list(state_key(run_id, "done")))}  # in parallel
     missing = [u.unit_id for u in prepared.plan.units if u.unit_id not in markers]
     ordered = [markers[u.unit_id] for u in prepared.plan.units if u.unit_id in markers]
     counts = {
@@ -315,11 +313,9 @@ def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float
         dim=model["dim"] if model else None,
         metric="cosine",
         dtype=cfg.embed.output_dtype,
-        outputs={
-            "chunks": [m["chunk_file"] for m in ordered],
-            "embeddings": [m["embedding_file"] for m in ordered],
-            "rejects": [m["reject_file"] for m in ordered],
-        },
+        # inline part lists for a small run; totals + a Parquet parts index (also per-unit nodes) for a big one
+        outputs=summarize_outputs(ordered, write_parts_index(store, run_id, ordered)),
+        nodes=nodes_summary(ordered),
         counts=counts,
         rejects={"count": counts["rejected"], "by_reason": reasons},
         missing_units=missing,
@@ -335,7 +331,7 @@ def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float
     if model and not missing and model.get("quantize", "none") != "none":  # a quantized run: its cosine to fp32
         from engine.embed.backends.quality import run_quality
 
-        manifest["quality"] = run_quality(cfg, store, model, manifest["outputs"]["embeddings"])
+        manifest["quality"] = run_quality(cfg, store, model, run_outputs(store, manifest, "embeddings"))
     store.write_json(run_manifest_key(run_id), manifest)
     return manifest
 
