@@ -16,6 +16,7 @@ import random
 from typing import Any
 
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
+from engine.embed.parts_index import run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def read_run_texts(store_uri: str, run_id: str, endpoint_url: str | None = None)
 
     store = open_store(store_uri, endpoint_url=endpoint_url)
     man = read_run(store, run_id).manifest  # exists, succeeded, names a model
-    keys = [str(p["key"]) for p in (man.get("outputs") or {}).get("chunks", []) if int(p.get("rows", 0)) > 0]
+    keys = [str(p["key"]) for p in run_outputs(store, man, "chunks") if int(p.get("rows", 0)) > 0]
     if not keys:
         raise NotFoundError(f"embed run {run_id!r} has no chunks")
     try:

@@ -25,6 +25,7 @@ from engine import __version__
 from engine.core import layout
 from engine.core.errors import ConfigError
 from engine.core.storage import Store, json_bytes, open_store, remember_secret
+from engine.embed.parts_index import run_outputs
 from engine.generate.client import (
     Answer,
     ChatClient,
@@ -313,7 +314,8 @@ def _summary(prep: PreparedGeneration, results: list[dict[str, Any]], answers: d
 def _mining_source(cfg: GenerateJobConfig, man: dict[str, Any]) -> Any:
     from engine.mining import MiningSource
 
-    parts = tuple((str(p["key"]), int(p["rows"]), str(p["sha256"])) for p in man["outputs"]["embeddings"]
+    store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
+    parts = tuple((str(p["key"]), int(p["rows"]), str(p["sha256"])) for p in run_outputs(store, man, "embeddings")
                   if int(p["rows"]) > 0)
     return MiningSource(store=cfg.store, endpoint_url=cfg.endpoint_url, run_id=cfg.run, model=man["model"],
                         dim=int(man["dim"]), rows=sum(p[1] for p in parts), parts=parts,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
 from engine.core.storage import Store, join
+from engine.embed.parts_index import run_outputs
 from engine.generate.config import GenerateJobConfig
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ def read_chunks(store: Store, man: dict[str, Any]) -> pa.Table:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = [p for p in (man.get("outputs") or {}).get("chunks", []) if int(p.get("rows", 0)) > 0]
+    parts = [p for p in run_outputs(store, man, "chunks") if int(p.get("rows", 0)) > 0]
     if not parts:
         raise NotFoundError(f"embed run {man.get('run_id')!r} has no chunks")
     tables = []

@@ -13,6 +13,7 @@ import numpy as np
 from engine.core import layout
 from engine.core.errors import ConfigError, IntegrityError, NotFoundError, SchemaError
 from engine.core.storage import Store, check_key, join
+from engine.embed.parts_index import run_outputs
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -74,9 +75,10 @@ def read_run(store: Store, run_id: str) -> RunInfo:
     dim = manifest.get("dim") or (model or {}).get("dim")
     if not isinstance(model, dict) or not dim:
         raise SchemaError(f"run {run_id!r} manifest names no model identity or dimension")
-    outputs = (manifest.get("outputs") or {}).get("embeddings")
-    if outputs is None:
+    listed = manifest.get("outputs") or {}
+    if "embeddings" not in listed and "parts_index" not in listed:
         raise SchemaError(f"run {run_id!r} manifest lists no embeddings outputs")
+    outputs = run_outputs(store, manifest, "embeddings")
     parts: list[PartRef] = []
     start = 0
     for out in outputs:

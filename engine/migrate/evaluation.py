@@ -8,6 +8,7 @@ from typing import Any
 from engine.core import layout
 from engine.core.errors import NotFoundError
 from engine.core.storage import Store
+from engine.embed.parts_index import run_outputs
 from engine.index.hits import doc_scores
 
 
@@ -117,7 +118,7 @@ def doc_titles(store: Store, run_id: str | None, doc_ids: set[str], max_chunks: 
         run = store.read_json(layout.run_manifest_key(run_id))
     except NotFoundError:
         return {}
-    parts = (run.get("outputs") or {}).get("chunks") or []
+    parts = run_outputs(store, run, "chunks")
     if sum(int(p.get("rows") or 0) for p in parts) > max_chunks:
         return {}
     import pyarrow.parquet as pq

@@ -13,16 +13,18 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.core import layout
 from engine.core.errors import ConfigError, IntegrityError, NotFoundError, SchemaError
-from engine.mining.config import MiningJobConfig
 from engine.core.storage import Store, open_store, sha256_file
+from engine.embed.parts_index import run_outputs
+from engine.mining.config import MiningJobConfig
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -144,7 +146,7 @@ def resolve_source(cfg: MiningJobConfig) -> MiningSource:
         raise ConfigError(f"run {run_id!r} is a {man.get('kind')!r} run, not an embed run")
     if man.get("status") != "succeeded":
         raise ConfigError(f"embed run {run_id!r} is {man.get('status')!r}; finish it (rerun the embed command) first")
-    parts = tuple((str(p["key"]), int(p["rows"]), str(p["sha256"])) for p in man["outputs"]["embeddings"]
+    parts = tuple((str(p["key"]), int(p["rows"]), str(p["sha256"])) for p in run_outputs(store, man, "embeddings")
                   if int(p["rows"]) > 0)
     if not parts:
         raise NotFoundError(f"embed run {run_id!r} has no embeddings to mine from")

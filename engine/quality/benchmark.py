@@ -18,6 +18,7 @@ import numpy as np
 from engine.core import layout
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
 from engine.core.storage import Store, join, sha256_bytes
+from engine.embed.parts_index import run_outputs
 from engine.quality import metrics
 from engine.quality.evaluate import EvalConfig, evaluate_searcher
 from engine.quality.judgments import Query
@@ -77,8 +78,7 @@ def run_doc_ids(store: Store, run_id: str) -> tuple[set[str], dict[str, Any]]:
         manifest = store.read_json(layout.run_manifest_key(run_id))
     except NotFoundError:
         raise NotFoundError(f"run {run_id!r} not found in {store.describe()} (no manifest)") from None
-    outputs = manifest.get("outputs") or {}
-    parts = outputs.get("chunks") or outputs.get("embeddings") or []
+    parts = run_outputs(store, manifest, "chunks") or run_outputs(store, manifest, "embeddings")
     if not parts:
         raise SchemaError(f"run {run_id!r} lists no chunk or embedding outputs; did it finish?")
     ids: set[str] = set()

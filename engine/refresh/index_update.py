@@ -15,6 +15,7 @@ import numpy as np
 from engine.core import layout
 from engine.core.errors import ConflictError, GateError, IntegrityError
 from engine.core.storage import LocalStore, Store, json_bytes
+from engine.embed.parts_index import run_outputs
 from engine.refresh.diff import RefreshDiff
 from engine.refresh.failpoints import stall_point
 from engine.refresh.recall_gate import measure_recall
@@ -90,7 +91,7 @@ def update_version(store: Store, index: str, live: dict[str, Any], version_id: s
     manifest.update(
         version_id=version_id, index=index, created_at=_utc_now(), source_run=run_manifest["run_id"],
         source={"run_id": run_manifest["run_id"], "embeddings": [[o["key"], o["rows"], o["sha256"]]
-                                                                 for o in run_manifest["outputs"]["embeddings"]]},
+                                                                 for o in run_outputs(store, run_manifest, "embeddings")]},
         parent_version=str(live["version_id"]), shards=out_shards, files=files_out, artifacts=artifacts,
         counts={"vectors": rows, "shards": len(out_shards)}, recall_gate=None, refresh=record,
     )

@@ -17,6 +17,7 @@ from engine.core.errors import ConfigError
 from engine.core.storage import Store
 from engine.embed.config import EmbedConfig, EmbedJobConfig
 from engine.embed.encoders import Encoder
+from engine.embed.parts_index import run_outputs
 from engine.refresh.run_parts import column_vectors, read_columns
 
 if TYPE_CHECKING:
@@ -200,7 +201,7 @@ def stored_samples(store: Store, run_manifest: dict[str, Any], cfg: EmbedJobConf
     """(embed text, stored vector) of the first ``n`` chunks of a run: what a model must reproduce to be trusted."""
     from engine.embed.pipeline import embed_inputs, make_chunker
 
-    parts = [o["key"] for o in run_manifest["outputs"]["embeddings"] if int(o.get("rows", 0)) > 0]
+    parts = [o["key"] for o in run_outputs(store, run_manifest, "embeddings") if int(o.get("rows", 0)) > 0]
     if not parts:
         return []
     t = read_columns(store, parts[0], ["text", "title", "embedding"]).slice(0, n)

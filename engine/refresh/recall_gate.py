@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.storage import Store
+from engine.embed.parts_index import run_outputs
 from engine.refresh.run_parts import column_vectors, read_columns, read_run_rows, unit_vectors
 
 GATE_QUERIES = 256
@@ -31,7 +32,7 @@ def measure_recall(store: Store, index: str, manifest: dict[str, Any], run_manif
     depth = k + 1
     best_s, best_i, all_cids = [], [], []
     offset = 0
-    for o in run_manifest["outputs"]["embeddings"]:
+    for o in run_outputs(store, run_manifest, "embeddings"):
         if not int(o.get("rows", 0)):
             continue
         t = read_columns(store, o["key"], ["chunk_id", "embedding"])

@@ -14,6 +14,7 @@ from engine.core.storage import Store, json_bytes, open_store
 from engine.embed.chunking import content_hash
 from engine.embed.config import EmbedJobConfig
 from engine.embed.encoders import Encoder
+from engine.embed.parts_index import run_outputs
 from engine.embed.pipeline import UnitEmbedder, state_key
 from engine.embed.tokenizers import WhitespaceTokenizer
 from engine.refresh.failpoints import stall_point
@@ -45,7 +46,7 @@ class VectorLookup:
     @classmethod
     def from_run(cls, store: Store, run_manifest: dict[str, Any], endpoint_url: str | None = None,
                  cache_bytes: int = 1 << 30) -> VectorLookup:
-        parts = [o["key"] for o in run_manifest["outputs"]["embeddings"]]
+        parts = [o["key"] for o in run_outputs(store, run_manifest, "embeddings")]
         keys, part_idx, rows = [], [], []
         for i, key in enumerate(parts):
             hashes = read_columns(store, key, ["content_hash"]).column(0).to_pylist()

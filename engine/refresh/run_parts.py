@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.core.storage import LocalStore, Store
+from engine.embed.parts_index import run_outputs
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -55,7 +56,7 @@ def chunk_rows(store: Store, run_manifest: dict[str, Any], kind: str = "chunks")
     import pyarrow as pa
 
     cols = ["chunk_id", "doc_id", "content_hash"]
-    tables = [read_columns(store, o["key"], cols) for o in run_manifest["outputs"][kind]]
+    tables = [read_columns(store, o["key"], cols) for o in run_outputs(store, run_manifest, kind)]
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in cols})
     return pa.concat_tables(tables).combine_chunks()
@@ -82,9 +83,10 @@ def read_run_table(store: Store, run_manifest: dict[str, Any], columns: list[str
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    parts = [o["key"] for o in run_manifest["outputs"]["embeddings"] if int(o.get("rows", 0)) > 0]
+    outputs = run_outputs(store, run_manifest, "embeddings")
+    parts = [o["key"] for o in outputs if int(o.get("rows", 0)) > 0]
     if chunk_ids is None and limit is not None:
-        total = sum(int(o["rows"]) for o in run_manifest["outputs"]["embeddings"])
+        total = sum(int(o["rows"]) for o in outputs)
         rng = np.random.default_rng(seed)
         pick = set(rng.choice(total, size=min(limit, total), replace=False).tolist()) if total else set()
     tables: list[pa.Table] = []
