@@ -78,7 +78,8 @@ def _ray_duplicate_finder(cfg: EmbedJobConfig, driver: dict[str, float]) -> Any:
 
         with quiet_ray_data():
             t_ray = time.perf_counter()
-            connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem)
+            connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem,
+                              corpus=cfg.corpus.corpus)
             driver["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
             t_dup = time.perf_counter()
             dups = find_duplicates_ray(corpus, keys, total_rows)
@@ -98,7 +99,8 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
 
     with quiet_ray_data():  # Ray's own warnings and log lines, kept out of the CLI unless -v
         t_ray = time.perf_counter()
-        connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem)
+        connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem,
+                              corpus=cfg.corpus.corpus)
         driver.setdefault("ray_init_s", round(time.perf_counter() - t_ray, 3))
     pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
     log.info("embedding pool: %s", pool.reason)

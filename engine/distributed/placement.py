@@ -48,12 +48,15 @@ def check_store_reachable(store: str, *, shared_filesystem: bool = False, what: 
 
 
 def connect_for_store(address: str | None, store: str, *, shared_filesystem: bool = False,
-                      what: str = "store") -> Any:
-    """Connect (or start) Ray, then refuse a local-path store on a multi-node cluster before any work."""
+                      what: str = "store", corpus: str | None = None) -> Any:
+    """Connect (or start) Ray, then refuse a local-path store (or corpus, which workers read) on a
+    multi-node cluster before any work."""
     from engine.distributed.runtime import init_ray
 
     ray = init_ray(address)
     check_store_reachable(store, shared_filesystem=shared_filesystem, what=what)
+    if corpus:
+        check_store_reachable(corpus, shared_filesystem=shared_filesystem, what="corpus")
     return ray
 
 

@@ -148,7 +148,8 @@ def _chunk_on_ray(session: RefreshSession) -> list[tuple[dict[str, Any], int]]:
     session.stage("chunk")
     if not st.prepared.pending:
         return []
-    connect_for_store(st.cfg.runtime.address, st.cfg.store, shared_filesystem=st.cfg.runtime.shared_filesystem)
+    connect_for_store(st.cfg.runtime.address, st.cfg.store, shared_filesystem=st.cfg.runtime.shared_filesystem,
+                      corpus=st.cfg.corpus.corpus)
     pool = plan_pool(ray.cluster_resources(), "cpu", None, None)
     items = _items(session)
     ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
@@ -165,7 +166,8 @@ def _embed_on_ray(session: RefreshSession, chunked: list[tuple[dict[str, Any], i
 
     st = session.state
     assert st is not None
-    connect_for_store(st.cfg.runtime.address, st.cfg.store, shared_filesystem=st.cfg.runtime.shared_filesystem)
+    connect_for_store(st.cfg.runtime.address, st.cfg.store, shared_filesystem=st.cfg.runtime.shared_filesystem,
+                      corpus=st.cfg.corpus.corpus)
     copy_only = [{"chunked": json.dumps(c)} for c, m in chunked if m == 0]
     to_embed = [{"chunked": json.dumps(c)} for c, m in chunked if m > 0]
     warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
