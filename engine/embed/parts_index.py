@@ -95,9 +95,10 @@ def write_parts_index(store: Store, run_id: str, markers: Iterable[dict[str, Any
 
 
 def summarize_outputs(ordered: list[dict[str, Any]], index: dict[str, Any],
-                      inline_limit: int = INLINE_PARTS_LIMIT) -> dict[str, Any]:
-    """``manifest["outputs"]``: the inline lists for a small run; totals and the index pointer above the limit."""
-    if len(ordered) <= inline_limit:
+                      inline_limit: int | None = None) -> dict[str, Any]:
+    """``manifest["outputs"]``: the inline lists for a small run; totals and the index pointer above the limit
+    (``INLINE_PARTS_LIMIT`` units unless given)."""
+    if len(ordered) <= (INLINE_PARTS_LIMIT if inline_limit is None else inline_limit):
         return {kind: [m[_FILE_FIELD[kind]] for m in ordered] for kind in KINDS}
     totals = {kind: {"parts": len(ordered), "rows": sum(int(m[_FILE_FIELD[kind]]["rows"]) for m in ordered),
                      "bytes": sum(int(m[_FILE_FIELD[kind]]["bytes"]) for m in ordered)} for kind in KINDS}
