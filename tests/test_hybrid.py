@@ -15,7 +15,7 @@ from engine.cli.app import cli, main
 from engine.core.errors import ConfigError, IntegrityError
 from engine.core.storage import join, open_store
 from engine.index.build import build_index
-from engine.index.fusion import FusionConfig, fuse, latest_fusion_record, save_fusion_record
+from engine.index.fusion import FusionConfig, fuse, fusion_grid, latest_fusion_record, save_fusion_record
 from engine.index.params import BuildConfig
 from engine.index.searcher import Searcher
 from engine.index.sparse import Bm25Index, tokenize
@@ -127,6 +127,23 @@ def test_rrf_and_weighted_fusion_by_hand():
     s, i = fuse(dense, sparse, FusionConfig("weighted", dense_weight=0.25), 4)
     # dense normalised: 1, 0.875, 0; sparse: 1, 0
     assert i[0].tolist() == [3, 1, 2, 4] and s[0].tolist() == pytest.approx([0.75, 0.25, 0.21875, 0.0])
+
+
+def test_weighted_fusion_zscore_by_hand():
+    dense = (np.array([[3.0, 2.0, 1.0]], np.float32), np.array([[1, 2, 3]]))
+    sparse = (np.array([[10.0, 0.0, -np.inf]], np.float32), np.array([[3, 4, -1]]))
+    s, i = fuse(dense, sparse, FusionConfig("weighted", dense_weight=0.5, norm="zscore"), 4)
+    # dense z: 1.2247, 0, -1.2247 -> shifted by its worst: 2.4495, 1.2247, 0; sparse z: 1, -1 -> 2, 0
+    expect = {1: 0.5 * 2.4494897, 2: 0.5 * 1.2247449, 3: 0.0 + 0.5 * 2.0, 4: 0.0}
+    assert i[0].tolist() == [1, 3, 2, 4]
+    assert s[0].tolist() == pytest.approx([expect[j] for j in i[0].tolist()], rel=1e-5)
+    # a list that misses a document adds what its worst candidate adds (0), not its average
+    assert s[0][i[0].tolist().index(4)] == pytest.approx(0.0)
+    with pytest.raises(ConfigError, match="norm"):
+        FusionConfig("weighted", norm="l2").validate()
+    # records written before the norm existed read back as minmax
+    assert FusionConfig.from_dict({"method": "weighted", "dense_weight": 0.3}).norm == "minmax"
+    assert {c.norm for c in fusion_grid() if c.method == "weighted"} == {"minmax", "zscore"}
 
 
 def test_hybrid_search_and_collapse(hybrid):

@@ -413,7 +413,7 @@ def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: s
         emit_json(out)
         return
     c = record["chosen"]
-    how = f"rrf k={c['rrf_k']}" if c["method"] == "rrf" else "weighted"
+    how = f"rrf k={c['rrf_k']}" if c["method"] == "rrf" else f"weighted ({c.get('norm', 'minmax')})"
     click.echo(f"{index}/{vid}: fusion {how}, dense weight {c['dense_weight']} (nDCG@{k} {record['tuned_value']:.4f} "
                f"on {bench['tuned_on']} queries); stored as {record['key']}")
     click.echo(f"  held out ({bench['held_out']} queries): " + ", ".join(

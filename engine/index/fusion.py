@@ -3,8 +3,9 @@
 - ``rrf``: ``w / (rrf_k + rank_dense) + (1 - w) / (rrf_k + rank_sparse)`` (rank from 1; a list
   that misses a chunk adds nothing). With ``dense_weight`` 0.5 this ranks exactly as the
   classic unweighted RRF (Cormack et al. 2009, k = 60).
-- ``weighted``: ``w * dense' + (1 - w) * sparse'`` where ``'`` is min-max normalisation of each
-  list's scores per query (a list's best candidate 1, its worst 0; missing = 0).
+- ``weighted``: ``w * dense' + (1 - w) * sparse'`` where ``'`` normalises each list's scores per
+  query: ``norm`` minmax (a list's best candidate 1, its worst 0; missing = 0) or zscore (minus
+  the list's mean, over its standard deviation, shifted so its worst candidate is 0; missing = 0).
 
 A tuning (``tune_fusion``) scores a grid of both on judged queries and stores the best as a
 record beside the version (``versions/<id>/fusion/<record>.json``, never inside the immutable
@@ -30,6 +31,7 @@ from engine.core.storage import Store, join, json_bytes
 log = logging.getLogger(__name__)
 
 FUSION_METHODS = ("rrf", "weighted")
+NORMS = ("minmax", "zscore")
 FUSION_DIR = "fusion"
 RRF_KS = (5, 10, 20, 30, 45, 60, 80, 100, 150)
 WEIGHTS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -43,6 +45,7 @@ class FusionConfig:
     rrf_k: int = 60
     dense_weight: float = 0.5  # share of the dense list (1 - w for the sparse one)
     depth: int = 100  # candidates taken from each list per query
+    norm: str = "minmax"  # weighted only: minmax | zscore (records without it are minmax)
     source: str = "default"  # default | given | tuned:<record id>
 
     def validate(self) -> FusionConfig:
@@ -52,6 +55,8 @@ class FusionConfig:
             raise ConfigError(f"rrf_k must be >= 0, got {self.rrf_k}")
         if not 0.0 <= self.dense_weight <= 1.0:
             raise ConfigError(f"dense_weight must be within [0, 1], got {self.dense_weight}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"fusion norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.depth < 1:
             raise ConfigError(f"fusion depth must be >= 1, got {self.depth}")
         return self
@@ -83,6 +88,19 @@ def _minmax(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(valid, out, 0.0)
 
 
+def _zscore(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Per-query z-scores of the valid slots ([q, d]), shifted so the list's worst candidate is 0 (what a
+    candidate the list missed adds too: it ranks as the list's worst, not its average); empty slots 0."""
+    valid = ids >= 0
+    s = np.where(valid, scores.astype(np.float64), 0.0)
+    n = np.maximum(valid.sum(axis=1, keepdims=True), 1)
+    mean = s.sum(axis=1, keepdims=True) / n
+    sd = np.sqrt((np.where(valid, s - mean, 0.0) ** 2).sum(axis=1, keepdims=True) / n)
+    z = np.where(sd > 0, (s - mean) / np.where(sd > 0, sd, 1.0), 0.0)
+    low = np.where(valid, z, np.inf).min(axis=1, keepdims=True)
+    return np.where(valid, z - np.where(np.isfinite(low), low, 0.0), 0.0)
+
+
 def fuse(dense: tuple[np.ndarray, np.ndarray], sparse: tuple[np.ndarray, np.ndarray], cfg: FusionConfig,
          k: int) -> tuple[np.ndarray, np.ndarray]:
     """Fuse two best-first lists (scores [q, d], ids [q, d], -1 = empty) into the top ``k``: (scores, ids),
@@ -91,7 +109,8 @@ def fuse(dense: tuple[np.ndarray, np.ndarray], sparse: tuple[np.ndarray, np.ndar
     if cfg.method == "rrf":
         dc, sc = _rank_weights(di, cfg.rrf_k), _rank_weights(si, cfg.rrf_k)
     else:
-        dc, sc = _minmax(ds, di), _minmax(ss, si)
+        norm = _zscore if cfg.norm == "zscore" else _minmax
+        dc, sc = norm(ds, di), norm(ss, si)
     w = cfg.dense_weight
     q = di.shape[0]
     out_s = np.full((q, k), -np.inf, dtype=np.float32)
@@ -113,9 +132,9 @@ def fuse(dense: tuple[np.ndarray, np.ndarray], sparse: tuple[np.ndarray, np.ndar
 
 
 def fusion_grid(depth: int = 100) -> list[FusionConfig]:
-    """Every RRF k x dense weight, and every weighted-sum weight."""
+    """Every RRF k x dense weight, and every weighted-sum weight under each normalisation."""
     out = [FusionConfig("rrf", rrf_k=rk, dense_weight=w, depth=depth) for rk in RRF_KS for w in WEIGHTS]
-    out += [FusionConfig("weighted", dense_weight=w, depth=depth) for w in (0.1, *WEIGHTS, 0.9)]
+    out += [FusionConfig("weighted", dense_weight=w, depth=depth, norm=n) for n in NORMS for w in (0.1, *WEIGHTS, 0.9)]
     return out
 
 
