@@ -29,8 +29,9 @@ Why 0.4187 and not the reference 0.421 (checked on this version's own candidate 
 - the rest is the dense side: the reference embeds one vector per document, the product one per
   chunk (1,858 chunks), 0.3791 vs 0.382.
 So the gap is chunking (an embed-run choice), not how the product fuses. Fusion tuning has a
-ceiling here: the best single fusion of the grid chosen on ALL 225 queries (i.e. scored on its
-own tuning queries) is 0.4212 (RRF k=30, w=0.45); min-max weighted 0.4197; z-score 0.4159.
+ceiling here: the best fusion of tune-fusion's grid chosen on ALL 225 queries (so scored on its
+own tuning queries) is RRF k=30 w=0.5 0.4211, z-score weighted w=0.6 0.4208, min-max weighted
+w=0.6 0.4194 (weights in 0.05 steps: RRF k=30 w=0.45 0.4212); none reaches 0.43.
 
 Writes under build/hybrid_cranfield/ (gitignored). Reads ../shared/data/cranfield.
 """
