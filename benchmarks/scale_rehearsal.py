@@ -66,7 +66,8 @@ def write_corpus(folder: Path, docs: int, files: int, seed: int = 0) -> float:
 
 
 class WorkerRss:
-    """Peak RSS per Ray worker process (``ray::`` in its command line), sampled in a thread."""
+    """Peak RSS per Ray worker process of this cluster (``ray::`` processes descended from this one: the
+    cluster's raylet is our child), sampled in a thread; other Ray instances on the machine are ignored."""
 
     def __init__(self) -> None:
         self.peak: dict[int, tuple[str, int]] = {}
@@ -85,14 +86,15 @@ class WorkerRss:
         import psutil
 
         while not self._stop.is_set():
-            for p in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-                cmd = " ".join(p.info.get("cmdline") or [])
-                mem = p.info.get("memory_info")
-                if cmd.startswith("ray::") and mem is not None:
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    cmd, rss = " ".join(p.cmdline()), p.memory_info().rss
+                except psutil.Error:
+                    continue
+                if cmd.startswith("ray::"):
                     name = cmd.split()[0]
-                    old = self.peak.get(p.info["pid"], ("", 0))
-                    if mem.rss > old[1] or (name != "ray::IDLE" and old[0] in ("", "ray::IDLE")):
-                        self.peak[p.info["pid"]] = (name if name != "ray::IDLE" else old[0] or name, max(mem.rss, old[1]))
+                    old = self.peak.get(p.pid, ("", 0))
+                    self.peak[p.pid] = (name if name != "ray::IDLE" else old[0] or name, max(rss, old[1]))
             self._stop.wait(0.5)
 
     def summary(self) -> dict[str, Any]:
