@@ -397,3 +397,50 @@ def test_rerank_with_a_local_cross_encoder(hybrid, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["results"][0]["hits"]) == 3 and out["timings"]["rerank_s"] >= 0
+
+
+def test_evaluate_breaks_figures_down_by_a_metadata_column(hybrid, tmp_path):
+    from engine.index.tuning import compare_by
+    from engine.quality.metrics import query_metrics
+
+    store, res, _, root = hybrid
+    texts, langs = texts_for(3000), metadata_for(3000)["lang"].to_pylist()
+    queries = [(f"q{i}", texts[i * 11]) for i in range(12)]
+    qrels = {f"q{i}": {f"d{(i * 11) // 2:06d}": 1.0} for i in range(12)}
+    with Searcher.load(store, "docs", res.version_id) as s:
+        out = compare_by(s, queries, qrels, query_metrics, "lang", k=10, modes=("dense", "sparse"))
+        doc_lang = {f"d{c // 2:06d}": langs[c] for c in range(2999, -1, -1)}  # a document's first chunk's value
+        table = s.filter.table()
+        chunk_lang = dict(zip(table.column("chunk_id").to_pylist(), table.column("lang").to_pylist(), strict=True))
+        expect_q: dict[str, list[str]] = {}
+        for qid, gains in qrels.items():
+            expect_q.setdefault(doc_lang[next(iter(gains))], []).append(qid)
+        assert {v: e["queries"] for v, e in out.items()} == {v: len(q) for v, q in expect_q.items()}
+        for value, entry in out.items():  # each value: its queries, searched with the filter, scored by hand
+            assert entry["where"] == f"lang = '{value}'"
+            mine = [(q, t) for q, t in queries if q in expect_q[value]]
+            hits = s.search([t for _, t in mine], 10, collapse_docs=True, where=f"lang = '{value}'")
+            assert all(chunk_lang[h.chunk_id] == value for row in hits for h in row)  # inside the filter
+            ndcg = np.mean([query_metrics([h.doc_id for h in row], qrels[q], 10)["ndcg@10"]
+                            for (q, _), row in zip(mine, hits, strict=True)])
+            assert entry["modes"]["dense"]["ndcg@10"] == pytest.approx(ndcg)
+            assert set(entry["modes"]) == {"dense", "sparse"}
+        with pytest.raises(ConfigError, match="available columns: chunk_id, doc_id, flag, lang"):
+            compare_by(s, queries, qrels, query_metrics, "colour")
+        with pytest.raises(ConfigError, match="distinct values"):
+            compare_by(s, queries, qrels, query_metrics, "chunk_id")
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"query_id": q, "text": t}) for q, t in queries))
+    (tmp_path / "qrels.tsv").write_text("query_id\tdoc_id\tgrade\n" + "".join(
+        f"{q}\t{next(iter(g))}\t1\n" for q, g in qrels.items()))
+    args = ["evaluate", "--store", str(root / "store"), "--index", "docs", "--version", res.version_id, "--queries",
+            str(tmp_path / "q.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"), "--per-query",
+            str(tmp_path / "pq.jsonl"), "--by", "lang"]
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    by = json.loads(r.stdout.strip().splitlines()[-1])["by"]
+    assert by["column"] == "lang" and set(by["values"]) == set(out)
+    for value, entry in out.items():  # --modes not given: dense only
+        assert set(by["values"][value]["modes"]) == {"dense"}
+        assert by["values"][value]["modes"]["dense"]["ndcg@10"] == pytest.approx(entry["modes"]["dense"]["ndcg@10"])
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0 and "by lang" in table.stdout

@@ -282,11 +282,14 @@ def _judgment_options(f: Any) -> Any:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--modes", default=None,
               help="Also compare search modes side by side, e.g. dense,sparse,hybrid (a version with BM25 shards).")
+@click.option("--by", "by", default=None, metavar="COLUMN",
+              help="Also break the figures down by a metadata column (e.g. lang): per value, its queries searched "
+                   "with the filter COLUMN = value, in each --modes mode [dense].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
                  queries_path: str | None, qrels_path: str | None, benchmark_path: str | None, k: int, gain: str,
                  per_query_path: str | None, no_exact: bool, nprobe: int | None, rescore_multiplier: int | None,
-                 device: str, modes: str | None, as_json: bool) -> None:
+                 device: str, modes: str | None, by: str | None, as_json: bool) -> None:
     """recall@k, MRR@k and graded nDCG@k of a version on judged queries, beside exact search on the same vectors.
 
     \b
@@ -296,6 +299,7 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
       embedctl evaluate --store ./store --index docs --version latest --queries q.jsonl --qrels q.tsv -k 20 --json
       embedctl evaluate --store ./store --index docs --alias live --queries q.jsonl --qrels q.tsv \
           --modes dense,sparse,hybrid
+      embedctl evaluate --store ./store --index docs --alias live --queries q.jsonl --qrels q.tsv --by lang
     """
     from engine.core.errors import ConfigError
     from engine.index.version import resolve_version
@@ -328,6 +332,9 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
                                device=device)
     if modes:
         summary["modes"] = _compare_modes(st, index, vid, queries_path, qrels_path, gain, k, modes, device)
+    if by:
+        summary["by"] = {"column": by, "values": _compare_modes(st, index, vid, queries_path, qrels_path, gain, k,
+                                                                modes or "dense", device, by=by)}
     if as_json:
         emit_json(summary)
         return
@@ -346,14 +353,20 @@ def evaluate_cmd(store: str, endpoint_url: str | None, index: str, version: str 
         click.echo(f"  search modes (documents, k={k}):")
         for mode, row in summary["modes"].items():
             click.echo(f"  {mode:8}" + "".join(f"{row[n]:>12.4f}" for n in names))
+    if by:
+        click.echo(f"  by {by} (documents, k={k}; each value's queries searched with the filter {by} = value):")
+        for value, entry in summary["by"]["values"].items():
+            for mode, row in entry["modes"].items():
+                click.echo(f"  {value[:12]:12} {mode:8} {entry['queries']:>5}q"
+                           + "".join(f"{row[n]:>12.4f}" for n in names))
 
 
 def _compare_modes(st: Any, index: str, vid: str, queries_path: str, qrels_path: str, gain: str, k: int,
-                   modes: str, device: str) -> dict[str, dict[str, float]]:
+                   modes: str, device: str, by: str | None = None) -> dict[str, Any]:
     from engine.core.errors import ConfigError
     from engine.index.retrieve import MODES
     from engine.index.searcher import Searcher
-    from engine.index.tuning import compare_modes
+    from engine.index.tuning import compare_by, compare_modes
     from engine.quality.judgments import load_qrels, load_queries
     from engine.quality.metrics import query_metrics
 
@@ -363,6 +376,8 @@ def _compare_modes(st: Any, index: str, vid: str, queries_path: str, qrels_path:
         raise ConfigError(f"--modes takes a comma list of {', '.join(MODES)}, got {modes!r}")
     queries = [(q.query_id, q.text) for q in load_queries(queries_path)]
     with Searcher.load(st, index, vid, device=device) as searcher:
+        if by is not None:
+            return compare_by(searcher, queries, load_qrels(qrels_path, gain), query_metrics, by, k=k, modes=wanted)
         return compare_modes(searcher, queries, load_qrels(qrels_path, gain), query_metrics, k=k, modes=wanted)
 
 

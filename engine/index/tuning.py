@@ -44,6 +44,53 @@ def compare_modes(searcher: Searcher, queries: Sequence[tuple[str, str]], qrels:
     return out
 
 
+MAX_BY_VALUES = 50  # more distinct values than this is an id-like column, not a breakdown
+
+
+def _where_literal(value: Any) -> str:
+    """``value`` written as a ``--where`` literal (strings quoted, quotes doubled)."""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def compare_by(searcher: Searcher, queries: Sequence[tuple[str, str]], qrels: Mapping[str, Mapping[str, float]],
+               metrics: Metrics, column: str, *, k: int = 10, modes: Sequence[str] = ("dense",),
+               ) -> dict[str, dict[str, Any]]:
+    """Metrics per value of a metadata ``column`` (e.g. lang): for each value, the queries with a judged relevant
+    document of that value, searched with the filter ``column = value`` (what a per-value index answers) and
+    scored against their judgments of that value, in each mode. A document's value is its first chunk's.
+    ``{value: {"queries": n, "modes": {mode: {metric: mean}}}}``, values sorted as text."""
+    table = searcher.filter.table()
+    columns = [c for c in table.column_names if c != "id"]
+    if column not in columns:
+        raise ConfigError(f"--by: unknown column {column!r}; available columns: {', '.join(sorted(columns))}")
+    value_of: dict[str, Any] = {}
+    for doc, value in zip(table.column("doc_id").to_pylist(), table.column(column).to_pylist(), strict=True):
+        value_of.setdefault(doc, value)
+    values = sorted({v for v in value_of.values() if v is not None}, key=str)
+    if len(values) > MAX_BY_VALUES:
+        raise ConfigError(f"--by {column}: {len(values)} distinct values (at most {MAX_BY_VALUES}); break figures "
+                          "down by a column with few values, such as a language or a source")
+    out: dict[str, dict[str, Any]] = {}
+    for value in values:
+        sub = {qid: {d: g for d, g in gains.items() if value_of.get(d) == value} for qid, gains in qrels.items()}
+        judged = [(qid, text) for qid, text in queries if any(g > 0 for g in sub.get(qid, {}).values())]
+        if not judged:
+            continue
+        where = f"{column} = {_where_literal(value)}"
+        per_mode: dict[str, dict[str, float]] = {}
+        for mode in modes:
+            results = searcher.search([t for _, t in judged], k, collapse_docs=True, mode=mode, where=where)
+            rows = [metrics([h.doc_id for h in hits], sub[qid], k) for (qid, _), hits in zip(judged, results,
+                                                                                                strict=True)]
+            per_mode[mode] = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+        out[str(value)] = {"queries": len(judged), "where": where, "modes": per_mode}
+    return out
+
+
 def split_queries(query_ids: Sequence[str], share: float, seed: int, fold: int = 0) -> tuple[list[int], list[int]]:
     """(positions to tune on, held-out positions): ``share`` of the queries by a seeded hash of their ids
     (``fold`` 1 swaps the two parts: a 2-fold tuning scores every query with a fusion not tuned on it)."""
