@@ -143,6 +143,25 @@ def test_build_index_and_mine_negatives_on_the_cluster(world, cluster_run, tmp_p
     assert mined["kind"] == "mine-negatives" and mined["counts"]["rows"] == 12
 
 
+def test_resume_after_kill_9_of_the_driver_is_byte_identical(world, reference):
+    store_uri = world["bucket"] + "/resumed"
+    store = open_store(store_uri, endpoint_url=world["endpoint"])
+    proc = subprocess.Popen([EMBEDCTL, "embed", "--corpus", world["corpus"], "--store", store_uri, *EMBED_FLAGS,
+                             "--endpoint-url", world["endpoint"], "--address", world["address"], "--json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+    try:
+        assert wait_for(lambda: any("/_state/done/" in k for k in store.list("runs")), timeout=180, every=0.2), \
+            "no unit committed"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, no manifest written
+        proc.wait(timeout=30)
+    summary = cluster_embed(world, store_uri)
+    assert summary["status"] == "succeeded" and summary["attempts"] == 2
+    m = store.read_json(f"runs/{summary['run_id']}/manifest.json")
+    assert m["units"]["done_before_this_attempt"] >= 1  # the killed attempt's commits were kept, not redone
+    assert part_digests(store, m) == part_digests(open_store(str(world["tmp"] / "ref")), reference)
+
+
 def test_a_worker_node_killed_mid_embed_is_survived(world, reference):
     """Runs last in this module: it removes a node. One embedding actor (so the surviving node can host it)."""
     store_uri = world["bucket"] + "/killed"
