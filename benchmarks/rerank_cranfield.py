@@ -1,0 +1,238 @@
+"""The rerank stage on Cranfield: a small cross-encoder trained from the packaged MiniLM on half the judged queries, scored on the other half.
+
+No trained cross-encoder ships offline, so this benchmark makes one: the packaged
+all-MiniLM-L6-v2 weights under a fresh one-logit head (sentence-transformers ``CrossEncoder``,
+``num_labels=1``), trained on CPU with a wall-clock budget on the judged queries of one half of
+a seeded hash split (``engine.index.tuning.split_queries``, share 0.5, seed 0, fold 0: the same
+half ``tune-fusion`` tunes on). Pairs: every judged document of a training query (target = its
+Cranfield gain / 4, so grade 1 -> 1.0 ... grade 4 -> 0.25) and the unjudged documents of its
+dense top ``--neg-depth`` (target 0); binary cross-entropy on the logit. The held-out half is
+then searched with the product's own stage (``Searcher.search(rerank=folder, rerank_depth=N)``)
+and scored with evaluate's metric code: nDCG@10 of dense, hybrid (RRF k=60, untuned) and
+hybrid + rerank, plus p50 latency of one-query searches with and without the rerank.
+
+    .venv/bin/python benchmarks/rerank_cranfield.py            # table; --json for one object
+
+Measured 2026-12-04 06:15-06:32 (2 shared CPUs, load average 10-17, other engineers' jobs and tests
+running): defaults (rerank depth 20, negatives from the dense top 10, max_length 128, batch 16,
+lr 4e-5, 240 s budget). The budget bought only 12 of 101 planned steps (~20 s a step of 16
+pairs on the CPU share it got; loss 0.69 -> 0.67), so the head is barely trained. On the 113
+held-out queries (trained on the other 112): dense 0.3501, hybrid RRF k=60 0.3937, hybrid +
+rerank@20 0.2804, i.e. this under-trained cross-encoder HURTS (-0.113). Rerank cost: 619 s for
+the 113-query batch (2,260 pairs, ~0.27 s a pair); p50 batch 1 hybrid 113 ms vs hybrid +
+rerank@20 1,536 ms (5 queries). A fair measurement needs the full schedule (an epoch or two,
+~100-200 steps: minutes on an idle core or a GPU); run with --train-seconds 3600 there.
+
+Reuses the embed run and version of benchmarks/hybrid_cranfield.py (build/hybrid_cranfield/).
+Writes the trained model under build/rerank_cranfield/ (gitignored). Reads ../shared/data/cranfield.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks.hybrid_cranfield import CRANFIELD, INDEX, K, embed, log  # noqa: E402
+from engine.core.storage import open_store  # noqa: E402
+from engine.index.build import build_index  # noqa: E402
+from engine.index.fusion import FusionConfig  # noqa: E402
+from engine.index.hits import best_per_doc  # noqa: E402
+from engine.index.params import BuildConfig  # noqa: E402
+from engine.index.searcher import Searcher  # noqa: E402
+from engine.index.sparse import index_text  # noqa: E402
+from engine.index.tuning import split_queries  # noqa: E402
+from engine.quality.judgments import load_qrels, load_queries  # noqa: E402
+from engine.quality.metrics import ndcg_at_k  # noqa: E402
+
+MAX_GAIN = 4.0  # Cranfield grade 1 -> gain 4 (engine.quality.judgments)
+
+
+def doc_texts() -> dict[str, str]:
+    """doc_id -> title + text, as the sparse shards and the rerank stage read a one-chunk document."""
+    out = {}
+    with open(CRANFIELD / "corpus.jsonl", encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            out[str(d["doc_id"])] = index_text(d.get("title"), d.get("text"))
+    return out
+
+
+def training_pairs(s: Searcher, train: list[tuple[str, str]], qrels: dict[str, dict[str, float]],
+                   docs: dict[str, str], neg_depth: int) -> list[tuple[str, str, float]]:
+    """(query, document text, target): judged documents at gain / 4, unjudged dense top ``neg_depth`` at 0."""
+    results = s.search([t for _, t in train], neg_depth, collapse_docs=True)
+    pairs = []
+    for (qid, text), hits in zip(train, results, strict=True):
+        gains = qrels[qid]
+        pairs += [(text, docs[d], min(1.0, g / MAX_GAIN)) for d, g in gains.items() if g > 0 and d in docs]
+        pairs += [(text, docs[h.doc_id], 0.0) for h in hits if h.doc_id not in gains and h.doc_id in docs]
+    return pairs
+
+
+def train(pairs: list[tuple[str, str, float]], out: Path, *, epochs: int, batch: int, lr: float,
+          max_length: int, budget_s: float, seed: int) -> dict[str, Any]:
+    """Fine-tune a one-logit CrossEncoder from the packaged MiniLM on ``pairs`` (BCE on the logit), save it."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from engine.embed.encoders import resolve_model_path
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    _, folder = resolve_model_path(None)
+    ce = CrossEncoder(str(folder), num_labels=1, max_length=max_length, device="cpu", local_files_only=True)
+    model, tok = ce.model, ce.tokenizer
+    model.train()
+    steps_total = epochs * math.ceil(len(pairs) / batch)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps_total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / warmup, max(0.0, (steps_total - i) / max(1, steps_total - warmup))))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    t0, step, losses, stopped = time.perf_counter(), 0, [], False
+    for epoch in range(epochs):
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        for i in range(0, len(order), batch):
+            chunk = [pairs[j] for j in order[i:i + batch]]
+            enc = tok([q for q, _, _ in chunk], [d for _, d, _ in chunk], truncation=True, max_length=max_length,
+                      padding=True, return_tensors="pt")
+            logits = model(**enc).logits.view(-1)
+            loss = loss_fn(logits, torch.tensor([y for _, _, y in chunk], dtype=torch.float32))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            step += 1
+            losses.append(float(loss.detach()))
+            if step % 5 == 0:
+                log(f"epoch {epoch} step {step}/{steps_total} loss {statistics.fmean(losses[-5:]):.4f} "
+                    f"{time.perf_counter() - t0:.0f}s")
+            if time.perf_counter() - t0 > budget_s:
+                stopped = True
+                break
+        if stopped:
+            break
+    model.eval()
+    tok.model_max_length = max_length  # the saved folder truncates at the trained length when the stage loads it
+    ce.save(str(out))
+    return {"steps": step, "steps_planned": steps_total, "stopped_by_budget": stopped,
+            "seconds": round(time.perf_counter() - t0, 1), "final_loss_5": round(statistics.fmean(losses[-5:]), 4)}
+
+
+def ndcg(s: Searcher, texts: list[str], gains: list[dict[str, float]], **search: Any) -> tuple[float, float]:
+    """(mean nDCG@10 over documents, seconds) of one batched search."""
+    t = time.perf_counter()
+    results = s.search(texts, K, collapse_docs=True, **search)
+    secs = time.perf_counter() - t
+    value = statistics.fmean(ndcg_at_k([h.doc_id for h in best_per_doc(hits, K)], g, K)
+                             for hits, g in zip(results, gains, strict=True))
+    return value, secs
+
+
+def latency(s: Searcher, texts: list[str], rerank: str, depth: int) -> dict[str, float]:
+    """p50 of one-query hybrid searches with and without the rerank, interleaved (same load for both)."""
+    rrf60 = FusionConfig()
+    for t in texts[:3]:
+        s.search([t], K, collapse_docs=True, mode="hybrid", fusion=rrf60, rerank=rerank, rerank_depth=depth)
+    plain, reranked = [], []
+    for t in texts:
+        t0 = time.perf_counter()
+        s.search([t], K, collapse_docs=True, mode="hybrid", fusion=rrf60)
+        t1 = time.perf_counter()
+        s.search([t], K, collapse_docs=True, mode="hybrid", fusion=rrf60, rerank=rerank, rerank_depth=depth)
+        t2 = time.perf_counter()
+        plain.append((t1 - t0) * 1000)
+        reranked.append((t2 - t1) * 1000)
+    p, r = statistics.median(plain), statistics.median(reranked)
+    return {"hybrid_p50_ms": round(p, 1), "hybrid_rerank_p50_ms": round(r, 1), "rerank_added_p50_ms": round(r - p, 1),
+            "queries": len(texts), "rerank_depth": depth}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work", default=str(REPO / "build" / "hybrid_cranfield"))
+    ap.add_argument("--out", default=str(REPO / "build" / "rerank_cranfield"))
+    ap.add_argument("--depth", type=int, default=20, help="rerank depth (documents re-scored per query)")
+    ap.add_argument("--neg-depth", type=int, default=10, help="dense top-N documents mined as negatives")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=4e-5)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--train-seconds", type=float, default=240.0, help="wall-clock budget for training")
+    ap.add_argument("--latency-queries", type=int, default=5)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    work, out_dir = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = open_store(str(work / "store"))
+    load = os.getloadavg()
+    run = embed(work)
+    res = build_index(store, run["run_id"], INDEX, BuildConfig(kind="flat", sparse="bm25", gate_recall=None))
+    queries = [(q.query_id, q.text) for q in load_queries(CRANFIELD / "queries.jsonl")]
+    qrels = load_qrels(CRANFIELD / "qrels.tsv", "cranfield")
+    judged = [(q, t) for q, t in queries if qrels.get(q)]
+    train_rows, test_rows = split_queries([q for q, _ in judged], 0.5, seed=0, fold=0)
+    train_q, test_q = [judged[i] for i in train_rows], [judged[i] for i in test_rows]
+    docs = doc_texts()
+    model_dir = out_dir / "cross-encoder"
+    result: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} CPUs, load average {load[0]:.1f} at start", "version": res.version_id,
+        "split": {"how": "engine.index.tuning.split_queries share 0.5 seed 0 fold 0 (sha256 of seed:query_id)",
+                  "train_queries": len(train_q), "test_queries": len(test_q)},
+        "settings": {k: getattr(args, k) for k in ("depth", "neg_depth", "epochs", "batch", "lr", "max_length",
+                                                   "train_seconds")}}
+    with Searcher.load(store, INDEX, res.version_id) as s:
+        pairs = training_pairs(s, train_q, qrels, docs, args.neg_depth)
+        pos = sum(1 for p in pairs if p[2] > 0)
+        log(f"{len(pairs)} training pairs ({pos} judged, {len(pairs) - pos} negatives) from {len(train_q)} queries")
+        result["training"] = {"pairs": len(pairs), "positives": pos, "negatives": len(pairs) - pos,
+                              **train(pairs, model_dir, epochs=args.epochs, batch=args.batch, lr=args.lr,
+                                      max_length=args.max_length, budget_s=args.train_seconds, seed=0)}
+        log(f"trained: {result['training']}")
+        texts, gains = [t for _, t in test_q], [qrels[q] for q, _ in test_q]
+        rrf60 = FusionConfig()
+        scores: dict[str, float] = {}
+        scores["dense"], _ = ndcg(s, texts, gains)
+        scores["hybrid_rrf60"], _ = ndcg(s, texts, gains, mode="hybrid", fusion=rrf60)
+        scores[f"hybrid_rrf60+rerank@{args.depth}"], secs = ndcg(
+            s, texts, gains, mode="hybrid", fusion=rrf60, rerank=str(model_dir), rerank_depth=args.depth)
+        result["ndcg@10_held_out"] = {k: round(v, 4) for k, v in scores.items()}
+        result["rerank_batch"] = {"queries": len(texts), "seconds": round(secs, 1),
+                                  "ms_per_query": round(secs * 1000 / len(texts), 1)}
+        log(f"nDCG@10 held out: {result['ndcg@10_held_out']}")
+        result["latency_batch1"] = latency(s, texts[: args.latency_queries], str(model_dir), args.depth)
+    result["load_average_end"] = round(os.getloadavg()[0], 1)
+    (out_dir / "results.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"Cranfield rerank, {result['split']['test_queries']} held-out queries "
+          f"(trained on {result['split']['train_queries']}), {result['machine']}")
+    for name, v in result["ndcg@10_held_out"].items():
+        print(f"  nDCG@10 {name:32} {v:.4f}")
+    lat = result["latency_batch1"]
+    print(f"  p50 batch 1: hybrid {lat['hybrid_p50_ms']} ms, hybrid+rerank@{args.depth} {lat['hybrid_rerank_p50_ms']} ms")
+
+
+if __name__ == "__main__":
+    main()
