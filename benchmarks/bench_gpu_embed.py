@@ -65,11 +65,11 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from benchmarks.textgen import generate_texts
+    from engine.distributed.embed import run_embed_job
+    from engine.distributed.runtime import init_ray
     from engine.embed.config import EmbedJobConfig
     from engine.embed.encoders import resolve_model_path
     from engine.embed.pipeline import model_tokenizer
-    from engine.distributed.runtime import init_ray
-    from engine.distributed.embed import run_embed_job
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -173,7 +173,7 @@ def main() -> None:
                 for f in files:
                     tab = pq.read_table(f, columns=["doc_id", "embedding"])
                     emb = np.asarray(tab.column("embedding").combine_chunks().flatten()).reshape(tab.num_rows, -1)
-                    for d, v in zip(tab.column("doc_id").to_pylist(), emb):
+                    for d, v in zip(tab.column("doc_id").to_pylist(), emb, strict=True):
                         k = order[d]
                         if k < nb:
                             vecs[k] = v

@@ -35,10 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from engine.core import layout  # noqa: E402
+from engine.core.storage import MiB, Store, join, open_store, sha256_file, wait_for  # noqa: E402
 from engine.publish.aliases import publish_version, rollback_alias  # noqa: E402
 from engine.publish.copy import copy_version
 from engine.publish.verify import verify_version
-from engine.core.storage import MiB, Store, join, open_store, sha256_file, wait_for  # noqa: E402
 
 IDX = "bench"
 SERVE_IDX = "serve"
@@ -99,10 +99,10 @@ def build_real_versions(store: Store, tmp: Path, model: str | None) -> list[str]
     import pyarrow.parquet as pq
 
     from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import run_locally
     from engine.embed.stdlib_corpus import stdlib_docs
     from engine.index.build import build_index
     from engine.index.params import BuildConfig
-    from engine.embed.pipeline import run_locally
 
     docs = stdlib_docs(300)
     out = []
@@ -181,7 +181,7 @@ def hot_swap_and_load(store: Store, blue: str, green: str, seconds: float) -> di
                 publish_version(store, SERVE_IDX, target)
             else:
                 rollback_alias(store, SERVE_IDX)
-            assert wait_for(lambda: s.status().get("version") == target, timeout=300)
+            assert wait_for(lambda target=target: s.status().get("version") == target, timeout=300)
             swaps.append(time.perf_counter() - t1)
         time.sleep(seconds / 4)
     finally:

@@ -40,7 +40,7 @@ def write_corpus(out: Path, docs: int | None = None) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [json.loads(line) for line in open(CRANFIELD / "corpus.jsonl", encoding="utf-8")][:docs]
+    rows = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text(encoding="utf-8").splitlines()][:docs]
     path = out / "corpus"
     path.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist([{"doc_id": r["doc_id"], "title": r.get("title"), "text": r["text"]}
@@ -141,23 +141,24 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from engine.embed.config import EmbedJobConfig
     from engine.core.errors import GateError
+    from engine.core.storage import open_store
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import run_locally
     from engine.migrate.migration import Migration
     from engine.migrate.plan import MigrationPlan
-    from engine.migrate.tools import Tools, default_index_builder, default_loader
-    from engine.embed.pipeline import run_locally
-    from engine.publish.aliases import publish_version
     from engine.migrate.report import find_chromium, screenshot
+    from engine.migrate.tools import Tools, default_index_builder, default_loader
+    from engine.publish.aliases import publish_version
     from engine.serve.alias import AliasSearcher, SearchServer
-    from engine.core.storage import open_store
 
     out = Path(args.out or tempfile.mkdtemp(prefix="embedctl-migrate-cranfield-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     store_uri = str(out / "store")
     store = open_store(store_uri)
     timings: dict[str, float] = {}
-    say = (lambda m: print(m, file=sys.stderr, flush=True))
+    def say(m: str) -> None:
+        print(m, file=sys.stderr, flush=True)
 
     corpus = write_corpus(out, args.docs)
     t0 = time.perf_counter()
@@ -169,7 +170,7 @@ def main() -> int:
         blue = default_index_builder(store, IDX, blue_run["run_id"], parent_version=None,
                                      options={"kind": "flat"})["version_id"]
         publish_version(store, IDX, blue, reason="Cranfield blue (MiniLM 384)")
-    bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in open(CRANFIELD / "corpus.jsonl")}
+    bench = write_benchmark(out, {json.loads(line)["doc_id"] for line in (CRANFIELD / "corpus.jsonl").read_text(encoding="utf-8").splitlines()}
                             if args.docs is None else set(pq_doc_ids(corpus)))
     # Blue's own thresholds (what production runs with today), so the report shows how far
     # green's calibrated threshold lands from them.

@@ -34,8 +34,8 @@ import os
 import platform
 import random
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,8 @@ def write_pairs(path: Path, pairs: list[dict[str, str]]) -> str:
 
 def mine(work: Path, run_id: str, pairs: str, out: str, workers: int, batch_size: int = 256,
          **extra: Any) -> dict[str, Any]:
-    from engine.mining import MiningJobConfig
     from engine.distributed.mine_negatives import run_mining_job
+    from engine.mining import MiningJobConfig
 
     flat = {"store": str(work / "store"), "run": run_id, "pairs": pairs, "out": out, "workers": workers,
             "overwrite": True,

@@ -69,7 +69,7 @@ def corpus_parquet(work: Path) -> Path:
 
     out = work / "corpus"
     if not (out / "part-000.parquet").exists():
-        rows = [json.loads(line) for line in open(CRANFIELD / "corpus.jsonl", encoding="utf-8")]
+        rows = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
         out.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(rows), out / "part-000.parquet")
     return out
@@ -153,7 +153,7 @@ def main() -> None:
 
         todo = [t for t in dict.fromkeys(texts) if t not in seen]
         if todo:
-            seen.update(zip(todo, encode(todo)))
+            seen.update(zip(todo, encode(todo), strict=True))
         return np.stack([seen[t] for t in texts]) if texts else encode([])
 
     encoder.encode_queries = cached  # type: ignore[method-assign]

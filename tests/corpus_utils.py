@@ -9,8 +9,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = ("wing lift drag flow boundary layer shock wave pressure heat transfer supersonic subsonic turbulent "
-         "laminar nozzle jet plate cylinder cone panel flutter vibration buckling stress temperature mach").split()
+WORDS = ["wing", "lift", "drag", "flow", "boundary", "layer", "shock", "wave", "pressure", "heat", "transfer", "supersonic", "subsonic", "turbulent", "laminar", "nozzle", "jet", "plate", "cylinder", "cone", "panel", "flutter", "vibration", "buckling", "stress", "temperature", "mach"]
 
 
 def make_docs(n: int, seed: int = 0, min_words: int = 20, max_words: int = 120) -> list[dict[str, Any]]:

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from engine.cli.app import cli, main
 from engine.core.errors import ConfigError
-from engine.index.build import build_index
-from engine.index.params import BuildConfig
 from engine.core.storage import open_store
 from engine.distributed.build_index import BuildJobConfig, plan_ray_pool, run_build_job
+from engine.index.build import build_index
+from engine.index.params import BuildConfig
 from tests.index_utils import clustered_vectors, make_run
 
 REPO = Path(__file__).resolve().parent.parent

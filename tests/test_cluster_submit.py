@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.cli.app import cli
 from engine.cli import cluster as cl
+from engine.cli.app import cli
 from engine.core.errors import ConfigError, EmbedctlError
 from tests.conftest import REPO, free_port
 

@@ -7,10 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from engine.embed.encoders import (
-    HashEncoder, encoder_from_identity, load_encoder, resolve_model_path, token_budget_batches,
-)
 from engine.core.errors import ConfigError
+from engine.embed.encoders import (
+    HashEncoder,
+    encoder_from_identity,
+    load_encoder,
+    resolve_model_path,
+    token_budget_batches,
+)
 
 
 def test_token_budget_batches_cover_all_and_respect_budget():

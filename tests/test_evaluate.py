@@ -60,7 +60,7 @@ def bench(tmp_path):
     for d in range(60):
         topic = TOPICS[d % len(TOPICS)]
         for c in range(3):
-            texts.append(" ".join(topic.split() + list(rng.choice("the of data method model test".split(), 8))))
+            texts.append(" ".join(topic.split() + list(rng.choice(["the", "of", "data", "method", "model", "test"], 8))))
             cids.append(f"doc{d:02d}#{c}")
             dids.append(f"doc{d:02d}")
     store = open_store(tmp_path / "store")

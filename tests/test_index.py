@@ -19,13 +19,13 @@ import pytest
 
 from engine.core import layout
 from engine.core.errors import ConfigError, GateError, IntegrityError, NotFoundError
+from engine.core.storage import join, open_store, sha256_file
 from engine.index.build import build_index
 from engine.index.params import BuildConfig, choose_params, parse_bytes
 from engine.index.quantize import dequantize_int8, int8_ranges, pack_sign_bits, quantize_int8, rescore_scores
+from engine.index.searcher import Searcher
 from engine.index.verify import verify_version
 from engine.index.version import list_versions
-from engine.index.searcher import Searcher
-from engine.core.storage import join, open_store, sha256_file
 from tests.index_utils import brute_force, clustered_vectors, hash_identity, make_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def row_of(hit) -> int:
 def recall_vs_brute(searcher: Searcher, queries: np.ndarray, corpus: np.ndarray, k: int = 10, **kw) -> float:
     _, truth = brute_force(queries, corpus, k)
     hits = searcher.search_vectors(queries, k, **kw)
-    return float(np.mean([len({row_of(h) for h in hs} & set(t.tolist())) / k for hs, t in zip(hits, truth)]))
+    return float(np.mean([len({row_of(h) for h in hs} & set(t.tolist())) / k for hs, t in zip(hits, truth, strict=True)]))
 
 
 @pytest.fixture
@@ -170,7 +170,7 @@ def test_shard_merge_finds_every_chunk_exactly_once(store, corpus):
         everything = s.search_vectors(vecs[:3], n)
         for hits in everything:
             assert len(hits) == n and len({h.chunk_id for h in hits}) == n  # merged once, no duplicates
-            assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+            assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
         assert len(s.search_vectors(vecs[:1], n + 50)[0]) == n
 
 
@@ -394,8 +394,8 @@ def test_resume_after_kill_9(tmp_path, corpus):
     assert res.resumed and res.version_id == state["version_id"]
     kinds = [e["event"] for e in events]
     assert "sampled" not in kinds  # no new training sample was read
-    assert {"event": "trained", "reused": True} == {k: v for k, v in events[kinds.index("trained")].items()
-                                                    if k in ("event", "reused")}
+    assert {k: v for k, v in events[kinds.index("trained")].items()
+                                                    if k in ("event", "reused")} == {"event": "trained", "reused": True}
     done = {e["shard"]: e["skipped"] for e in events if e["event"] == "shard_done"}
     assert done == {0: True, 1: True, 2: False, 3: False}
     assert store.local_path(trained_key).stat().st_mtime_ns == trained_mtime  # never retrained

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine.publish.aliases import read_alias
 from engine.core.storage import open_store
+from engine.publish.aliases import read_alias
 from tests.version_utils import build_version
 
 

@@ -24,8 +24,10 @@ import numpy as np
 import pytest
 
 from engine.core import layout
-from engine.embed.config import EmbedJobConfig
 from engine.core.errors import ConfigError, ConflictError, GateError, NotFoundError
+from engine.core.storage import Store, open_store, wait_for
+from engine.embed.config import EmbedJobConfig
+from engine.embed.pipeline import run_locally
 from engine.index.hits import doc_scores as dedupe_docs
 from engine.migrate.compare_metrics import (
     compare_query,
@@ -41,10 +43,8 @@ from engine.migrate.migration import Migration
 from engine.migrate.plan import MigrationPlan, default_migration_id, parse_weights, plan_from_flat
 from engine.migrate.state import PHASES, MigrationState
 from engine.migrate.tools import Tools, default_index_builder, default_loader
-from engine.embed.pipeline import run_locally
 from engine.publish.aliases import alias_history, publish_version, read_alias
 from engine.serve.alias import AliasSearcher, SearchServer, hit_to_dict
-from engine.core.storage import Store, open_store, wait_for
 from tests.corpus_utils import make_docs, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,7 +335,7 @@ def test_each_version_embeds_queries_with_its_own_model(blue_local):
     with AliasSearcher(store, IDX, "live", poll_interval=3600, loader=default_loader) as s:
         ans = s.search(queries, k=3)
     assert set(ans.versions) == {blue_v, green_v}
-    for q, v, hits in zip(queries, ans.versions, ans.results):
+    for q, v, hits in zip(queries, ans.versions, ans.results, strict=True):
         alone = searchers[v].search([q], k=3)[0]
         assert [(h.chunk_id, round(h.score, 5)) for h in hits] == [(h.chunk_id, round(h.score, 5)) for h in alone]
     # The alias is not where the migration left it: the rollout refuses to touch it.

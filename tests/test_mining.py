@@ -15,14 +15,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.embed.config import EmbedJobConfig
 from engine.core.errors import ConfigError
-from engine.mining import (
-    Candidates, MinedCorpus, MiningConfig, MiningJobConfig, PositiveInfo, ScoreHistogram, apply_rules,
-    materialize_part, quotas, parse_mix, prepare_mining, resolve_source, run_chunker, run_mining_locally,
-    BatchRunner, RULES,
-)
+from engine.embed.config import EmbedJobConfig
 from engine.embed.pipeline import run_locally
+from engine.mining import (
+    RULES,
+    BatchRunner,
+    Candidates,
+    MinedCorpus,
+    MiningConfig,
+    MiningJobConfig,
+    PositiveInfo,
+    ScoreHistogram,
+    apply_rules,
+    materialize_part,
+    parse_mix,
+    prepare_mining,
+    quotas,
+    resolve_source,
+    run_chunker,
+    run_mining_locally,
+)
 from tests.corpus_utils import make_docs, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -357,10 +370,10 @@ def test_ray_job_matches_local(world, ray_session):
 
 
 def test_index_version_and_alias_as_source_ann_path(world):
+    from engine.core.storage import open_store
     from engine.index.build import build_index
     from engine.index.params import BuildConfig
     from engine.publish.aliases import publish_version
-    from engine.core.storage import open_store
 
     store = open_store(world["store"])
     built = build_index(store, world["run"], "docs", BuildConfig(kind="binary-rerank", gate_recall=None))

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from engine.core import layout
 from engine.cli.app import cli
+from engine.core import layout
 from engine.core.errors import ConfigError, ConflictError, IntegrityError, NotFoundError, StorageError
+from engine.core.storage import Store, join, open_store
 from engine.index.verify import verify_version
 from engine.publish.aliases import alias_history, publish_version, read_alias, rollback_alias, route_bucket
 from engine.publish.gc import gc_index
 from engine.publish.status import index_status
-from engine.core.storage import Store, join, open_store
 from tests.s3_faults import S3FaultProxy
 from tests.version_utils import Versions, versions_in
 

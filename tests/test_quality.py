@@ -68,7 +68,7 @@ from engine.quality.thresholds import Thresholds, apply_thresholds, apply_thresh
 def brute_force_curve(scores, labels):
     """Every distinct score as a threshold, counted one pair at a time."""
     pts = []
-    retrieved = [(s, y) for s, y in zip(scores, labels) if not math.isnan(s)]
+    retrieved = [(s, y) for s, y in zip(scores, labels, strict=True) if not math.isnan(s)]
     positives = sum(labels)
     for t in sorted({s for s, _ in retrieved}, reverse=True):
         tp = sum(1 for s, y in retrieved if s >= t and y)
@@ -85,7 +85,7 @@ def test_pr_curve_matches_brute_force_with_ties_and_unretrieved():
     curve = pr_curve(scores, labels)
     ref = brute_force_curve(scores.tolist(), labels.tolist())
     assert len(curve.thresholds) == len(ref)
-    for (t, p, r), t2, p2, r2 in zip(ref, curve.thresholds, curve.precision, curve.recall):
+    for (t, p, r), t2, p2, r2 in zip(ref, curve.thresholds, curve.precision, curve.recall, strict=True):
         assert t == pytest.approx(t2) and p == pytest.approx(p2) and r == pytest.approx(r2)
     assert curve.positives == int(labels.sum())  # unretrieved positives still count in recall
 
@@ -733,7 +733,7 @@ def test_evaluate_benchmark_breaks_down_by_lang_and_type(store, v1, tmp_path):
     assert res["index"] == res["exact"]  # flat index: exact search
     # by hand: nDCG on graded gains, recall/MRR on gain >= 2
     rows = []
-    for q, h in zip(bench.queries[:7], hits):
+    for q, h in zip(bench.queries[:7], hits, strict=True):
         docs = [x.doc_id for x in h]
         g = {d: v for d, v in bench.qrels[q["query_id"]].items() if v > 0}
         rel = {d: 1.0 for d in bench.relevant(q["query_id"])}
@@ -781,7 +781,7 @@ def test_cli_calibrate_canary_drift_end_to_end(store, v1, tmp_path, capsys):
     assert code == 7 and "canary failed" in err
     doc = json.loads(out)  # --json: the one object on stdout, even on failure
     assert doc["passed"] is False and json.loads(report.read_text())["passed"] is False
-    assert 'embedctl_canary_passed{index="docs",alias="live",version="%s"} 0.0' % worse in prom.read_text()
+    assert f'embedctl_canary_passed{{index="docs",alias="live",version="{worse}"}} 0.0' in prom.read_text()
     # drift: the worse version only inherits v1's calibration, of another model -> a clear error;
     # v1 on its calibration queries again -> fine
     recent = write_lines(tmp_path / "recent.txt", TOPICS * 2)

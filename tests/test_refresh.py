@@ -14,8 +14,8 @@ import pytest
 from engine.core import layout
 from engine.core.errors import ConflictError
 from engine.core.lease import LeaseKeeper, lease_state
-from engine.refresh.lease import acquire_lease
 from engine.core.storage import json_bytes, open_store
+from engine.refresh.lease import acquire_lease
 
 IDX = "docs"
 
@@ -92,18 +92,18 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from engine.core.errors import ConfigError, GateError  # noqa: E402,F401
+from engine.core.storage import Store  # noqa: E402
 from engine.embed.chunking import content_hash  # noqa: E402
 from engine.embed.config import EmbedJobConfig  # noqa: E402
 from engine.embed.encoders import HashEncoder  # noqa: E402
-from engine.core.errors import ConfigError, GateError  # noqa: E402,F401
+from engine.embed.pipeline import run_locally  # noqa: E402
 from engine.index.build import build_index  # noqa: E402
 from engine.index.params import BuildConfig  # noqa: E402
-from engine.embed.pipeline import run_locally  # noqa: E402
+from engine.index.searcher import Searcher  # noqa: E402
 from engine.publish.aliases import alias_history, publish_version, read_alias  # noqa: E402
 from engine.refresh.config import RefreshConfig  # noqa: E402
 from engine.refresh.session import RefreshSession, run_refresh_locally  # noqa: E402
-from engine.index.searcher import Searcher  # noqa: E402
-from engine.core.storage import Store  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 from tests.corpus_utils import make_docs, write_corpus  # noqa: E402
 
@@ -157,7 +157,7 @@ def chunk_table(store_uri: str, run_id: str, kind: str = "chunks") -> dict[str, 
     for o in man["outputs"][kind]:
         with store.arrow_filesystem().open_input_file(store.arrow_path(o["key"])) as f:
             t = pq.read_table(f, columns=["chunk_id", "content_hash"])
-        out.update(zip(t.column("chunk_id").to_pylist(), t.column("content_hash").to_pylist()))
+        out.update(zip(t.column("chunk_id").to_pylist(), t.column("content_hash").to_pylist(), strict=True))
     return out
 
 
@@ -221,7 +221,7 @@ def test_search_after_refresh_equals_a_full_rebuild_and_never_returns_deleted_do
                                                       docs[20]["text"][:80], "flutter nozzle revised report"]
     with Searcher.load(store, IDX, s["version_id"]) as got, Searcher.load(ref_store, IDX, ref_v) as want:
         a, b = got.search(queries, 10), want.search(queries, 10)
-        for qa, qb in zip(a, b):
+        for qa, qb in zip(a, b, strict=True):
             assert [(h.chunk_id, h.doc_id) for h in qa] == [(h.chunk_id, h.doc_id) for h in qb]
             np.testing.assert_allclose([h.score for h in qa], [h.score for h in qb], atol=1e-5)
         everything = got.search(queries, got.rows)
@@ -517,8 +517,8 @@ def test_model_process_reports_a_missing_model_clearly():
 @pytest.mark.slow
 def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
     """The packaged MiniLM: new chunks are embedded by the early-started model process, old ones reused."""
-    from engine.embed.encoders import load_encoder
     from engine.distributed.refresh import run_refresh_job
+    from engine.embed.encoders import load_encoder
 
     docs = make_docs(40, seed=16)
     uri = str(tmp_path / "store")
@@ -539,7 +539,7 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
     rows = {}
     for o in man["outputs"]["embeddings"]:
         t = pq.read_table(os.path.join(uri, o["key"]), columns=["doc_id", "text", "title", "embedding"])
-        for d, x, ti, e in zip(*(t.column(c).to_pylist() for c in ("doc_id", "text", "title", "embedding"))):
+        for d, x, ti, e in zip(*(t.column(c).to_pylist() for c in ("doc_id", "text", "title", "embedding")), strict=True):
             rows.setdefault(d, (x, ti, e))
     text, title, vec = rows["added000"]
     want = load_encoder(None).encode_passages([f"{title}\n{text}"])[0]
@@ -555,7 +555,7 @@ def test_model_process_falls_back_when_the_native_encoder_does_not_reproduce_sto
     ident = load_encoder(None).identity
     texts = ["wing lift in a slipstream", "boundary layer transition"]
     right = encoder_from_identity(ident).encode_passages(texts)
-    wrong = [(t, (-v).tolist()) for t, v in zip(texts, right)]  # not what this model gives
+    wrong = [(t, (-v).tolist()) for t, v in zip(texts, right, strict=True)]  # not what this model gives
     proc = ModelProcess(ident, device="cpu", dtype="auto", batch_tokens=4096, samples=wrong)
     try:
         got = proc.encode_passages(texts)

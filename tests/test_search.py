@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from engine.core import layout
-from engine.embed.encoders import load_encoder
 from engine.core.errors import ConfigError, IntegrityError, NotFoundError
+from engine.core.storage import join, open_store
+from engine.embed.encoders import load_encoder
 from engine.index.build import build_index
 from engine.index.params import BuildConfig
 from engine.index.searcher import Hit, Searcher, cache_dir_for
 from engine.index.version import resolve_version
-from engine.core.storage import join, open_store
 from tests.index_utils import brute_force, clustered_vectors, make_run
 
 DIM = 32
@@ -28,7 +28,7 @@ def text_corpus(n_docs: int = 40, chunks_per_doc: int = 3) -> tuple[list[str], l
     """Chunk texts mixing one topic with filler, and their chunk and doc ids."""
     rng = np.random.default_rng(0)
     texts, cids, dids = [], [], []
-    filler = "the of and a results method experimental theory data".split()
+    filler = ["the", "of", "and", "a", "results", "method", "experimental", "theory", "data"]
     for d in range(n_docs):
         topic = TOPICS[d % len(TOPICS)]
         for c in range(chunks_per_doc):
@@ -97,9 +97,8 @@ def test_other_model_or_dimension_refused(text_store, tmp_path):
     m = json.loads(store.read_bytes(key))
     m["model"]["fingerprint"] = "0" * 64
     store.write_bytes(key, json.dumps(m).encode())
-    with Searcher.load(store, "docs", vid) as s:
-        with pytest.raises(ConfigError, match="fingerprint"):
-            s.search(["wing lift"])
+    with Searcher.load(store, "docs", vid) as s, pytest.raises(ConfigError, match="fingerprint"):
+        s.search(["wing lift"])
 
 
 def test_resolve_version(text_store):
@@ -130,7 +129,7 @@ def test_knobs_and_threads(tmp_path):
     _, truth = brute_force(q, x, 10)
 
     def recall(hits):
-        return np.mean([len({int(h.chunk_id[1:]) for h in hs} & set(t.tolist())) / 10 for hs, t in zip(hits, truth)])
+        return np.mean([len({int(h.chunk_id[1:]) for h in hs} & set(t.tolist())) / 10 for hs, t in zip(hits, truth, strict=True)])
 
     with Searcher.load(store, "idx", res.version_id) as s:
         assert s.default_nprobe == res.manifest["params"]["nprobe"]

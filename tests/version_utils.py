@@ -12,10 +12,10 @@ import zlib
 from typing import Any
 
 from engine.core import layout
+from engine.core.storage import Store, join
 from engine.index.build import build_index
 from engine.index.params import BuildConfig
 from engine.index.searcher import Searcher
-from engine.core.storage import Store, join
 from tests.index_utils import clustered_vectors, make_run
 
 DIM = 16

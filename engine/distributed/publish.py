@@ -31,9 +31,9 @@ def _check(cfg: dict[str, Any]) -> None:
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    from engine.publish.aliases import publish_version
-    from engine.index.version import resolve_version
     from engine.core.storage import open_store
+    from engine.index.version import resolve_version
+    from engine.publish.aliases import publish_version
 
     store = open_store(cfg["store"], endpoint_url=cfg["endpoint_url"])
     source = open_store(cfg["source"], endpoint_url=cfg["endpoint_url"]) if cfg["source"] else None

@@ -10,18 +10,19 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from engine.core.errors import ConfigError
+from engine.core.storage import Store, join, open_store, sha256_file
 from engine.mining.config import RULES, MiningJobConfig
 from engine.mining.corpus import MiningSource, resolve_source
 from engine.mining.miner import NegativeMiner, current_rss_bytes, output_schema, peak_rss_bytes
 from engine.mining.pairs import PairSet, QueryGroup, read_pairs, split_uri
 from engine.mining.stats import BatchStats, _r
-from engine.core.storage import Store, join, open_store, sha256_file
 
 if TYPE_CHECKING:
     from engine.embed.encoders import Encoder

@@ -9,8 +9,9 @@ import logging
 import os
 import posixpath
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import IntegrityError
 

@@ -9,8 +9,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from engine.core.errors import ConflictError, IntegrityError, NotFoundError
 from engine.core.storage.base import CHUNK, ObjectInfo, Store, Versioned, check_key, sha256_bytes, sha256_file
@@ -113,7 +114,7 @@ class LocalStore(Store):
 
     def iter_bytes(self, key: str, block_size: int = CHUNK) -> Iterator[bytes]:
         try:
-            f = open(self._path(key), "rb")
+            f = open(self._path(key), "rb")  # noqa: SIM115 - closed by the `with f:` below, after the not-found check
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as err:
             raise NotFoundError(f"{self.describe(key)} does not exist") from err
         with f:

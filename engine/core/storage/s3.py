@@ -9,8 +9,9 @@ import hashlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from engine.core.errors import ConflictError, IntegrityError, NotFoundError, StorageError
