@@ -107,7 +107,8 @@ def load_module(folder: str | Path) -> torch.nn.Module:
     return model
 
 
-def _bert_module(cfg: dict[str, Any], mode: str) -> torch.nn.Module:
+def _bert_parts(cfg: dict[str, Any]) -> tuple[type, type]:
+    """The embedding and transformer-layer modules of a BERT config (weight names as Hugging Face's)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -167,6 +168,16 @@ def _bert_module(cfg: dict[str, Any], mode: str) -> torch.nn.Module:
             x = out.LayerNorm(out.dense(ctx) + x)
             h = F.gelu(self.intermediate.dense(x))
             return self.output.LayerNorm(self.output.dense(h) + x)
+
+    return Embeddings, Layer
+
+
+def _bert_module(cfg: dict[str, Any], mode: str) -> torch.nn.Module:
+    """Embeddings -> layers -> mean or CLS pooling, loadable from the folder's state dict."""
+    import torch
+    from torch import nn
+
+    Embeddings, Layer = _bert_parts(cfg)
 
     class Encoder(nn.Module):
         def __init__(self) -> None:
