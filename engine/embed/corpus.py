@@ -249,6 +249,16 @@ def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool | DuplicateFinder = 
     return store, plan
 
 
+def find_plan_duplicates(cfg: CorpusConfig, plan: CorpusPlan, finder: DuplicateFinder | None = None
+                         ) -> dict[str, dict[int, str]]:
+    """Duplicate ids of a planned corpus: in this process, or by ``finder`` (on Ray)."""
+    keys = [f.key for f in plan.files]
+    if finder is not None:
+        return finder(cfg, keys, plan.total_rows)
+    store, _keys = corpus_store(cfg)
+    return _find_duplicates(store, keys, cfg.id_column)
+
+
 def _cut_units(key: str, groups: tuple[int, ...], unit_rows: int) -> list[Unit]:
     """Row ranges of ~unit_rows; a big row group is split by rows, small ones are merged."""
     file_tag = hashlib.sha1(key.encode()).hexdigest()[:10]

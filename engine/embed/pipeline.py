@@ -29,7 +29,16 @@ from engine.core.layout import run_manifest_key, run_part_key
 from engine.core.storage import open_store
 from engine.embed.chunking import chunk_id_for, content_hash, normalize_text
 from engine.embed.config import EmbedJobConfig
-from engine.embed.corpus import CorpusPlan, Unit, corpus_store, plan_corpus, read_unit, rejects_schema, validate_unit
+from engine.embed.corpus import (
+    CorpusPlan,
+    Unit,
+    corpus_store,
+    find_plan_duplicates,
+    plan_corpus,
+    read_unit,
+    rejects_schema,
+    validate_unit,
+)
 from engine.embed.embedder import UnitEmbedder, commit_unit
 from engine.embed.model_facts import ModelInfo, embed_inputs, make_chunker, model_info, model_tokenizer
 from engine.embed.parts import embedding_column, read_part, state_key, write_part
@@ -82,7 +91,7 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
 
     prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
-    _cstore, plan = plan_corpus(cfg.corpus, find_duplicates=duplicate_finder or True)
+    _cstore, plan = plan_corpus(cfg.corpus, find_duplicates=False)  # duplicates below, for a new plan only
     run_id = cfg.run_id or default_run_id(cfg, plan)
     previous = None
     if store.exists(run_manifest_key(run_id)):
@@ -104,6 +113,7 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
     if store.exists(plan_key):
         plan = CorpusPlan.from_dict(store.read_json(plan_key))  # the saved plan wins: same units on resume
     else:
+        plan.duplicates = find_plan_duplicates(cfg.corpus, plan, duplicate_finder)
         store.write_json(plan_key, plan.to_dict())
     done = {Path(k).stem for k in store.list(state_key(run_id, "done"))}
     pending = [u for u in plan.units if u.unit_id not in done]
