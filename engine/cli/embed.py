@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
-from engine.cli.common import shared_filesystem_option
+from engine.cli.common import ProgressBar, shared_filesystem_option
 
 log = logging.getLogger(__name__)
 
@@ -128,41 +128,27 @@ def start_up_line(timings: dict[str, Any]) -> str:
 
 
 class _Reporter:
-    """A rich progress bar on a terminal; log lines otherwise (never inside Ray workers)."""
+    """The embed job's events on the one progress reporter: a bar over the pending units."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.progress: Any = None
-        self.task: Any = None
+        self.bar = ProgressBar("embed", "units", enabled=enabled, rate_unit="chunks")
         self.totals = {"docs": 0, "chunks": 0, "tokens": 0}
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event["event"] == "planned":
             log.info("run %s: %d units, %d pending, %d documents", event["run_id"], event["units"], event["pending"],
                      event["docs"])
-            if self.enabled and event["pending"]:
-                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-                self.progress = Progress(TextColumn("[bold]embed"), BarColumn(), TextColumn("{task.completed}/{task.total} units"),
-                                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                         transient=False)
-                self.progress.start()
-                self.task = self.progress.add_task("embed", total=event["pending"], rate="")
+            self.bar.start(int(event["pending"]))
             return
         for k, src in (("docs", "accepted"), ("chunks", "chunks"), ("tokens", "tokens")):
             self.totals[k] += int(event.get(src, 0))
-        if self.progress is not None:
-            elapsed = max(1e-6, self.progress.tasks[0].elapsed or 1e-6)
-            rate = (f"{self.totals['docs'] / elapsed:.1f} docs/s  {self.totals['chunks'] / elapsed:.1f} chunks/s  "
-                    f"{self.totals['tokens'] / elapsed:.0f} tok/s")
-            self.progress.update(self.task, advance=1, rate=rate)
-        else:
+        if not self.bar.drawing:
             log.info("unit %s done: %d docs, %d chunks (totals: %s)", event.get("unit_id"), event.get("accepted", 0),
                      event.get("chunks", 0), self.totals)
+        self.bar.advance(done=self.totals["chunks"])
 
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
+        self.bar.close()
 
 
 @click.command()

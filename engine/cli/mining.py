@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from engine.cli.app import emit_json
-from engine.cli.common import shared_filesystem_option
+from engine.cli.common import ProgressBar, shared_filesystem_option
 
 log = logging.getLogger(__name__)
 
@@ -115,33 +115,23 @@ def mine_negatives(as_json: bool, dry_run: bool, **kwargs: Any) -> None:
 
 
 class _Progress:
-    """A rich bar over batches on a terminal; log lines otherwise."""
+    """The mining job's events on the one progress reporter: a bar over the pending batches."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.bar: Any = None
-        self.task: Any = None
+        self.bar = ProgressBar("mine", "batches", enabled=enabled)
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event["event"] == "planned":
             log.info("mining %d queries (%d pairs) in %d batches, %d pending, against %d corpus rows",
                      event["queries"], event["pairs"], event["batches"], event["pending"], event["corpus_rows"])
-            if self.enabled and event["pending"]:
-                from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-                self.bar = Progress(TextColumn("[bold]mine"), BarColumn(),
-                                    TextColumn("{task.completed}/{task.total} batches"), TimeElapsedColumn())
-                self.bar.start()
-                self.task = self.bar.add_task("mine", total=event["pending"])
+            self.bar.start(int(event["pending"]))
         elif event["event"] == "batch":
-            if self.bar is not None:
-                self.bar.update(self.task, advance=1)
-            else:
+            if not self.bar.drawing:
                 log.info("batch %s: %s queries, %s rows", event["batch"], event["queries"], event["rows"])
+            self.bar.advance()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
+        self.bar.close()
 
 
 @click.command("finetune")
