@@ -30,12 +30,14 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.core.config import from_flat
 from engine.core.errors import ConfigError, NotFoundError, SchemaError
 from engine.finetune.benchmarks import (  # noqa: F401 - re-exported: callers import them from here
     Benchmark,
@@ -113,18 +115,9 @@ class FinetuneConfig:
             raise ConfigError("--num-negatives must be >= 0")
 
     @classmethod
-    def from_flat(cls, flat: dict[str, Any]) -> FinetuneConfig:
-        flat = {k.replace("-", "_"): v for k, v in flat.items() if v is not None}
-        names = {f.name for f in fields(cls)}
-        unknown = set(flat) - names
-        if unknown:
-            raise ConfigError(f"unknown finetune keys {sorted(unknown)}; allowed: {', '.join(sorted(names))}")
-        try:
-            cfg = cls(**flat)
-        except TypeError as err:
-            raise ConfigError(f"incomplete finetune config: {err}") from err
-        cfg.validate()
-        return cfg
+    def from_flat(cls, flat: Mapping[str, Any]) -> FinetuneConfig:
+        """Flags and a config file in one flat key space (``engine.core.config``); unknown keys refused."""
+        return from_flat(cls, flat, label="finetune config")
 
 
 # ---------------------------------------------------------------------------------------------
