@@ -95,11 +95,13 @@ def test_embed_spreads_over_both_nodes_and_equals_a_single_node_run(world, refer
     m, store = cluster_run["manifest"], cluster_run["store"]
     assert m["status"] == "succeeded" and m["counts"] == reference["counts"]
     assert m["rejects"] == reference["rejects"]  # same duplicate-id rejects, found by Ray tasks
-    # every unit's commit names the node that embedded it; both worker nodes embedded units
+    # every unit's commit names the nodes that chunked, embedded and wrote it; work landed on both nodes
     rows = read_parts_index(store, parts_index_key(m["run_id"]))
-    embed_nodes = {r["embed_node_id"] for r in rows if r["kind"] == "embeddings"}
+    assert all(r["node_id"] and r["embed_node_id"] for r in rows)
+    markers = [store.read_json(k) for k in store.list(f"runs/{m['run_id']}/_state/done")]
+    seen = {mk[w]["node_id"] for mk in markers for w in ("chunk_worker", "embed_worker", "write_worker")}
     worker_ids = {n.node_id for n in world["nodes"]}
-    assert embed_nodes == worker_ids, (embed_nodes, worker_ids)
+    assert seen == worker_ids, (seen, worker_ids)
     assert set(m["nodes"]) <= worker_ids and sum(v["units"] for v in m["nodes"].values()) == m["units"]["total"]
     ref_store = open_store(str(world["tmp"] / "ref"))
     assert part_digests(store, m) == part_digests(ref_store, reference)  # byte-identical parts

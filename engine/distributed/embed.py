@@ -32,11 +32,13 @@ Progress = Callable[[dict[str, Any]], None]
 def _chunk_task(row: dict[str, Any], cfg: EmbedJobConfig, plan_meta: dict[str, Any]) -> dict[str, Any]:
     """Ray Data map task (CPU): read + validate + chunk one unit, and tokenize it for the actors."""
     from engine.embed.corpus import Unit
+    from engine.embed.parts_index import worker_location
     from engine.embed.pipeline import chunk_unit_tokens, pretokenize
 
     unit = Unit(**json.loads(row["unit"]))
     dups = {int(k): v for k, v in json.loads(row["dups"]).items()}
     summary, table, token_ids = chunk_unit_tokens(cfg, plan_meta, unit, dups)
+    summary["chunk_worker"] = worker_location()  # joins the unit's commit record (which node chunked it)
     packed = pretokenize(cfg, table, token_ids)
     ids, lens = packed if packed else (b"", b"")
     return {"chunked": json.dumps(summary), "ids": ids, "lens": lens}
