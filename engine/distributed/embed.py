@@ -65,8 +65,38 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
                   "pending": len(prepared.pending), "docs": prepared.plan.total_rows})
     driver["plan_s"] = round(plan_s, 3)
     if prepared.pending:
-        _run_units(cfg, prepared, progress, driver, t0)
+        _run_units_retrying(cfg, prepared, progress, driver, t0)
     return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at, driver_timings=driver)
+
+
+SYSTEM_RETRIES = 2  # whole passes over the units still uncommitted after a node or actor is lost
+
+
+def _run_units_retrying(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, driver: dict[str, float],
+                        t0: float) -> None:
+    """Run the pending units; when the cluster loses an actor's node mid-run (Ray Data then fails the
+    whole dataset), run another pass over the units without a commit marker (commits are idempotent)."""
+    import ray.exceptions as rex
+
+    from engine.core.storage import open_store
+    from engine.embed.parts import state_key
+
+    lost = (rex.ActorDiedError, rex.ActorUnavailableError, rex.NodeDiedError, rex.ObjectLostError,
+            rex.WorkerCrashedError)
+    for attempt in range(SYSTEM_RETRIES + 1):
+        try:
+            _run_units(cfg, prepared, progress, driver, t0)
+            return
+        except lost as err:
+            if attempt == SYSTEM_RETRIES:
+                raise
+            store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
+            done = {k.rsplit("/", 1)[-1].removesuffix(".json") for k in store.list(state_key(prepared.run_id, "done"))}
+            prepared.pending = [u for u in prepared.plan.units if u.unit_id not in done]
+            log.warning("the cluster lost a worker mid-run (%s); retrying the %d uncommitted unit(s)",
+                        type(err).__name__, len(prepared.pending))
+            if not prepared.pending:
+                return
 
 
 def _ray_duplicate_finder(cfg: EmbedJobConfig, driver: dict[str, float]) -> Any:
