@@ -733,7 +733,7 @@ def test_evaluate_benchmark_breaks_down_by_lang_and_type(store, v1, tmp_path):
     assert res["index"] == res["exact"]  # flat index: exact search
     # by hand: nDCG on graded gains, recall/MRR on gain >= 2
     rows = []
-    for q, h in zip(bench.queries[:7], hits, strict=True):
+    for q, h in zip(bench.queries[:7], hits, strict=False):  # the first 7 queries: hits may hold more
         docs = [x.doc_id for x in h]
         g = {d: v for d, v in bench.qrels[q["query_id"]].items() if v > 0}
         rel = {d: 1.0 for d in bench.relevant(q["query_id"])}
