@@ -80,13 +80,13 @@ class S3FaultProxy:
                 if fault is not None and fault.action == "error":
                     payload = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{fault.code}</Code>"
                                f"<Message>injected by the test proxy</Message></Error>").encode()
+                    proxy._record(self.command, self.path, fault.status)  # before the reply (see below)
                     self.send_response(fault.status)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     if self.command != "HEAD":
                         self.wfile.write(payload)
-                    proxy._record(self.command, self.path, fault.status)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 if proxy.strip_conditionals:
@@ -115,6 +115,8 @@ class S3FaultProxy:
                     except OSError:
                         pass
                     return
+                # logged before the reply goes out: a client that has its answer must find it in the log
+                proxy._record(self.command, self.path, status)
                 self.send_response(status)
                 for k, v in resp_headers:
                     if k.lower() not in HOP_BY_HOP and k.lower() not in ("content-length", "date", "server"):
@@ -126,7 +128,6 @@ class S3FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                proxy._record(self.command, self.path, status)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
