@@ -101,8 +101,6 @@ class UnitEmbedder:
 
 
 def _unit_rows(batch: dict[str, Any]) -> list[tuple[dict[str, Any], list[Any] | None]]:
-    from engine.embed.pipeline import unpack_ids
-
     rows = []
     for i, s in enumerate(batch["chunked"]):
         ids = batch["ids"][i] if "ids" in batch else None
@@ -159,3 +157,12 @@ def _crash_once(env: str) -> None:
     if flag and not os.path.exists(flag):
         Path(flag).write_text(str(os.getpid()))
         os._exit(137)
+
+
+def unpack_ids(flat: bytes, lengths: bytes) -> list[Any]:
+    """Token ids packed by the chunk tasks (int32 ids + int32 lengths) -> one array per chunk."""
+    import numpy as np
+
+    ids = np.frombuffer(flat, dtype=np.int32)
+    lens = np.frombuffer(lengths, dtype=np.int32)
+    return np.split(ids, np.cumsum(lens)[:-1]) if len(lens) else []

@@ -39,7 +39,7 @@ from engine.embed.corpus import (
     rejects_schema,
     validate_unit,
 )
-from engine.embed.embedder import UnitEmbedder, commit_unit
+from engine.embed.embedder import UnitEmbedder, commit_unit, unpack_ids
 from engine.embed.model_facts import ModelInfo, embed_inputs, make_chunker, model_info, model_tokenizer
 from engine.embed.parts import embedding_column, read_part, state_key, write_part
 from engine.embed.parts_index import nodes_summary, read_markers, run_outputs, summarize_outputs, write_parts_index
@@ -236,14 +236,6 @@ def pretokenize(cfg: EmbedJobConfig, chunks: pa.Table,
     lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
     flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
     return flat.tobytes(), lengths.tobytes()
-
-
-def unpack_ids(flat: bytes, lengths: bytes) -> list[Any]:
-    import numpy as np
-
-    ids = np.frombuffer(flat, dtype=np.int32)
-    lens = np.frombuffer(lengths, dtype=np.int32)
-    return np.split(ids, np.cumsum(lens)[:-1]) if len(lens) else []
 
 
 def _meta_name(c: str) -> str:
