@@ -184,8 +184,9 @@ def test_a_worker_node_killed_mid_embed_is_survived(world, reference):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err[-4000:]
-    # Ray's driver prints the raylet's death ("(raylet) Raylet is terminated ...") on stdout; the summary is last
-    summary = json.loads(out.strip().splitlines()[-1])
+    # Ray's driver prints the raylet's death ("(raylet) Raylet is terminated ...") on stdout: --json sends it
+    # to stderr, so the whole stdout is the one JSON object
+    summary = json.loads(out)
     m = store.read_json(f"runs/{summary['run_id']}/manifest.json")
     assert done_at_kill < m["units"]["total"]  # the node died mid-run
     assert m["status"] == "succeeded" and m["counts"] == reference["counts"]

@@ -117,10 +117,19 @@ def cli(verbose: int) -> None:
 
 def emit_json(obj: object) -> None:
     """Print one JSON object on stdout (the ``--json`` contract: nothing else goes to stdout)."""
-    click.echo(json.dumps(obj, indent=None, sort_keys=True, default=str))
+    from engine.cli.common import json_stream
+
+    out = json_stream()
+    click.echo(json.dumps(obj, indent=None, sort_keys=True, default=str), file=out)
+    if out is not None:
+        out.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from engine.cli.common import reserve_stdout_for_json, wants_json
+
+    if wants_json(list(sys.argv[1:] if argv is None else argv)):
+        reserve_stdout_for_json()  # Ray's own stdout lines (a dead node's) go to stderr, not into the JSON
     try:
         cli.main(args=argv, prog_name="embedctl", standalone_mode=False)
     except click.exceptions.Abort:

@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
 log = logging.getLogger(__name__)
+
+# The real stdout, kept for the one JSON object of ``--json`` once ``reserve_stdout_for_json`` ran.
+_json_out: TextIO | None = None
+
+
+def wants_json(args: list[str]) -> bool:
+    """Whether a command line asks for ``--json`` (before any ``--``, after which args are values)."""
+    head = args[: args.index("--")] if "--" in args else args
+    return "--json" in head
+
+
+def reserve_stdout_for_json() -> None:
+    """Keep stdout for the one JSON object: everything else written to file descriptor 1 goes to stderr.
+
+    Ray's driver prints cluster events on stdout from a background thread (a dead node's
+    "(raylet) Raylet is terminated ..." lines), and native code and child processes write to fd 1
+    directly; none of that may break the ``--json`` contract. So the real stdout is duplicated
+    for ``emit_json`` and fd 1 (hence ``sys.stdout`` and every writer below it) is pointed at
+    stderr for the rest of the process. Called once by the CLI entry point; a no-op without real
+    file descriptors (an embedded interpreter, click's test runner).
+    """
+    global _json_out
+    if _json_out is not None:
+        return
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        return
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        os.close(saved)
+        return
+    _json_out = os.fdopen(saved, "w", encoding="utf-8")
+
+
+def json_stream() -> TextIO | None:
+    """Where ``emit_json`` writes: the reserved real stdout, or None (click's current stdout)."""
+    return _json_out
 
 
 def store_options(f: Any) -> Any:
