@@ -224,11 +224,13 @@ def _extra_sections(ctx: BuildContext, shard_results: list[dict[str, Any]],
         shards = []
         for r in shard_results:
             files = r.get("sparse") or {}
+            doc = {"granularity": "doc"} if ctx.cfg.sparse_granularity == "doc" else {}
             shards.append({"shard": r["shard"], "rows": r["rows"], "id_start": r["id_start"], "id_end": r["id_end"],
-                           "files": {name: f["key"] for name, f in files.items()}})
+                           "files": {name: f["key"] for name, f in files.items()}, **doc})
             artifacts.extend(dict(f) for f in files.values())
         out["sparse"] = {"kind": ctx.cfg.sparse, "library": library_version(), "params": BM25_PARAMS,
-                         "tokenizer": TOKENIZER, "fields": ["title", "text"], "shards": shards}
+                         "tokenizer": TOKENIZER, "fields": ["title", "text"],
+                         "granularity": ctx.cfg.sparse_granularity, "shards": shards}
     if any(r.get("meta") for r in shard_results):
         columns = metadata_columns(ctx.run_columns())
         shards = []

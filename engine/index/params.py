@@ -36,6 +36,7 @@ PLATEAU = 0.001  # tuning stops when doubling nprobe / the multiplier gains less
 DEFAULT_PQ_NBITS = 4  # 4-bit fast-scan PQ: trains in seconds, searches with SIMD lookups
 CALIBRATION_ROWS = 100_000  # int8 range calibration sample for binary-rerank (no other training)
 SPARSE_KINDS: tuple[str, ...] = ("none", "bm25")  # none: dense only; bm25: BM25 shards beside the dense ones
+SPARSE_GRANULARITIES: tuple[str, ...] = ("chunk", "doc")  # what one BM25 row is: a chunk, or a whole document
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -89,6 +90,7 @@ class BuildConfig:
     target_recall: float = 0.95  # what nprobe / multiplier tuning aims for (at least gate_recall)
     seed: int = 0
     sparse: str = "none"  # none | bm25: BM25 shards beside the dense ones, over the same chunks
+    sparse_granularity: str = "chunk"  # chunk: one BM25 row per chunk; doc: per document (its chunks joined)
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -115,12 +117,20 @@ class BuildConfig:
             raise ConfigError("factory must be a FAISS factory string, got an empty one")
         if self.sparse not in SPARSE_KINDS:
             raise ConfigError(f"sparse must be one of {', '.join(SPARSE_KINDS)}, got {self.sparse!r}")
+        if self.sparse_granularity not in SPARSE_GRANULARITIES:
+            raise ConfigError(f"sparse_granularity must be one of {', '.join(SPARSE_GRANULARITIES)}, "
+                              f"got {self.sparse_granularity!r}")
+        if self.sparse_granularity != "chunk" and self.sparse == "none":
+            raise ConfigError(f"sparse_granularity {self.sparse_granularity} needs BM25 shards: add --sparse bm25")
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings; ``sparse`` only when asked for, so dense-only builds keep their build keys."""
+        """The settings; ``sparse`` (and a ``sparse_granularity`` other than chunk) only when asked for, so
+        dense-only and chunk-BM25 builds keep their build keys."""
         d = dataclasses.asdict(self)
         if d["sparse"] == "none":
             del d["sparse"]
+        if d["sparse_granularity"] == "chunk" or "sparse" not in d:
+            del d["sparse_granularity"]
         return d
 
     @classmethod

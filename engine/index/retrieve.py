@@ -16,7 +16,7 @@ import numpy as np
 from engine.core.errors import ConfigError, IntegrityError
 from engine.index.faiss_ops import merge_topk
 from engine.index.fusion import FusionConfig, fuse
-from engine.index.sparse import Bm25Index, tokenize, top_rows
+from engine.index.sparse import ROW_DOC_FILE, Bm25Index, tokenize, top_rows
 
 if TYPE_CHECKING:
     from engine.index.searcher import Searcher
@@ -28,21 +28,30 @@ COLLAPSE_FANOUT = 4  # chunk hits per wanted document when collapsing to documen
 
 
 class SparseShard:
-    """One loaded BM25 shard: rows ``[id_start, id_start + rows)`` of the version's global ids."""
+    """One loaded BM25 shard: rows ``[id_start, id_start + rows)`` of the version's global ids, one BM25 row per
+    chunk row (granularity chunk) or per document (doc: a document's hit is one of its chunk rows)."""
 
     def __init__(self, entry: Mapping[str, Any], paths: Mapping[str, str], where: str):
         self.number = int(entry["shard"])
         self.rows = int(entry["rows"])
         self.id_start = int(entry["id_start"])
+        self.granularity = str(entry.get("granularity") or "chunk")
         files = entry.get("files") or {}
-        self.bm25 = Bm25Index.load({name: paths[key] for name, key in files.items()}, self.rows,
-                                   f"{where} sparse shard {self.number}") if self.rows else None
-        if self.bm25 is not None and int(getattr(self.bm25.model, "scores", {}).get("num_docs", self.rows)) != self.rows:
+        name = f"{where} sparse shard {self.number}"
+        if self.granularity not in ("chunk", "doc"):
+            raise IntegrityError(f"{name}: unknown granularity {self.granularity!r} (a newer embedctl built it?)")
+        if self.rows and (ROW_DOC_FILE in files) != (self.granularity == "doc"):
+            raise IntegrityError(f"{name}: granularity {self.granularity} but {ROW_DOC_FILE} is "
+                                 f"{'listed' if ROW_DOC_FILE in files else 'missing'}")
+        self.bm25 = Bm25Index.load({n: paths[key] for n, key in files.items()}, self.rows, name) if self.rows else None
+        if self.bm25 is not None and int(getattr(self.bm25.model, "scores", {}).get("num_docs", self.bm25.docs)) \
+                != self.bm25.docs:
             raise IntegrityError(f"{where}: sparse shard {self.number} indexes "
-                                 f"{self.bm25.model.scores.get('num_docs')} rows, the manifest says {self.rows}")
+                                 f"{self.bm25.model.scores.get('num_docs')} rows, the manifest says {self.bm25.docs}")
 
     def search(self, tokens: Sequence[str], depth: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [m], global ids [m]) of the best ``depth`` rows sharing a term with the query, m <= depth."""
+        """(scores [m], global ids [m]) of the best ``depth`` rows sharing a term with the query, m <= depth
+        (granularity doc: the best documents, each as its first chunk row that ``allowed`` keeps)."""
         if self.bm25 is None:
             return np.zeros(0, np.float32), np.zeros(0, np.int64)
         mask = None
@@ -50,8 +59,12 @@ class SparseShard:
             lo, hi = np.searchsorted(allowed, [self.id_start, self.id_start + self.rows])
             mask = np.zeros(self.rows, dtype=bool)
             mask[allowed[lo:hi] - self.id_start] = True
-        scores, rows = top_rows(self.bm25.scores(tokens), depth, mask)
-        return scores, rows + self.id_start
+        if self.bm25.row_doc is None:
+            scores, rows = top_rows(self.bm25.scores(tokens), depth, mask)
+            return scores, rows + self.id_start
+        rep = self.bm25.representatives(mask)  # [docs] chunk row per document, -1 = none allowed
+        scores, docs = top_rows(self.bm25.scores(tokens), depth, rep >= 0 if mask is not None else None)
+        return scores, rep[docs] + self.id_start
 
 
 def sparse_ids(shards: Sequence[SparseShard], texts: Sequence[str], depth: int,

@@ -54,6 +54,8 @@ class ShardTask:
     threads: int | None = None  # FAISS OpenMP threads inside the task (None: leave as is)
     sparse: str = "none"  # bm25: also a BM25 shard over the same rows
     has_title: bool = False  # the parts have a title column (BM25 indexes title + text)
+    sparse_granularity: str = "chunk"  # chunk | doc: one BM25 row per chunk, or per document
+    has_offsets: bool = False  # the parts have char_start/char_end (doc granularity cuts chunk overlaps by them)
     meta_columns: tuple[str, ...] = ()  # metadata columns written beside the shard for filters
 
 
@@ -157,6 +159,8 @@ def _read_shard_rows(task: ShardTask) -> tuple[np.ndarray, dict[str, list[Any]]]
     columns = ["chunk_id", "doc_id"]
     if task.sparse != "none":
         columns += ["text"] + (["title"] if task.has_title else [])
+        if task.sparse_granularity == "doc" and task.has_offsets:
+            columns += ["char_start", "char_end"]
     columns += [c for c in task.meta_columns if c not in columns]
     vec_parts: list[np.ndarray] = []
     cols: dict[str, list[Any]] = {c: [] for c in columns}
@@ -211,13 +215,17 @@ def _write_shard_extras(task: ShardTask, prefix: str, ids: np.ndarray,
     tmp = tempfile.mkdtemp(prefix="embedctl-shard-extra-")
     try:
         if task.sparse == "bm25":
-            from engine.index.sparse import Bm25Index, index_text
+            from engine.index.sparse import Bm25Index
 
-            texts = pa.concat_arrays(cols["text"]).to_pylist() if cols["text"] else []
-            titles = pa.concat_arrays(cols["title"]).to_pylist() if cols.get("title") else [None] * len(texts)
+            def column(name: str) -> list[Any] | None:
+                return pa.concat_arrays(cols[name]).to_pylist() if cols.get(name) else None
+
+            texts = column("text") or []
             folder = os.path.join(tmp, "bm25")
             os.makedirs(folder)
-            names = Bm25Index.build([index_text(t, x) for t, x in zip(titles, texts, strict=True)]).save(folder)
+            names = Bm25Index.build_rows(column("title") or [None] * len(texts), texts, task.sparse_granularity,
+                                         doc_ids=column("doc_id") or [], starts=column("char_start"),
+                                         ends=column("char_end")).save(folder)
             out["sparse"] = {}
             for name in names:
                 key = f"{base}.bm25/{name}"
@@ -252,7 +260,9 @@ def add_shards(ctx: BuildContext, params: IndexParams, state: dict[str, Any], ga
                        parts=parts_for(ctx.run, a, b), dim=params.dim, kind=params.kind,
                        factory=params.factory, trained=state.get("trained"), rescore=params.rescore,
                        ranges=ranges, gate_queries=gate_vecs, gate_depth=depth, threads=ctx.task_threads,
-                       sparse=ctx.cfg.sparse, has_title="title" in columns, meta_columns=meta)
+                       sparse=ctx.cfg.sparse, has_title="title" in columns, meta_columns=meta,
+                       sparse_granularity=ctx.cfg.sparse_granularity,
+                       has_offsets={"char_start", "char_end"} <= set(columns))
              for s, (a, b) in enumerate(shard_ranges(params.rows, params.shards))]
     t0 = time.perf_counter()
     results: dict[int, dict[str, Any]] = {}
