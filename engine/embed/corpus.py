@@ -51,7 +51,12 @@ class CorpusConfig:
     endpoint_url: str | None = None
 
 
-@dataclass(frozen=True)
+# Above this many units plan.json lists each file's unit start rows ("unit_starts") instead of every
+# unit ("units": ~200 bytes a unit, so 100 MB for a 1B-document corpus); ids and ends follow from them.
+PLAN_INLINE_UNITS = 2000
+
+
+@dataclass(frozen=True, slots=True)
 class CorpusFile:
     key: str  # relative to the corpus store root
     rows: int
@@ -60,7 +65,7 @@ class CorpusFile:
     size: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unit:
     """Rows [row_start, row_end) of one corpus file."""
 
@@ -100,9 +105,13 @@ class CorpusPlan:
         return sum(f.rows for f in self.files)
 
     def to_dict(self) -> dict[str, Any]:
+        """plan.json: every unit listed up to ``PLAN_INLINE_UNITS``, each file's unit starts above it."""
+        starts = unit_starts(self.files, self.units) if len(self.units) > PLAN_INLINE_UNITS else None
+        units: dict[str, Any] = {"unit_starts": starts} if starts is not None else {
+            "units": [asdict(u) for u in self.units]}
         return {
             "files": [asdict(f) for f in self.files],
-            "units": [asdict(u) for u in self.units],
+            **units,
             "has_title": self.has_title,
             "metadata_columns": self.metadata_columns,
             "duplicates": {f: {str(r): loc for r, loc in rows.items()} for f, rows in self.duplicates.items()},
@@ -111,14 +120,37 @@ class CorpusPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CorpusPlan:
+        files = [CorpusFile(**{**f, "row_groups": tuple(f["row_groups"])}) for f in d["files"]]
         return cls(
-            files=[CorpusFile(**{**f, "row_groups": tuple(f["row_groups"])}) for f in d["files"]],
-            units=[Unit(**u) for u in d["units"]],
+            files=files,
+            units=[Unit(**u) for u in d["units"]] if "units" in d else units_from_starts(files, d["unit_starts"]),
             has_title=d["has_title"],
             metadata_columns=list(d["metadata_columns"]),
             duplicates={f: {int(r): loc for r, loc in rows.items()} for f, rows in d["duplicates"].items()},
             metadata_schema=d.get("metadata_schema", ""),
         )
+
+
+def _file_tag(key: str) -> str:
+    return hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+def units_from_starts(files: list[CorpusFile], starts: dict[str, list[int]]) -> list[Unit]:
+    """Units from plan.json's compact form: in file order, each from its start row to the next (or the file's end)."""
+    units: list[Unit] = []
+    for f in files:
+        rows = starts.get(f.key) or []
+        tag = _file_tag(f.key)
+        units.extend(Unit(f"{tag}-{a:010d}", f.key, a, b) for a, b in zip(rows, [*rows[1:], f.rows], strict=True))
+    return units
+
+
+def unit_starts(files: list[CorpusFile], units: list[Unit]) -> dict[str, list[int]] | None:
+    """The compact form of ``units`` (each file's start rows), or None if that form cannot say them exactly."""
+    starts: dict[str, list[int]] = {}
+    for u in units:
+        starts.setdefault(u.file, []).append(u.row_start)
+    return starts if units_from_starts(files, starts) == units else None
 
 
 def corpus_store(cfg: CorpusConfig) -> tuple[Store, list[str]]:
@@ -261,7 +293,7 @@ def find_plan_duplicates(cfg: CorpusConfig, plan: CorpusPlan, finder: DuplicateF
 
 def _cut_units(key: str, groups: tuple[int, ...], unit_rows: int) -> list[Unit]:
     """Row ranges of ~unit_rows; a big row group is split by rows, small ones are merged."""
-    file_tag = hashlib.sha1(key.encode()).hexdigest()[:10]
+    file_tag = _file_tag(key)
     units: list[Unit] = []
     start = pos = 0
     total = sum(groups)

@@ -6,7 +6,7 @@ later row with the same id is rejected and points at the first (``"<file key>#<r
 Two steps, each a pure function over Arrow data, so they run in a plain loop or as Ray tasks:
 
 1. ``partition_ids(file_index, ids, partitions)``: one file's id column -> ``partitions``
-   tables of ``(id, file, row)``; an id always lands in the same partition (crc32 of its UTF-8
+   tables of ``(id, file, row)``; an id always lands in the same partition (a hash of its UTF-8
    bytes), whichever file it is in.
 2. ``duplicates_in_partition(tables)``: all files' tables of one partition -> the duplicate rows
    of that partition as ``(file, row, first_file, first_row)``.
@@ -17,7 +17,6 @@ Memory: step 1 holds one file's ids; step 2 one partition (about ``rows / partit
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -39,22 +38,59 @@ def partitions_for(total_rows: int, ids_per_partition: int = IDS_PER_PARTITION) 
 
 
 def partition_ids(file_index: int, ids: pa.Array | pa.ChunkedArray, partitions: int) -> list[pa.Table]:
-    """Split one file's id column (nulls skipped: they are rejected as null ids) by id hash."""
-    import pyarrow as pa
+    """Split one file's id column (nulls skipped: they are rejected as null ids) by id hash.
 
-    values = ids.to_pylist()
-    rows = np.array([i for i, v in enumerate(values) if v is not None], dtype=np.int64)
-    keys = [str(values[i]) for i in rows.tolist()]
-    part = (np.fromiter((zlib.crc32(k.encode()) for k in keys), dtype=np.uint32, count=len(keys))
-            % np.uint32(partitions)).astype(np.int64)
-    id_arr = pa.array(keys, type=pa.string())
+    Vectorised (no Python loop over rows): ids are compared as their string form (``str(v)``
+    for integer ids, as the one-dict reader does), and the partition of an id is a hash of its
+    UTF-8 bytes computed over Arrow's buffers (``string_partitions``)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    keys = pc.cast(arr, pa.large_string())
+    valid = pc.is_valid(keys).to_numpy(zero_copy_only=False)  # [n] bool
+    rows = np.flatnonzero(valid).astype(np.int64)  # [m] row numbers of non-null ids
+    keys = keys.filter(pa.array(valid)) if len(rows) < len(keys) else keys
+    file_col = np.full(len(rows), file_index, dtype=np.int32)
+    if partitions == 1:
+        return [pa.table({"id": keys.cast(pa.string()), "file": pa.array(file_col), "row": pa.array(rows)})]
+    part = string_partitions(keys, partitions)  # [m]
     out = []
     for p in range(partitions):
         sel = np.flatnonzero(part == p)
-        out.append(pa.table({"id": id_arr.take(pa.array(sel)),
-                             "file": pa.array(np.full(len(sel), file_index, dtype=np.int32)),
+        out.append(pa.table({"id": keys.take(pa.array(sel)).cast(pa.string()), "file": pa.array(file_col[sel]),
                              "row": pa.array(rows[sel])}))
     return out
+
+
+def string_partitions(keys: pa.LargeStringArray, partitions: int) -> np.ndarray:
+    """``[n]`` partition of each (non-null) string: a multiplicative hash of its UTF-8 bytes, mod ``partitions``.
+
+    Deterministic across processes and machines (it only has to send equal ids to the same
+    partition; the rule for which row wins does not depend on it)."""
+    n = len(keys)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset: keys.offset + n + 1]  # [n+1]
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)  # [n] each, relative to the first byte
+    data = np.frombuffer(keys.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]  # [bytes]
+    pos = np.arange(len(data), dtype=np.uint64) - np.repeat(starts.astype(np.uint64), lengths)  # byte's place in its id
+    mixed = (data.astype(np.uint64) + np.uint64(1)) * _mix64(pos + np.uint64(1))  # a random weight per place
+    padded = np.concatenate([mixed, np.zeros(1, np.uint64)])  # reduceat needs every index < len
+    h = np.add.reduceat(padded, np.minimum(starts, len(data)))[:n]  # [n] sums wrap mod 2**64 by design
+    h = _mix64(np.where(lengths > 0, h, np.uint64(0))) >> np.uint64(32)  # the high bits: every input bit reaches them
+    return (h % np.uint64(partitions)).astype(np.int64)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser over a uint64 array (a bijection that spreads every bit)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def duplicates_in_partition(tables: Iterable[pa.Table]) -> pa.Table:
