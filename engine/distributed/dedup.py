@@ -1,4 +1,4 @@
-"""Duplicate ids across a corpus on Ray: one task per file, then one task per hash partition.
+"""Duplicate ids across a corpus on Ray: a task per file then one per hash partition, or one task for one partition.
 
 The driver receives only the duplicate rows (not the ids), so its memory grows with files and
 duplicates, not with documents. The rule and the result equal ``engine.embed.dedup
@@ -37,12 +37,29 @@ def _find_in_partition(*tables: Any) -> Any:
     return duplicates_in_partition(tables)
 
 
+def _find_in_files(cfg: CorpusConfig, keys: Sequence[str]) -> Any:
+    """Both steps in one task, for a corpus of one partition: one worker to start, nothing moved between tasks."""
+    from engine.embed.corpus import corpus_store
+
+    store, _keys = corpus_store(cfg)
+    return duplicates_in_partition(partition_ids(i, read_id_column(store, key, cfg.id_column), 1)[0]
+                                   for i, key in enumerate(keys))
+
+
 def find_duplicates_ray(cfg: CorpusConfig, keys: Sequence[str], total_rows: int, *,
                         ids_per_partition: int = IDS_PER_PARTITION, cpus_per_task: float = 0.5) -> DuplicateMap:
     """Both steps as Ray tasks on the connected cluster (``ray.init`` done by the caller)."""
     import ray
 
     partitions = partitions_for(total_rows, ids_per_partition)
+    if partitions == 1:
+        # Up to one partition of ids (2M by default) the one task reading every file is the quickest start:
+        # on a fresh job each task waits for a worker process to boot (seconds), longer than reading the ids.
+        one = ray.remote(num_cpus=cpus_per_task, max_retries=3)(_find_in_files)
+        dups = to_duplicate_map([ray.get(one.remote(cfg, list(keys)))], keys)
+        log.info("duplicate ids: %d rows in %d file(s), one task over %d file(s)",
+                 sum(len(v) for v in dups.values()), len(dups), len(keys))
+        return dups
     split = ray.remote(num_cpus=cpus_per_task, num_returns=partitions, max_retries=3)(_partition_file)
     find = ray.remote(num_cpus=cpus_per_task, max_retries=3)(_find_in_partition)
     refs: list[Any] = [split.remote(cfg, key, i, partitions) for i, key in enumerate(keys)]
