@@ -130,12 +130,14 @@ def run_size(address: str, docs: int, files: int, unit_rows: int, work: Path) ->
     plan_s = m["timings"].get("start_up", {}).get("plan_s")
     return {"docs": docs, "files": files, "units": m["units"]["total"], "chunks": m["counts"]["chunks"],
             "rejected": m["counts"]["rejected"], "corpus_gen_s": round(gen_s, 1), "job_s": job_s,
-            "driver_wall_s": round(wall, 1), "plan_s": plan_s, "dedup_s": m["timings"]["start_up"].get("dedup_s"),
+            "driver_wall_s": round(wall, 1), "plan_s": plan_s, "ray_init_s": m["timings"]["start_up"].get("ray_init_s"),
+            "dedup_s": m["timings"]["start_up"].get("dedup_s"),
             "finalize_s": out["finalize_s"],
             "plan_pct": round(100 * plan_s / job_s, 2) if plan_s else None,
             "finalize_pct": round(100 * out["finalize_s"] / job_s, 2) if out["finalize_s"] else None,
             "chunks_per_s": m["throughput"]["chunks_per_second"], "driver_peak_rss_mb": out["driver_peak_rss_mb"],
             "worker_rss": rss.summary(), "metadata_bytes": meta_bytes,
+            "plan_json_bytes_per_unit": round(meta_bytes["plan"] / m["units"]["total"], 1) if meta_bytes["plan"] else None,
             "outputs_inline": "embeddings" in m["outputs"]}
 
 
