@@ -53,11 +53,12 @@ def test_no_duplicates_gives_an_empty_map(tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_tasks_give_the_same_map(tmp_path, ray_session):
+@pytest.mark.parametrize("per_partition", [60, 1_000_000])  # tasks per file and partition; one task (one partition)
+def test_ray_tasks_give_the_same_map(tmp_path, ray_session, per_partition):
     from engine.distributed.dedup import find_duplicates_ray
 
     path = corpus_with_cross_file_duplicates(tmp_path, n=200, files=3)
     cfg = CorpusConfig(corpus=str(path))
     store, keys = corpus_store(cfg)
     expected = _find_duplicates(store, keys, "doc_id")
-    assert find_duplicates_ray(cfg, keys, 200, ids_per_partition=60) == expected
+    assert find_duplicates_ray(cfg, keys, 200, ids_per_partition=per_partition) == expected

@@ -90,16 +90,3 @@ def test_id_partitions_are_balanced_deterministic_and_type_blind():
     assert string_partitions(pa.array(["", "a", ""], pa.large_string()), 3).tolist()[0] == \
         string_partitions(pa.array(["", "a", ""], pa.large_string()), 3).tolist()[2]
 
-
-@pytest.mark.ray
-def test_one_partition_is_found_by_one_ray_task_with_the_same_answer(tmp_path, ray_session):
-    from engine.distributed.dedup import find_duplicates_ray
-    from engine.embed.corpus import _find_duplicates, corpus_store
-    from tests.test_dedup import corpus_with_cross_file_duplicates
-
-    path = corpus_with_cross_file_duplicates(tmp_path, n=200, files=3)
-    cfg = CorpusConfig(corpus=str(path))
-    store, keys = corpus_store(cfg)
-    expected = _find_duplicates(store, keys, "doc_id")
-    assert len(expected) > 1  # cross-file duplicates
-    assert find_duplicates_ray(cfg, keys, 200) == expected  # 200 ids: one partition, one task
