@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,14 @@ RESERVED = {"chunk_id", "doc_id", "chunk_index", "text", "char_start", "char_end
             "title", "embedding"}
 
 
+# Rows per work unit when the config leaves it to the device (``unit_rows: 0``). A CPU unit is
+# small, so the first vectors come seconds after the start and chunking, writing and the model
+# overlap; a GPU unit is large, so per-unit costs (a task, three Parquet files, a commit) vanish
+# next to the card's speed. "default" is the size of runs made before units were sized by device
+# (and of callers that plan without a device: refresh, mining, the planner).
+UNIT_ROWS = {"cpu": 256, "cuda": 8192, "standin": 2048, "default": 2048}
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     corpus: str  # directory, prefix, single file; local path, file:// or s3://
@@ -47,13 +56,14 @@ class CorpusConfig:
     text_column: str = "text"
     title_column: str | None = "title"  # optional: silently absent only when left at the default
     max_doc_chars: int = 1_000_000  # longer documents are rejected as oversized
-    unit_rows: int = 2048  # rows per work unit (the resume grain), rounded to row groups
+    unit_rows: int = 0  # rows per work unit (the resume grain), rounded to row groups; 0 = by device (UNIT_ROWS)
     endpoint_url: str | None = None
 
 
 # Above this many units plan.json lists each file's unit start rows ("unit_starts") instead of every
 # unit ("units": ~200 bytes a unit, so 100 MB for a 1B-document corpus); ids and ends follow from them.
 PLAN_INLINE_UNITS = 2000
+PLAN_IO_THREADS = 16  # files whose metadata and fingerprint are read at once while planning
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,10 +247,14 @@ def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool | DuplicateFinder = 
     ``engine.distributed.dedup``) by the same first-occurrence rule."""
     import pyarrow as pa
 
-    if cfg.unit_rows < 1:
-        raise ConfigError(f"unit_rows must be positive, got {cfg.unit_rows}")
+    if cfg.unit_rows < 0:
+        raise ConfigError(f"unit_rows must be positive (or 0: chosen by device), got {cfg.unit_rows}")
     store, keys = corpus_store(cfg)
-    metas = {key: _read_metadata(store, key) for key in keys}
+    # One metadata read and one fingerprint (sha256 of a local file, a HEAD on S3) per file, in parallel:
+    # sequential they add up to seconds at a few hundred files, and both release the GIL while they wait or hash.
+    with ThreadPoolExecutor(max_workers=max(1, min(PLAN_IO_THREADS, len(keys)))) as pool:
+        metas = dict(zip(keys, pool.map(lambda k: _read_metadata(store, k), keys), strict=True))
+        prints = dict(zip(keys, pool.map(lambda k: _fingerprint(store, k), keys), strict=True))
     schemas = {key: metas[key].schema.to_arrow_schema() for key in keys}
     title_col = cfg.title_column
     if title_col == "title" and not all("title" in s.names for s in schemas.values()):
@@ -266,9 +280,9 @@ def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool | DuplicateFinder = 
     for key in keys:
         md = metas[key]
         groups = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-        fp, size = _fingerprint(store, key)
+        fp, size = prints[key]
         files.append(CorpusFile(key=key, rows=md.num_rows, row_groups=groups, fingerprint=fp, size=size))
-        units.extend(_cut_units(key, groups, cfg.unit_rows))
+        units.extend(_cut_units(key, groups, cfg.unit_rows or UNIT_ROWS["default"]))
     import base64
 
     meta_schema = pa.schema([(c, meta_types[c]) for c in sorted(meta_types)])
