@@ -36,7 +36,7 @@ NOISY_VERB = textwrap.dedent("""
             click.echo("human output")
 
     app.COMMANDS["noisy"] = "__main__:noisy"
-    app.main(sys.argv[1:])
+    app.main()  # as the console script: the command line from sys.argv
     """)
 NOISE = ["main thread", "Ray's error thread", "native write", "child process"]
 

@@ -128,7 +128,7 @@ def emit_json(obj: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     from engine.cli.common import reserve_stdout_for_json, wants_json
 
-    if wants_json(list(sys.argv[1:] if argv is None else argv)):
+    if argv is None and wants_json(sys.argv[1:]):  # the console script (a caller passing argv keeps its stdout)
         reserve_stdout_for_json()  # Ray's own stdout lines (a dead node's) go to stderr, not into the JSON
     try:
         cli.main(args=argv, prog_name="embedctl", standalone_mode=False)

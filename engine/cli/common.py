@@ -35,9 +35,11 @@ def reserve_stdout_for_json() -> None:
     if _json_out is not None:
         return
     try:
+        if sys.stdout.fileno() != 1:  # stdout already replaced (a test's capture): not ours to move
+            return
         sys.stdout.flush()
         saved = os.dup(1)
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError and a ValueError
         return
     try:
         os.dup2(2, 1)
