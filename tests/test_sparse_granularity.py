@@ -46,7 +46,8 @@ def corpus(seed: int = 0) -> tuple[list[str], list[str], list[int], list[int], l
 @pytest.fixture(scope="module")
 def docver(tmp_path_factory):
     """A 2-shard flat version with document-level BM25 shards (shard 0 ends inside document 99)."""
-    store = open_store(tmp_path_factory.mktemp("docbm25") / "store")
+    root = tmp_path_factory.mktemp("docbm25") / "store"
+    store = open_store(root)
     docs, chunks, starts, ends, langs = corpus()
     cols = {"char_start": pa.array(starts, pa.int32()), "char_end": pa.array(ends, pa.int32()),
             "lang": pa.array(langs, pa.string())}
@@ -54,7 +55,7 @@ def docver(tmp_path_factory):
              doc_of=lambda i: i // PER_DOC)
     res = build_index(store, "r1", "docs", BuildConfig(kind="flat", shards=2, sparse="bm25", sparse_granularity="doc",
                                                        gate_recall=None))
-    return store, res, docs
+    return store, res, docs, root
 
 
 def test_document_texts_cut_the_overlap_and_keep_the_title_once():
@@ -76,7 +77,7 @@ def test_build_config_key_and_build_keys():
 
 
 def test_doc_shards_are_checksummed_files_of_the_version(docver):
-    store, res, _ = docver
+    store, res, _, _ = docver
     m = res.manifest
     assert m["sparse"]["granularity"] == "doc"
     arts = {a["key"]: a for a in m["artifacts"]}
@@ -98,7 +99,7 @@ def test_doc_shards_are_checksummed_files_of_the_version(docver):
 
 
 def test_doc_bm25_scores_whole_documents(docver):
-    store, res, docs = docver
+    store, res, docs, _ = docver
     query = "flutter of a panel near the nozzle"
     with Searcher.load(store, "docs", res.version_id) as s:
         first = s.sparse_shards[0]
@@ -127,7 +128,7 @@ def _partial(rows: list[int]) -> str:
 
 
 def test_doc_bm25_filters_return_an_allowed_chunk_and_fill_k(docver):
-    store, res, _ = docver
+    store, res, _, _ = docver
     with Searcher.load(store, "docs", res.version_id) as s:
         allowed = set(s.allowed_ids("lang = 'de'").tolist())
         for mode in ("sparse", "hybrid"):
@@ -154,3 +155,29 @@ def test_cli_builds_document_bm25(tmp_path):
     version = summary["version"]
     with Searcher.load(store, "docs", version) as s:
         assert s.sparse_shards[0].granularity == "doc" and s.sparse_shards[0].bm25.docs == N // PER_DOC
+
+
+def test_tune_fusion_folds_and_evaluate_modes_on_document_bm25(docver, tmp_path):
+    store, res, docs, root = docver
+    queries = [{"query_id": f"q{i}", "text": " ".join(docs[i * 30].split()[:4])} for i in range(20)]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(q) for q in queries))
+    (tmp_path / "qrels.tsv").write_text("query_id\tdoc_id\tgrade\n" + "".join(
+        f"q{i}\td{(i * 30) // PER_DOC:06d}\t1\n" for i in range(20)))
+    base = ["--store", str(root), "--index", "docs", "--version", res.version_id,
+            "--queries", str(tmp_path / "q.jsonl"), "--qrels", str(tmp_path / "qrels.tsv"), "--json"]
+    runner = CliRunner()
+    folds = []
+    for fold in ("0", "1"):
+        r = runner.invoke(cli, ["tune-fusion", *base, "--split", "0.3", "--fold", fold])
+        assert r.exit_code == 0, r.output
+        folds.append(json.loads(r.output.strip().splitlines()[-1]))
+        assert store.read_json(folds[-1]["record"])["benchmark"]["fold"] == int(fold)
+    assert (folds[0]["tuned_on"], folds[0]["held_out"]) == (6, 14)
+    assert (folds[1]["tuned_on"], folds[1]["held_out"]) == (14, 6)  # the parts swapped
+    r = runner.invoke(cli, ["evaluate", *base, "--modes", "dense,sparse,hybrid", "--no-exact"])
+    assert r.exit_code == 0, r.output
+    modes = json.loads(r.output.strip().splitlines()[-1])["modes"]
+    # the vectors are random clusters, the query's words come from its one relevant document
+    assert set(modes) == {"dense", "sparse", "hybrid"} and modes["sparse"]["ndcg@10"] > modes["dense"]["ndcg@10"]
+    for f in folds:
+        store.delete(f["record"])

@@ -394,12 +394,15 @@ def _compare_modes(st: Any, index: str, vid: str, queries_path: str, qrels_path:
 @click.option("--split", "share", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Share of the queries the fusion is tuned on; the rest report it (held out).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--fold", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="1 swaps the tuning and held-out parts (with --split 0.5: run both folds and every query is "
+                   "reported by a fusion not tuned on it).")
 @click.option("--depth", type=click.IntRange(1), default=100, show_default=True, help="Candidates from each list.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
                     queries_path: str | None, qrels_path: str | None, gain: str, k: int, share: float, seed: int,
-                    depth: int, device: str, as_json: bool) -> None:
+                    fold: int, depth: int, device: str, as_json: bool) -> None:
     """Tune hybrid fusion (RRF k and weights, or weighted normalised scores) on judged queries; store it beside
     the version, where `search --mode hybrid` finds it as its default.
 
@@ -407,6 +410,7 @@ def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: s
     Examples:
       embedctl tune-fusion --store ./store --index cranfield --alias live \\
           --queries ../shared/data/cranfield/queries.jsonl --qrels ../shared/data/cranfield/qrels.tsv
+      embedctl tune-fusion ... --split 0.5 --fold 1      # the other half: together, a 2-fold figure
     """
     from engine.index.searcher import Searcher
     from engine.index.tuning import tune_version
@@ -424,7 +428,7 @@ def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: s
     qrels = load_qrels(qrels_path, gain)
     with Searcher.load(st, index, vid, device=device) as searcher:
         record = tune_version(searcher, st, queries, qrels, ndcg_at_k, k=k, share=share, seed=seed, depth=depth,
-                              label=f"{queries_path} + {qrels_path}")
+                              label=f"{queries_path} + {qrels_path}", fold=fold)
     bench = record["benchmark"]
     out = {"index": index, "version": vid, "record": record["key"], "chosen": record["chosen"],
            "tuned_on": bench["tuned_on"], "held_out": bench["held_out"], f"tuned_ndcg@{k}": record["tuned_value"],
