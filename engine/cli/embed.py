@@ -32,7 +32,7 @@ def corpus_options(f: Any) -> Any:
         click.option("--no-title-prefix", "title_prefix", flag_value=False, default=None,
                      help="Do not prefix chunks with their document title."),
         click.option("--max-doc-chars", type=int, default=None, help="Reject longer documents [1000000]."),
-        click.option("--unit-rows", type=int, default=None, help="Rows per work unit, the resume grain [2048]."),
+        click.option("--unit-rows", type=int, default=None, help="Rows per work unit, the resume grain [by device: 256 on CPU, 8192 on GPU]."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None, help="[auto]"),
         click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default=None,
                      help="Compute precision [auto: fp16 on CUDA, fp32 on CPU]."),

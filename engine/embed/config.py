@@ -8,13 +8,13 @@ every manifest.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from engine.core.config import from_flat
 from engine.core.errors import ConfigError
 from engine.embed.chunking import ChunkConfig
-from engine.embed.corpus import CorpusConfig
+from engine.embed.corpus import UNIT_ROWS, CorpusConfig
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,24 @@ class EmbedJobConfig:
         for k, default in (("backend", "torch"), ("quantize", "none")):  # runs from before backends keep their ids
             if d["embed"].get(k) == default:
                 d["embed"].pop(k)
+        if not d["corpus"].get("unit_rows"):  # not sized by device (refresh, direct callers): the old default
+            d["corpus"]["unit_rows"] = UNIT_ROWS["default"]
         return d
+
+    def with_unit_rows(self, gpus: float) -> EmbedJobConfig:
+        """This config with ``unit_rows`` chosen by device when left at 0 (``UNIT_ROWS``): large units on a
+        GPU (``device: cuda``, or ``auto`` on a cluster with ``gpus``), small on CPU; the stand-in and the
+        hash encoder keep the old size."""
+        if self.corpus.unit_rows:
+            return self
+        model = self.embed.model or ""
+        if model.startswith(("standin:", "hash:")):
+            kind = "standin"
+        elif self.embed.device == "cuda" or (self.embed.device == "auto" and gpus >= 1):
+            kind = "cuda"
+        else:
+            kind = "cpu"
+        return replace(self, corpus=replace(self.corpus, unit_rows=UNIT_ROWS[kind]))
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> EmbedJobConfig:
