@@ -27,3 +27,13 @@ def test_cpu_pool_leaves_a_cpu_for_read_and_write_tasks():
     # and room for one writer task beside them (writers take the unit's I/O off the actor)
     assert p.cpus_per_task > 0.5 and p.actors * p.cpus_per_actor + p.cpus_per_task + p.cpus_per_writer <= 2.0
     assert plan_pool({"CPU": 16.0}, "cpu").cpus_per_task == 0.5
+
+
+def test_standin_pool_leaves_the_cpus_to_chunk_and_writer_tasks():
+    # the stand-in does no forward pass (a device would): two chunk tasks run beside it on 2 CPUs
+    p = plan_pool({"CPU": 2.0}, "cpu", standin=True)
+    assert (p.actors, p.cpus_per_actor, p.gpus_per_actor) == (1, 0.25, 0.0)
+    assert p.cpus_per_actor + 2 * p.cpus_per_task + p.cpus_per_writer <= 2.0
+    assert plan_pool({"CPU": 16.0}, "cpu", standin=True).cpus_per_task == 0.5
+    # with a GPU the stand-in is sized like the device actors it stands in for
+    assert plan_pool({"CPU": 16.0, "GPU": 1.0}, "cuda", standin=True).gpus_per_actor == 0.5

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from engine.distributed.driver import drive, driver_parser
 from engine.embed.config import EmbedJobConfig
 from engine.embed.embedder import UnitEmbedder, commit_row
+from engine.embed.model_facts import STANDIN_PREFIX
 from engine.embed.pipeline import finalize_run, plan_meta_for, prepare_run, run_summary
 
 log = logging.getLogger("embedctl.engine.distributed.embed")
@@ -45,7 +47,8 @@ def _chunk_task(row: dict[str, Any], cfg: EmbedJobConfig, plan_meta: dict[str, A
 
 
 class _EmbedActor:
-    def __init__(self, cfg: EmbedJobConfig, run_id: str, threads: int):
+    def __init__(self, cfg: EmbedJobConfig, run_id: str, threads: int, thread_env: dict[str, str]):
+        _set_thread_env(thread_env)
         self.embedder = UnitEmbedder(cfg, run_id, threads=threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -56,9 +59,9 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
     """Run (or resume) the embed job on Ray and return the final manifest."""
     started_at = time.time()
     t0 = time.perf_counter()
-    driver: dict[str, float] = {}  # plan_s includes connecting Ray and finding duplicate ids on it
-    # all validation happens here, before Ray starts any work; duplicate ids are found on the cluster
-    prepared = prepare_run(cfg, duplicate_finder=_ray_duplicate_finder(cfg, driver))
+    driver: dict[str, float] = {}  # plan_s includes connecting Ray and finding duplicate ids
+    # all validation happens here, before Ray starts any work
+    cfg, prepared = _prepare_while_ray_starts(cfg, driver)
     plan_s = time.perf_counter() - t0
     if progress:
         progress({"event": "planned", "run_id": prepared.run_id, "units": len(prepared.plan.units),
@@ -67,6 +70,54 @@ def run_embed_job(cfg: EmbedJobConfig, progress: Progress | None = None) -> dict
     if prepared.pending:
         _run_units_retrying(cfg, prepared, progress, driver, t0)
     return finalize_run(cfg, prepared, time.perf_counter() - t0, started_at, driver_timings=driver)
+
+
+def _prepare_while_ray_starts(cfg: EmbedJobConfig, driver: dict[str, float]) -> tuple[EmbedJobConfig, Any]:
+    """Plan the run (schema checks, fingerprints, units, tokenizer, backend export, duplicates) in a
+    thread while this one connects or starts Ray (seconds on a local machine); units sized by device."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg.validate()  # a bad flag fails at once, before Ray starts
+    remote = bool(cfg.runtime.address or os.environ.get("RAY_ADDRESS"))
+    if remote and not cfg.corpus.unit_rows and cfg.embed.device == "auto":
+        _connect(cfg, driver)  # the unit size depends on whether the cluster has GPUs
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else _local_gpus()
+    cfg = cfg.with_unit_rows(gpus)
+    connected: dict[str, Any] = {"event": threading.Event(), "error": None}
+    with ThreadPoolExecutor(1, thread_name_prefix="embedctl-plan") as pool:
+        planned = pool.submit(prepare_run, cfg, duplicate_finder=_duplicate_finder(cfg, driver, connected))
+        try:
+            _connect(cfg, driver)
+        except BaseException as err:
+            connected["error"] = err
+            raise
+        finally:
+            connected["event"].set()
+        return cfg, planned.result()
+
+
+def _connect(cfg: EmbedJobConfig, driver: dict[str, float]) -> None:
+    """Connect (or start) Ray and check the store suits the cluster (again after a lost node: cheap)."""
+    from engine.distributed.placement import connect_for_store
+    from engine.distributed.runtime import quiet_ray_data
+
+    with quiet_ray_data():  # Ray's own warnings and log lines, kept out of the CLI unless -v
+        t_ray = time.perf_counter()
+        connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem,
+                          corpus=cfg.corpus.corpus)
+        driver.setdefault("ray_init_s", round(time.perf_counter() - t_ray, 3))
+
+
+def _local_gpus() -> float:
+    """GPUs a local Ray would see, without importing torch (device files; CUDA_VISIBLE_DEVICES narrows them)."""
+    import glob
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return float(len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    return float(len(glob.glob("/dev/nvidia[0-9]*")))
 
 
 SYSTEM_RETRIES = 2  # whole passes over the units still uncommitted after a node or actor is lost
@@ -99,23 +150,28 @@ def _run_units_retrying(cfg: EmbedJobConfig, prepared: Any, progress: Progress |
                 return
 
 
-def _ray_duplicate_finder(cfg: EmbedJobConfig, driver: dict[str, float]) -> Any:
-    """Duplicate ids found by Ray tasks (hash partitions), so the driver never holds every id.
+DRIVER_DEDUP_ROWS = 250_000  # up to this many ids, duplicates are found in the driver (~tens of MB, no Ray round trip)
 
-    Ray is connected (and the store checked) here, the first thing that needs the cluster."""
+
+def _duplicate_finder(cfg: EmbedJobConfig, driver: dict[str, float], connected: dict[str, Any]) -> Any:
+    """Duplicate ids: in the driver for a small corpus, else by Ray tasks over hash partitions, so the
+    driver never holds every id of a big one (it waits for the connection the main thread makes)."""
     def find(corpus: Any, keys: list[str], total_rows: int) -> dict[str, dict[int, str]]:
-        from engine.distributed.dedup import find_duplicates_ray
-        from engine.distributed.placement import connect_for_store
-        from engine.distributed.runtime import quiet_ray_data
+        t_dup = time.perf_counter()
+        if total_rows <= DRIVER_DEDUP_ROWS:
+            from engine.embed.corpus import corpus_store
+            from engine.embed.dedup import find_duplicates_local, read_id_column
 
-        with quiet_ray_data():
-            t_ray = time.perf_counter()
-            connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem,
-                              corpus=cfg.corpus.corpus)
-            driver["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
-            t_dup = time.perf_counter()
+            store, _keys = corpus_store(corpus)
+            dups = find_duplicates_local([read_id_column(store, k, corpus.id_column) for k in keys], keys)
+        else:
+            from engine.distributed.dedup import find_duplicates_ray
+
+            connected["event"].wait()
+            if connected["error"] is not None:
+                raise RuntimeError("Ray did not start") from connected["error"]
             dups = find_duplicates_ray(corpus, keys, total_rows)
-            driver["dedup_s"] = round(time.perf_counter() - t_dup, 3)
+        driver["dedup_s"] = round(time.perf_counter() - t_dup, 3)
         return dups
 
     return find
@@ -126,15 +182,11 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
     """Chunk tasks -> embedding actors -> writer tasks over the pending units, streamed by Ray Data."""
     import ray
 
-    from engine.distributed.placement import connect_for_store
     from engine.distributed.runtime import plan_pool, quiet_ray_data
 
-    with quiet_ray_data():  # Ray's own warnings and log lines, kept out of the CLI unless -v
-        t_ray = time.perf_counter()
-        connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem,
-                              corpus=cfg.corpus.corpus)
-        driver.setdefault("ray_init_s", round(time.perf_counter() - t_ray, 3))
-    pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker)
+    _connect(cfg, driver)  # connected while planning; again after a lost node
+    pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker,
+                     standin=(cfg.embed.model or "").startswith(STANDIN_PREFIX))
     log.info("embedding pool: %s", pool.reason)
     plan_meta = plan_meta_for(prepared)
     items = []
@@ -147,7 +199,8 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
         ds = ds.map(_chunk_task, fn_kwargs={"cfg": cfg, "plan_meta": plan_meta}, num_cpus=pool.cpus_per_task)
         ds = ds.map_batches(
             _EmbedActor,
-            fn_constructor_kwargs={"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor},
+            fn_constructor_kwargs={"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor,
+                                   "thread_env": _thread_env(pool)},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=pool.actors),
             num_cpus=pool.cpus_per_actor,
@@ -167,18 +220,32 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
                 progress({"event": "unit", **json.loads(row["marker"])})
 
 
+def _thread_env(pool: Any) -> dict[str, str]:
+    """OpenMP settings for a CPU actor, applied in its constructor before torch loads (``_set_thread_env``)."""
+    if pool.gpus_per_actor:
+        return {}
+    # Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker, and OpenMP reads it once, when torch loads:
+    # torch.set_num_threads later is not enough. Ray workers run niced; threads spinning at OpenMP
+    # barriers lose their slices to any other load and the actor crawls (seen here: 4x slower in
+    # the mining actors), hence PASSIVE.
+    return {"OMP_NUM_THREADS": str(pool.threads_per_actor), "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _set_thread_env(env: dict[str, str]) -> None:
+    """In the actor's own process, before its model (and OpenMP) loads. Passed as constructor arguments
+    rather than a runtime_env: an actor with its own runtime_env waits for Ray's runtime-env agent
+    (seconds on a fresh cluster) and cannot start in a plain worker process."""
+    import sys
+
+    if env and "torch" in sys.modules:
+        log.warning("torch was loaded before the actor set its threads (%s); OpenMP may ignore them", env)
+    os.environ.update(env)
+
+
 def _actor_env(pool: Any) -> dict[str, Any]:
-    actor_env: dict[str, str] = {}
-    if not pool.gpus_per_actor:
-        # Ray sets OMP_NUM_THREADS=1 in a 1-CPU worker before torch loads, and OpenMP keeps
-        # that per thread: torch.set_num_threads later is not enough. Set it at process start.
-        actor_env["OMP_NUM_THREADS"] = str(pool.threads_per_actor)
-        # Ray workers run niced; threads spinning at OpenMP barriers lose their slices to any
-        # other load and the actor crawls (seen here: 4x slower in the mining actors).
-        actor_env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if os.environ.get("EMBEDCTL_TEST_CRASH_ONCE"):  # fault-injection hook for the retry test
-        actor_env["EMBEDCTL_TEST_CRASH_ONCE"] = os.environ["EMBEDCTL_TEST_CRASH_ONCE"]
-    return {"runtime_env": {"env_vars": actor_env}} if actor_env else {}
+    """A runtime_env only for the fault-injection hook of the retry test (tests set it after Ray started)."""
+    flag = os.environ.get("EMBEDCTL_TEST_CRASH_ONCE")
+    return {"runtime_env": {"env_vars": {"EMBEDCTL_TEST_CRASH_ONCE": flag}}} if flag else {}
 
 
 def _writer_env() -> dict[str, Any]:

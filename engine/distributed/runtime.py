@@ -142,10 +142,20 @@ class PoolPlan:
 
 
 def plan_pool(resources: dict[str, float], device: str, workers: int | None = None,
-              threads: int | None = None, actors_per_gpu: int = GPU_ACTORS_PER_CARD) -> PoolPlan:
-    """Size the embedding actor pool from cluster resources, always leaving CPU for other stages."""
+              threads: int | None = None, actors_per_gpu: int = GPU_ACTORS_PER_CARD,
+              standin: bool = False) -> PoolPlan:
+    """Size the embedding actor pool from cluster resources, always leaving CPU for other stages.
+
+    ``standin``: the actors do no forward pass (``--model standin:<model>``), as if a device computed
+    it, so they reserve a quarter CPU each and the chunk and writer tasks get the rest."""
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
+    if standin and not (device == "cuda" or (device == "auto" and gpus >= 1)):
+        n = workers or 1
+        task_cpus = 0.5 if cpus > 4 else 0.75
+        return PoolPlan(n, 0.25, 0.0, threads or 1, task_cpus,
+                        f"{n} stand-in actor(s) x 0.25 CPU (no forward pass), chunk tasks {task_cpus:g} CPU each, "
+                        f"on {cpus:g} CPUs", 0.25)
     if device == "cuda" or (device == "auto" and gpus >= 1):
         if gpus < 1:
             # An autoscaling cluster starts with no GPU nodes: ask for GPU actors and let the
