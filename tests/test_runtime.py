@@ -37,3 +37,21 @@ def test_standin_pool_leaves_the_cpus_to_chunk_and_writer_tasks():
     assert plan_pool({"CPU": 16.0}, "cpu", standin=True).cpus_per_task == 0.5
     # with a GPU the stand-in is sized like the device actors it stands in for
     assert plan_pool({"CPU": 16.0, "GPU": 1.0}, "cuda", standin=True).gpus_per_actor == 0.5
+
+
+def test_unit_rows_by_device_and_identity_of_older_runs():
+    from engine.embed.config import EmbedJobConfig
+
+    def cfg(**kw):
+        return EmbedJobConfig.from_flat({"corpus": "c", "store": "s", **kw})
+
+    assert cfg(device="cpu").with_unit_rows(0).corpus.unit_rows == 256
+    assert cfg(device="auto").with_unit_rows(0).corpus.unit_rows == 256
+    assert cfg(device="auto").with_unit_rows(1).corpus.unit_rows == 8192
+    assert cfg(device="cuda").with_unit_rows(0).corpus.unit_rows == 8192  # an autoscaler brings the GPU
+    assert cfg(model="standin:").with_unit_rows(0).corpus.unit_rows == 2048
+    assert cfg(device="cuda", unit_rows=100).with_unit_rows(1).corpus.unit_rows == 100  # the user's choice wins
+    # a config that was never sized (refresh, in-process runs) plans and identifies as the old default did,
+    # so their run ids are unchanged; an explicit 2048 names the same run as a run from an older release
+    assert cfg().identity_dict() == cfg(unit_rows=2048).identity_dict()
+    assert cfg(device="cpu").with_unit_rows(0).identity_dict() != cfg(device="cpu").identity_dict()
