@@ -456,12 +456,14 @@ def load_encoder(
     compile: bool = False,
     backend: str = "torch",
     quantize: str = "none",
+    int8_recipe: int | None = None,
 ) -> Encoder:
     """The one way to get an encoder. ``hash:DIM`` is the model-free test encoder.
 
     ``batch_tokens`` 0 picks the budget for the device (``default_batch_tokens``). ``backend``
     torch|onnx|openvino|auto and ``quantize`` none|int8 choose the runtime
-    (``engine.embed.backends``); the hash encoder has none and ignores them.
+    (``engine.embed.backends``); the hash encoder has none and ignores them. ``int8_recipe``: the
+    int8 recipe number to rebuild (None: the current one; ``encoder_from_identity`` passes the recorded one).
     """
     from engine.embed.backends import check_choice, resolve_backend
 
@@ -483,13 +485,17 @@ def load_encoder(
             raise ConfigError(f"--dim {truncate_dim} must be between 1 and {dim}")
         return enc
     name, path = resolve_model_path(model)
-    if runtime == "onnx":
+    if runtime in ("onnx", "openvino"):
         if dtype not in ("auto", "float32"):
-            raise ConfigError(f"--dtype {dtype} applies to the torch backend; --backend onnx computes in float32 "
+            raise ConfigError(f"--dtype {dtype} applies to the torch backend; --backend {runtime} computes in float32 "
                               "(or int8 weights with --quantize int8)")
         from engine.embed.backends.onnx_encoder import OnnxEncoder
 
-        return OnnxEncoder(name, path, quantize=quantize, threads=threads, **kwargs)
+        if runtime == "openvino":
+            from engine.embed.backends.openvino_encoder import OpenVinoEncoder
+
+            return OpenVinoEncoder(name, path, quantize=quantize, threads=threads, **kwargs)
+        return OnnxEncoder(name, path, quantize=quantize, threads=threads, int8_recipe=int8_recipe, **kwargs)
     cls = encoder_class(path, device)
     return cls(name, path, device=device, dtype=dtype, threads=threads, compile=compile, **kwargs)
 
@@ -543,7 +549,9 @@ def encoder_from_identity(identity: dict[str, Any], device: str = "cpu", **overr
         device = "cpu"  # the runtime backends run on the CPU here
     enc = load_encoder(
         spec, device=device, truncate_dim=identity.get("truncate_dim"), query_prompt=identity.get("query_prompt"),
-        passage_prompt=identity.get("passage_prompt"), backend=backend, quantize=quantize, **overrides,
+        passage_prompt=identity.get("passage_prompt"), backend=backend, quantize=quantize,
+        int8_recipe=int(identity.get("int8_recipe") or 1) if quantize == "int8" else None,  # absent: the first recipe
+        **overrides,
     )
     want_export = identity.get("export_fingerprint")
     got_export = enc.identity.get("export_fingerprint")

@@ -3,7 +3,8 @@
 ``torch`` runs the model in torch (the native BERT on CPU, sentence-transformers on CUDA);
 ``onnx`` runs an ONNX export of the local model folder in ONNX Runtime, fp32 or dynamic int8
 (``engine.embed.backends.onnx_export`` builds and caches it, ``onnx_encoder`` runs it);
-``openvino`` is named so that asking for it gives a clear answer. ``auto`` picks per device.
+``openvino`` runs the same (unfused) export in OpenVINO, fp32 or int8 weights via nncf
+(``openvino_encoder``; both packages optional, a clear error when missing). ``auto`` picks per device.
 
 A model identity written by a torch/fp32 encoder carries no backend fields (identities written
 before backends existed look the same); ``identity_backend`` reads both kinds.
@@ -51,15 +52,20 @@ def resolve_backend(backend: str, quantize: str, device: str) -> Backend:
             return "onnx"
         return "torch" if _is_cuda(device) else CPU_AUTO_BACKEND
     if backend == "openvino":
-        if importlib.util.find_spec("openvino") is None:
-            raise ConfigError("--backend openvino needs the 'openvino' package, which is not installed; "
-                              "use --backend onnx (ONNX Runtime, installed with embedctl) or torch")
-        raise ConfigError("--backend openvino is not wired into this embedctl version yet; use --backend onnx "
-                          "(ONNX Runtime, same export, int8 via --quantize int8) or torch")
-    if backend == "onnx" and _is_cuda(device, explicit_only=True):
-        raise ConfigError("--backend onnx runs on the CPU (onnxruntime's CPU provider); use --device cpu, "
-                          "or --backend torch on CUDA")
+        check_openvino(quantize)
+    if backend in ("onnx", "openvino") and _is_cuda(device, explicit_only=True):
+        raise ConfigError(f"--backend {backend} runs on the CPU here; use --device cpu, or --backend torch on CUDA")
     return backend  # type: ignore[return-value]  # checked against BACKENDS above
+
+
+def check_openvino(quantize: str) -> None:
+    """A clear error when openvino (or, for int8, nncf) is missing: both are optional packages."""
+    if importlib.util.find_spec("openvino") is None:
+        raise ConfigError("--backend openvino needs the 'openvino' package (pip install openvino), which is not "
+                          "installed; use --backend onnx (ONNX Runtime, installed with embedctl) or torch")
+    if quantize == "int8" and importlib.util.find_spec("nncf") is None:
+        raise ConfigError("--backend openvino --quantize int8 needs the 'nncf' package (pip install nncf) for "
+                          "OpenVINO's weight compression; use --backend onnx --quantize int8, or openvino fp32")
 
 
 def _is_cuda(device: str, explicit_only: bool = False) -> bool:
@@ -94,10 +100,18 @@ def prebuild(model: str | None, backend: str, quantize: str, device: str) -> Non
     build the same export at the same time; the cache keeps that safe, not cheap)."""
     if model and model.startswith(("hash:", "standin:")):
         return  # the hash and stand-in test encoders have no export
-    if resolve_backend(backend, quantize, device) != "onnx":
+    runtime = resolve_backend(backend, quantize, device)
+    if runtime == "torch":
         return
     from engine.embed.backends.onnx_export import ensure_onnx_model
     from engine.embed.encoders import model_fingerprint, resolve_model_path
 
     path = resolve_model_path(model)[1]
-    ensure_onnx_model(path, model_fingerprint(path), quantize)
+    if runtime == "onnx":
+        ensure_onnx_model(path, model_fingerprint(path), quantize)
+        return
+    from engine.embed.backends.openvino_encoder import ensure_int8_ir
+
+    exported = ensure_onnx_model(path, model_fingerprint(path), "none", fuse=False)
+    if quantize == "int8":
+        ensure_int8_ir(exported.model_path, exported.key)

@@ -26,26 +26,38 @@ log = logging.getLogger(__name__)
 class OnnxEncoder(Encoder):
     """A sentence model as an ONNX Runtime session (``backend: onnx``); ``quantize`` none or int8."""
 
-    def __init__(self, name: str, path: str, *, quantize: str = "none", threads: int | None = None, **kwargs: Any):
+    def __init__(self, name: str, path: str, *, quantize: str = "none", threads: int | None = None,
+                 int8_recipe: int | None = None, **kwargs: Any):
         fingerprint = model_fingerprint(path)
-        exported = ensure_onnx_model(path, fingerprint, quantize)
-        meta = exported.meta
-        self.backend = "onnx"
         self.quantize = quantize
-        self.export_fingerprint = exported.key
+        self.int8_recipe: int | None = None
+        meta = self._open_runtime(path, fingerprint, int8_recipe, threads)
         self.pooling = str(meta["pooling"])
-        self.session = _session(exported.model_path, threads)
-        self.input_names = [i.name for i in self.session.get_inputs()]
         super().__init__(name=name, path=path, fingerprint=fingerprint, native_dim=int(meta["dim"]),
                          max_seq_length=int(meta["max_seq_length"]),
                          tokenizer=HFTokenizer(Path(path) / "tokenizer.json", name=f"hf:{name}"), **kwargs)
         if self.truncate_dim and not 1 <= self.truncate_dim <= self.native_dim:
             raise ConfigError(f"--dim {self.truncate_dim} must be between 1 and the model's dimension {self.native_dim}")
 
+    def _open_runtime(self, path: str, fingerprint: str, int8_recipe: int | None, threads: int | None) -> dict[str, Any]:
+        """Build or find the export, open the runtime on it; sets backend, export_fingerprint, input_names."""
+        exported = ensure_onnx_model(path, fingerprint, self.quantize, int8_recipe)
+        self.backend = "onnx"
+        self.int8_recipe = (exported.meta.get("settings") or {}).get("int8_recipe") if self.quantize == "int8" else None
+        self.export_fingerprint = exported.key
+        self.session = _session(exported.model_path, threads)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        return exported.meta
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """[rows, width, hidden] token embeddings for the model's inputs."""
+        return np.asarray(self.session.run(None, feeds)[0])
+
     @property
     def identity(self) -> dict[str, Any]:
+        extra = {"int8_recipe": self.int8_recipe} if self.int8_recipe is not None else {}
         return {**super().identity, "backend": self.backend, "quantize": self.quantize,
-                "export_fingerprint": self.export_fingerprint}
+                "export_fingerprint": self.export_fingerprint, **extra}
 
     def encode_ids(self, ids: list[np.ndarray]) -> np.ndarray:
         """[n, dim] float32 L2-normalised vectors for pre-tokenized passages (specials included)."""
@@ -76,7 +88,7 @@ class OnnxEncoder(Encoder):
         padded, valid = pad_ids(ids, self.max_seq_length)  # [rows, width] int64, bool
         feeds = {"input_ids": padded, "attention_mask": valid.astype(np.int64),
                  "token_type_ids": np.zeros_like(padded)}
-        tokens = self.session.run(None, {k: feeds[k] for k in self.input_names})[0]  # [rows, width, hidden]
+        tokens = self._run({k: feeds[k] for k in self.input_names})  # [rows, width, hidden]
         if self.pooling == "cls":
             return np.asarray(tokens[:, 0], dtype=np.float32)
         w = valid[:, :, None].astype(np.float32)  # [rows, width, 1]

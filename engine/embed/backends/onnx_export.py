@@ -36,7 +36,20 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1  # bump when the export recipe changes: new cache keys, new identities
 OPSET = 17
-INT8_RECIPE = {"op_types": ["MatMul"], "per_channel": True, "weight_type": "QInt8", "reduce_range": False}
+# int8 recipes by number; a model identity records the one its vectors came from ("int8_recipe",
+# absent = 1), so a searcher or refresh rebuilds that recipe, never a newer one. Each recipe's
+# settings are part of its export key.
+# 1: every MatMul outside the fused attention, weights per output channel.
+# 2: as 1, but the FFN output MatMuls (fed by the GELU: wide, outlier-heavy activations that one
+#    per-tensor activation scale serves badly) stay fp32. Cranfield chunks: mean cosine to fp32
+#    0.9957 -> 0.9988, nDCG@10 loss see benchmarks/backend_quality_cranfield.py.
+INT8_RECIPES: dict[int, dict[str, Any]] = {
+    1: {"op_types": ["MatMul"], "per_channel": True, "weight_type": "QInt8", "reduce_range": False},
+    2: {"op_types": ["MatMul"], "per_channel": True, "weight_type": "QInt8", "reduce_range": False,
+        "keep_fp32": ["ffn_output"]},
+}
+INT8_RECIPE = 2  # what new int8 runs use
+GELU_OPS = ("Gelu", "BiasGelu", "FastGelu")
 FUSED_MODEL_TYPES = ("bert",)  # ONNX Runtime's BERT fusions are exercised for these (the parity check guards them)
 _MODULE_KINDS = {"Transformer": "transformer", "Pooling": "pooling", "Normalize": "normalize"}
 _EXPORT_LOCK = threading.Lock()  # torch.onnx.export keeps process-global state: one export per process at a time
@@ -61,22 +74,37 @@ def cache_root() -> Path:
     return Path(base) / "onnx"
 
 
-def _version(dist: str) -> str:
+def library_version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "absent"
 
 
-def export_settings(quantize: str) -> dict[str, Any]:
-    """Everything besides the weights that decides the exported bytes."""
-    return {"format": EXPORT_FORMAT, "opset": OPSET, "quantize": quantize,
-            "int8": INT8_RECIPE if quantize == "int8" else None,
-            "versions": {d: _version(d) for d in ("torch", "transformers", "onnx", "onnxruntime")}}
+def int8_recipe(number: int | None) -> dict[str, Any]:
+    """The settings of int8 recipe ``number`` (None: the current one); a ConfigError for an unknown one."""
+    n = INT8_RECIPE if number is None else int(number)
+    if n not in INT8_RECIPES:
+        raise ConfigError(f"int8 recipe {n} is unknown to this embedctl version (it knows {sorted(INT8_RECIPES)}); "
+                          "upgrade embedctl to load vectors made by a newer one")
+    return INT8_RECIPES[n]
 
 
-def export_key(weights_fingerprint: str, quantize: str) -> str:
-    blob = json.dumps({"weights": weights_fingerprint, **export_settings(quantize)}, sort_keys=True)
+def export_settings(quantize: str, recipe: int | None = None, fuse: bool = True) -> dict[str, Any]:
+    """Everything besides the weights that decides the exported bytes (``fuse`` False: the plain graph,
+    without ONNX Runtime's contrib-op fusions, for runtimes that fuse on their own, e.g. OpenVINO)."""
+    settings = {"format": EXPORT_FORMAT, "opset": OPSET, "quantize": quantize,
+                "int8": int8_recipe(recipe) if quantize == "int8" else None,
+                "versions": {d: library_version(d) for d in ("torch", "transformers", "onnx", "onnxruntime")}}
+    if quantize == "int8":
+        settings["int8_recipe"] = INT8_RECIPE if recipe is None else int(recipe)
+    if not fuse:
+        settings["fuse"] = False  # only when off: the fused exports keep the keys they had
+    return settings
+
+
+def export_key(weights_fingerprint: str, quantize: str, recipe: int | None = None, fuse: bool = True) -> str:
+    blob = json.dumps({"weights": weights_fingerprint, **export_settings(quantize, recipe, fuse)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
@@ -113,9 +141,15 @@ def _read_json(path: Path, default: Any = None) -> Any:
     return json.loads(path.read_text()) if path.exists() else ({} if default is None else default)
 
 
-def ensure_onnx_model(folder: str | Path, weights_fingerprint: str, quantize: str = "none") -> ExportedModel:
-    """The cached export for this folder and settings, built now if missing (int8 builds the fp32 export first)."""
-    key = export_key(weights_fingerprint, quantize)
+def ensure_onnx_model(folder: str | Path, weights_fingerprint: str, quantize: str = "none",
+                      recipe: int | None = None, fuse: bool = True) -> ExportedModel:
+    """The cached export for this folder and settings, built now if missing (int8 builds the fp32 export
+    first); ``recipe`` is the int8 recipe number (None: the current ``INT8_RECIPE``); ``fuse`` False
+    skips ONNX Runtime's fusions (fp32 only)."""
+    recipe = (INT8_RECIPE if recipe is None else int(recipe)) if quantize == "int8" else None
+    if quantize == "int8" and not fuse:
+        raise ValueError("the int8 recipes quantize the fused graph")
+    key = export_key(weights_fingerprint, quantize, recipe, fuse)
     root = cache_root()
     final = root / key
     if (final / "meta.json").exists() and (final / "model.onnx").exists():
@@ -127,11 +161,11 @@ def ensure_onnx_model(folder: str | Path, weights_fingerprint: str, quantize: st
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by the user's processes
     try:
         if source is None:
-            info = _export_fp32(Path(folder), tmp / "model.onnx", layout)
+            info = _export_fp32(Path(folder), tmp / "model.onnx", layout, fuse)
         else:
-            info = _quantize_int8(source.model_path, tmp / "model.onnx")
+            info = _quantize_int8(source.model_path, tmp / "model.onnx", int8_recipe(recipe))
         meta = {**layout, **info, "key": key, "source_folder": str(folder), "weights_fingerprint": weights_fingerprint,
-                "settings": export_settings(quantize), "sha256": _sha256(tmp / "model.onnx"),
+                "settings": export_settings(quantize, recipe, fuse), "sha256": _sha256(tmp / "model.onnx"),
                 "from_export": source.key if source else None}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))  # last: marks a whole export
         try:
@@ -160,7 +194,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _export_fp32(folder: Path, out: Path, layout: dict[str, Any]) -> dict[str, Any]:
+def _export_fp32(folder: Path, out: Path, layout: dict[str, Any], fuse: bool = True) -> dict[str, Any]:
     """torch.onnx.export of the transformer (last hidden state), fused for BERT, checked against torch."""
     import numpy as np
     import torch
@@ -192,7 +226,7 @@ def _export_fp32(folder: Path, out: Path, layout: dict[str, Any]) -> dict[str, A
         want = TokenEmbeddings(model)(*check).numpy()  # before exporting: the tracer leaves the module altered
         torch.onnx.export(TokenEmbeddings(model), tuple(trace), str(raw), dynamo=False, opset_version=OPSET,
                           input_names=inputs, output_names=["token_embeddings"], dynamic_axes=axes)
-    fused = _fuse(raw, out, layout)
+    fused = _fuse(raw, out, layout) if fuse else None
     if not fused:
         os.replace(raw, out)
     raw.unlink(missing_ok=True)
@@ -226,15 +260,49 @@ def _fuse(raw: Path, out: Path, layout: dict[str, Any]) -> dict[str, int] | None
     return stats
 
 
-def _quantize_int8(src: Path, out: Path) -> dict[str, Any]:
+def _quantize_int8(src: Path, out: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(out), op_types_to_quantize=INT8_RECIPE["op_types"],
-                     per_channel=bool(INT8_RECIPE["per_channel"]), reduce_range=bool(INT8_RECIPE["reduce_range"]),
-                     weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    keep = fp32_nodes(onnx.load(str(src), load_external_data=False), recipe.get("keep_fp32") or [])
+    quantize_dynamic(str(src), str(out), op_types_to_quantize=recipe["op_types"],
+                     per_channel=bool(recipe["per_channel"]), reduce_range=bool(recipe["reduce_range"]),
+                     weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     meta = json.loads((src.parent / "meta.json").read_text())
-    return {"inputs": meta["inputs"], "fused": meta.get("fused")}
+    return {"inputs": meta["inputs"], "fused": meta.get("fused"), "kept_fp32": len(keep)}
+
+
+def fp32_nodes(model: Any, kinds: list[str]) -> list[str]:
+    """Names of the MatMul nodes an int8 recipe keeps in fp32. ``ffn_output``: the MatMuls fed by a GELU
+    (the transformer's FFN down-projection), found in the graph, fused or not: a GELU op, or the erf
+    form's closing Mul (x * 0.5 * (1 + erf(x / sqrt 2))), feeds them."""
+    if "ffn_output" not in kinds:
+        return []
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+
+    def is_gelu(n: Any) -> bool:
+        if n.op_type in GELU_OPS:
+            return True
+        if n.op_type != "Mul":  # erf GELU: Mul(x, Mul(Add(Erf(..), 1), 0.5)) in some order
+            return False
+        seen, todo = set(), list(n.input)
+        for _ in range(6):  # a few steps up the inputs is enough to find the Erf of a decomposed GELU
+            nxt = []
+            for name in todo:
+                p = producer.get(name)
+                if p is None or p.name in seen:
+                    continue
+                if p.op_type == "Erf":
+                    return True
+                seen.add(p.name)
+                nxt += list(p.input)
+            todo = nxt
+        return False
+
+    return [n.name for n in nodes if n.op_type == "MatMul" and n.input and
+            (p := producer.get(n.input[0])) is not None and is_gelu(p)]
 
 
 def _run_probe(path: Path, names: list[str], arrays: list[Any]) -> Any:
