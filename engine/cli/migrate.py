@@ -47,6 +47,10 @@ def plan_options(f: Any) -> Any:
         click.option("--corpus", default=None, help="Corpus to re-embed [blue's embed run's corpus]."),
         click.option("--chunk-tokens", type=int, default=None, help="Green's chunk window [blue's]."),
         click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default=None),
+        click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default=None,
+                     help="Green's inference runtime [blue's]; the searchers embed queries with it too."),
+        click.option("--quantize", type=click.Choice(["none", "int8"]), default=None,
+                     help="Green's quantization on a runtime backend [blue's]."),
         click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward pass."),
         click.option("--index-kind", type=click.Choice(["ivfpq", "binary-rerank", "flat"]), default=None,
                      help="Green's index kind [blue's]."),
@@ -82,7 +86,7 @@ def runtime_options(f: Any) -> Any:
 
 
 PLAN_FLAGS = ("alias", "model", "truncate_dim", "query_prompt", "passage_prompt", "corpus", "chunk_tokens", "device",
-              "batch_tokens", "index_kind", "benchmark", "canaries", "queries", "pairs", "k", "weights", "min_recall",
+              "backend", "quantize", "batch_tokens", "index_kind", "benchmark", "canaries", "queries", "pairs", "k", "weights", "min_recall",
               "max_recall_drop", "max_error_rate", "soak", "probe_url", "retention")
 
 

@@ -41,6 +41,7 @@ def green_embed_config(ctx: MigrationContext) -> Any:
         for k in MODEL_SPECIFIC_KEYS:
             flat.pop(k, None)
     flat.update(overrides)
+    _green_runtime(flat, overrides)
     if not flat.get("corpus"):
         raise ConfigError(f"blue ({blue.get('version')}) names no embed run this store holds, so the corpus to "
                           "re-embed is unknown: give --corpus")
@@ -51,6 +52,17 @@ def green_embed_config(ctx: MigrationContext) -> Any:
     flat["run_id"] = f"{ctx.migration_id}-green"
     flat.setdefault("progress", False)
     return EmbedJobConfig.from_flat(flat)
+
+
+def _green_runtime(flat: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Green runs on blue's backend and quantization unless the plan names others; a plan naming only
+    one of the two gets a partner that fits it (int8 on a torch blue: ``auto``, the int8 runtime;
+    ``--backend torch`` on an int8 blue: fp32)."""
+    if "quantize" in overrides and "backend" not in overrides and overrides["quantize"] != "none" \
+            and flat.get("backend", "torch") == "torch":
+        flat["backend"] = "auto"
+    if overrides.get("backend") == "torch" and "quantize" not in overrides:
+        flat["quantize"] = "none"
 
 
 def green_build_options(build: dict[str, Any], blue: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +93,7 @@ def run_build(ctx: MigrationContext) -> dict[str, Any]:
                              f"{run.get('missing_units')}); rerun `embedctl migrate build` to resume it")
     if same_model(run.get("model") or {}, blue.get("model") or {}):
         raise ConfigError(f"green's model is blue's ({(run.get('model') or {}).get('name')}: same fingerprint, "
-                          "dim and prompts); there is nothing to migrate")
+                          "dim, prompts and backend); there is nothing to migrate")
     ctx.pause("build.after-embed")
     options = green_build_options(ctx.plan.build, blue)
     ctx.say(f"build: building the green index version from run {cfg.run_id} ({options or 'defaults'})")

@@ -105,8 +105,13 @@ def version_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two model identities give the same vectors: weights, dims, prompts, and runtime
+    (backend/quantization: an int8 or exported model places vectors slightly differently)."""
+    from engine.embed.backends import identity_backend
+
     keys = ("fingerprint", "dim", "truncate_dim", "query_prompt", "passage_prompt")
-    return all((a or {}).get(k) == (b or {}).get(k) for k in keys)
+    return all((a or {}).get(k) == (b or {}).get(k) for k in keys) and \
+        identity_backend(a or {}) == identity_backend(b or {})
 
 
 def doc_titles(store: Store, run_id: str | None, doc_ids: set[str], max_chunks: int = 2_000_000) -> dict[str, str]:

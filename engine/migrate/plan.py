@@ -40,6 +40,8 @@ class GreenEmbedKeys:
     workers: int | None = None
     threads_per_worker: int | None = None
     address: str | None = None
+    backend: str | None = None  # green's runtime (torch|onnx|openvino|auto) [blue's]
+    quantize: str | None = None  # green's quantization (none|int8) [blue's]
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,14 @@ class MigrationPlan:
         unknown = set(self.embed) - set(EMBED_KEYS)
         if unknown:
             raise ConfigError(f"unknown embed keys for green {sorted(unknown)}; allowed: {', '.join(EMBED_KEYS)}")
-        if not self.embed.get("model") and not self.embed.get("truncate_dim") and "model" not in self.embed:
-            raise ConfigError("a migration needs a new model: give --model (or --dim for a Matryoshka truncation)")
+        changes_vectors = ("model", "truncate_dim", "backend", "quantize")
+        if not any(self.embed.get(k) for k in changes_vectors) and "model" not in self.embed:
+            raise ConfigError("a migration needs a new model: give --model (or --dim for a Matryoshka truncation, "
+                              "or --backend/--quantize for another runtime of the same model)")
+        if self.embed.get("backend") or self.embed.get("quantize"):
+            from engine.embed.backends import check_choice
+
+            check_choice(str(self.embed.get("backend") or "auto"), str(self.embed.get("quantize") or "none"))
         check_weights(self.weights)
         for name in ("max_recall_drop", "max_error_rate"):
             v = getattr(self, name)

@@ -44,17 +44,32 @@ class ModelProcess:
                                        args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._lock = threading.Lock()
         self._ready = False
+        self._identity: dict[str, Any] = {}
         # Stored vectors the child must reproduce before it may use its light loader.
         _send(self._proc.stdin, list(samples or []))
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The child's encoder identity (waits for it to finish loading); {} when it failed to load."""
+        with self._lock:
+            self._wait_ready()
+        return dict(self._identity)
+
+    def _wait_ready(self) -> None:
+        try:
+            if not self._ready:
+                _tag, self.info = _recv(self._proc.stdout)  # ("ready", {"loader": ..., ...})
+                self._identity = self.info.pop("identity", None) or {}  # {} when the child failed to load
+                self._ready = True
+                log.info("refresh model process: %s", self.info)
+        except (EOFError, OSError) as err:
+            raise ConfigError(f"the model process died (exit code {self._proc.poll()}); see its log above") from err
 
     def encode_passages(self, texts: list[str]) -> Any:
         """[n, dim] float32, L2-normalised, from the child's encoder (waits for it to finish loading)."""
         with self._lock:
+            self._wait_ready()
             try:
-                if not self._ready:
-                    _tag, self.info = _recv(self._proc.stdout)  # ("ready", {"loader": ..., ...})
-                    self._ready = True
-                    log.info("refresh model process: %s", self.info)
                 _send(self._proc.stdin, list(texts))
                 ok, value = _recv(self._proc.stdout)
             except (EOFError, OSError, BrokenPipeError) as err:
@@ -103,10 +118,11 @@ def _recv(f: Any) -> Any:
 def serve_model() -> None:
     """Child process: load the encoder, then answer ``encode_passages`` requests until stdin closes.
 
-    The engine's encoder loads the native BERT where the model allows (``engine.embed.bert``: no
-    sentence-transformers import, most of a small refresh's start-up). It is trusted only when it
-    reproduces the stored vectors the driver sent (cosine >= 0.99999 on every one); otherwise the
-    model is reloaded through sentence-transformers, and the reason is reported."""
+    The engine's encoder loads the live run's backend: on torch the native BERT where the model
+    allows (``engine.embed.bert``: no sentence-transformers import, most of a small refresh's
+    start-up), trusted only when it reproduces the stored vectors the driver sent (cosine >= 0.99999
+    on every one), else reloaded through sentence-transformers; on a runtime backend (onnx) the
+    cached export, which must reproduce them at ``RUNTIME_MIN_COSINE`` or the refresh is refused."""
     import os
 
     out = os.fdopen(os.dup(1), "wb")  # replies only; anything the libraries print goes to stderr
@@ -123,25 +139,27 @@ def serve_model() -> None:
     info: dict[str, Any] = {}
     error = None
     try:
-        from engine.embed.encoders import NativeBertEncoder, encoder_from_identity
+        from engine.embed.encoders import encoder_from_identity
 
         def load() -> Any:
             return encoder_from_identity(args["identity"], device=args["device"], dtype=args["dtype"],
                                          batch_tokens=args["batch_tokens"])
 
         enc = load()
-        info["loader"] = "native" if isinstance(enc, NativeBertEncoder) else "sentence-transformers"
-        if isinstance(enc, NativeBertEncoder) and samples:
-            got = enc.encode_passages([t for t, _v in samples])  # [k, dim]
-            want = np.asarray([v for _t, v in samples], dtype=np.float32)
-            want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
-            cos = float((got * want).sum(1).min())
+        info.update(loader_facts(enc))
+        if info["loader"] != "sentence-transformers" and samples:
+            cos = _min_cosine(enc, samples)
             info.update(validated_on=len(samples), min_cosine=cos)
-            if cos < 0.99999:
+            if info["loader"] != "native" and cos < RUNTIME_MIN_COSINE:
+                raise ConfigError(
+                    f"the {info['backend']}/{info['quantize']} model does not reproduce the live run's stored vectors "
+                    f"(min cosine {cos:.6f} < {RUNTIME_MIN_COSINE}): another export or runtime than the live run's; "
+                    "check the model folder and library versions, or re-embed with `embedctl migrate`")
+            if info["loader"] == "native" and cos < 0.99999:
                 os.environ["EMBEDCTL_ENCODER"] = "sentence-transformers"
                 info = {"native_rejected": f"min cosine {cos:.6f} to the stored vectors"}
                 enc = load()
-                info["loader"] = "sentence-transformers"
+                info.update(loader_facts(enc))
     except Exception as err:  # noqa: BLE001 - reported to the driver on its first request
         error = f"{type(err).__name__}: {err}"
         info["error"] = error
@@ -158,6 +176,36 @@ def serve_model() -> None:
             _send(out, (True, enc.encode_passages(texts)))
         except Exception as err:  # noqa: BLE001
             _send(out, (False, f"{type(err).__name__}: {err}"))
+
+
+# A runtime-backend model must reproduce the live run's stored vectors this closely: the same export
+# reproduces them to ~1e-7 (fp32) and bit for bit (int8, same kernels); another CPU's int8 kernels
+# land within ~1e-3; another export or quantization recipe falls well below.
+RUNTIME_MIN_COSINE = 0.999
+
+
+def loader_facts(enc: Any) -> dict[str, Any]:
+    """What the refresh's model process loaded: loader (native | sentence-transformers | onnx | ...),
+    backend, quantize, and the encoder's identity (checked against the live run's by the driver)."""
+    from engine.embed.backends import identity_backend
+    from engine.embed.encoders import NativeBertEncoder, SentenceTransformerEncoder
+
+    identity = dict(enc.identity)
+    backend, quantize = identity_backend(identity)
+    if isinstance(enc, NativeBertEncoder):
+        loader = "native"
+    elif isinstance(enc, SentenceTransformerEncoder):
+        loader = "sentence-transformers"
+    else:
+        loader = backend
+    return {"loader": loader, "backend": backend, "quantize": quantize, "identity": identity}
+
+
+def _min_cosine(enc: Any, samples: list[tuple[str, list[float]]]) -> float:
+    got = enc.encode_passages([t for t, _v in samples])  # [k, dim]
+    want = np.asarray([v for _t, v in samples], dtype=np.float32)
+    want /= np.maximum(np.linalg.norm(want, axis=1, keepdims=True), 1e-12)
+    return float((got * want).sum(1).min())
 
 
 class LazyModel:

@@ -123,6 +123,26 @@ def unit_misses(cfg: EmbedJobConfig, chunked: dict[str, Any], lookup: VectorLook
     return lookup.misses(read_columns(store, chunked["chunk_file"]["key"], ["content_hash"]).column(0).to_pylist())
 
 
+def check_runtime(live: dict[str, Any], encoder: Any) -> None:
+    """Refuse a refresh model whose backend/quantization differs from the live run's: its vectors would
+    sit beside the stored ones in one index but be placed slightly differently (int8 vs fp32, ONNX vs
+    torch), so scores across old and new chunks would not compare."""
+    from engine.embed.backends import check_same_backend, identity_backend
+
+    got = getattr(encoder, "identity", None)
+    if not isinstance(got, dict) or not got:
+        return  # no identity (a test double, or a model process that failed: its error comes on first use)
+    try:
+        check_same_backend(live, got, what="the live run")
+    except ConfigError as err:
+        want, have = identity_backend(live), identity_backend(got)
+        raise ConfigError(
+            f"the refresh's model runs on {have[0]}/{have[1]}, but the live run's vectors were made on "
+            f"{want[0]}/{want[1]}; a refresh must embed changed chunks exactly as the live run did. Refresh with "
+            f"the live backend (drop --backend/--quantize), or re-embed everything with `embedctl migrate "
+            f"--backend {have[0]} --quantize {have[1]}`") from err
+
+
 class ReusingEncoder(Encoder):
     """An encoder that answers from a previous run's stored vectors by content hash, and sends
     only unseen texts to the real model (loaded lazily: a unit whose chunks are all unchanged
@@ -142,6 +162,7 @@ class ReusingEncoder(Encoder):
         self._inner = inner
         self.fresh: dict[str, np.ndarray] = {}  # content hash -> vector embedded ahead (``embed_ahead``)
         self.counts = {"reused": 0, "embedded": 0}
+        self._checked = False  # the inner model's runtime checked against the live identity (first use)
 
     @property
     def identity(self) -> dict[str, Any]:  # the live run's identity, verbatim
@@ -155,6 +176,9 @@ class ReusingEncoder(Encoder):
             self._inner = self._load_inner()
             if self._inner.dim != self.dim:
                 raise ConfigError(f"the model gives {self._inner.dim}-dim vectors, the live run has {self.dim}")
+        if not self._checked:
+            check_runtime(self._identity, self._inner)
+            self._checked = True
         return self._inner
 
     def encode_passages(self, texts: list[str]) -> np.ndarray:
