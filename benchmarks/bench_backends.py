@@ -5,13 +5,15 @@
 On Cranfield (../shared/data/cranfield, 1,400 abstracts; the stdlib demo corpus when absent):
 1. the ONNX exports (fp32, int8) are built once into the cache (a one-off, timed separately);
 2. `embedctl embed --device cpu --backend B [--quantize int8]` as a command, per backend
-   (torch, onnx fp32, onnx int8), each into a fresh store: command wall time, Ray start included;
+   (torch, onnx fp32, onnx int8, and openvino fp32/int8 where openvino/nncf are installed), each
+   into a fresh store: command wall time, Ray start included;
 3. bare `SentenceTransformer.encode(batch_size=32)` fp32 on exactly the engine's chunk inputs
    (model load timed apart, as in bench_embed.py); ratios = bare encode time / job wall time;
 4. cosine of each backend's stored vectors to the torch run's, row by row;
 5. nDCG@10 / recall@10 on the Cranfield queries per build (exact search, chunk hits collapsed
    to documents by their best chunk, queries embedded by each run's own model identity);
-6. model-process start-up (fresh interpreter: import + load + first vector) per backend.
+6. model-process start-up (fresh interpreter: import + load, then the first vector) per backend,
+   and for the torch path through sentence-transformers (what engine/embed/bert.py saves).
 
 Timings on a shared machine are noisy: the load average before and after is printed with them.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import platform
@@ -42,6 +45,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from benchmarks.bench_embed import CRANFIELD, write_corpus  # noqa: E402
 
 BACKENDS = {"torch": ("torch", "none"), "onnx-fp32": ("onnx", "none"), "onnx-int8": ("onnx", "int8")}
+if importlib.util.find_spec("openvino") is not None:  # optional package: measured when installed
+    BACKENDS["openvino-fp32"] = ("openvino", "none")
+    if importlib.util.find_spec("nncf") is not None:
+        BACKENDS["openvino-int8"] = ("openvino", "int8")
+# Model-process start-up also measures the torch path through sentence-transformers (what runs on
+# CPU without engine/embed/bert.py), to show what the native BERT saves.
+START_UP = {**BACKENDS, "torch-sentence-transformers": ("torch", "none")}
 EMBEDCTL = [str(Path(sys.executable).with_name("embedctl"))]  # the installed command, as users run it
 
 
@@ -117,12 +127,17 @@ def retrieval_quality(doc_ids: list[str], vecs: Any, identity: dict[str, Any], k
     return {key: round(v, 4) for key, v in mean_metrics(rows).items() if key in (f"ndcg@{k}", f"recall@{k}")}
 
 
-def start_up(backend: str, quantize: str) -> float:
+def start_up(name: str, backend: str, quantize: str) -> dict[str, float]:
+    """A fresh interpreter: import + load (export cached), then the first vector, timed apart."""
     code = ("import time; t = time.perf_counter(); from engine.embed.encoders import load_encoder; "
-            f"e = load_encoder(None, device='cpu', backend={backend!r}, quantize={quantize!r}); e.encode(['flutter']); "
-            "print(time.perf_counter() - t)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+            f"e = load_encoder(None, device='cpu', backend={backend!r}, quantize={quantize!r}); "
+            "t1 = time.perf_counter(); e.encode(['flutter']); t2 = time.perf_counter(); "
+            "print(t1 - t, t2 - t1, type(e).__name__)")
+    env = {**os.environ, "EMBEDCTL_ENCODER": "sentence-transformers" if name.endswith("sentence-transformers") else "auto"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True, env=env)
+    load, first, cls = out.stdout.split()[-3:]
+    return {"import_load_s": round(float(load), 2), "first_vector_s": round(float(first), 3),
+            "total_s": round(float(load) + float(first), 2), "encoder": cls}
 
 
 def bare_encode(texts: list[str]) -> tuple[float, float, Any]:
@@ -160,6 +175,10 @@ def main() -> None:
         t = time.perf_counter()
         for q in ("none", "int8"):
             ensure_onnx_model(path, model_fingerprint(path), q)
+        if "openvino-fp32" in BACKENDS:
+            from engine.embed.backends import prebuild
+
+            prebuild(None, "openvino", BACKENDS.get("openvino-int8", ("", "none"))[1], "cpu")
         res["export_build_s_if_not_cached"] = round(time.perf_counter() - t, 2)
 
         jobs: dict[str, dict[str, Any]] = {}
@@ -196,14 +215,23 @@ def main() -> None:
         res["int8_relative_ndcg10_loss_vs_onnx_fp32"] = round(1 - jobs["onnx-int8"]["cranfield"]["ndcg@10"] / base, 4)
         base_t = jobs["torch"]["cranfield"]["ndcg@10"]
         res["int8_relative_ndcg10_loss_vs_torch_fp32"] = round(1 - jobs["onnx-int8"]["cranfield"]["ndcg@10"] / base_t, 4)
+        if "openvino-int8" in jobs:
+            ov_base = jobs["openvino-fp32"]["cranfield"]["ndcg@10"]
+            res["openvino_int8_relative_ndcg10_loss_vs_openvino_fp32"] = round(
+                1 - jobs["openvino-int8"]["cranfield"]["ndcg@10"] / ov_base, 4)
         log("model-process start-up")
-        res["model_process_start_up_s"] = {name: round(start_up(*bq), 2) for name, bq in BACKENDS.items()}
+        res["model_process_start_up"] = {name: start_up(name, *bq) for name, bq in START_UP.items()}
         res["load_average_after"] = os.getloadavg()
         print(json.dumps(res, indent=2))
-        print("\nratios (bare encode time / job command wall time):", file=sys.stderr)
+        print(f"\nmachine: {res['machine']}; load average before {res['load_average_before']}, "
+              f"after {res['load_average_after']}", file=sys.stderr)
+        print("ratios (bare SentenceTransformer.encode fp32 batch 32 time / job command wall time):", file=sys.stderr)
         for name, j in jobs.items():
             print(f"  {name:10s} {j['ratio_vs_bare_encode']:.2f}x  nDCG@10 {j['cranfield'].get('ndcg@10')}  "
                   f"cos-to-torch mean {j['cosine_to_torch_fp32']['mean']}", file=sys.stderr)
+        for name, su in res["model_process_start_up"].items():
+            print(f"  start-up {name:28s} import+load {su['import_load_s']:.2f} s, first vector {su['first_vector_s']:.3f} s "
+                  f"({su['encoder']})", file=sys.stderr)
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=2))
     finally:
