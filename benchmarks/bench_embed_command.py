@@ -1,0 +1,128 @@
+"""The embed job as a user measures it: the whole `embedctl embed` command vs a fresh bare-encode process.
+
+    .venv/bin/python benchmarks/bench_embed_command.py [--pairs 2] [--scale 1] [--out results.json]
+
+Both sides are whole processes timed from outside, start-up included, run in turn (engine, bare,
+engine, bare, ...) so a drift of the machine's speed hits both:
+
+- engine: ``embedctl embed --corpus C --store S --json`` with the defaults a user gets (a local Ray
+  started by the command, units sized by device), a fresh store each time so nothing resumes;
+- bare: ``python -c`` that imports sentence-transformers, loads the packaged MiniLM and calls
+  ``encode(texts, batch_size=32, normalize_embeddings=True)`` on exactly the engine's chunk inputs
+  (title prefix + chunk text, read from the first engine run's chunks).
+
+Prints each pair, the median ratio bare/engine (>= 1.0 means the engine command is at least as
+fast as the bare process), the engine's start-up split from its manifest, and the load average.
+Corpus: Cranfield (../shared/data/cranfield) when present, else the stdlib docstring corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_embed import write_corpus  # noqa: E402
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
+       "RAY_USAGE_STATS_ENABLED": "0"}
+BARE = """
+import json, sys
+from sentence_transformers import SentenceTransformer
+from engine.embed.encoders import resolve_model_path
+texts = json.load(open(sys.argv[1]))
+model = SentenceTransformer(resolve_model_path(None)[1], device="cpu")
+model.encode(texts, batch_size=32, normalize_embeddings=True)
+"""
+
+
+def embedctl() -> str:
+    found = shutil.which("embedctl", path=str(Path(sys.executable).parent))
+    if not found:
+        raise SystemExit("embedctl is not installed next to this Python; run the README's install command first")
+    return found
+
+
+def run_engine(corpus: Path, store: Path) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    out = subprocess.run([embedctl(), "embed", "--corpus", str(corpus), "--store", str(store), "--json"],
+                         env=ENV, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"embedctl embed failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return wall, json.loads(out.stdout)
+
+
+def run_bare(texts: Path) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", BARE, str(texts)], env={**ENV, "PYTHONPATH": str(REPO)}, check=True,
+                   capture_output=True, cwd=REPO)
+    return time.perf_counter() - t0
+
+
+def chunk_texts(store: Path, run_id: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import embed_inputs, make_chunker
+
+    chunker = make_chunker(EmbedJobConfig.from_flat({"corpus": "-", "store": "-"}))
+    texts: list[str] = []
+    for f in sorted((store / "runs" / run_id / "chunks").glob("*.parquet")):
+        texts += embed_inputs(pq.read_table(f), chunker)
+    return texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pairs", type=int, default=2, help="engine/bare pairs timed after a warm-up pair")
+    ap.add_argument("--scale", type=int, default=1, help="corpus copies (see bench_embed.py)")
+    ap.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    ap.add_argument("--out", default=None, help="also write the results JSON here")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-embed-cmd-"))
+    try:
+        name = write_corpus(tmp / "corpus", args.limit, args.scale)
+        warm_wall, summary = run_engine(tmp / "corpus", tmp / "store-warm")  # also the chunk texts for bare
+        texts = chunk_texts(tmp / "store-warm", summary["run_id"])
+        assert len(texts) == summary["counts"]["chunks"], "the bare side must encode exactly the engine's inputs"
+        (tmp / "texts.json").write_text(json.dumps(texts))
+        run_bare(tmp / "texts.json")  # warm-up: file caches for the bare side too
+        pairs = []
+        for i in range(args.pairs):
+            e_wall, s = run_engine(tmp / "corpus", tmp / f"store-{i}")
+            b_wall = run_bare(tmp / "texts.json")
+            pairs.append({"engine_s": round(e_wall, 2), "bare_s": round(b_wall, 2), "ratio": round(b_wall / e_wall, 3),
+                          "start_up": (s.get("timings") or {}).get("start_up"), "load": round(os.getloadavg()[0], 1)})
+            print(f"pair {i + 1}/{args.pairs}: engine {e_wall:.1f} s, bare {b_wall:.1f} s, "
+                  f"ratio {b_wall / e_wall:.3f}", file=sys.stderr)
+        res = {
+            "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch CPU",
+            "corpus": name, "chunks": len(texts), "tokens": summary["counts"]["tokens"],
+            "unit_rows": None, "pairs": pairs,
+            "median_engine_s": round(statistics.median(p["engine_s"] for p in pairs), 2),
+            "median_bare_s": round(statistics.median(p["bare_s"] for p in pairs), 2),
+            "median_ratio_bare_over_engine": round(statistics.median(p["ratio"] for p in pairs), 3),
+        }
+        manifest = json.loads((tmp / "store-warm" / "runs" / summary["run_id"] / "manifest.json").read_text())
+        res["unit_rows"] = manifest["config"]["corpus"]["unit_rows"]
+        print(json.dumps(res, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
