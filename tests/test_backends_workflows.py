@@ -88,6 +88,7 @@ def test_migration_to_int8_of_the_same_model_embeds_and_searches_on_onnx(tiny, t
     setup = make_blue(tmp_path, str(tmp_path / "store"), model=str(tiny))
     store = setup["store"]
     m = Migration.start(store, plan_for(setup, embed={"backend": "onnx", "quantize": "int8"}))
+    m.run(until="baseline")
     cfg = m.green_embed_config()
     assert (cfg.embed.backend, cfg.embed.quantize, cfg.embed.model) == ("onnx", "int8", str(tiny))
     m.run(until="build")

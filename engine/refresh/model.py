@@ -163,6 +163,8 @@ def serve_model() -> None:
     except Exception as err:  # noqa: BLE001 - reported to the driver on its first request
         error = f"{type(err).__name__}: {err}"
         info["error"] = error
+        info.pop("identity", None)  # no model to compare: the error answers the first request
+        enc = None  # a model that loaded but failed its check must not answer
     _send(out, ("ready", info))
     while True:
         try:
