@@ -119,7 +119,7 @@ def embed(as_json: bool, **kwargs: Any) -> None:
 def start_up_line(timings: dict[str, Any]) -> str:
     """The job's fixed start in one line (seconds after the command's job began), from manifest timings."""
     up = timings.get("start_up") or {}
-    parts = [(label, up[key]) for key, label in (("plan_s", "plan"), ("ray_init_s", "Ray"),
+    parts = [(label, up[key]) for key, label in (("ray_init_s", "Ray"), ("plan_s", "plan (alongside Ray) done at"),
                                                   ("first_worker_created_s", "actor up at"),
                                                   ("model_load_s", "model load"),
                                                   ("first_unit_start_s", "first unit started at"),
