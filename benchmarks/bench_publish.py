@@ -140,7 +140,8 @@ def swap_latency(store: Store, n: int) -> float:
 def hot_swap_and_load(store: Store, blue: str, green: str, seconds: float) -> dict[str, Any]:
     """Serve SERVE_IDX over HTTP (the real Searcher) and query it from 4 threads while
     publish(green) -> rollback -> publish(green) run; count answers and failures."""
-    from engine.serve.alias import AliasSearcher, SearchServer
+    from engine.serve.alias import AliasSearcher
+    from engine.serve.server import SearchServer
 
     publish_version(store, SERVE_IDX, blue)
     s = AliasSearcher(store, SERVE_IDX, "live", poll_interval=0.05).start()

@@ -150,7 +150,8 @@ def main() -> int:
     from engine.migrate.report import find_chromium, screenshot
     from engine.migrate.tools import Tools, default_index_builder, default_loader
     from engine.publish.aliases import publish_version
-    from engine.serve.alias import AliasSearcher, SearchServer
+    from engine.serve.alias import AliasSearcher
+    from engine.serve.server import SearchServer
 
     out = Path(args.out or tempfile.mkdtemp(prefix="embedctl-migrate-cranfield-")).resolve()
     out.mkdir(parents=True, exist_ok=True)

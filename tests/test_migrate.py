@@ -44,7 +44,8 @@ from engine.migrate.plan import MigrationPlan, default_migration_id, parse_weigh
 from engine.migrate.state import PHASES, MigrationState
 from engine.migrate.tools import Tools, default_index_builder, default_loader
 from engine.publish.aliases import alias_history, publish_version, read_alias
-from engine.serve.alias import AliasSearcher, SearchServer, hit_to_dict
+from engine.serve.alias import AliasSearcher, hit_to_dict
+from engine.serve.server import SearchServer
 from tests.corpus_utils import make_docs, write_corpus
 
 REPO = Path(__file__).resolve().parent.parent

@@ -167,7 +167,8 @@ def test_http_probe_routes_long_queries_by_their_text(tmp_path):
     and explicit keys are limited to 256 characters (3 of Cranfield's 225 queries are longer)."""
     from engine.migrate.gates import probe_http
     from engine.migrate.tools import default_loader
-    from engine.serve.alias import AliasSearcher, SearchServer
+    from engine.serve.alias import AliasSearcher
+    from engine.serve.server import SearchServer
 
     setup = make_blue(tmp_path, str(tmp_path / "store"), n_docs=12)
     searcher = AliasSearcher(setup["store"], IDX, "live", poll_interval=3600, loader=default_loader).start()

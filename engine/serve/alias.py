@@ -408,12 +408,3 @@ def _check_options(searcher: SearcherLike, kwargs: dict[str, Any]) -> None:
         raise UnsupportedOption(f"version {searcher.version_id} cannot search with {', '.join(missing)}= (its "
                                 "searcher does not take it); drop the parameter or publish a version built by an "
                                 "engine that supports it")
-
-
-def __getattr__(name: str) -> Any:
-    """``SearchServer`` moved to ``engine.serve.server``; importing it from here keeps working."""
-    if name == "SearchServer":
-        from engine.serve.server import SearchServer
-
-        return SearchServer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

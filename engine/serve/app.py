@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Query, Request
@@ -36,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.core.errors import ConfigError, NotFoundError
 from engine.serve.alias import AliasSearcher, SearchAnswer, UnsupportedOption, hit_to_dict
+from engine.serve.limits import ServeLimits
 from engine.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -47,25 +47,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 ROUTES = ("/search", "/healthz", "/version", "/metrics", "/openapi.json", "/docs")
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one request may ask for; anything beyond gets a 4xx with a message."""
-
-    max_batch: int = 256  # queries per request
-    max_k: int = 1000  # hits per query
-    max_query_chars: int = 2048  # characters per query (models read ~256 tokens anyway)
-    max_key_chars: int = 256  # characters per routing key
-    max_body_bytes: int = 1 << 20  # POST body
-    request_timeout_s: float = 30.0  # a search still running then is answered 504
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_k", "max_query_chars", "max_key_chars", "max_body_bytes"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.request_timeout_s > 0:
-            raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
 
 
 class BadRequest(Exception):

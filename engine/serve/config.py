@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 from engine.core.config import FlatConfig
 from engine.core.errors import ConfigError
 from engine.core.names import check_name
-from engine.serve.app import ServeLimits
+from engine.serve.limits import ServeLimits
 
 
 @dataclass(frozen=True)

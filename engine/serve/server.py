@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import ConfigError
 from engine.serve.alias import AliasSearcher
-from engine.serve.app import ServeLimits, create_app
+from engine.serve.app import create_app
 from engine.serve.batching import BatchingBackend
+from engine.serve.limits import ServeLimits
 from engine.serve.metrics import ServeMetrics
 
 if TYPE_CHECKING:
