@@ -1,7 +1,9 @@
 """Unsupervised domain adaptation on Cranfield (CPU): TSDAE or SimCSE on the 1,400 abstracts, nDCG@10 before and after.
 
     .venv/bin/python benchmarks/unsupervised_cranfield.py [--objective tsdae|simcse] [--max-steps 100]
-        [--batch-size 8] [--work DIR] [--out results.json]
+        [--epochs 1] [--batch-size 8] [--work DIR] [--out results.json]
+
+``--max-steps 0`` trains ``--epochs`` full passes over the chunks (one epoch: ~1,400 texts / batch).
 
 The abstracts (title + text, ../shared/data/cranfield) are embedded into a run with the
 model-free ``hash:384`` encoder: only the run's *chunks* matter here (they are the unlabelled
@@ -51,7 +53,8 @@ def build_run(work: Path) -> tuple[str, str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objective", choices=["tsdae", "simcse"], default="tsdae")
-    p.add_argument("--max-steps", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=100, help="0: no cap, train --epochs full passes")
+    p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--learning-rate", type=float, default=3e-5)  # the TSDAE paper's
     p.add_argument("--eval-max-queries", type=int, default=None)
@@ -68,14 +71,15 @@ def main() -> int:
     store, run_id, embed_s = build_run(work)
     cfg = FinetuneConfig.from_flat({
         "objective": args.objective, "store": store, "run": run_id, "out": str(work / f"model-{args.objective}"),
-        "batch_size": args.batch_size, "epochs": 1, "max_steps": args.max_steps, "learning_rate": args.learning_rate,
+        "batch_size": args.batch_size, "epochs": args.epochs, "max_steps": args.max_steps or None, "learning_rate": args.learning_rate,
         "eval_set": str(CRANFIELD), "eval_gain": "cranfield", "general_eval": "stdlib",
         "eval_max_queries": args.eval_max_queries, "device": "cpu", "overwrite": True, "seed": 42})
     report = run_finetune(cfg)
     ev = report["eval"]
     result = {
         "objective": args.objective,
-        "settings": {"base_model": report["base_model"]["name"], "max_steps": args.max_steps,
+        "settings": {"base_model": report["base_model"]["name"], "max_steps": args.max_steps or None,
+                     "epochs": args.epochs, "steps_trained": report["training"]["steps"],
                      "batch_size": args.batch_size, "learning_rate": args.learning_rate,
                      "noise_ratio": cfg.noise_ratio if args.objective == "tsdae" else None,
                      "temperature": cfg.temperature if args.objective == "simcse" else None,
