@@ -25,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-CRANFIELD = REPO.parent / "shared" / "data" / "cranfield"
+sys.path.insert(0, str(REPO))
+
+from benchmarks.quality_cranfield import CRANFIELD, corpus_parquet  # noqa: E402  (the same Parquet copy of the corpus)
+
 EMBEDCTL = [str(Path(sys.executable).with_name("embedctl"))]
 BUILDS = {"torch": ("torch", "none"), "onnx-fp32": ("onnx", "none"), "onnx-int8": ("onnx", "int8")}
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
@@ -43,18 +46,6 @@ def embedctl(*args: str) -> dict[str, Any]:
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return dict(json.loads(out.stdout))
-
-
-def corpus_parquet(work: Path) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = work / "corpus"
-    if not (out / "part-000.parquet").exists():
-        rows = [json.loads(line) for line in (CRANFIELD / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows), out / "part-000.parquet")
-    return out
 
 
 def one_build(work: Path, name: str, backend: str, quantize: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from engine.embed.backends import onnx_export
 from engine.embed.config import EmbedJobConfig
 from engine.embed.encoders import encoder_from_identity, load_encoder
 from engine.embed.pipeline import run_locally
+from tests.backend_utils import tiny_bert_with_cache
 from tests.corpus_utils import make_docs, write_corpus
 from tests.test_embedding import _tiny_bert
 
@@ -33,14 +34,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 2-layer BERT folder and a module-wide export cache (each export takes seconds)."""
-    root = tmp_path_factory.mktemp("backends")
-    old = os.environ.get("EMBEDCTL_CACHE_DIR")
-    os.environ["EMBEDCTL_CACHE_DIR"] = str(root / "cache")
-    yield _tiny_bert(root / "tiny", "mean")
-    if old is None:
-        os.environ.pop("EMBEDCTL_CACHE_DIR", None)
-    else:
-        os.environ["EMBEDCTL_CACHE_DIR"] = old
+    yield from tiny_bert_with_cache(tmp_path_factory.mktemp("backends"))
 
 
 # -- choice rules (no model) -----------------------------------------------------------------------

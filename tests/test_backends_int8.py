@@ -3,27 +3,18 @@ and an identity from an older recipe reloading that recipe."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from engine.core.errors import ConfigError
 from engine.embed.backends import onnx_export
 from engine.embed.encoders import encoder_from_identity, load_encoder
-from tests.test_embedding import _tiny_bert
+from tests.backend_utils import tiny_bert_with_cache
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8")
-    old = os.environ.get("EMBEDCTL_CACHE_DIR")
-    os.environ["EMBEDCTL_CACHE_DIR"] = str(root / "cache")
-    yield _tiny_bert(root / "tiny", "mean")
-    if old is None:
-        os.environ.pop("EMBEDCTL_CACHE_DIR", None)
-    else:
-        os.environ["EMBEDCTL_CACHE_DIR"] = old
+    yield from tiny_bert_with_cache(tmp_path_factory.mktemp("int8"))
 
 
 def _ffn_graph(gelu: str):

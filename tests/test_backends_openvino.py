@@ -4,14 +4,13 @@ close; identity, cache and the searcher's refusal work as for onnx."""
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 
 from engine.core.errors import ConfigError
 from engine.embed import backends
 from engine.embed.encoders import encoder_from_identity, load_encoder
-from tests.test_embedding import _tiny_bert
+from tests.backend_utils import tiny_bert_with_cache
 
 TEXTS = ["boundary layer transition on a flat plate", "heat transfer in hypersonic flow " * 3, "flutter " * 120, "x"]
 
@@ -35,14 +34,7 @@ pytest.importorskip("openvino")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openvino")
-    old = os.environ.get("EMBEDCTL_CACHE_DIR")
-    os.environ["EMBEDCTL_CACHE_DIR"] = str(root / "cache")
-    yield _tiny_bert(root / "tiny", "mean")
-    if old is None:
-        os.environ.pop("EMBEDCTL_CACHE_DIR", None)
-    else:
-        os.environ["EMBEDCTL_CACHE_DIR"] = old
+    yield from tiny_bert_with_cache(tmp_path_factory.mktemp("openvino"))
 
 
 def test_openvino_fp32_matches_onnx_and_records_its_identity(tiny):

@@ -3,29 +3,19 @@ query encoder; a refresh embeds on the live run's backend, reports it, and refus
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from engine.core import layout
 from engine.core.errors import ConfigError
 from engine.embed.encoders import load_encoder
+from tests.backend_utils import tiny_bert_with_cache
 from tests.corpus_utils import make_docs, write_corpus
-from tests.test_embedding import _tiny_bert
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A random 2-layer BERT folder and a module-wide export cache (child processes inherit it)."""
-    root = tmp_path_factory.mktemp("backend-workflows")
-    old = os.environ.get("EMBEDCTL_CACHE_DIR")
-    os.environ["EMBEDCTL_CACHE_DIR"] = str(root / "cache")
-    yield _tiny_bert(root / "tiny", "mean")
-    if old is None:
-        os.environ.pop("EMBEDCTL_CACHE_DIR", None)
-    else:
-        os.environ["EMBEDCTL_CACHE_DIR"] = old
+    yield from tiny_bert_with_cache(tmp_path_factory.mktemp("backend-workflows"))
 
 
 # -- migrate ---------------------------------------------------------------------------------------

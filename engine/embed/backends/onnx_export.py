@@ -25,6 +25,8 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -156,10 +158,8 @@ def ensure_onnx_model(folder: str | Path, weights_fingerprint: str, quantize: st
         return ExportedModel(key, final, json.loads((final / "meta.json").read_text()))
     layout = model_layout(folder)
     source = ensure_onnx_model(folder, weights_fingerprint, "none") if quantize == "int8" else None
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key[:8]}-", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by the user's processes
-    try:
+    with cache_build(final, f"model folder {folder} could not be exported for --backend onnx (quantize {quantize})",
+                     "use --backend torch") as tmp:
         if source is None:
             info = _export_fp32(Path(folder), tmp / "model.onnx", layout, fuse)
         else:
@@ -168,22 +168,33 @@ def ensure_onnx_model(folder: str | Path, weights_fingerprint: str, quantize: st
                 "settings": export_settings(quantize, recipe, fuse), "sha256": _sha256(tmp / "model.onnx"),
                 "from_export": source.key if source else None}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))  # last: marks a whole export
+    return ExportedModel(key, final, json.loads((final / "meta.json").read_text()))
+
+
+@contextmanager
+def cache_build(final: Path, failed: str, hint: str) -> Iterator[Path]:
+    """A temporary folder beside ``final`` to build into; renamed into place when the body returns (a
+    builder that lost the race to another process drops its copy and the winner's is used). Other
+    errors than ConfigError become one: ``"{failed}: {error}; {hint}"``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name[:8]}-", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared by the user's processes
+    try:
+        yield tmp
         try:
             os.rename(tmp, final)
         except OSError:
             if not (final / "meta.json").exists():
                 raise
-            log.info("another process built export %s first; using it", key)
+            log.info("another process built %s first; using it", final)
         else:
-            log.info("built ONNX export %s (%s) of %s in %s", key, quantize, folder, final)
+            log.info("built %s", final)
     except ConfigError:
         raise
     except Exception as err:
-        raise ConfigError(f"model folder {folder} could not be exported for --backend onnx "
-                          f"(quantize {quantize}): {type(err).__name__}: {err}; use --backend torch") from err
+        raise ConfigError(f"{failed}: {type(err).__name__}: {err}; {hint}") from err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return ExportedModel(key, final, json.loads((final / "meta.json").read_text()))
 
 
 def _sha256(path: Path) -> str:

@@ -14,17 +14,14 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.core.errors import ConfigError
 from engine.embed.backends import check_openvino
 from engine.embed.backends.onnx_encoder import OnnxEncoder
-from engine.embed.backends.onnx_export import cache_root, ensure_onnx_model, library_version
+from engine.embed.backends.onnx_export import cache_build, cache_root, ensure_onnx_model, library_version
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +70,9 @@ def ensure_int8_ir(onnx_path: Path, onnx_key: str) -> tuple[Path, str]:
     import nncf
     import openvino as ov
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key[:8]}-", dir=root))
-    os.chmod(tmp, 0o755)
-    try:
+    with cache_build(final, f"the ONNX export {onnx_path} could not be compressed to int8 for --backend openvino",
+                     "use --backend onnx --quantize int8") as tmp:
         model = nncf.compress_weights(ov.Core().read_model(str(onnx_path)), mode=nncf.CompressWeightsMode.INT8_ASYM)
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
         (tmp / "meta.json").write_text(json.dumps({"key": key, "settings": settings}, indent=1, sort_keys=True))
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "meta.json").exists():
-                raise
-    except ConfigError:
-        raise
-    except Exception as err:
-        raise ConfigError(f"the ONNX export {onnx_path} could not be compressed to int8 for --backend openvino: "
-                          f"{type(err).__name__}: {err}; use --backend onnx --quantize int8") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final / "model.xml", key
