@@ -181,3 +181,12 @@ def test_tune_fusion_folds_and_evaluate_modes_on_document_bm25(docver, tmp_path)
     assert set(modes) == {"dense", "sparse", "hybrid"} and modes["sparse"]["ndcg@10"] > modes["dense"]["ndcg@10"]
     for f in folds:
         store.delete(f["record"])
+
+
+def test_refresh_rebuilds_with_the_live_granularity(docver):
+    """A refresh rebuilds a BM25 version with the live version's build settings: document BM25 stays per document."""
+    from engine.refresh.strategy import live_build_config
+
+    store, res, _, _ = docver
+    cfg = BuildConfig.from_dict(live_build_config(store, "docs", res.manifest))
+    assert (cfg.sparse, cfg.sparse_granularity) == ("bm25", "doc")
