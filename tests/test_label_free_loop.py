@@ -80,17 +80,22 @@ def test_label_free_loop_chained_end_to_end(tmp_path, ray_session, monkeypatch):
                 "--max-steps", "1", "--device", "cpu")
     assert tsdae["data"]["source_run"] == "base" and tsdae["data"]["rows_used"] == len(docs)
 
-    # 3. generate-queries through the loopback chat server
+    # 3. generate-queries through the loopback chat server, on Ray tasks that run in another folder than this
+    # one (the session's Ray started elsewhere): relative paths must reach them made absolute
+    rel = ["--store", "store"]
     with ChatServer() as srv:
-        gen = run("generate-queries", *st, "--run", "base", "--endpoint", srv.url, "--model", "stand-in", "-n", "2",
-                  "--consistency-k", "5", "--out", "pairs.parquet", "--local", "--backoff-s", "0.01")
-    assert srv.requests == gen["chunks"]["asked"] == len(chunk_ids)
+        gen = run("generate-queries", *rel, "--run", "base", "--endpoint", srv.url, "--model", "stand-in", "-n", "2",
+                  "--consistency-k", "5", "--out", "pairs.parquet", "--backoff-s", "0.01")
+    assert gen["runtime"]["mode"] == "ray" and srv.requests == gen["chunks"]["asked"] == len(chunk_ids)
+    assert len(list((tmp_path / "store" / "generate" / "cache").rglob("*.json"))) == len(chunk_ids)  # cached here
     pairs = pq.read_table(tmp_path / "pairs.parquet")
     assert pairs.num_rows == gen["pairs"] > 10 and set(pairs.column("positive_id").to_pylist()) <= chunk_ids
 
     # 4. mine-negatives takes the pairs file as it is
-    mined = run("mine-negatives", *st, "--index", IDX, "--alias", "live", "--pairs", "pairs.parquet", "--out",
-                "triplets.parquet", "--num-negatives", "2", "--range-min", "0", "--relative-margin", "none", "--local")
+    mined = run("mine-negatives", *rel, "--index", IDX, "--alias", "live", "--pairs", "pairs.parquet", "--out",
+                "triplets.parquet", "--num-negatives", "2", "--range-min", "0", "--relative-margin", "none",
+                "--workers", "1")
+    assert mined["workers"]["pool"]["mode"] == "ray"
     assert mined["counts"]["pairs"] == gen["pairs"] and mined["counts"]["pairs_unresolved"] == 0
     triplets = pq.read_table(tmp_path / "triplets.parquet")
     assert triplets.num_rows == mined["counts"]["rows"] > 10
@@ -117,3 +122,16 @@ def test_label_free_loop_chained_end_to_end(tmp_path, ray_session, monkeypatch):
                           .read_text())
     assert manifest["model"]["fingerprint"] == ft["fingerprint"]
     assert Path(manifest["model"]["path"]).resolve() == (tmp_path / "model-ft").resolve()
+
+
+def test_paths_sent_to_ray_workers_are_absolute(tmp_path, monkeypatch):
+    from engine.mining import MiningJobConfig, absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("store") == str(tmp_path / "store") and absolute_uri("~/x").startswith("/")
+    assert absolute_uri("s3://b/p") == "s3://b/p" and absolute_uri("file:///a") == "file:///a"
+    assert absolute_uri(None) is None
+    cfg = MiningJobConfig.from_flat({"store": "s", "run": "r", "pairs": "p.parquet", "out": "o.parquet",
+                                     "cache_dir": "c"}).with_absolute_paths()
+    assert (cfg.store, cfg.pairs, cfg.out, cfg.runtime.cache_dir) == tuple(
+        str(tmp_path / n) for n in ("s", "p.parquet", "o.parquet", "c"))

@@ -72,7 +72,7 @@ def run_generation_job(cfg: GenerateJobConfig, progress: Progress | None = None)
         task: Any = ray.remote(num_cpus=TASK_CPUS, max_retries=0)(ask_chunks)
         refs, start = [], 0
         for chunks, threads, rpm in plan:
-            refs.append(task.remote(prep.pending[start:start + chunks], cfg, key, threads, rpm))
+            refs.append(task.remote(prep.pending[start:start + chunks], prep.cfg, key, threads, rpm))
             start += chunks
         pending_refs = list(refs)
         while pending_refs:

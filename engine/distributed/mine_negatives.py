@@ -94,7 +94,7 @@ def run_mining_job(cfg: MiningJobConfig, progress: Progress | None = None) -> di
         from engine.distributed.placement import connect_for_store
 
         connect_for_store(cfg.runtime.address, cfg.store, shared_filesystem=cfg.runtime.shared_filesystem)
-        actors, pool_info = _start_actors(ray, cfg, prep)
+        actors, pool_info = _start_actors(ray, prep.cfg, prep)  # prep.cfg: paths made absolute
         pool_info["startup_seconds"] = round(time.perf_counter() - t0, 3)
         t_mine = time.perf_counter()
         try:

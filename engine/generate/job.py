@@ -44,6 +44,7 @@ from engine.generate.source import (
     read_run_manifest,
     select_chunks,
 )
+from engine.mining import absolute_uri
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class PreparedGeneration:
 def prepare_generation(cfg: GenerateJobConfig) -> PreparedGeneration:
     """Read the run's chunks, select, and find which already have a cached answer."""
     cfg.validate()
+    # the tasks it goes to (Ray workers) run in another folder: a relative store would cache elsewhere
+    cfg = dataclasses.replace(cfg, store=str(absolute_uri(cfg.store)), out=absolute_uri(cfg.out))
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     man = read_run_manifest(store, cfg.run)
     items, short = select_chunks(cfg, read_chunks(store, man), man.get("config") or {})

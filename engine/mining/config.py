@@ -6,7 +6,7 @@ import functools
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from engine.core.config import from_flat
@@ -175,6 +175,15 @@ class MiningJobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def with_absolute_paths(self) -> MiningJobConfig:
+        """The same job with its local paths (store, pairs, out, cache) absolute: the Ray actors it is sent to
+        run in another working folder, where ``./store`` is another folder (or none)."""
+        from engine.mining.pairs import absolute_uri
+
+        return replace(self, store=str(absolute_uri(self.store)), pairs=str(absolute_uri(self.pairs)),
+                       out=str(absolute_uri(self.out)),
+                       runtime=replace(self.runtime, cache_dir=absolute_uri(self.runtime.cache_dir)))
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> MiningJobConfig:

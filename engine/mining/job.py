@@ -90,10 +90,11 @@ def job_identity(cfg: MiningJobConfig, source: MiningSource, pairs: PairSet) -> 
 def prepare_mining(cfg: MiningJobConfig) -> PreparedMining:
     """Validate everything before any work: source, pairs, output; list the batches still to do."""
     cfg.validate()
+    given, cfg = cfg, cfg.with_absolute_paths()  # the actors it goes to run in another folder
     source = resolve_source(cfg)
     pairs = read_pairs(cfg.pairs, cfg.endpoint_url)
     out = Output.for_uri(cfg.out, cfg.endpoint_url)
-    ident = job_identity(cfg, source, pairs)
+    ident = job_identity(given, source, pairs)  # as given: a job started before paths were made absolute resumes
     b = cfg.runtime.batch_size
     batches = [pairs.groups[i:i + b] for i in range(0, len(pairs.groups), b)]
     job_key = join(out.staging, "job.json")

@@ -118,6 +118,14 @@ def read_pairs(uri: str, endpoint_url: str | None = None) -> PairSet:
                    {"query": q_col, "positive": p_col, "positive_id": pid_col, "query_id": qid_col})
 
 
+def absolute_uri(uri: str | None) -> str | None:
+    """A local path made absolute (``s3://``/``file://`` URIs and ``None`` as they are): a path that travels to
+    Ray workers must not be relative, their working folder is not the caller's."""
+    if not uri or "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
 def split_uri(uri: str, endpoint_url: str | None = None) -> tuple[Store, str]:
     """``/a/b/file.parquet`` or ``s3://bucket/a/file.parquet`` -> (store at the parent, key)."""
     text = os.fspath(uri).rstrip("/")
