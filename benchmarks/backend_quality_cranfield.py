@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/backend_quality_cranfield.py            # torch, onnx fp32, onnx int8
     .venv/bin/python benchmarks/backend_quality_cranfield.py --builds onnx-fp32,onnx-int8 --json
+    .venv/bin/python benchmarks/backend_quality_cranfield.py --builds openvino-fp32,openvino-int8  # if installed
 
 Per build: `embedctl embed --device cpu --backend B --quantize Q` (local Ray) on
 ../shared/data/cranfield (1,400 abstracts, default chunking), `embedctl build-index --kind flat`
@@ -30,7 +31,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.quality_cranfield import CRANFIELD, corpus_parquet  # noqa: E402  (the same Parquet copy of the corpus)
 
 EMBEDCTL = [str(Path(sys.executable).with_name("embedctl"))]
-BUILDS = {"torch": ("torch", "none"), "onnx-fp32": ("onnx", "none"), "onnx-int8": ("onnx", "int8")}
+BUILDS = {"torch": ("torch", "none"), "onnx-fp32": ("onnx", "none"), "onnx-int8": ("onnx", "int8"),
+          "openvino-fp32": ("openvino", "none"), "openvino-int8": ("openvino", "int8")}  # openvino: optional package
+DEFAULT_BUILDS = "torch,onnx-fp32,onnx-int8"
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
        "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -76,7 +79,7 @@ def one_build(work: Path, name: str, backend: str, quantize: str) -> dict[str, A
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(REPO / "build" / "backend_quality_cranfield"))
-    ap.add_argument("--builds", default=",".join(BUILDS), help=f"comma-separated, of {', '.join(BUILDS)}")
+    ap.add_argument("--builds", default=DEFAULT_BUILDS, help=f"comma-separated, of {', '.join(BUILDS)} [{DEFAULT_BUILDS}]")
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object")
     args = ap.parse_args()
     if not (CRANFIELD / "corpus.jsonl").exists():
@@ -94,8 +97,9 @@ def main() -> None:
         log(json.dumps(res["rows"][-1]))
     by = {r["build"]: r for r in res["rows"]}
     res["int8_relative_ndcg10_loss"] = {
-        f"vs {ref}": round(1 - by["onnx-int8"]["ndcg@10"] / by[ref]["ndcg@10"], 4)
-        for ref in ("torch", "onnx-fp32") if ref in by and "onnx-int8" in by}
+        f"{q} vs {ref}": round(1 - by[q]["ndcg@10"] / by[ref]["ndcg@10"], 4)
+        for q in ("onnx-int8", "openvino-int8") for ref in ("torch", "onnx-fp32", "openvino-fp32")
+        if ref in by and q in by}
     res["load_average_after"] = os.getloadavg()
     if args.json:
         print(json.dumps(res, indent=2))
@@ -105,8 +109,8 @@ def main() -> None:
         cos = r.get("cosine_to_fp32")
         print(f"{r['build']:10s} {r.get('ndcg@10', 0):8.4f} {r.get('recall@10', 0):7.4f} {r.get('mrr@10', 0):7.4f}  "
               + (f"{cos['mean']:.4f} / {cos['min']:.4f}" if cos else "-"))
-    for ref, loss in res["int8_relative_ndcg10_loss"].items():
-        print(f"int8 relative nDCG@10 loss {ref}: {100 * loss:.2f}% (goal <= 1%)")
+    for pair, loss in res["int8_relative_ndcg10_loss"].items():
+        print(f"relative nDCG@10 loss {pair}: {100 * loss:.2f}% (goal <= 1%)")
     print(f"load average before {res['load_average_before']}, after {res['load_average_after']}")
 
 
