@@ -4,6 +4,7 @@ close; identity, cache and the searcher's refusal work as for onnx."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,27 @@ def test_openvino_int8_is_cached_close_to_fp32_and_refused_for_an_fp32_index(tin
         assert s.search(["shock flow over a wing section 0"], k=1)[0][0].chunk_id == "c0"
     with pytest.raises(ConfigError, match="built with openvino/none"):
         Searcher.load(store, "docs", vid, encoder=int8)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_openvino_embed_job_reruns_are_byte_identical(tiny, tmp_path, quantize):
+    import glob
+
+    from engine.embed.config import EmbedJobConfig
+    from engine.embed.pipeline import run_locally
+    from tests.corpus_utils import make_docs, write_corpus
+
+    if quantize == "int8":
+        pytest.importorskip("nncf")
+    write_corpus(tmp_path / "corpus", make_docs(16, seed=4), files=2)
+    out = []
+    for k in range(2):
+        m = run_locally(EmbedJobConfig.from_flat({
+            "corpus": str(tmp_path / "corpus"), "store": str(tmp_path / f"s{k}"), "model": str(tiny), "device": "cpu",
+            "backend": "openvino", "quantize": quantize, "chunk_tokens": 48, "chunk_overlap": 8, "unit_rows": 8}))
+        assert m["status"] == "succeeded" and m["model"]["backend"] == "openvino"
+        files = sorted(glob.glob(str(tmp_path / f"s{k}" / "runs" / m["run_id"] / "embeddings" / "*.parquet")))
+        out.append((m["run_id"], [Path(f).read_bytes() for f in files]))
+    assert out[0] == out[1] and out[0][1]
+    if quantize == "int8":
+        assert m["quality"]["reference"] == {"backend": "openvino", "quantize": "none"}
