@@ -28,7 +28,9 @@ QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8")
 
 # What ``auto`` runs on a CPU with fp32 vectors, from benchmarks/bench_backends.py (2-core AVX-512 VM,
 # full Cranfield, one run, load 5-12): embed command 116 s on onnx fp32 vs 131 s on torch (native
-# BERT), model-process start-up 1.7 s vs 4.4 s, vectors equal to 6 decimals. int8 is never automatic.
+# BERT), model-process start-up 1.7 s vs 4.4 s, vectors equal to 6 decimals; start-up again, warm
+# cache, load ~20: onnx 1.1 s, openvino 2.0 s, native torch 2.7 s. ONNX Runtime ships with embedctl,
+# openvino is optional, so onnx it is until a quiet run shows openvino's job wins. int8 is never automatic.
 CPU_AUTO_BACKEND: Backend = "onnx"
 
 
