@@ -161,3 +161,21 @@ def test_model_process_refuses_an_onnx_model_that_does_not_reproduce_the_stored_
         assert good.identity["backend"] == "onnx" and good.info["loader"] == "onnx"
     finally:
         good.close()
+
+
+def test_cli_migrate_records_the_backend_flags_in_the_plan(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from engine.cli.app import cli
+    from tests.test_migrate import IDX, make_blue
+
+    setup = make_blue(tmp_path, str(tmp_path / "store"))
+    out = CliRunner().invoke(cli, ["migrate", "run", "--store", str(tmp_path / "store"), "--index", IDX,
+                                   "--model", "hash:16", "--backend", "onnx", "--quantize", "int8",
+                                   "--benchmark", setup["bench"], "--until", "baseline", "--in-process", "--json"])
+    assert out.exit_code == 0, out.output
+    mid = json.loads(out.stdout)["migration_id"]
+    state = setup["store"].read_json(f"indexes/{IDX}/migrations/{mid}/state.json")
+    assert state["plan"]["embed"] == {"model": "hash:16", "backend": "onnx", "quantize": "int8"}
