@@ -102,3 +102,12 @@ def test_openvino_embed_job_reruns_are_byte_identical(tiny, tmp_path, quantize):
     assert out[0] == out[1] and out[0][1]
     if quantize == "int8":
         assert m["quality"]["reference"] == {"backend": "openvino", "quantize": "none"}
+
+
+def test_a_folder_that_cannot_be_exported_names_openvino(tmp_path, monkeypatch):
+    from tests.test_embedding import _tiny_bert
+
+    monkeypatch.setenv("EMBEDCTL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = _tiny_bert(tmp_path / "maxpool", "max")
+    with pytest.raises(ConfigError, match=rf"model folder {folder} cannot run with --backend openvino: pooling"):
+        load_encoder(str(folder), device="cpu", backend="openvino")

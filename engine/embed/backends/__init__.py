@@ -114,6 +114,6 @@ def prebuild(model: str | None, backend: str, quantize: str, device: str) -> Non
         return
     from engine.embed.backends.openvino_encoder import ensure_int8_ir
 
-    exported = ensure_onnx_model(path, model_fingerprint(path), "none", fuse=False)
+    exported = ensure_onnx_model(path, model_fingerprint(path), "none", fuse=False, backend="openvino")
     if quantize == "int8":
         ensure_int8_ir(exported.model_path, exported.key)

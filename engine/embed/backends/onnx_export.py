@@ -112,14 +112,14 @@ def export_key(weights_fingerprint: str, quantize: str, recipe: int | None = Non
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def model_layout(folder: str | Path) -> dict[str, Any]:
+def model_layout(folder: str | Path, backend: str = "onnx") -> dict[str, Any]:
     """What the export needs from a folder (pooling mode, dims); a ConfigError naming the folder otherwise."""
     from engine.embed import bert
 
     root = Path(folder)
 
     def refuse(why: str) -> ConfigError:
-        return ConfigError(f"model folder {root} cannot run with --backend onnx: {why}; use --backend torch")
+        return ConfigError(f"model folder {root} cannot run with --backend {backend}: {why}; use --backend torch")
 
     cfg = _read_json(root / "config.json")
     if not cfg.get("hidden_size"):
@@ -146,10 +146,10 @@ def _read_json(path: Path, default: Any = None) -> Any:
 
 
 def ensure_onnx_model(folder: str | Path, weights_fingerprint: str, quantize: str = "none",
-                      recipe: int | None = None, fuse: bool = True) -> ExportedModel:
+                      recipe: int | None = None, fuse: bool = True, backend: str = "onnx") -> ExportedModel:
     """The cached export for this folder and settings, built now if missing (int8 builds the fp32 export
     first); ``recipe`` is the int8 recipe number (None: the current ``INT8_RECIPE``); ``fuse`` False
-    skips ONNX Runtime's fusions (fp32 only)."""
+    skips ONNX Runtime's fusions (fp32 only); ``backend`` names the runtime in errors."""
     recipe = (INT8_RECIPE if recipe is None else int(recipe)) if quantize == "int8" else None
     if quantize == "int8" and not fuse:
         raise ValueError("the int8 recipes quantize the fused graph")
@@ -158,9 +158,9 @@ def ensure_onnx_model(folder: str | Path, weights_fingerprint: str, quantize: st
     final = root / key
     if (final / "meta.json").exists() and (final / "model.onnx").exists():
         return ExportedModel(key, final, json.loads((final / "meta.json").read_text()))
-    layout = model_layout(folder)
+    layout = model_layout(folder, backend)
     source = ensure_onnx_model(folder, weights_fingerprint, "none") if quantize == "int8" else None
-    with cache_build(final, f"model folder {folder} could not be exported for --backend onnx (quantize {quantize})",
+    with cache_build(final, f"model folder {folder} could not be exported for --backend {backend} (quantize {quantize})",
                      "use --backend torch") as tmp:
         if source is None:
             info = _export_fp32(Path(folder), tmp / "model.onnx", layout, fuse)

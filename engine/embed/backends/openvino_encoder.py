@@ -35,7 +35,7 @@ class OpenVinoEncoder(OnnxEncoder):
         import openvino as ov
 
         check_openvino(self.quantize)
-        exported = ensure_onnx_model(path, fingerprint, "none", fuse=False)
+        exported = ensure_onnx_model(path, fingerprint, "none", fuse=False, backend="openvino")
         self.backend = "openvino"
         core = ov.Core()
         if self.quantize == "int8":
