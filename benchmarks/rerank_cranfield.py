@@ -24,10 +24,12 @@ Measured 2026-12-04 (2 shared CPUs, other engineers' trainings and test suites r
 | 06:15, pointwise BCE, 128 tokens, dense negatives, 240 s cap, chunk BM25 | 12 of 101 | BCE 0.69 -> 0.67 | 0.3501 | 0.3937 | @20 0.2804 | 5.5 s/query (batch), p50 +1.4 s |
 | 07:55, this loss, 64 tokens, 2 layers frozen, 2 threads, load 11-47, chunk BM25 | 76 of 150 (840 s cap) | 1.39 -> 1.38 | 0.3501 | 0.3937 | @20 0.2702 | 3.6 s/query, p50 +3.5 s |
 | 08:28, defaults (48 tokens, 3 frozen, 1 thread), load 15-25, document BM25 | 200 of 200 in 570 s | 1.39 -> 1.21 | 0.3501 | 0.3927 | @10 **0.3510** | 0.50 s/query, p50 +0.40 s |
+| 08:40, defaults but ``--steps 320``, load 16 -> 9 | 320 of 320 in 745 s | 1.39 -> 0.91 | 0.3501 | 0.3927 | @10 **0.3585** | 0.26 s/query, p50 +0.23 s |
 
-The reranker learns (the loss falls below chance once a step costs ~3 s instead of ~20 s) but
-after 200 steps over ~100 queries it is still worse than the hybrid list it reorders (-0.042
-nDCG@10 at depth 10; it only matches dense). What it would take: far more steps (a cross-encoder
+The reranker learns (the loss falls below chance once a step costs ~3 s instead of ~20 s, and
+more steps help: 0.3510 after 200, 0.3585 after 320) but after ~15 minutes of CPU over ~100
+queries it is still worse than the hybrid list it reorders (-0.034 nDCG@10 at depth 10; about
+dense's level). What it would take: far more steps (a cross-encoder
 is normally trained on 10^5+ pairs) on a quiet machine or a GPU, e.g. ``--steps 3000
 --train-seconds 7200 --freeze-layers 0 --max-length 128``; on this VM it is out of reach.
 Two threads on the loaded VM made a step ~7x slower than one (OpenMP threads wait on each
