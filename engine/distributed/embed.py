@@ -10,6 +10,7 @@ write is idempotent and the commit marker is written last).
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import logging
@@ -190,9 +191,11 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
     log.info("embedding pool: %s", pool.reason)
     plan_meta = plan_meta_for(prepared)
     items = []
+    dup_rows = {f: sorted(d) for f, d in prepared.plan.duplicates.items()}  # per file, for a bisect per unit
     for u in prepared.pending:
-        dups = prepared.plan.duplicates.get(u.file, {})
-        unit_dups = {str(r): loc for r, loc in dups.items() if u.row_start <= r < u.row_end}
+        dups, rows = prepared.plan.duplicates.get(u.file, {}), dup_rows.get(u.file, [])
+        lo, hi = bisect.bisect_left(rows, u.row_start), bisect.bisect_left(rows, u.row_end)
+        unit_dups = {str(r): dups[r] for r in rows[lo:hi]}
         items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
     with quiet_ray_data():  # Ray Data's own warnings and log lines, kept out of the CLI unless -v
         ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
