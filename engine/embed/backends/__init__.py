@@ -106,7 +106,7 @@ def prebuild(model: str | None, backend: str, quantize: str, device: str) -> Non
     if runtime == "torch":
         return
     from engine.embed.backends.onnx_export import ensure_onnx_model
-    from engine.embed.encoders import model_fingerprint, resolve_model_path
+    from engine.embed.encoder_base import model_fingerprint, resolve_model_path
 
     path = resolve_model_path(model)[1]
     if runtime == "onnx":

@@ -17,7 +17,14 @@ import numpy as np
 
 from engine.core.errors import ConfigError
 from engine.embed.backends.onnx_export import ensure_onnx_model
-from engine.embed.encoders import Encoder, l2_normalize, model_fingerprint, pad_ids, token_budget_batches, truncate_ids
+from engine.embed.encoder_base import (
+    Encoder,
+    l2_normalize,
+    model_fingerprint,
+    pad_ids,
+    token_budget_batches,
+    truncate_ids,
+)
 from engine.embed.tokenizers import HFTokenizer
 
 log = logging.getLogger(__name__)
