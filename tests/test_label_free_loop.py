@@ -13,24 +13,9 @@ import pytest
 
 from tests.chat_server import ChatServer
 from tests.corpus_utils import make_docs, write_corpus
+from tests.test_finetune import write_bench  # the Cranfield-layout benchmark folder
 
 IDX = "loop"
-
-
-def write_bench(root: Path, docs: list[dict[str, Any]], n_queries: int) -> Path:
-    """A Cranfield-layout benchmark folder: each query is a run of words from one document, relevant to it."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "corpus.jsonl", "w") as f:
-        for d in docs:
-            f.write(json.dumps({"doc_id": d["doc_id"], "title": d["title"], "text": d["text"]}) + "\n")
-    with open(root / "queries.jsonl", "w") as f:
-        for i, d in enumerate(docs[:n_queries]):
-            f.write(json.dumps({"query_id": f"q{i}", "text": " ".join(d["text"].split()[2:9])}) + "\n")
-    with open(root / "qrels.tsv", "w") as f:
-        f.write("query_id\tdoc_id\tgrade\n")
-        for i, d in enumerate(docs[:n_queries]):
-            f.write(f"q{i}\t{d['doc_id']}\t1\n")
-    return root
 
 
 class Cli:
