@@ -209,3 +209,8 @@ def test_green_build_keeps_blues_sparse_shards():
     assert green_build_options({}, blue)["sparse"] == "bm25"
     assert green_build_options({"sparse": "none"}, blue)["sparse"] == "none"  # the plan's word wins
     assert "sparse" not in green_build_options({}, version_facts({"version_id": "v0", "kind": "flat"}))
+    # document-level BM25 stays document-level on green; a chunk build (or an older manifest) adds nothing
+    doc = version_facts({"version_id": "v2", "kind": "flat", "params": {},
+                         "sparse": {"kind": "bm25", "granularity": "doc", "shards": []}})
+    assert green_build_options({}, doc)["sparse_granularity"] == "doc"
+    assert "sparse_granularity" not in green_build_options({}, blue)

@@ -75,6 +75,8 @@ def green_build_options(build: dict[str, Any], blue: dict[str, Any]) -> dict[str
             options.setdefault("rescore", blue["params"]["rescore"])
     if "sparse" not in options and blue.get("sparse"):
         options["sparse"] = blue["sparse"]  # green keeps blue's BM25 shards (hybrid search keeps working)
+        if blue.get("sparse_granularity") and "sparse_granularity" not in options:
+            options["sparse_granularity"] = blue["sparse_granularity"]  # and their granularity (chunk or doc)
     return options
 
 

@@ -101,7 +101,8 @@ def version_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
             "dim": manifest.get("dim") or (model.get("dim") if isinstance(model, Mapping) else None),
             "kind": manifest.get("kind"), "params": manifest.get("params"),
             "source_run": manifest.get("source_run"), "rows": rows,
-            "sparse": (manifest.get("sparse") or {}).get("kind")}
+            "sparse": (manifest.get("sparse") or {}).get("kind"),
+            "sparse_granularity": (manifest.get("sparse") or {}).get("granularity")}
 
 
 def same_model(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
