@@ -52,6 +52,21 @@ def test_ray_job_equals_in_process_run(ray_session, tmp_path):
     assert up["first_unit_start_s"] < m_ray["timings"]["wall_seconds"] and up["model_load_s"] >= 0
 
 
+def test_relative_paths_work_on_a_ray_started_in_another_folder(ray_session, tmp_path, monkeypatch):
+    """Ray workers run in the folder their Ray started in (the repo, for the session's Ray): relative corpus and
+    store paths given here must reach them absolute, and the run's id keeps the paths as given."""
+    from engine.distributed.embed import run_embed_job
+
+    write_corpus(tmp_path / "corpus", make_docs(40, seed=5), files=2)
+    monkeypatch.chdir(tmp_path)
+    rel = {**flat(tmp_path, "store"), "corpus": "corpus", "store": "store"}
+    m = run_embed_job(EmbedJobConfig.from_flat(rel))
+    assert m["status"] == "succeeded" and m["counts"]["accepted"] == 40
+    assert os.path.exists(tmp_path / "store" / "runs" / m["run_id"] / "manifest.json")
+    assert not os.path.exists(os.path.join(REPO, "store")), "a worker wrote into its own folder"
+    assert m["config"]["corpus"]["corpus"] == "corpus"  # recorded as given
+
+
 def test_worker_killed_mid_unit_is_retried(ray_session, tmp_path, monkeypatch):
     from engine.distributed.embed import run_embed_job
 

@@ -166,12 +166,13 @@ def _duplicate_finder(cfg: EmbedJobConfig, driver: dict[str, float], connected: 
             store, _keys = corpus_store(corpus)
             dups = find_duplicates_local([read_id_column(store, k, corpus.id_column) for k in keys], keys)
         else:
+            from engine.core.storage import absolute_uri
             from engine.distributed.dedup import find_duplicates_ray
 
             connected["event"].wait()
             if connected["error"] is not None:
                 raise RuntimeError("Ray did not start") from connected["error"]
-            dups = find_duplicates_ray(corpus, keys, total_rows)
+            dups = find_duplicates_ray(dataclasses.replace(corpus, corpus=absolute_uri(corpus.corpus)), keys, total_rows)
         driver["dedup_s"] = round(time.perf_counter() - t_dup, 3)
         return dups
 
@@ -190,6 +191,7 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
                      standin=(cfg.embed.model or "").startswith(STANDIN_PREFIX))
     log.info("embedding pool: %s", pool.reason)
     plan_meta = plan_meta_for(prepared)
+    cfg = cfg.with_absolute_paths()  # what the workers get: they run in the folder their Ray started in
     items = []
     dup_rows = {f: sorted(d) for f, d in prepared.plan.duplicates.items()}  # per file, for a bisect per unit
     for u in prepared.pending:

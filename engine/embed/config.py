@@ -95,6 +95,14 @@ class EmbedJobConfig:
             d["corpus"]["unit_rows"] = UNIT_ROWS["default"]
         return d
 
+    def with_absolute_paths(self) -> EmbedJobConfig:
+        """For Ray workers: local corpus and store paths made absolute (a worker runs in the folder its Ray
+        started in, not the caller's). Only what travels changes; the run's identity keeps the paths as given."""
+        from engine.core.storage import absolute_uri
+
+        return replace(self, store=str(absolute_uri(self.store)),
+                       corpus=replace(self.corpus, corpus=str(absolute_uri(self.corpus.corpus))))
+
     def with_unit_rows(self, gpus: float) -> EmbedJobConfig:
         """This config with ``unit_rows`` chosen by device when left at 0 (``UNIT_ROWS``): large units on a
         GPU (``device: cuda``, or ``auto`` on a cluster with ``gpus``), small on CPU; the stand-in and the

@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import NotFoundError, SchemaError
-from engine.core.storage import Store, open_store, sha256_file
+from engine.core.storage import (
+    Store,
+    absolute_uri,  # noqa: F401 - re-exported (engine.mining.absolute_uri)
+    open_store,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +121,6 @@ def read_pairs(uri: str, endpoint_url: str | None = None) -> PairSet:
         raise SchemaError(f"pairs file {uri!r} holds no usable (query, positive) pair (rejects: {rejects})")
     return PairSet(list(groups.values()), pairs, rejects, digest,
                    {"query": q_col, "positive": p_col, "positive_id": pid_col, "query_id": qid_col})
-
-
-def absolute_uri(uri: str | None) -> str | None:
-    """A local path made absolute (``s3://``/``file://`` URIs and ``None`` as they are): a path that travels to
-    Ray workers must not be relative, their working folder is not the caller's."""
-    if not uri or "://" in uri:
-        return uri
-    return str(Path(uri).expanduser().resolve())
 
 
 def split_uri(uri: str, endpoint_url: str | None = None) -> tuple[Store, str]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -79,6 +80,14 @@ def open_store(uri: str | os.PathLike[str], endpoint_url: str | None = None, **s
     if "://" in text:
         raise StorageError(f"unsupported store URI {redact(text)!r}: use a local path, file:// or s3://")
     return LocalStore(text)
+
+
+def absolute_uri(uri: str | None) -> str | None:
+    """A local path made absolute (``s3://``/``file://`` URIs and ``None`` as they are): a path that travels to
+    Ray workers must not be relative, their working folder is not the caller's."""
+    if not uri or "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
 
 
 def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
