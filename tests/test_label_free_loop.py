@@ -110,7 +110,8 @@ def test_label_free_loop_chained_end_to_end(tmp_path, ray_session, monkeypatch):
 
 
 def test_paths_sent_to_ray_workers_are_absolute(tmp_path, monkeypatch):
-    from engine.mining import MiningJobConfig, absolute_uri
+    from engine.core.storage import absolute_uri
+    from engine.mining import MiningJobConfig
 
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("store") == str(tmp_path / "store") and absolute_uri("~/x").startswith("/")

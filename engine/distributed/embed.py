@@ -16,15 +16,14 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from engine.distributed.driver import drive, driver_parser
 from engine.embed.config import EmbedJobConfig
 from engine.embed.embedder import UnitEmbedder, commit_row
-from engine.embed.model_facts import STANDIN_PREFIX
 from engine.embed.pipeline import finalize_run, plan_meta_for, prepare_run, run_summary
 
 log = logging.getLogger("embedctl.engine.distributed.embed")
@@ -86,16 +85,15 @@ def _prepare_while_ray_starts(cfg: EmbedJobConfig, driver: dict[str, float]) -> 
 
     gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else _local_gpus()
     cfg = cfg.with_unit_rows(gpus)
-    connected: dict[str, Any] = {"event": threading.Event(), "error": None}
+    ray_up: Future[None] = Future()
     with ThreadPoolExecutor(1, thread_name_prefix="embedctl-plan") as pool:
-        planned = pool.submit(prepare_run, cfg, duplicate_finder=_duplicate_finder(cfg, driver, connected))
+        planned = pool.submit(prepare_run, cfg, duplicate_finder=_duplicate_finder(driver, ray_up))
         try:
             _connect(cfg, driver)
         except BaseException as err:
-            connected["error"] = err
+            ray_up.set_exception(err)
             raise
-        finally:
-            connected["event"].set()
+        ray_up.set_result(None)
         return cfg, planned.result()
 
 
@@ -154,25 +152,20 @@ def _run_units_retrying(cfg: EmbedJobConfig, prepared: Any, progress: Progress |
 DRIVER_DEDUP_ROWS = 250_000  # up to this many ids, duplicates are found in the driver (~tens of MB, no Ray round trip)
 
 
-def _duplicate_finder(cfg: EmbedJobConfig, driver: dict[str, float], connected: dict[str, Any]) -> Any:
+def _duplicate_finder(driver: dict[str, float], ray_up: Future[None]) -> Any:
     """Duplicate ids: in the driver for a small corpus, else by Ray tasks over hash partitions, so the
     driver never holds every id of a big one (it waits for the connection the main thread makes)."""
     def find(corpus: Any, keys: list[str], total_rows: int) -> dict[str, dict[int, str]]:
         t_dup = time.perf_counter()
         if total_rows <= DRIVER_DEDUP_ROWS:
-            from engine.embed.corpus import corpus_store
-            from engine.embed.dedup import find_duplicates_local, read_id_column
+            from engine.embed.corpus import local_duplicates
 
-            store, _keys = corpus_store(corpus)
-            dups = find_duplicates_local([read_id_column(store, k, corpus.id_column) for k in keys], keys)
+            dups = local_duplicates(corpus, keys)
         else:
-            from engine.core.storage import absolute_uri
             from engine.distributed.dedup import find_duplicates_ray
 
-            connected["event"].wait()
-            if connected["error"] is not None:
-                raise RuntimeError("Ray did not start") from connected["error"]
-            dups = find_duplicates_ray(dataclasses.replace(corpus, corpus=absolute_uri(corpus.corpus)), keys, total_rows)
+            ray_up.result()  # Ray started by the main thread (its error, if it failed, is raised there too)
+            dups = find_duplicates_ray(corpus.with_absolute_path(), keys, total_rows)
         driver["dedup_s"] = round(time.perf_counter() - t_dup, 3)
         return dups
 
@@ -188,7 +181,7 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
 
     _connect(cfg, driver)  # connected while planning; again after a lost node
     pool = plan_pool(ray.cluster_resources(), cfg.embed.device, cfg.runtime.workers, cfg.runtime.threads_per_worker,
-                     standin=(cfg.embed.model or "").startswith(STANDIN_PREFIX))
+                     standin=cfg.embed.standin)
     log.info("embedding pool: %s", pool.reason)
     plan_meta = plan_meta_for(prepared)
     cfg = cfg.with_absolute_paths()  # what the workers get: they run in the folder their Ray started in

@@ -150,13 +150,14 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
     it, so they reserve a quarter CPU each and the chunk and writer tasks get the rest."""
     cpus = float(resources.get("CPU", 1.0))
     gpus = float(resources.get("GPU", 0.0))
-    if standin and not (device == "cuda" or (device == "auto" and gpus >= 1)):
+    on_gpu = device == "cuda" or (device == "auto" and gpus >= 1)
+    if standin and not on_gpu:
         n = workers or 1
         task_cpus = 0.5 if cpus > 4 else 0.75
         return PoolPlan(n, 0.25, 0.0, threads or 1, task_cpus,
                         f"{n} stand-in actor(s) x 0.25 CPU (no forward pass), chunk tasks {task_cpus:g} CPU each, "
                         f"on {cpus:g} CPUs", 0.25)
-    if device == "cuda" or (device == "auto" and gpus >= 1):
+    if on_gpu:
         if gpus < 1:
             # An autoscaling cluster starts with no GPU nodes: ask for GPU actors and let the
             # autoscaler bring the nodes (on a fixed CPU-only cluster the job waits; say so).

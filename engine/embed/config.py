@@ -16,6 +16,8 @@ from engine.core.errors import ConfigError
 from engine.embed.chunking import ChunkConfig
 from engine.embed.corpus import UNIT_ROWS, CorpusConfig
 
+STANDIN_PREFIX = "standin:"  # "standin:<model>": the model's tokenizer and shape, no forward pass
+
 
 @dataclass(frozen=True)
 class EmbedConfig:
@@ -35,6 +37,11 @@ class EmbedConfig:
     quantize: Literal["none", "int8"] = "none"  # int8: dynamic int8 weights on a runtime backend (onnx)
 
     SPEED_ONLY = ("batch_tokens", "pretokenize", "compile")  # never change the vectors beyond fp noise
+
+    @property
+    def standin(self) -> bool:
+        """The stand-in encoder (``standin:<model>``): everything but the forward pass."""
+        return (self.model or "").startswith(STANDIN_PREFIX)
 
     def validate(self) -> None:
         if self.device not in ("cpu", "cuda", "auto"):
@@ -100,8 +107,7 @@ class EmbedJobConfig:
         started in, not the caller's). Only what travels changes; the run's identity keeps the paths as given."""
         from engine.core.storage import absolute_uri
 
-        return replace(self, store=str(absolute_uri(self.store)),
-                       corpus=replace(self.corpus, corpus=str(absolute_uri(self.corpus.corpus))))
+        return replace(self, store=str(absolute_uri(self.store)), corpus=self.corpus.with_absolute_path())
 
     def with_unit_rows(self, gpus: float) -> EmbedJobConfig:
         """This config with ``unit_rows`` chosen by device when left at 0 (``UNIT_ROWS``): large units on a
@@ -109,8 +115,7 @@ class EmbedJobConfig:
         hash encoder keep the old size."""
         if self.corpus.unit_rows:
             return self
-        model = self.embed.model or ""
-        if model.startswith(("standin:", "hash:")):
+        if self.embed.standin or (self.embed.model or "").startswith("hash:"):
             kind = "standin"
         elif self.embed.device == "cuda" or (self.embed.device == "auto" and gpus >= 1):
             kind = "cuda"

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.core.errors import ConfigError, SchemaError
@@ -58,6 +58,12 @@ class CorpusConfig:
     max_doc_chars: int = 1_000_000  # longer documents are rejected as oversized
     unit_rows: int = 0  # rows per work unit (the resume grain), rounded to row groups; 0 = by device (UNIT_ROWS)
     endpoint_url: str | None = None
+
+    def with_absolute_path(self) -> CorpusConfig:
+        """For Ray workers, which run in the folder their Ray started in: a local corpus path made absolute."""
+        from engine.core.storage import absolute_uri
+
+        return replace(self, corpus=str(absolute_uri(self.corpus)))
 
 
 # Above this many units plan.json lists each file's unit start rows ("unit_starts") instead of every
@@ -288,10 +294,8 @@ def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool | DuplicateFinder = 
     meta_schema = pa.schema([(c, meta_types[c]) for c in sorted(meta_types)])
     plan = CorpusPlan(files=files, units=units, has_title=title_col is not None, metadata_columns=sorted(meta_types),
                       metadata_schema=base64.b64encode(meta_schema.serialize().to_pybytes()).decode())
-    if callable(find_duplicates):
-        plan.duplicates = find_duplicates(cfg, keys, sum(f.rows for f in files))
-    elif find_duplicates:
-        plan.duplicates = _find_duplicates(store, keys, cfg.id_column)
+    if find_duplicates:
+        plan.duplicates = find_plan_duplicates(cfg, plan, find_duplicates if callable(find_duplicates) else None)
     return store, plan
 
 
@@ -301,6 +305,11 @@ def find_plan_duplicates(cfg: CorpusConfig, plan: CorpusPlan, finder: DuplicateF
     keys = [f.key for f in plan.files]
     if finder is not None:
         return finder(cfg, keys, plan.total_rows)
+    return local_duplicates(cfg, keys)
+
+
+def local_duplicates(cfg: CorpusConfig, keys: list[str]) -> dict[str, dict[int, str]]:
+    """Duplicate ids of the corpus files ``keys``, found in this process (the first occurrence rule)."""
     store, _keys = corpus_store(cfg)
     return _find_duplicates(store, keys, cfg.id_column)
 

@@ -10,14 +10,11 @@ from typing import TYPE_CHECKING
 
 from engine.core.errors import ConfigError
 from engine.embed.chunking import ChunkConfig, Chunker
-from engine.embed.config import EmbedJobConfig
+from engine.embed.config import STANDIN_PREFIX, EmbedJobConfig
 from engine.embed.tokenizers import HFTokenizer, Tokenizer, WhitespaceTokenizer, load_tokenizer
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-STANDIN_PREFIX = "standin:"  # "standin:<model>": the model's tokenizer and shape, no forward pass
-
 
 
 @dataclass(frozen=True)

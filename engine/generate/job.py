@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from engine import __version__
 from engine.core import layout
 from engine.core.errors import ConfigError
-from engine.core.storage import Store, json_bytes, open_store, remember_secret
+from engine.core.storage import Store, absolute_uri, json_bytes, open_store, remember_secret
 from engine.embed.parts_index import run_outputs
 from engine.generate.client import (
     Answer,
@@ -44,7 +44,6 @@ from engine.generate.source import (
     read_run_manifest,
     select_chunks,
 )
-from engine.mining import absolute_uri
 
 log = logging.getLogger(__name__)
 

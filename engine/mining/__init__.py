@@ -66,7 +66,7 @@ from engine.mining.miner import (
     output_schema,
     peak_rss_bytes,
 )
-from engine.mining.pairs import PairSet, QueryGroup, absolute_uri, read_pairs, split_uri
+from engine.mining.pairs import PairSet, QueryGroup, read_pairs, split_uri
 from engine.mining.rules import Candidates, PositiveInfo, apply_rules, sample_order
 from engine.mining.stats import BatchStats, ScoreHistogram
 
@@ -76,6 +76,6 @@ __all__ = [
     "stable_u64", "BatchRunner", "Output", "PreparedMining", "finalize_mining", "format_summary", "prepare_mining",
     "run_mining_locally", "Bm25Candidates", "NegativeMiner", "bm25_tokens", "current_rss_bytes",
     "load_cross_encoder", "output_columns", "output_schema", "peak_rss_bytes", "PairSet", "QueryGroup",
-    "read_pairs", "split_uri", "absolute_uri", "Candidates", "PositiveInfo", "apply_rules", "sample_order", "BatchStats",
+    "read_pairs", "split_uri", "Candidates", "PositiveInfo", "apply_rules", "sample_order", "BatchStats",
     "ScoreHistogram",
 ]

@@ -179,7 +179,7 @@ class MiningJobConfig:
     def with_absolute_paths(self) -> MiningJobConfig:
         """The same job with its local paths (store, pairs, out, cache) absolute: the Ray actors it is sent to
         run in another working folder, where ``./store`` is another folder (or none)."""
-        from engine.mining.pairs import absolute_uri
+        from engine.core.storage import absolute_uri
 
         return replace(self, store=str(absolute_uri(self.store)), pairs=str(absolute_uri(self.pairs)),
                        out=str(absolute_uri(self.out)),

@@ -10,12 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.core.errors import NotFoundError, SchemaError
-from engine.core.storage import (
-    Store,
-    absolute_uri,  # noqa: F401 - re-exported (engine.mining.absolute_uri)
-    open_store,
-    sha256_file,
-)
+from engine.core.storage import Store, open_store, sha256_file
 
 log = logging.getLogger(__name__)
 
