@@ -4,7 +4,7 @@
 ``onnx`` runs an ONNX export of the local model folder in ONNX Runtime, fp32 or dynamic int8
 (``engine.embed.backends.onnx_export`` builds and caches it, ``onnx_encoder`` runs it);
 ``openvino`` runs the same (unfused) export in OpenVINO, fp32 or int8 weights via nncf
-(``openvino_encoder``; both packages optional, a clear error when missing). ``auto`` picks per device.
+(``openvino_encoder``; both packages install with embedctl, a clear error where missing). ``auto`` picks per device.
 
 A model identity written by a torch/fp32 encoder carries no backend fields (identities written
 before backends existed look the same); ``identity_backend`` reads both kinds.
@@ -29,8 +29,9 @@ QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8")
 # What ``auto`` runs on a CPU with fp32 vectors, from benchmarks/bench_backends.py (2-core AVX-512 VM,
 # full Cranfield, one run, load 5-12): embed command 116 s on onnx fp32 vs 131 s on torch (native
 # BERT), model-process start-up 1.7 s vs 4.4 s, vectors equal to 6 decimals; start-up again, warm
-# cache, load ~20: onnx 1.1 s, openvino 2.0 s, native torch 2.7 s. ONNX Runtime ships with embedctl,
-# openvino is optional, so onnx it is until a quiet run shows openvino's job wins. int8 is never automatic.
+# cache, load ~20: onnx 1.1 s, openvino 2.0 s, native torch 2.7 s. Quiet rerun (load ~2, same benchmark):
+# embed command onnx fp32 62.5 s, openvino fp32 62.8 s, torch 64.4 s; start-up onnx 0.47 s, openvino
+# 1.0 s: openvino's job does not win, so onnx stays. int8 is never automatic.
 CPU_AUTO_BACKEND: Backend = "onnx"
 
 
