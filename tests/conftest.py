@@ -52,8 +52,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        # Workers inherit this environment from the raylet this process starts (no job runtime_env:
+        # with one, every worker waits for Ray's runtime-env agent).
+        os.environ.update({"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"})
         ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 1024 * 1024,
-                 log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}})
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 
