@@ -193,29 +193,37 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
         unit_dups = {str(r): dups[r] for r in rows[lo:hi]}
         items.append({"unit": json.dumps(dataclasses.asdict(u)), "dups": json.dumps(unit_dups)})
     with quiet_ray_data():  # Ray Data's own warnings and log lines, kept out of the CLI unless -v
-        ds: Any = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000)))
-        ds = ds.map(_chunk_task, fn_kwargs={"cfg": cfg, "plan_meta": plan_meta}, num_cpus=pool.cpus_per_task)
-        ds = ds.map_batches(
-            _EmbedActor,
-            fn_constructor_kwargs={"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor,
-                                   "thread_env": _thread_env(pool)},
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=pool.actors),
-            num_cpus=pool.cpus_per_actor,
-            num_gpus=pool.gpus_per_actor or None,
-            # An actor killed mid-unit is restarted and the unit retried: writes are idempotent.
-            max_restarts=3,
-            max_task_retries=3,
-            **_actor_env(pool),
-        )
-        # Writers: off the device's path; a writer killed mid-write is retried (the marker comes last).
-        ds = ds.map(commit_row, fn_kwargs={"cfg": cfg, "run_id": prepared.run_id}, num_cpus=pool.cpus_per_writer,
-                    max_retries=3, **_writer_env())
+        ds = unit_stages(
+            ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 1000))), pool,
+            chunk=(_chunk_task, {"cfg": cfg, "plan_meta": plan_meta}),
+            embed=(_EmbedActor, {"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor,
+                                 "thread_env": _thread_env(pool)}),
+            write=(commit_row, {"cfg": cfg, "run_id": prepared.run_id}))
         for row in ds.iter_rows():
             if "first_unit_done_s" not in driver:
                 driver["first_unit_done_s"] = round(time.perf_counter() - t0, 3)
             if progress:
                 progress({"event": "unit", **json.loads(row["marker"])})
+
+
+def unit_stages(ds: Any, pool: Any, chunk: tuple[Callable[..., Any], dict[str, Any]],
+                embed: tuple[type, dict[str, Any]], write: tuple[Callable[..., Any], dict[str, Any]]) -> Any:
+    """The job's three Ray Data stages over a dataset of units, sized by ``pool`` (a PoolPlan):
+    chunk tasks -> the embedding actor pool (vectors only) -> writer tasks (append, write, commit)."""
+    import ray
+
+    ds = ds.map(chunk[0], fn_kwargs=chunk[1], num_cpus=pool.cpus_per_task)
+    ds = ds.map_batches(
+        embed[0], fn_constructor_kwargs=embed[1], batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=pool.actors, max_size=pool.actors),
+        num_cpus=pool.cpus_per_actor, num_gpus=pool.gpus_per_actor or None,
+        # An actor killed mid-unit is restarted and the unit retried: writes are idempotent.
+        max_restarts=3, max_task_retries=3, **_actor_env(pool),
+    )
+    # Writers: off the device's path; a writer killed mid-write is retried (the marker comes last).
+    # Capped (pool.writers), so the CPUs they do not use go to the chunk tasks.
+    return ds.map(write[0], fn_kwargs=write[1], num_cpus=pool.cpus_per_writer,
+                  compute=ray.data.TaskPoolStrategy(size=pool.writers), max_retries=3, **_writer_env())
 
 
 def _thread_env(pool: Any) -> dict[str, str]:

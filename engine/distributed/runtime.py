@@ -139,6 +139,11 @@ class PoolPlan:
     cpus_per_task: float  # the chunk/read tasks
     reason: str
     cpus_per_writer: float = 0.25  # the tasks that write and commit each unit after the actors
+    # Writer tasks at once. A cap matters beyond the writers: Ray Data hands the CPUs no stage has
+    # claimed to the most downstream stage without a cap, so uncapped writers hold budget they never
+    # use and the chunk stage runs one task at a time (on 2 CPUs, or ~1/3 of a 16-CPU GPU host).
+    # Capped, the chunk stage gets the rest. One writer commits ~45k chunks per busy second.
+    writers: int = 1
 
 
 def plan_pool(resources: dict[str, float], device: str, workers: int | None = None,
@@ -156,7 +161,7 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
         task_cpus = 0.5 if cpus > 4 else 0.75
         return PoolPlan(n, 0.25, 0.0, threads or 1, task_cpus,
                         f"{n} stand-in actor(s) x 0.25 CPU (no forward pass), chunk tasks {task_cpus:g} CPU each, "
-                        f"on {cpus:g} CPUs", 0.25)
+                        f"on {cpus:g} CPUs", 0.25, _writers(cpus))
     if on_gpu:
         if gpus < 1:
             # An autoscaling cluster starts with no GPU nodes: ask for GPU actors and let the
@@ -170,7 +175,7 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
         gpa = min(1.0, gpus / n) if gpus >= 1 else 1.0
         cpa = min(1.0, max(0.25, (cpus - 1) / n)) if cpus > 1 else 0.25
         return PoolPlan(n, cpa, gpa, threads or 1, min(0.5, cpus / 4), f"{n} GPU actor(s) over {gpus:g} GPUs",
-                        min(0.5, cpus / 4))
+                        min(0.5, cpus / 4), _writers(cpus))
     # CPU: reserve at most cpus-1 for actors (>= 1 CPU stays free for reading/chunking/writing).
     spare = max(cpus - 1.0, cpus / 2)
     n = workers or max(1, int(spare // 2) if cpus > 4 else 1)
@@ -185,4 +190,10 @@ def plan_pool(resources: dict[str, float], device: str, workers: int | None = No
     task_cpus = min(0.5, cpus / 4) if cpus > 4 else min(1.0, max(0.5, cpus - n * cpa - writer_cpus))
     return PoolPlan(n, round(cpa, 3), 0.0, thr, round(task_cpus, 3),
                     f"{n} CPU actor(s) x {cpa:g} CPU reserved, {thr} torch thread(s) each, on {cpus:g} CPUs",
-                    writer_cpus)
+                    writer_cpus, _writers(cpus))
+
+
+def _writers(cpus: float) -> int:
+    """Writer tasks at once: one per 8 CPUs (a GPU host's actors hand over ~20k chunks/s; a writer
+    commits ~45k per busy second), at least one."""
+    return max(1, int(cpus // 8))

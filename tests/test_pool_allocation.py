@@ -1,0 +1,87 @@
+"""The embed job's stage sizes against Ray Data's real resource allocator (local Ray, 2 CPUs).
+
+Sleeping stand-ins for the three stages, wired by the job's own ``unit_stages`` with the pool the
+job would plan: the test asserts how many tasks of each stage Ray Data runs at once.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+
+def _chunk(row: dict[str, Any], pause: float) -> dict[str, Any]:
+    t = time.time()
+    time.sleep(pause)
+    return {**row, "c0": t, "c1": time.time()}
+
+
+class _Embed:
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return batch
+
+
+def _write(row: dict[str, Any], pause: float) -> dict[str, Any]:
+    t = time.time()
+    time.sleep(pause)
+    return {**row, "w0": t, "w1": time.time()}
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    most = now = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
+
+
+def _run(ray: Any, pool: Any, units: int = 8, pause: float = 0.6) -> list[dict[str, Any]]:
+    import sys
+
+    from ray import cloudpickle
+
+    from engine.distributed.embed import unit_stages
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+
+    ds = unit_stages(ray.data.from_items([{"u": i} for i in range(units)], override_num_blocks=units), pool,
+                     chunk=(_chunk, {"pause": pause}), embed=(_Embed, {"tag": "x"}), write=(_write, {"pause": pause}))
+    return list(ds.iter_rows())
+
+
+def test_a_device_pool_gets_two_chunk_tasks_at_once_on_two_cpus(ray_session):
+    """With the stand-in (as with a GPU) the actor barely uses its CPU: the chunk stage must get the
+    CPUs the writers leave, or the device starves. Uncapped writers held that budget (one chunk task)."""
+    from engine.distributed.runtime import plan_pool
+
+    pool = plan_pool(ray_session.cluster_resources(), "cpu", standin=True)
+    assert pool.writers == 1
+    rows = _run(ray_session, pool)
+    assert sorted(r["u"] for r in rows) == list(range(8))
+    assert _most_at_once([(r["c0"], r["c1"]) for r in rows]) >= 2
+    assert _most_at_once([(r["w0"], r["w1"]) for r in rows]) == 1
+
+
+def test_a_cpu_model_pool_keeps_one_chunk_task_beside_the_actor(ray_session):
+    """A CPU model's actor computes on every core: chunk tasks stay one at a time beside it."""
+    from engine.distributed.runtime import plan_pool
+
+    pool = plan_pool(ray_session.cluster_resources(), "cpu")
+    rows = _run(ray_session, pool, units=4, pause=0.4)
+    assert _most_at_once([(r["c0"], r["c1"]) for r in rows]) == 1
+
+
+def test_writer_cap_grows_with_the_cluster():
+    from engine.distributed.runtime import plan_pool
+
+    assert plan_pool({"CPU": 2.0}, "cpu").writers == 1
+    assert plan_pool({"CPU": 16.0, "GPU": 1.0}, "cuda").writers == 2
+    assert plan_pool({"CPU": 64.0, "GPU": 8.0}, "auto").writers == 8
