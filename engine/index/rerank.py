@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -22,7 +22,6 @@ from engine.core.errors import ConfigError, NotFoundError
 
 if TYPE_CHECKING:
     from engine.core.storage import Store
-    from engine.index.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,16 @@ class ChunkTexts:
         return out
 
 
-def rerank_hits(searcher: Searcher, queries: Sequence[str], hits: list[list[Any]], rerank: Any, *,
+class RerankSearcher(Protocol):
+    """What reranking uses of a loaded ``engine.index.searcher.Searcher`` (which imports this module, so it is
+    named here by its shape, not imported): its cross-encoders and its chunk texts."""
+
+    def reranker(self, path: str) -> Reranker: ...
+
+    def chunk_texts(self, chunk_ids: Sequence[str]) -> list[str]: ...
+
+
+def rerank_hits(searcher: RerankSearcher, queries: Sequence[str], hits: list[list[Any]], rerank: Any, *,
                 depth: int | None = None) -> list[list[Any]]:
     """Re-score each query's top ``depth`` hits (default: all) with the cross-encoder, best first."""
     reranker = rerank if isinstance(rerank, Reranker) else searcher.reranker(str(rerank))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,9 +17,6 @@ from engine.core.errors import ConfigError, IntegrityError
 from engine.index.faiss_ops import merge_topk
 from engine.index.fusion import FusionConfig, fuse
 from engine.index.sparse import ROW_DOC_FILE, Bm25Index, tokenize, top_rows
-
-if TYPE_CHECKING:
-    from engine.index.searcher import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +96,31 @@ def per_doc(scores: np.ndarray, ids: np.ndarray, codes: np.ndarray,
     return out_s, out_c, out_i
 
 
-def fuse_docs(searcher: Searcher, dense: tuple[np.ndarray, np.ndarray], sparse: tuple[np.ndarray, np.ndarray],
-              fusion: FusionConfig, k: int) -> tuple[np.ndarray, np.ndarray]:
+class RetrievalSearcher(Protocol):
+    """What sparse and hybrid search use of a loaded ``engine.index.searcher.Searcher`` (which imports this
+    module, so it is named here by its shape, not imported)."""
+
+    index: str
+
+    @property
+    def version_id(self) -> str: ...
+
+    @property
+    def sparse_shards(self) -> Sequence[SparseShard]: ...
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def search_ids(self, vectors: np.ndarray, k: int, *, nprobe: int | None = None,
+                   rescore_multiplier: int | None = None, depth_k: int | None = None,
+                   allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def doc_codes(self, ids: np.ndarray) -> tuple[np.ndarray, list[str]]: ...
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Any]]: ...
+
+
+def fuse_docs(searcher: RetrievalSearcher, dense: tuple[np.ndarray, np.ndarray],
+              sparse: tuple[np.ndarray, np.ndarray], fusion: FusionConfig, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Fusion over documents: each list collapsed to its documents first (a document's rank is its best
     chunk's), fused by document, each fused document shown by its best dense chunk (else its BM25 chunk).
     (scores [q, k], chunk ids [q, k].)"""
@@ -115,7 +135,7 @@ def fuse_docs(searcher: Searcher, dense: tuple[np.ndarray, np.ndarray], sparse: 
     return fs, out
 
 
-def search_modes(searcher: Searcher, queries: Sequence[str], k: int, *, mode: str, fusion: FusionConfig,
+def search_modes(searcher: RetrievalSearcher, queries: Sequence[str], k: int, *, mode: str, fusion: FusionConfig,
                  allowed: np.ndarray | None, nprobe: int | None, rescore_multiplier: int | None,
                  collapse_docs: bool) -> list[list[Any]]:
     """Sparse or hybrid search of text queries; ``Hit`` lists (scores: BM25 or the fused score)."""
