@@ -50,6 +50,9 @@ def test_ray_job_equals_in_process_run(ray_session, tmp_path):
     up = m_ray["timings"]["start_up"]  # where the fixed start went, in order
     assert 0 <= up["first_worker_created_s"] <= up["first_worker_ready_s"] <= up["first_unit_start_s"]
     assert up["first_unit_start_s"] < m_ray["timings"]["wall_seconds"] and up["model_load_s"] >= 0
+    # the first unit's own timeline: embedded, committed by a writer, then reported to the driver
+    assert up["first_unit_start_s"] <= up["first_unit_embedded_s"] <= up["first_unit_committed_s"]
+    assert up["first_unit_committed_s"] <= up["first_unit_done_s"] + 0.01 and up["process_s"] >= 0
 
 
 def test_relative_paths_work_on_a_ray_started_in_another_folder(ray_session, tmp_path, monkeypatch):

@@ -80,3 +80,14 @@ def test_cli_output_has_no_ray_chatter(ray_session, tmp_path):
     for noise in ("constructor arguments", "Progress bars", "ray_remote_args", "Started a local Ray", "core_worker",
                   "logging.cc"):
         assert noise not in out.stderr, out.stderr
+
+
+def test_start_up_line_counts_the_first_unit_from_the_command_start():
+    from engine.cli.embed import start_up_line
+
+    line = start_up_line({"start_up": {"process_s": 0.8, "ray_init_s": 2.0, "first_unit_start_s": 4.5,
+                                       "first_unit_embedded_s": 6.0, "first_unit_committed_s": 6.2,
+                                       "first_unit_done_s": 6.4}})
+    assert "Ray 2.0 s" in line and "embedded at 6.0 s" in line and "committed at 6.2 s" in line
+    assert line.endswith("(first unit 5.3 s after the command started)")
+    assert start_up_line({}) == ""

@@ -123,8 +123,13 @@ def start_up_line(timings: dict[str, Any]) -> str:
                                                   ("first_worker_created_s", "actor up at"),
                                                   ("model_load_s", "model load"),
                                                   ("first_unit_start_s", "first unit started at"),
-                                                  ("first_unit_done_s", "first unit committed at")) if key in up]
-    return "start-up: " + ", ".join(f"{label} {value:.1f} s" for label, value in parts) if parts else ""
+                                                  ("first_unit_embedded_s", "embedded at"),
+                                                  ("first_unit_committed_s", "committed at"),
+                                                  ("first_unit_done_s", "reported at")) if key in up]
+    line = "start-up: " + ", ".join(f"{label} {value:.1f} s" for label, value in parts) if parts else ""
+    if line and "process_s" in up and "first_unit_start_s" in up:
+        line += f" (first unit {up['process_s'] + up['first_unit_start_s']:.1f} s after the command started)"
+    return line
 
 
 class _Reporter:

@@ -72,7 +72,8 @@ class UnitEmbedder:
             vectors = self.encoder.encode_passages(embed_inputs(chunks, make_chunker(self.cfg)))
         info = {"dim": self.encoder.dim, "model": self.encoder.identity, "embed_seconds": time.perf_counter() - t0,
                 "started_at": round(started_at, 3), "actor_created_at": round(self.created_at, 3),
-                "actor_ready_at": round(self.ready_at, 3), "embed_worker": worker_location()}
+                "actor_ready_at": round(self.ready_at, 3), "embedded_at": round(time.time(), 3),
+                "embed_worker": worker_location()}
         return vectors, info
 
     def embed_unit(self, chunked: dict[str, Any], token_ids: list[Any] | None = None) -> dict[str, Any]:
@@ -126,6 +127,9 @@ def commit_unit(cfg: EmbedJobConfig, run_id: str, chunked: dict[str, Any], vecto
                   started_at=info["started_at"], actor_created_at=info["actor_created_at"],
                   actor_ready_at=info["actor_ready_at"], embed_worker=info.get("embed_worker") or {},
                   write_worker=worker_location())
+    if "embedded_at" in info:
+        marker["embedded_at"] = info["embedded_at"]
+    marker["committed_at"] = round(time.time(), 3)
     # The commit: written last, so a unit with a marker has all three parts.
     store.write_bytes(state_key(run_id, "done", f"{chunked['unit_id']}.json"), json_bytes(marker))
     return marker

@@ -169,6 +169,7 @@ def chunk_unit_tokens(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit
     """As ``chunk_unit_table``, plus every chunk's model token ids when sizing computed them (else None)."""
     import pyarrow as pa
 
+    chunk_started_at = time.time()  # the unit's timeline (its commit marker): chunked, embedded, committed
     t0 = time.perf_counter()
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     cstore, _keys = corpus_store(cfg.corpus)
@@ -212,7 +213,7 @@ def chunk_unit_tokens(cfg: EmbedJobConfig, plan_meta: dict[str, Any], unit: Unit
         "unit_id": unit.unit_id, "input_rows": unit.rows, "accepted": len(rows.doc_ids), "rejected": len(rows.rejects),
         "reject_reasons": _count(r["reason"] for r in rows.rejects), "chunks": chunks.num_rows,
         "tokens": int(sum(cols["n_tokens"])), "chunk_file": chunk_file, "reject_file": reject_file,
-        "chunk_seconds": time.perf_counter() - t0,
+        "chunk_seconds": time.perf_counter() - t0, "chunk_started_at": round(chunk_started_at, 3),
     }, chunks, (None if any(x is None for x in token_ids) else token_ids)  # type: ignore[return-value]
 
 
@@ -262,7 +263,8 @@ def _count(items: Any) -> dict[str, int]:
 
 def start_up(markers: list[dict[str, Any]], job_started_at: float) -> dict[str, float] | None:
     """Where a job's fixed start went, from this attempt's unit markers (seconds after the job started):
-    when the first embedding worker was up and its model loaded, and when the first unit began."""
+    when the first embedding worker was up and its model loaded, when the first unit began, was embedded
+    and was committed (markers from this release on)."""
     mine = [m for m in markers if float(m.get("started_at", 0)) >= job_started_at and "actor_ready_at" in m]
     if not mine:
         return None
@@ -270,7 +272,9 @@ def start_up(markers: list[dict[str, Any]], job_started_at: float) -> dict[str, 
     return {"first_worker_created_s": round(min(float(m["actor_created_at"]) for m in mine) - job_started_at, 3),
             "first_worker_ready_s": round(min(float(m["actor_ready_at"]) for m in mine) - job_started_at, 3),
             "model_load_s": round(loads[len(loads) // 2], 3),
-            "first_unit_start_s": round(min(float(m["started_at"]) for m in mine) - job_started_at, 3)}
+            "first_unit_start_s": round(min(float(m["started_at"]) for m in mine) - job_started_at, 3),
+            **{f"first_unit_{stage}_s": round(min(float(m[f"{stage}_at"]) for m in mine) - job_started_at, 3)
+               for stage in ("embedded", "committed") if all(f"{stage}_at" in m for m in mine)}}
 
 
 def finalize_run(cfg: EmbedJobConfig, prepared: PreparedRun, wall_seconds: float,
