@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.core import layout
 from engine.core.errors import GateError, IntegrityError
@@ -13,16 +13,14 @@ from engine.refresh.failpoints import stall_point
 from engine.refresh.gates import recall_verdict
 from engine.refresh.index_update import rebuild_version, update_version
 from engine.refresh.publish import gate_and_publish
+from engine.refresh.state import RunningSession
 from engine.refresh.strategy import choose_strategy
 from engine.refresh.summary import baseline_of, close_summary
-
-if TYPE_CHECKING:
-    from engine.refresh.session import RefreshSession
 
 log = logging.getLogger(__name__)
 
 
-def finish_refresh(session: RefreshSession) -> dict[str, Any]:
+def finish_refresh(session: RunningSession) -> dict[str, Any]:
     """Finalize the run, diff it, build the version, gate it, publish it; return the summary."""
     from engine.embed.pipeline import finalize_run
 
@@ -63,7 +61,7 @@ def finish_refresh(session: RefreshSession) -> dict[str, Any]:
     return close_summary(session.store, summary, manifest, session.timings)
 
 
-def build_gate_publish(session: RefreshSession, diff: RefreshDiff, manifest: dict[str, Any]) -> dict[str, Any]:
+def build_gate_publish(session: RunningSession, diff: RefreshDiff, manifest: dict[str, Any]) -> dict[str, Any]:
     """Decide incremental vs rebuild, build the version, run the gates, publish if they pass."""
     st = session.state
     assert st is not None
@@ -87,7 +85,7 @@ def build_gate_publish(session: RefreshSession, diff: RefreshDiff, manifest: dic
     return {**out, **gate_and_publish(session, out["version_id"], diff, out["gates"])}
 
 
-def build_version(session: RefreshSession, decision: dict[str, Any], diff: RefreshDiff, manifest: dict[str, Any],
+def build_version(session: RunningSession, decision: dict[str, Any], diff: RefreshDiff, manifest: dict[str, Any],
                   record: dict[str, Any]) -> dict[str, Any]:
     """The new version's manifest: the live shards updated in place (a copy), or a rebuild from the run."""
     st = session.state
@@ -100,7 +98,7 @@ def build_version(session: RefreshSession, decision: dict[str, Any], diff: Refre
                            gate_recall=rcfg.recall_gate)
 
 
-def gate_threshold(session: RefreshSession) -> float | None:
+def gate_threshold(session: RunningSession) -> float | None:
     """The recall the updated version must reach: --recall-gate, else the live version's threshold."""
     st = session.state
     assert st is not None
@@ -109,7 +107,7 @@ def gate_threshold(session: RefreshSession) -> float | None:
     return (st.live.version_manifest.get("recall_gate") or {}).get("threshold")
 
 
-def decide(session: RefreshSession, diff: RefreshDiff, manifest: dict[str, Any]) -> dict[str, Any]:
+def decide(session: RunningSession, diff: RefreshDiff, manifest: dict[str, Any]) -> dict[str, Any]:
     """Incremental or rebuild (saved in the run's state, so a resumed refresh keeps its choice)."""
     from engine.index.version import new_version_id
 
@@ -132,7 +130,7 @@ def decide(session: RefreshSession, diff: RefreshDiff, manifest: dict[str, Any])
     return decision
 
 
-def unit_stats(session: RefreshSession) -> dict[str, int]:
+def unit_stats(session: RunningSession) -> dict[str, int]:
     """Reuse counts over every attempt (per-unit records written after each commit)."""
     st = session.state
     assert st is not None and st.prepared is not None

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.core.errors import ConflictError
 from engine.refresh.diff import RefreshDiff
 from engine.refresh.failpoints import stall_point
 from engine.refresh.gates import canary_gate
-
-if TYPE_CHECKING:
-    from engine.refresh.session import RefreshSession
+from engine.refresh.state import RunningSession
 
 
-def gate_and_publish(session: RefreshSession, version_id: str, diff: RefreshDiff,
+def gate_and_publish(session: RunningSession, version_id: str, diff: RefreshDiff,
                      gates: dict[str, Any]) -> dict[str, Any]:
     """Run the canary gate beside the recall gate's verdict in ``gates``; publish when every gate passed."""
     st = session.state
@@ -35,7 +33,7 @@ def gate_and_publish(session: RefreshSession, version_id: str, diff: RefreshDiff
     return publish(session, version_id, diff)
 
 
-def publish(session: RefreshSession, version_id: str, diff: RefreshDiff) -> dict[str, Any]:
+def publish(session: RunningSession, version_id: str, diff: RefreshDiff) -> dict[str, Any]:
     """The CAS swap (expecting the alias still on the version we diffed against)."""
     from engine.publish.aliases import publish_version
 

@@ -28,7 +28,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from engine.core import layout
@@ -49,22 +48,10 @@ from engine.refresh.live import (
 )
 from engine.refresh.model import LazyModel, preload_encoder
 from engine.refresh.reuse import RefreshEmbedder, VectorLookup
+from engine.refresh.state import RefreshState
 from engine.refresh.summary import up_to_date_summary
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RefreshState:
-    """What the steps of one refresh hand each other."""
-
-    live: LiveVersion
-    cfg: EmbedJobConfig  # the refresh run's embed-job config
-    run_id: str
-    prepared: Any = None  # engine.embed.pipeline.PreparedRun
-    lookup: VectorLookup | None = None
-    inputs_unchanged: bool = False
-    attempt_counts: dict[str, int] = field(default_factory=lambda: {"reused": 0, "embedded": 0})
 
 
 class RefreshSession:
