@@ -47,6 +47,10 @@ class FusionConfig:
     depth: int = 100  # candidates taken from each list per query
     norm: str = "minmax"  # weighted only: minmax | zscore (records without it are minmax)
     source: str = "default"  # default | given | tuned:<record id>
+    # > 0: a second dense pass from the query vector moved toward the top fused hits (engine/index/feedback.py);
+    # records written before it existed have no such key and load as 0 (one pass, as they were tuned)
+    feedback_docs: int = 0
+    feedback_weight: float = 1.0  # share of the feedback hits' mean vector added to the query vector
 
     def validate(self) -> FusionConfig:
         if self.method not in FUSION_METHODS:
@@ -59,6 +63,10 @@ class FusionConfig:
             raise ConfigError(f"fusion norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         if self.depth < 1:
             raise ConfigError(f"fusion depth must be >= 1, got {self.depth}")
+        if not 0 <= self.feedback_docs <= self.depth:
+            raise ConfigError(f"feedback_docs must be within [0, depth={self.depth}], got {self.feedback_docs}")
+        if not 0.0 <= self.feedback_weight <= 100.0:
+            raise ConfigError(f"feedback_weight must be within [0, 100], got {self.feedback_weight}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

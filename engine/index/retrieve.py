@@ -155,6 +155,14 @@ def search_modes(searcher: RetrievalSearcher, queries: Sequence[str], k: int, *,
                                     depth_k=k, allowed=allowed)
         scores, ids = fuse_docs(searcher, dense, sparse, fusion, want) if collapse_docs else fuse(dense, sparse,
                                                                                                    fusion, want)
+        if fusion.feedback_docs:  # second dense pass from the query moved toward the fused top (feedback.py)
+            from engine.index.feedback import feedback_queries, stored_vectors
+
+            vectors = feedback_queries(vectors, ids, fusion, lambda i: stored_vectors(searcher, i))
+            dense = searcher.search_ids(vectors, depth, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
+                                        depth_k=k, allowed=allowed)
+            scores, ids = fuse_docs(searcher, dense, sparse, fusion, want) if collapse_docs else fuse(
+                dense, sparse, fusion, want)
     hits = searcher.hits(scores[:, :want], ids[:, :want])
     if collapse_docs:
         from engine.index.hits import best_per_doc
