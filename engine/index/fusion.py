@@ -151,10 +151,14 @@ def tune_fusion(dense: tuple[np.ndarray, np.ndarray], sparse: tuple[np.ndarray, 
                 grid: Sequence[FusionConfig] | None = None) -> dict[str, Any]:
     """Score every fusion of the grid on the same candidate lists with ``score`` (fused ids [q, depth] ->
     the mean metric, e.g. nDCG@10 over documents); the best (first on ties) and the whole curve."""
-    results = []
-    for cfg in grid or fusion_grid(depth):
-        _, ids = fuse(dense, sparse, cfg, depth)
-        results.append((score(ids), cfg))
+    return tune_grid(lambda cfg: fuse(dense, sparse, cfg, depth)[1], score, grid or fusion_grid(depth))
+
+
+def tune_grid(fused: Callable[[FusionConfig], np.ndarray], score: Callable[[np.ndarray], float],
+              grid: Sequence[FusionConfig]) -> dict[str, Any]:
+    """``score(fused(cfg))`` for every fusion of ``grid`` (``fused``: the ranking a fusion gives, ids [q, d]); the
+    best (first on ties) and the whole curve."""
+    results = [(score(fused(cfg)), cfg) for cfg in grid]
     best_value, best = max(results, key=lambda r: r[0])  # max keeps the first of equal values
     return {"chosen": dataclasses.replace(best, source="tuned").to_dict(), "value": round(best_value, 4),
             "grid": [{**c.to_dict(), "value": round(v, 4)} for v, c in results]}

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.core.errors import ConfigError
-from engine.index.fusion import FusionConfig, fuse, save_fusion_record, tune_fusion
-from engine.index.retrieve import per_doc, sparse_ids
+from engine.index.feedback import feedback_grid, feedback_queries, stored_vectors
+from engine.index.fusion import FusionConfig, fusion_grid, save_fusion_record, tune_grid
+from engine.index.retrieve import fuse_docs, sparse_ids
 
 if TYPE_CHECKING:
     from engine.core.storage import Store
@@ -102,30 +103,11 @@ def split_queries(query_ids: Sequence[str], share: float, seed: int, fold: int =
     return (rest, first) if fold and rest else (first, rest)
 
 
-def candidate_lists(searcher: Searcher, texts: Sequence[str], depth: int, k: int,
-                    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The dense and the sparse top ``depth`` of every query as document lists (scores, doc codes), what each
-    fusion then merges, as ``search(..., collapse_docs=True)`` does."""
-    if not searcher.sparse_shards:
-        raise ConfigError(f"index {searcher.index}/{searcher.version_id} has no sparse shards to fuse; rebuild it "
-                          "with --sparse bm25")
-    dense = searcher.search_ids(searcher.encode_queries(list(texts)), depth, depth_k=k)
-    sparse = sparse_ids(searcher.sparse_shards, texts, depth, None)
-    ds, dc, _ = per_doc(dense[0], dense[1], searcher.doc_codes(dense[1])[0])
-    ss, sc, _ = per_doc(sparse[0], sparse[1], searcher.doc_codes(sparse[1])[0])
-    return (ds, dc), (ss, sc)
-
-
-def doc_lookup(searcher: Searcher, codes: np.ndarray) -> dict[int, str]:
-    """Doc code -> doc id for every code in ``codes`` (-1 left out)."""
-    names = searcher.doc_codes(np.zeros(0, np.int64))[1]
-    return {int(c): names[int(c)] for c in np.unique(codes[codes >= 0])}
-
-
 class DocScorer:
     """Mean metric of fused document rankings (doc codes, -1 = empty) for a set of queries."""
 
-    def __init__(self, doc_of: Mapping[int, str], gains: Sequence[Mapping[str, float]], metric: Metric, k: int):
+    def __init__(self, doc_of: Mapping[int, str] | Sequence[str], gains: Sequence[Mapping[str, float]],
+                 metric: Metric, k: int):
         self.doc_of, self.gains, self.metric, self.k = doc_of, gains, metric, k
 
     def __call__(self, ids: np.ndarray) -> float:
@@ -139,40 +121,77 @@ class DocScorer:
         return float(np.mean(values)) if values else 0.0
 
 
+class HybridLists:
+    """The dense and BM25 candidate lists of judged queries, searched once; ``fused(cfg, rows)`` ranks documents
+    as ``search(..., mode="hybrid", collapse_docs=True)`` does with that fusion, its feedback pass included (the
+    second dense search memoised: fusions with the same top hits share it)."""
+
+    def __init__(self, searcher: Searcher, texts: Sequence[str], depth: int, k: int):
+        if not searcher.sparse_shards:
+            raise ConfigError(f"index {searcher.index}/{searcher.version_id} has no sparse shards to fuse; rebuild "
+                              "it with --sparse bm25")
+        self.searcher, self.depth, self.k = searcher, depth, k
+        self.vectors = searcher.encode_queries(list(texts))  # [q, dim]
+        self.dense = searcher.search_ids(self.vectors, depth, depth_k=k)  # chunk lists [q, depth]
+        self.sparse = sparse_ids(searcher.sparse_shards, texts, depth, None)
+        self._second: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+    def fused(self, cfg: FusionConfig, rows: Sequence[int]) -> np.ndarray:
+        """Doc codes [len(rows), depth] of the fused ranking of the queries at ``rows`` (-1 = empty)."""
+        s = self.searcher
+        dense, sparse = _take(self.dense, rows), _take(self.sparse, rows)
+        ids = fuse_docs(s, dense, sparse, cfg, self.depth)[1]
+        if cfg.feedback_docs:
+            q2 = feedback_queries(self.vectors[list(rows)], ids, cfg, lambda i: stored_vectors(s, i))
+            key = hashlib.sha256(q2.tobytes()).digest()
+            if key not in self._second:
+                self._second[key] = s.search_ids(q2, self.depth, depth_k=self.k)
+            ids = fuse_docs(s, self._second[key], sparse, cfg, self.depth)[1]
+        return s.doc_codes(ids)[0]
+
+
 def _take(pair: tuple[np.ndarray, np.ndarray], rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return pair[0][list(rows)], pair[1][list(rows)]
 
 
+def tuning_grid(depth: int = 100, feedback: bool = True) -> list[FusionConfig]:
+    """The fusions ``tune-fusion`` tries: every RRF and weighted-sum setting, each also with every feedback setting."""
+    base = fusion_grid(depth)
+    return base + (feedback_grid(base) if feedback else [])
+
+
 def tune_version(searcher: Searcher, store: Store, queries: Sequence[tuple[str, str]],
                  qrels: Mapping[str, Mapping[str, float]], metric: Metric, *, k: int = 10, share: float = 0.5,
-                 seed: int = 0, depth: int = 100, save: bool = True, label: str = "", fold: int = 0) -> dict[str, Any]:
+                 seed: int = 0, depth: int = 100, save: bool = True, label: str = "", fold: int = 0,
+                 feedback: bool = True) -> dict[str, Any]:
     """Tune the fusion of ``searcher``'s version on judged ``queries`` ((query_id, text)) and store the record.
 
     Returns the record (plus ``key`` when saved): chosen fusion, its value on the tuning part, and
-    dense / sparse / RRF-60 / tuned on the held-out part (on the tuning part when nothing is held out)."""
+    dense / sparse / RRF-60 / tuned on the held-out part (on the tuning part when nothing is held out).
+    ``feedback`` False leaves the feedback pass out of the grid."""
     judged = [(qid, text) for qid, text in queries if qrels.get(qid)]
     if not judged:
         raise ConfigError("no query has a judged relevant document; nothing to tune the fusion on")
     tune_rows, held_rows = split_queries([q for q, _ in judged], share, seed, fold)
     gains = [qrels[q] for q, _ in judged]
-    dense, sparse = candidate_lists(searcher, [t for _, t in judged], depth, k)
-    doc_of = doc_lookup(searcher, np.concatenate([dense[1], sparse[1]], axis=1))
+    lists = HybridLists(searcher, [t for _, t in judged], depth, k)
+    names = searcher.doc_codes(np.zeros(0, np.int64))[1]
 
     def scorer(rows: Sequence[int]) -> DocScorer:
-        return DocScorer(doc_of, [gains[r] for r in rows], metric, k)
+        return DocScorer(names, [gains[r] for r in rows], metric, k)
 
-    tuned = tune_fusion(_take(dense, tune_rows), _take(sparse, tune_rows), scorer(tune_rows), depth=depth)
+    tuned = tune_grid(lambda cfg: lists.fused(cfg, tune_rows), scorer(tune_rows), tuning_grid(depth, feedback))
     chosen = FusionConfig.from_dict(tuned["chosen"])
     report_rows = held_rows or tune_rows
     score = scorer(report_rows)
-    d, s = _take(dense, report_rows), _take(sparse, report_rows)
-    held = {"dense": score(d[1]), "sparse": score(s[1]),
-            "rrf60": score(fuse(d, s, FusionConfig(depth=depth), depth)[1]),
-            "tuned": score(fuse(d, s, chosen, depth)[1])}
+    codes = searcher.doc_codes(np.concatenate([lists.dense[1], lists.sparse[1]], axis=1)[list(report_rows)])[0]
+    d, s = np.split(codes, 2, axis=1)
+    held = {"dense": score(d), "sparse": score(s), "rrf60": score(lists.fused(FusionConfig(depth=depth), report_rows)),
+            "tuned": score(lists.fused(chosen, report_rows))}
     record: dict[str, Any] = {
         "metric": f"ndcg@{k}", "chosen": tuned["chosen"], "tuned_value": tuned["value"],
         "benchmark": {"label": label, "queries": len(judged), "split": share, "seed": seed, "fold": fold,
-                      "tuned_on": len(tune_rows), "held_out": len(held_rows)},
+                      "tuned_on": len(tune_rows), "held_out": len(held_rows), "feedback": feedback},
         "held_out": {name: round(v, 4) for name, v in held.items()}, "grid": tuned["grid"]}
     if save:
         record["key"] = save_fusion_record(store, searcher.index, searcher.version_id, record)
