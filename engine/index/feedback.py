@@ -69,7 +69,7 @@ def feedback_queries(vectors: np.ndarray, fused_ids: np.ndarray, cfg: FusionConf
                      lookup: Any) -> np.ndarray:
     """The second pass's query vectors [q, dim]: each normalised query plus ``cfg.feedback_weight`` x the mean
     of the stored vectors of its first ``cfg.feedback_docs`` fused hits (``fused_ids`` [q, >= m] global ids,
-    -1 = none), normalised. A query with no fused hit keeps its vector. ``lookup(ids) -> [n, dim]``."""
+    -1 = none), normalised. A query with no fused hit (or feedback that cancels it) keeps its vector. ``lookup(ids) -> [n, dim]``."""
     q = np.asarray(vectors, dtype=np.float32)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     m = cfg.feedback_docs
@@ -83,7 +83,9 @@ def feedback_queries(vectors: np.ndarray, fused_ids: np.ndarray, cfg: FusionConf
         ids = top[row][top[row] >= 0]
         if len(ids):
             out[row] = q[row] + cfg.feedback_weight * vecs[np.searchsorted(want, ids)].mean(axis=0)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    # feedback that cancels the query (a hit opposite to it) leaves no direction: keep the query
+    return np.where(norms > 1e-6, out / np.maximum(norms, 1e-12), q)
 
 
 def feedback_grid(base: Sequence[FusionConfig], docs: Sequence[int] = (2, 3, 5),
