@@ -8,7 +8,9 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from engine.cli.app import cli
 from engine.core.errors import ConfigError
 from engine.core.storage import open_store
 from engine.index.build import build_index
@@ -27,11 +29,12 @@ N = 1200
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
     """A 2-shard flat version with BM25 shards over N chunks (two chunks per document)."""
-    store = open_store(tmp_path_factory.mktemp("feedback") / "store")
+    root = tmp_path_factory.mktemp("feedback")
+    store = open_store(root / "store")
     x = clustered_vectors(N, DIM, clusters=24, seed=5)
     make_run(store, "r1", x, parts=2, texts=texts_for(N, seed=2))
     res = build_index(store, "r1", "docs", BuildConfig(kind="flat", shards=2, sparse="bm25", gate_recall=None))
-    return store, res.version_id, x
+    return store, res.version_id, root
 
 
 def test_feedback_query_is_the_normalised_rocchio_sum():
@@ -154,3 +157,26 @@ def test_tune_version_chooses_among_feedback_fusions(version):
     assert len(rec["grid"]) == 10 * len(plain["grid"])
     assert rec["tuned_value"] >= plain["tuned_value"]  # the grid with feedback holds the one without
     assert set(rec["held_out"]) == {"dense", "sparse", "rrf60", "tuned"}
+
+
+def test_cli_tune_fusion_without_feedback_and_search_feedback_docs(version, tmp_path):
+    store, vid, root = version
+    texts = texts_for(N, seed=2)
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps({"query_id": f"q{i}", "text": texts[i * 37]})
+                                                for i in range(16)))
+    (tmp_path / "qrels.tsv").write_text("query_id\tdoc_id\tgrade\n" + "".join(
+        f"q{i}\td{(i * 37) // 2:06d}\t1\n" for i in range(16)))
+    base = ["--store", str(root / "store"), "--index", "docs", "--version", vid]
+    r = CliRunner().invoke(cli, ["tune-fusion", *base, "--queries", str(tmp_path / "q.jsonl"), "--qrels",
+                                 str(tmp_path / "qrels.tsv"), "--no-feedback", "--depth", "40", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["chosen"]["feedback_docs"] == 0
+    store.delete(out["record"])
+    r = CliRunner().invoke(cli, ["search", *base, "-q", "flutter of a panel", "--mode", "hybrid", "--feedback-docs",
+                                 "3", "--json"])
+    assert r.exit_code == 0, r.output
+    fused = json.loads(r.stdout.strip().splitlines()[-1])["fusion"]
+    assert (fused["feedback_docs"], fused["source"]) == (3, "given")
+    r = CliRunner().invoke(cli, ["search", *base, "-q", "flutter", "--feedback-docs", "3"])
+    assert r.exit_code != 0 and "--mode hybrid" in str(r.exception or r.output)

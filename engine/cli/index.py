@@ -177,6 +177,9 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
 @click.option("--fusion", type=click.Choice(["rrf", "weighted"]), default=None,
               help="Hybrid fusion: reciprocal-rank or weighted normalised scores [the version's tuned default, else "
                    "rrf k=60].")
+@click.option("--feedback-docs", type=click.IntRange(0), default=None,
+              help="Hybrid: top fused hits whose vectors move the query for a second dense pass; 0 = one pass "
+                   "[the fusion's own setting].")
 @click.option("--where", "where", default=None,
               help="Metadata filter, e.g. \"lang = 'de' AND updated_at >= '2026-01-01'\" (= != < <= > >=, IN, "
                    "IS NULL, AND/OR/NOT, parentheses).")
@@ -187,8 +190,8 @@ def build_index_cmd(store: str, endpoint_url: str | None, run: str, index: str, 
 def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
                queries: tuple[str, ...], k: int, nprobe: int | None, rescore_multiplier: int | None,
                collapse_docs: bool, device: str, no_verify: bool, threshold: str | None, mode: str,
-               fusion: str | None, where: str | None, rerank_path: str | None, rerank_depth: int | None,
-               as_json: bool) -> None:
+               fusion: str | None, feedback_docs: int | None, where: str | None, rerank_path: str | None,
+               rerank_depth: int | None, as_json: bool) -> None:
     """Search an index version with the model it was built with.
 
     \b
@@ -197,6 +200,7 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
       embedctl search --store ./store --index docs --version latest -q "heat transfer" -q "shock waves" -k 5 --json
       embedctl search --store ./store --index docs --alias live -q "buckling of panels" --docs --nprobe 64
       embedctl search --store ./store --index docs --alias live -q "heat transfer" --mode hybrid --fusion rrf
+      embedctl search --store ./store --index docs --alias live -q "heat transfer" --mode hybrid --feedback-docs 0
       embedctl search --store ./store --index docs --alias live -q "Wärme" --where "lang = 'de' AND year >= 2020"
       embedctl search --store ./store --index docs --alias live -q "flutter" --rerank ./ce-model --rerank-depth 50
     """
@@ -211,6 +215,10 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
 
         raise ConfigError(f"--threshold is calibrated on dense scores; {mode} scores (BM25 or fused) need their own "
                           "calibration, which does not exist yet: drop --threshold or use --mode dense")
+    if feedback_docs is not None and mode != "hybrid":
+        from engine.core.errors import ConfigError
+
+        raise ConfigError("--feedback-docs is a setting of hybrid fusion: add --mode hybrid")
     if rerank_depth is not None and rerank_path is None:
         from engine.core.errors import ConfigError
 
@@ -224,12 +232,17 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
     reranker = searcher.reranker(rerank_path) if rerank_path else None
     t_load = time.perf_counter() - t0
     try:
+        chosen = searcher.resolve_fusion(fusion) if mode == "hybrid" else None
+        if chosen is not None and feedback_docs is not None:
+            import dataclasses
+
+            chosen = dataclasses.replace(chosen, feedback_docs=feedback_docs, source="given").validate()
         t1 = time.perf_counter()
         results = searcher.search(list(queries), k, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
-                                  collapse_docs=collapse_docs, mode=mode, fusion=fusion, where=where,
+                                  collapse_docs=collapse_docs, mode=mode, fusion=chosen or fusion, where=where,
                                   rerank=reranker, rerank_depth=rerank_depth)
         t_search = time.perf_counter() - t1
-        fused = searcher.resolve_fusion(fusion).to_dict() if mode == "hybrid" else None
+        fused = chosen.to_dict() if chosen is not None else None
     finally:
         searcher.close()
     reasons: list[str | None] = [None] * len(results)
@@ -398,19 +411,23 @@ def _compare_modes(st: Any, index: str, vid: str, queries_path: str, qrels_path:
               help="1 swaps the tuning and held-out parts (with --split 0.5: run both folds and every query is "
                    "reported by a fusion not tuned on it).")
 @click.option("--depth", type=click.IntRange(1), default=100, show_default=True, help="Candidates from each list.")
+@click.option("--feedback/--no-feedback", default=True, show_default=True,
+              help="Also try a second dense pass from the query vector moved toward the top fused hits (vector "
+                   "pseudo-relevance feedback: 2, 3 or 5 hits x weight 0.5, 1 or 2).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: str | None, alias: str | None,
                     queries_path: str | None, qrels_path: str | None, gain: str, k: int, share: float, seed: int,
-                    fold: int, depth: int, device: str, as_json: bool) -> None:
-    """Tune hybrid fusion (RRF k and weights, or weighted normalised scores) on judged queries; store it beside
-    the version, where `search --mode hybrid` finds it as its default.
+                    fold: int, depth: int, feedback: bool, device: str, as_json: bool) -> None:
+    """Tune hybrid fusion (RRF k and weights, or weighted normalised scores, each with or without a feedback pass)
+    on judged queries; store it beside the version, where `search --mode hybrid` finds it as its default.
 
     \b
     Examples:
       embedctl tune-fusion --store ./store --index cranfield --alias live \\
           --queries ../shared/data/cranfield/queries.jsonl --qrels ../shared/data/cranfield/qrels.tsv
       embedctl tune-fusion ... --split 0.5 --fold 1      # the other half: together, a 2-fold figure
+      embedctl tune-fusion ... --no-feedback             # one-pass fusions only (RRF / weighted)
     """
     from engine.index.searcher import Searcher
     from engine.index.tuning import tune_version
@@ -428,7 +445,7 @@ def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: s
     qrels = load_qrels(qrels_path, gain)
     with Searcher.load(st, index, vid, device=device) as searcher:
         record = tune_version(searcher, st, queries, qrels, ndcg_at_k, k=k, share=share, seed=seed, depth=depth,
-                              label=f"{queries_path} + {qrels_path}", fold=fold)
+                              label=f"{queries_path} + {qrels_path}", fold=fold, feedback=feedback)
     bench = record["benchmark"]
     out = {"index": index, "version": vid, "record": record["key"], "chosen": record["chosen"],
            "tuned_on": bench["tuned_on"], "held_out": bench["held_out"], f"tuned_ndcg@{k}": record["tuned_value"],
@@ -438,7 +455,8 @@ def tune_fusion_cmd(store: str, endpoint_url: str | None, index: str, version: s
         return
     c = record["chosen"]
     how = f"rrf k={c['rrf_k']}" if c["method"] == "rrf" else f"weighted ({c.get('norm', 'minmax')})"
-    click.echo(f"{index}/{vid}: fusion {how}, dense weight {c['dense_weight']} (nDCG@{k} {record['tuned_value']:.4f} "
-               f"on {bench['tuned_on']} queries); stored as {record['key']}")
+    fb = f", feedback {c['feedback_docs']} hits x {c['feedback_weight']}" if c.get("feedback_docs") else ""
+    click.echo(f"{index}/{vid}: fusion {how}, dense weight {c['dense_weight']}{fb} (nDCG@{k} "
+               f"{record['tuned_value']:.4f} on {bench['tuned_on']} queries); stored as {record['key']}")
     click.echo(f"  held out ({bench['held_out']} queries): " + ", ".join(
         f"{name} {v:.4f}" for name, v in record["held_out"].items()))
