@@ -6,10 +6,14 @@
 - ``weighted``: ``w * dense' + (1 - w) * sparse'`` where ``'`` normalises each list's scores per
   query: ``norm`` minmax (a list's best candidate 1, its worst 0; missing = 0) or zscore (minus
   the list's mean, over its standard deviation, shifted so its worst candidate is 0; missing = 0).
+- ``feedback_docs`` m > 0 (either method): a second pass. The query vector moves toward the stored
+  vectors of the first fused ranking's top m hits (``feedback_weight``), the dense list is searched
+  again with it and fused with the same BM25 list (``engine/index/feedback.py``). Off by default.
 
-A tuning (``tune_fusion``) scores a grid of both on judged queries and stores the best as a
-record beside the version (``versions/<id>/fusion/<record>.json``, never inside the immutable
-manifest); a searcher of that version uses the newest record as its default fusion.
+A tuning (``engine/index/tuning.py``) scores a grid of all of these on judged queries and stores
+the best as a record beside the version (``versions/<id>/fusion/<record>.json``, never inside the
+immutable manifest); a searcher of that version uses the newest record as its default fusion.
+Records written before a key existed load with its default (``norm`` minmax, ``feedback_docs`` 0).
 """
 
 from __future__ import annotations
