@@ -350,7 +350,7 @@ def load_encoder(
         if runtime == "openvino":
             from engine.embed.backends.openvino_encoder import OpenVinoEncoder
 
-            return OpenVinoEncoder(name, path, quantize=quantize, threads=threads, **kwargs)
+            return OpenVinoEncoder(name, path, quantize=quantize, threads=threads, int8_recipe=int8_recipe, **kwargs)
         return OnnxEncoder(name, path, quantize=quantize, threads=threads, int8_recipe=int8_recipe, **kwargs)
     cls = encoder_class(path, device)
     return cls(name, path, device=device, dtype=dtype, threads=threads, compile=compile, **kwargs)
@@ -386,7 +386,7 @@ def encoder_from_identity(identity: dict[str, Any], device: str = "cpu", **overr
     """Reload the model a manifest names, on the backend and quantization it records (none recorded:
     torch/none); refuse a model whose weights differ from the recorded fingerprint, and a ``backend``
     or ``quantize`` override that differs from the recorded one."""
-    from engine.embed.backends import identity_backend
+    from engine.embed.backends import identity_backend, recorded_int8_recipe
 
     spec = identity.get("name") if str(identity.get("name", "")).startswith("hash:") else None
     if spec is None:
@@ -406,7 +406,7 @@ def encoder_from_identity(identity: dict[str, Any], device: str = "cpu", **overr
     enc = load_encoder(
         spec, device=device, truncate_dim=identity.get("truncate_dim"), query_prompt=identity.get("query_prompt"),
         passage_prompt=identity.get("passage_prompt"), backend=backend, quantize=quantize,
-        int8_recipe=int(identity.get("int8_recipe") or 1) if quantize == "int8" else None,  # absent: the first recipe
+        int8_recipe=recorded_int8_recipe(identity),  # absent: the backend's first recipe (onnx 1, openvino 3)
         **overrides,
     )
     want_export = identity.get("export_fingerprint")

@@ -3,8 +3,11 @@
 ``torch`` runs the model in torch (the native BERT on CPU, sentence-transformers on CUDA);
 ``onnx`` runs an ONNX export of the local model folder in ONNX Runtime, fp32 or dynamic int8
 (``engine.embed.backends.onnx_export`` builds and caches it, ``onnx_encoder`` runs it);
-``openvino`` runs the same (unfused) export in OpenVINO, fp32 or int8 weights via nncf
-(``openvino_encoder``; both packages install with embedctl, a clear error where missing). ``auto`` picks per device.
+``openvino`` runs the same (unfused) export in OpenVINO, fp32 or int8 via nncf (``openvino_encoder``,
+``openvino_int8``; both packages install with embedctl, a clear error where missing). ``auto`` picks per device.
+
+int8 recipes are numbered across backends (``INT8_RECIPES``); a model identity records the one its
+vectors came from (``int8_recipe``), so a searcher or refresh rebuilds that recipe, never a newer one.
 
 A model identity written by a torch/fp32 encoder carries no backend fields (identities written
 before backends existed look the same); ``identity_backend`` reads both kinds.
@@ -33,6 +36,14 @@ QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8")
 # embed command onnx fp32 62.5 s, openvino fp32 62.8 s, torch 64.4 s; start-up onnx 0.47 s, openvino
 # 1.0 s: openvino's job does not win, so onnx stays. int8 is never automatic.
 CPU_AUTO_BACKEND: Backend = "onnx"
+
+# int8 recipes per backend. onnx (``onnx_export.INT8_RECIPES``): 1 dynamic int8, every MatMul; 2 as 1 with
+# the FFN output MatMuls fp32. openvino (``openvino_int8``): 3 int8 weights only (nncf.compress_weights;
+# activations and matmuls fp32); 4 static int8 (nncf.quantize, weights and activations, calibrated on the
+# stdlib corpus). An int8 identity without ``int8_recipe`` means the backend's first (LEGACY) recipe.
+INT8_RECIPES: dict[str, tuple[int, ...]] = {"onnx": (1, 2), "openvino": (3, 4)}
+CURRENT_INT8_RECIPE: dict[str, int] = {"onnx": 2, "openvino": 4}  # what new int8 runs use
+LEGACY_INT8_RECIPE: dict[str, int] = {"onnx": 1, "openvino": 3}
 
 
 def check_choice(backend: str, quantize: str) -> None:
@@ -68,7 +79,7 @@ def check_openvino(quantize: str) -> None:
                           "installed; use --backend onnx (ONNX Runtime, installed with embedctl) or torch")
     if quantize == "int8" and importlib.util.find_spec("nncf") is None:
         raise ConfigError("--backend openvino --quantize int8 needs the 'nncf' package (pip install nncf) for "
-                          "OpenVINO's weight compression; use --backend onnx --quantize int8, or openvino fp32")
+                          "OpenVINO's int8 quantization; use --backend onnx --quantize int8, or openvino fp32")
 
 
 def _is_cuda(device: str, explicit_only: bool = False) -> bool:
@@ -81,6 +92,19 @@ def _is_cuda(device: str, explicit_only: bool = False) -> bool:
     return bool(torch.cuda.is_available())
 
 
+def current_int8_recipe(backend: str) -> int:
+    """The int8 recipe a new run on ``backend`` builds."""
+    return CURRENT_INT8_RECIPE[backend]
+
+
+def recorded_int8_recipe(identity: Mapping[str, Any]) -> int | None:
+    """The int8 recipe an identity's vectors came from (None for fp32; absent: the backend's first recipe)."""
+    backend, quantize = identity_backend(identity)
+    if quantize != "int8":
+        return None
+    return int(identity.get("int8_recipe") or LEGACY_INT8_RECIPE.get(backend, 1))
+
+
 def identity_backend(identity: Mapping[str, Any]) -> tuple[str, str]:
     """``(backend, quantize)`` a model identity records; identities without the fields are torch/none."""
     return str(identity.get("backend") or "torch"), str(identity.get("quantize") or "none")
@@ -91,9 +115,14 @@ def check_same_backend(want: Mapping[str, Any], got: Mapping[str, Any], what: st
     if str(want.get("name", "")).startswith("hash:") or str(got.get("name", "")).startswith("hash:"):
         return  # the test encoder has no backends
     w, g = identity_backend(want), identity_backend(got)
-    if w != g:
+    wr, gr = recorded_int8_recipe(want), recorded_int8_recipe(got)
+    if w != g or wr != gr:
+        def recipe(r: int | None) -> str:
+            return f" (int8 recipe {r})" if r is not None and wr != gr else ""
+
         raise ConfigError(
-            f"queries would be embedded with backend {g[0]}/{g[1]}, but {what} was built with {w[0]}/{w[1]}; "
+            f"queries would be embedded with backend {g[0]}/{g[1]}{recipe(gr)}, but {what} was built with "
+            f"{w[0]}/{w[1]}{recipe(wr)}; "
             f"an int8 or runtime-exported model places vectors slightly differently, so mixing them is refused. "
             f"Embed queries with --backend {w[0]} --quantize {w[1]} (the default follows the index)")
 
@@ -113,8 +142,9 @@ def prebuild(model: str | None, backend: str, quantize: str, device: str) -> Non
     if runtime == "onnx":
         ensure_onnx_model(path, model_fingerprint(path), quantize)
         return
-    from engine.embed.backends.openvino_encoder import ensure_int8_ir
+    from engine.embed.backends.openvino_int8 import ensure_int8_ir
 
-    exported = ensure_onnx_model(path, model_fingerprint(path), "none", fuse=False, backend="openvino")
+    fingerprint = model_fingerprint(path)
+    exported = ensure_onnx_model(path, fingerprint, "none", fuse=False, backend="openvino")
     if quantize == "int8":
-        ensure_int8_ir(exported.model_path, exported.key)
+        ensure_int8_ir(exported.model_path, exported.key, current_int8_recipe("openvino"), path, fingerprint)

@@ -38,6 +38,7 @@ class OnnxEncoder(Encoder):
         fingerprint = model_fingerprint(path)
         self.quantize = quantize
         self.int8_recipe: int | None = None
+        self.int8_calibration: str | None = None  # the calibration set's fingerprint (static recipes only)
         meta = self._open_runtime(path, fingerprint, int8_recipe, threads)
         self.pooling = str(meta["pooling"])
         super().__init__(name=name, path=path, fingerprint=fingerprint, native_dim=int(meta["dim"]),
@@ -62,7 +63,9 @@ class OnnxEncoder(Encoder):
 
     @property
     def identity(self) -> dict[str, Any]:
-        extra = {"int8_recipe": self.int8_recipe} if self.int8_recipe is not None else {}
+        extra: dict[str, Any] = {"int8_recipe": self.int8_recipe} if self.int8_recipe is not None else {}
+        if self.int8_calibration:
+            extra["int8_calibration"] = self.int8_calibration
         return {**super().identity, "backend": self.backend, "quantize": self.quantize,
                 "export_fingerprint": self.export_fingerprint, **extra}
 
