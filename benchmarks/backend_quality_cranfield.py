@@ -11,7 +11,8 @@ queries embedded by its own model identity, as a searcher does). Prints one row 
 relative nDCG@10 loss of int8 against each fp32 build (goal: <= 1%), with the manifest's
 `quality.cosine_to_fp32`. Quality figures do not depend on machine load; the wall times printed
 beside them do. Work lives in build/backend_quality_cranfield/ (gitignored); a rerun reuses
-finished embed runs (same config, same run id) and index versions (same build).
+finished embed runs (same config, same run id) and index versions (same build); int8 builds live in a
+store per recipe (``store-int8-recipe<N>``), so a new recipe is embedded, not read from an older run.
 """
 
 from __future__ import annotations
@@ -52,12 +53,16 @@ def embedctl(*args: str) -> dict[str, Any]:
 
 
 def one_build(work: Path, name: str, backend: str, quantize: str) -> dict[str, Any]:
-    store = str(work / "store")
+    from engine.embed.backends import current_int8_recipe
+
+    # An int8 run's id does not name its recipe: each recipe gets its own store, so a rerun after a new
+    # recipe embeds again instead of reusing the older recipe's finished run.
+    store = str(work / ("store" if quantize == "none" else f"store-int8-recipe{current_int8_recipe(backend)}"))
     t = time.perf_counter()
     run = embedctl("embed", "--corpus", str(corpus_parquet(work)), "--store", store, "--device", "cpu",
                    "--backend", backend, "--quantize", quantize)
     embed_s = time.perf_counter() - t
-    manifest = json.loads((work / "store" / "runs" / run["run_id"] / "manifest.json").read_text())
+    manifest = json.loads((Path(store) / "runs" / run["run_id"] / "manifest.json").read_text())
     index = f"cranfield-{name}"
     built = embedctl("build-index", "--store", store, "--run", run["run_id"], "--index", index, "--kind", "flat",
                      "--executor", "local", "--no-gate")
@@ -70,7 +75,8 @@ def one_build(work: Path, name: str, backend: str, quantize: str) -> dict[str, A
            "chunks": manifest["counts"]["chunks"], "queries": ev.get("evaluated"),
            **{k: round(float(metrics[k]), 4) for k in ("ndcg@10", "recall@10", "mrr@10") if k in metrics},
            "embed_command_s": round(embed_s, 1), "model": {k: manifest["model"].get(k) for k in
-                                                           ("backend", "quantize", "int8_recipe", "export_fingerprint")}}
+                                                           ("backend", "quantize", "int8_recipe", "int8_calibration",
+                                                            "export_fingerprint")}}
     if manifest.get("quality"):
         row["cosine_to_fp32"] = manifest["quality"]["cosine_to_fp32"]
     return row

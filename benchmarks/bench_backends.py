@@ -1,6 +1,7 @@
 """CPU inference backends, one run: the embed job per backend vs bare SentenceTransformer.encode, plus quality.
 
     .venv/bin/python benchmarks/bench_backends.py [--limit N] [--out results.json]
+    .venv/bin/python benchmarks/bench_backends.py --scratch [--texts 600] [--threads 2] [--rounds 3]
 
 On Cranfield (../shared/data/cranfield, 1,400 abstracts; the stdlib demo corpus when absent):
 1. the ONNX exports (fp32, int8) are built once into the cache (a one-off, timed separately);
@@ -14,6 +15,11 @@ On Cranfield (../shared/data/cranfield, 1,400 abstracts; the stdlib demo corpus 
    to documents by their best chunk, queries embedded by each run's own model identity);
 6. model-process start-up (fresh interpreter: import + load, then the first vector) per backend,
    and for the torch path through sentence-transformers (what engine/embed/bert.py saves).
+
+``--scratch`` measures the runtimes alone, in this one process (no Ray, no job): each backend and int8
+recipe encodes the same Cranfield texts at ``--threads`` threads, rounds interleaved (median kept);
+chunks/s and cosine to ONNX fp32. openvino int8 recipe 3 (weights only) is what
+``--quantize int8`` meant on openvino before recipe 4 (static); onnx int8 is dynamic recipe 2.
 
 Timings on a shared machine are noisy: the load average before and after is printed with them.
 """
@@ -154,11 +160,72 @@ def bare_encode(texts: list[str]) -> tuple[float, float, Any]:
     return load, time.perf_counter() - t, vecs
 
 
+SCRATCH = {"onnx-fp32": ("onnx", "none", None), "openvino-fp32": ("openvino", "none", None),
+           "openvino-int8-weights (recipe 3)": ("openvino", "int8", 3), "onnx-int8-dynamic (recipe 2)": ("onnx", "int8", 2),
+           "openvino-int8-static (recipe 4)": ("openvino", "int8", 4)}
+
+
+def scratch(n_texts: int, threads: int, rounds: int) -> dict[str, Any]:
+    """The runtimes alone, one process: chunks/s (median of interleaved rounds) and cosine to ONNX fp32."""
+    import statistics
+
+    from engine.embed.encoders import load_encoder
+
+    texts = [json.loads(line)["text"] for line in CRANFIELD.open()][:n_texts]
+    encs = {}
+    for name, (backend, quantize, recipe) in SCRATCH.items():
+        if backend == "openvino" and f"openvino-{'fp32' if quantize == 'none' else 'int8'}" not in BACKENDS:
+            continue  # openvino / nncf not installed
+        log(f"load (building if not cached): {name}")
+        encs[name] = load_encoder(None, device="cpu", backend=backend, quantize=quantize, int8_recipe=recipe,
+                                  threads=threads)
+    res: dict[str, Any] = {"machine": machine(), "texts": len(texts), "threads": threads, "rounds": rounds,
+                           "load_average_before": os.getloadavg(), "rows": {}}
+    speeds: dict[str, list[float]] = {k: [] for k in encs}
+    ref = None
+    for r in range(rounds):
+        for name, enc in encs.items():
+            enc.encode(texts[:16])  # warm-up: first-call allocations
+            t = time.perf_counter()
+            vecs = enc.encode(texts)
+            speeds[name].append(len(texts) / (time.perf_counter() - t))
+            ref = vecs if ref is None else ref
+            if r == 0:
+                cos = (vecs * ref).sum(1)
+                res["rows"][name] = {"int8_recipe": enc.identity.get("int8_recipe"),
+                                     "cosine_to_onnx_fp32": {"mean": round(float(cos.mean()), 5),
+                                                             "min": round(float(cos.min()), 5)}}
+            log(f"round {r}: {name} {speeds[name][-1]:.1f} chunks/s")
+    base = statistics.median(speeds["onnx-fp32"])
+    for name, v in speeds.items():
+        res["rows"][name].update(chunks_per_s=round(statistics.median(v), 1), all_rounds=[round(x, 1) for x in v],
+                                 vs_onnx_fp32=round(statistics.median(v) / base, 2))
+    res["load_average_after"] = os.getloadavg()
+    print(json.dumps(res, indent=2))
+    print(f"\n| runtime ({len(texts)} Cranfield texts, {threads} threads, median of {rounds}) | chunks/s | vs ONNX fp32 "
+          "| cosine to ONNX fp32 (mean / min) |\n|---|---|---|---|", file=sys.stderr)
+    for name, row in res["rows"].items():
+        c = row["cosine_to_onnx_fp32"]
+        print(f"| {name} | {row['chunks_per_s']} | {row['vs_onnx_fp32']:.2f}x | {c['mean']:.5f} / {c['min']:.5f} |",
+              file=sys.stderr)
+    print(f"load average before {res['load_average_before']}, after {res['load_average_after']}", file=sys.stderr)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     ap.add_argument("--out", default=None, help="also write the results JSON here")
+    ap.add_argument("--scratch", action="store_true", help="only the in-process runtime table (no embed jobs)")
+    ap.add_argument("--texts", type=int, default=600, help="--scratch: Cranfield texts encoded per runtime")
+    ap.add_argument("--threads", type=int, default=2, help="--scratch: threads per runtime")
+    ap.add_argument("--rounds", type=int, default=3, help="--scratch: interleaved rounds (the median is kept)")
     args = ap.parse_args()
+    if args.scratch:
+        res = scratch(args.texts, args.threads, args.rounds)
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+        return
     import pyarrow.parquet as pq
 
     from engine.embed.config import EmbedJobConfig
@@ -188,6 +255,7 @@ def main() -> None:
             wall, m = run_job(tmp / "corpus", tmp / f"store-{name}", backend, quantize)
             manifests[name] = m
             jobs[name] = {"command_wall_s": round(wall, 2), "chunks": m["counts"]["chunks"],
+                          "int8_recipe": m["model"].get("int8_recipe"),
                           "chunks_per_s": round(m["counts"]["chunks"] / wall, 2),
                           "start_up": (m.get("timings") or {}).get("start_up"),
                           **({"quality": m["quality"]} if m.get("quality") else {})}
