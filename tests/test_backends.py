@@ -49,7 +49,7 @@ def test_choices_and_auto():
         backends.check_choice("torch", "int8")
     assert backends.resolve_backend("auto", "none", "cuda") == "torch"
     assert backends.resolve_backend("auto", "none", "cpu") == backends.CPU_AUTO_BACKEND
-    assert backends.resolve_backend("auto", "int8", "cpu") == "onnx"
+    assert backends.resolve_backend("auto", "int8", "cpu") == backends.CPU_AUTO_INT8_BACKEND
     with pytest.raises(ConfigError, match="runs on the CPU"):
         backends.resolve_backend("onnx", "none", "cuda")
     with pytest.raises(ConfigError, match="runs on the CPU"):

@@ -18,7 +18,17 @@ def test_auto_is_torch_on_cuda_and_the_measured_runtime_on_cpu():
     assert backends.resolve_backend("auto", "none", "cuda") == "torch"
     assert backends.resolve_backend("auto", "none", "cuda:1") == "torch"
     assert backends.resolve_backend("auto", "none", "cpu") == backends.CPU_AUTO_BACKEND == "onnx"
-    assert backends.resolve_backend("auto", "int8", "cpu") == "onnx"  # int8 is only ever asked for, never automatic
+    # int8 is only ever asked for, never automatic; asked for, auto runs openvino's static int8 (recipe 4)
+    assert backends.resolve_backend("auto", "int8", "cpu") == backends.CPU_AUTO_INT8_BACKEND == "openvino"
+
+
+def test_auto_int8_falls_back_to_onnx_without_openvino_or_nncf(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    for missing in ("openvino", "nncf"):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a, m=missing: None if n == m else real(n, *a))
+        assert backends.resolve_backend("auto", "int8", "cpu") == "onnx"
 
 
 def test_an_auto_run_records_what_auto_chose(tmp_path, monkeypatch):

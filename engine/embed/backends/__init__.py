@@ -37,6 +37,13 @@ QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8")
 # 1.0 s: openvino's job does not win, so onnx stays. int8 is never automatic.
 CPU_AUTO_BACKEND: Backend = "onnx"
 
+# What ``auto --quantize int8`` runs: openvino's static int8 (recipe 4) computes in int8, where onnx's
+# dynamic int8 (recipe 2) quantizes activations per batch and keeps the FFN outputs fp32. Cranfield,
+# packaged MiniLM (benchmarks/backend_quality_cranfield.py): nDCG@10 -0.66% vs openvino fp32 (cosine mean
+# 0.9977, min 0.9955), onnx recipe 2 -0.63%; runtime alone (bench_backends.py --scratch, 2 threads): see
+# the README's CPU backends rows.
+CPU_AUTO_INT8_BACKEND: Backend = "openvino"
+
 # int8 recipes per backend. onnx (``onnx_export.INT8_RECIPES``): 1 dynamic int8, every MatMul; 2 as 1 with
 # the FFN output MatMuls fp32. openvino (``openvino_int8``): 3 int8 weights only (nncf.compress_weights;
 # activations and matmuls fp32); 4 static int8 (nncf.quantize, weights and activations, calibrated on the
@@ -59,11 +66,12 @@ def check_choice(backend: str, quantize: str) -> None:
 
 def resolve_backend(backend: str, quantize: str, device: str) -> Backend:
     """The concrete backend for a choice on a device (``auto``: CUDA -> torch, CPU -> ``CPU_AUTO_BACKEND``;
-    int8 always -> onnx, the only int8 runtime here)."""
+    int8 -> ``CPU_AUTO_INT8_BACKEND`` where openvino and nncf are installed, else onnx)."""
     check_choice(backend, quantize)
     if backend == "auto":
         if quantize != "none":
-            return "onnx"
+            ready = all(importlib.util.find_spec(p) is not None for p in ("openvino", "nncf"))
+            return CPU_AUTO_INT8_BACKEND if ready else "onnx"
         return "torch" if _is_cuda(device) else CPU_AUTO_BACKEND
     if backend == "openvino":
         check_openvino(quantize)
