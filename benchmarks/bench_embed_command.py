@@ -103,8 +103,10 @@ def main() -> None:
         for i in range(args.pairs):
             e_wall, s = run_engine(tmp / "corpus", tmp / f"store-{i}")
             b_wall = run_bare(tmp / "texts.json")
+            up = (s.get("timings") or {}).get("start_up") or {}
             pairs.append({"engine_s": round(e_wall, 2), "bare_s": round(b_wall, 2), "ratio": round(b_wall / e_wall, 3),
-                          "start_up": (s.get("timings") or {}).get("start_up"), "load": round(os.getloadavg()[0], 1)})
+                          "first_unit_from_command_s": round(up.get("process_s", 0.0) + up.get("first_unit_start_s", 0.0), 2),
+                          "start_up": up, "load": round(os.getloadavg()[0], 1)})
             print(f"pair {i + 1}/{args.pairs}: engine {e_wall:.1f} s, bare {b_wall:.1f} s, "
                   f"ratio {b_wall / e_wall:.3f}", file=sys.stderr)
         res = {
