@@ -85,3 +85,41 @@ def test_writer_cap_grows_with_the_cluster():
     assert plan_pool({"CPU": 2.0}, "cpu").writers == 1
     assert plan_pool({"CPU": 16.0, "GPU": 1.0}, "cuda").writers == 2
     assert plan_pool({"CPU": 64.0, "GPU": 8.0}, "auto").writers == 8
+
+
+class _SlowEmbed:
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(self.pause)
+        return {**batch, "e": [time.time()] * len(batch["u"])}
+
+
+def _marker(row: dict[str, Any], pause: float) -> dict[str, Any]:
+    import json
+
+    return {"marker": json.dumps({"u": int(row["u"]), "e": float(row["e"]), "w": time.time()})}
+
+
+def test_the_driver_hears_of_each_unit_before_the_next_one_is_embedded(ray_session):
+    """A commit reaches the driver (progress bar, first_unit_done_s) when its writer is done; Ray Data's
+    row iterator looked one block ahead, so each unit arrived only after the next one was committed."""
+    import json
+    import sys
+
+    from ray import cloudpickle
+
+    from engine.distributed.embed import committed_markers, unit_stages
+    from engine.distributed.runtime import plan_pool
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    pool = plan_pool(ray_session.cluster_resources(), "cpu")
+    ds = unit_stages(ray_session.data.from_items([{"u": i} for i in range(4)], override_num_blocks=4), pool,
+                     chunk=(_chunk, {"pause": 0.0}), embed=(_SlowEmbed, {"pause": 2.0}),
+                     write=(_marker, {"pause": 0.0}))
+    seen = [(json.loads(m), time.time()) for m in committed_markers(ds)]
+    assert sorted(m["u"] for m, _ in seen) == [0, 1, 2, 3]
+    embedded = sorted(m["e"] for m, _ in seen)
+    for (m, heard), next_embedded in zip(seen, embedded[1:], strict=False):
+        assert heard < next_embedded, f"unit {m['u']} reached the driver after the next unit was embedded"

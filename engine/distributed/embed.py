@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -212,11 +212,11 @@ def _run_units(cfg: EmbedJobConfig, prepared: Any, progress: Progress | None, dr
             embed=(_EmbedActor, {"cfg": cfg, "run_id": prepared.run_id, "threads": pool.threads_per_actor,
                                  "thread_env": _thread_env(pool)}),
             write=(commit_row, {"cfg": cfg, "run_id": prepared.run_id}))
-        for row in ds.iter_rows():
+        for marker in committed_markers(ds):
             if "first_unit_done_s" not in driver:
                 driver["first_unit_done_s"] = round(time.perf_counter() - t0, 3)
             if progress:
-                progress({"event": "unit", **json.loads(row["marker"])})
+                progress({"event": "unit", **json.loads(marker)})
 
 
 def unit_stages(ds: Any, pool: Any, chunk: tuple[Callable[..., Any], dict[str, Any]],
@@ -237,6 +237,14 @@ def unit_stages(ds: Any, pool: Any, chunk: tuple[Callable[..., Any], dict[str, A
     # Capped (pool.writers), so the CPUs they do not use go to the chunk tasks.
     return ds.map(write[0], fn_kwargs=write[1], num_cpus=pool.cpus_per_writer,
                   compute=ray.data.TaskPoolStrategy(size=pool.writers), max_retries=3, **_writer_env())
+
+
+def committed_markers(ds: Any) -> Iterator[str]:
+    """Each unit's commit marker (JSON) as soon as its writer is done. ``iter_rows`` looks one block
+    ahead, so every unit but the last reached the driver (and the progress bar) only when the next
+    one was committed: a CPU unit's whole embedding time late."""
+    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="pyarrow"):
+        yield from batch.column("marker").to_pylist()
 
 
 def _thread_env(pool: Any) -> dict[str, str]:
