@@ -58,8 +58,10 @@ it is not a product option:
 - Pseudo-relevance feedback for BM25 (query + 10 terms of the top 3 BM25 documents): BM25 alone
   0.3735 -> 0.4035, fused 0.415-0.4298 over 18 settings chosen on all queries. Feedback on the
   dense side, from the fused ranking, is what gets past 0.43: fed back from the dense ranking
-  alone it reaches 0.430-0.434 fused (chosen on all queries), from the fused one 0.435-0.445;
-  the document's best chunk and its mean vector feed back alike (2-fold 0.4346 vs 0.4328).
+  alone, 0.415-0.436 fused (3/5/10 hits x weight 0.5/1/2, RRF-60 or convex w 0.6/0.7), from the
+  fused ranking 0.422-0.445; with untuned RRF-60 in both passes every one of the grid's nine
+  settings (2/3/5 hits x 0.5/1/2) lands in 0.4267-0.4349. The document's best chunk and its mean
+  vector feed back alike (2-fold 0.4346 vs 0.4328): the product uses the hit's chunk.
 
 Writes under build/hybrid_cranfield/ (gitignored). Reads ../shared/data/cranfield.
 """
