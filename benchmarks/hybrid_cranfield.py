@@ -177,7 +177,8 @@ def through_the_cli(work: Path, version: str, judged: list[tuple[str, str]], qre
         held_file.write_text("".join(json.dumps({"query_id": judged[i][0], "text": judged[i][1]}) + "\n"
                                      for i in held))
         r = CliRunner().invoke(cli, ["evaluate", *base, "--queries", str(held_file), "--qrels", str(qrels_path),
-                                     "--gain", "cranfield", "--modes", "dense,hybrid", "--json"],
+                                     "--gain", "cranfield", "--modes", "dense,hybrid", "--per-query",
+                                     str(work / f"eval-fold{fold}.jsonl"), "--json"],
                                catch_exceptions=False)
         modes = json.loads(r.stdout.strip().splitlines()[-1])["modes"]
         for mode in total:

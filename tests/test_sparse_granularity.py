@@ -174,7 +174,8 @@ def test_tune_fusion_folds_and_evaluate_modes_on_document_bm25(docver, tmp_path)
         assert store.read_json(folds[-1]["record"])["benchmark"]["fold"] == int(fold)
     assert (folds[0]["tuned_on"], folds[0]["held_out"]) == (6, 14)
     assert (folds[1]["tuned_on"], folds[1]["held_out"]) == (14, 6)  # the parts swapped
-    r = runner.invoke(cli, ["evaluate", *base, "--modes", "dense,sparse,hybrid", "--no-exact"])
+    r = runner.invoke(cli, ["evaluate", *base, "--modes", "dense,sparse,hybrid", "--no-exact", "--per-query",
+                            str(tmp_path / "per-query.jsonl")])  # not into the working folder
     assert r.exit_code == 0, r.output
     modes = json.loads(r.output.strip().splitlines()[-1])["modes"]
     # the vectors are random clusters, the query's words come from its one relevant document
