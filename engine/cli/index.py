@@ -210,19 +210,7 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
     st = open_store(store, endpoint_url)
     vid = resolve_version(st, index, version, alias)
     thresholds = None
-    if threshold is not None and mode != "dense":
-        from engine.core.errors import ConfigError
-
-        raise ConfigError(f"--threshold is calibrated on dense scores; {mode} scores (BM25 or fused) need their own "
-                          "calibration, which does not exist yet: drop --threshold or use --mode dense")
-    if feedback_docs is not None and mode != "hybrid":
-        from engine.core.errors import ConfigError
-
-        raise ConfigError("--feedback-docs is a setting of hybrid fusion: add --mode hybrid")
-    if rerank_depth is not None and rerank_path is None:
-        from engine.core.errors import ConfigError
-
-        raise ConfigError("--rerank-depth needs --rerank FOLDER")
+    _check_search_flags(mode, threshold, feedback_docs, rerank_depth, rerank_path)
     if threshold is not None:
         from engine.quality.calibration_store import resolve_threshold
 
@@ -232,11 +220,7 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
     reranker = searcher.reranker(rerank_path) if rerank_path else None
     t_load = time.perf_counter() - t0
     try:
-        chosen = searcher.resolve_fusion(fusion) if mode == "hybrid" else None
-        if chosen is not None and feedback_docs is not None:
-            import dataclasses
-
-            chosen = dataclasses.replace(chosen, feedback_docs=feedback_docs, source="given").validate()
+        chosen = _hybrid_fusion(searcher, fusion, feedback_docs) if mode == "hybrid" else None
         t1 = time.perf_counter()
         results = searcher.search(list(queries), k, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
                                   collapse_docs=collapse_docs, mode=mode, fusion=chosen or fusion, where=where,
@@ -271,6 +255,30 @@ def search_cmd(store: str, endpoint_url: str | None, index: str, version: str | 
             click.echo(f"  (no results: {why})" if why else "  (no results)")
         for rank, h in enumerate(hits, start=1):
             click.echo(f"  {rank:>3}  {h.score:.4f}  {h.doc_id}  {h.chunk_id}")
+
+
+def _check_search_flags(mode: str, threshold: str | None, feedback_docs: int | None, rerank_depth: int | None,
+                        rerank_path: str | None) -> None:
+    """Refuse flag combinations search cannot honour, before anything loads."""
+    from engine.core.errors import ConfigError
+
+    if threshold is not None and mode != "dense":
+        raise ConfigError(f"--threshold is calibrated on dense scores; {mode} scores (BM25 or fused) need their own "
+                          "calibration, which does not exist yet: drop --threshold or use --mode dense")
+    if feedback_docs is not None and mode != "hybrid":
+        raise ConfigError("--feedback-docs is a setting of hybrid fusion: add --mode hybrid")
+    if rerank_depth is not None and rerank_path is None:
+        raise ConfigError("--rerank-depth needs --rerank FOLDER")
+
+
+def _hybrid_fusion(searcher: Any, fusion: str | None, feedback_docs: int | None) -> Any:
+    """The FusionConfig a hybrid search runs with: ``--fusion`` or the version's default, ``--feedback-docs`` over it."""
+    import dataclasses
+
+    chosen = searcher.resolve_fusion(fusion)
+    if feedback_docs is None:
+        return chosen
+    return dataclasses.replace(chosen, feedback_docs=feedback_docs, source="given").validate()
 
 
 def _judgment_options(f: Any) -> Any:
