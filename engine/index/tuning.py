@@ -8,6 +8,7 @@ one part and reported, beside dense, sparse and untuned RRF, on the held-out res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -134,13 +135,18 @@ class HybridLists:
         self.vectors = searcher.encode_queries(list(texts))  # [q, dim]
         self.dense = searcher.search_ids(self.vectors, depth, depth_k=k)  # chunk lists [q, depth]
         self.sparse = sparse_ids(searcher.sparse_shards, texts, depth, None)
+        self._first: dict[tuple[FusionConfig, tuple[int, ...]], np.ndarray] = {}
         self._second: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
     def fused(self, cfg: FusionConfig, rows: Sequence[int]) -> np.ndarray:
         """Doc codes [len(rows), depth] of the fused ranking of the queries at ``rows`` (-1 = empty)."""
         s = self.searcher
-        dense, sparse = _take(self.dense, rows), _take(self.sparse, rows)
-        ids = fuse_docs(s, dense, sparse, cfg, self.depth)[1]
+        sparse = _take(self.sparse, rows)
+        # the first pass of every feedback setting of one fusion is that fusion's one-pass ranking: fuse it once
+        first = (dataclasses.replace(cfg, feedback_docs=0, feedback_weight=1.0, source=""), tuple(rows))
+        if first not in self._first:
+            self._first[first] = fuse_docs(s, _take(self.dense, rows), sparse, cfg, self.depth)[1]
+        ids = self._first[first]
         if cfg.feedback_docs:
             q2 = feedback_queries(self.vectors[list(rows)], ids, cfg, lambda i: stored_vectors(s, i))
             key = hashlib.sha256(q2.tobytes()).digest()
