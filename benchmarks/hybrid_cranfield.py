@@ -31,8 +31,9 @@ The folds chose weighted z-score w=0.7 + feedback 2 hits x 2.0 and RRF k=5 w=0.6
 p50 batch 1 (100 queries, query encoding included): dense 37.0 ms, hybrid with the stored
 (feedback) fusion 41.4 ms (1.12x), one-pass RRF 38.5 ms, chunk-BM25 one-pass 39.6 ms.
 Goals: untuned >= 0.42 met (0.4201, document BM25); tuned >= 0.43 met with the feedback pass
-(0.4346 held out, through evaluate); latency <= 2x met. Tuning with feedback costs ~10x the
-one-pass grid (810 fusions; ~4 min per fold at load 6-9 here, vs ~7 s).
+(0.4346 held out, through evaluate); latency <= 2x met. Tuning with feedback scores 810 fusions
+instead of 81: one `tune-fusion` fold took ~4 min at load 6-9 in this run, 37 s at load 2.8 once
+each fusion's first pass was shared by its nine feedback settings (same choice), vs ~7 s one-pass.
 
 What else was measured on these candidate lists (one-off scripts, the same metric code), and why
 it is not a product option:
