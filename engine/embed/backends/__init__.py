@@ -40,8 +40,9 @@ CPU_AUTO_BACKEND: Backend = "onnx"
 # What ``auto --quantize int8`` runs: openvino's static int8 (recipe 4) computes in int8, where onnx's
 # dynamic int8 (recipe 2) quantizes activations per batch and keeps the FFN outputs fp32. Cranfield,
 # packaged MiniLM (benchmarks/backend_quality_cranfield.py): nDCG@10 -0.66% vs openvino fp32 (cosine mean
-# 0.9977, min 0.9955), onnx recipe 2 -0.63%; runtime alone (bench_backends.py --scratch, 2 threads): see
-# the README's CPU backends rows.
+# 0.9977, min 0.9955), onnx recipe 2 -0.63%. Runtime alone (bench_backends.py --scratch, 600 Cranfield
+# texts, 2 threads, one process, load 3-9): static int8 46.6 texts per CPU-second vs onnx dynamic int8
+# 17.0, openvino fp32 19.8, onnx fp32 15.4 (quietest round, wall: 64.2 / 18.9 / 31.3 / 20.2 texts/s).
 CPU_AUTO_INT8_BACKEND: Backend = "openvino"
 
 # int8 recipes per backend. onnx (``onnx_export.INT8_RECIPES``): 1 dynamic int8, every MatMul; 2 as 1 with
