@@ -30,6 +30,8 @@ seed 2 0.4122 -> 0.4345, seed 3 0.4177 -> 0.4358 (RRF k=60 0.4201-0.4202 on all 
 The folds chose weighted z-score w=0.7 + feedback 2 hits x 2.0 and RRF k=5 w=0.6 + 3 hits x 2.0.
 p50 batch 1 (100 queries, query encoding included): dense 37.0 ms, hybrid with the stored
 (feedback) fusion 41.4 ms (1.12x), one-pass RRF 38.5 ms, chunk-BM25 one-pass 39.6 ms.
+Rerun 12:00-12:11 (load 3.0 -> 4.9) with the committed script: every nDCG figure the same, the
+whole run 11 min (was 23), p50 dense 39.1 ms, hybrid (stored feedback fusion) 39.9 ms (1.02x).
 Goals: untuned >= 0.42 met (0.4201, document BM25); tuned >= 0.43 met with the feedback pass
 (0.4346 held out, through evaluate); latency <= 2x met. Tuning with feedback scores 810 fusions
 instead of 81: one `tune-fusion` fold took ~4 min at load 6-9 in this run, 37 s at load 2.8 once
