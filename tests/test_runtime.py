@@ -55,3 +55,16 @@ def test_unit_rows_by_device_and_identity_of_older_runs():
     # so their run ids are unchanged; an explicit 2048 names the same run as a run from an older release
     assert cfg().identity_dict() == cfg(unit_rows=2048).identity_dict()
     assert cfg(device="cpu").with_unit_rows(0).identity_dict() != cfg(device="cpu").identity_dict()
+
+
+def test_an_int8_recipe_from_4_on_names_the_run_and_older_ids_stay():
+    from engine.embed.config import EmbedJobConfig
+
+    def ident(**kw):
+        return EmbedJobConfig.from_flat({"corpus": "c", "store": "s", "device": "cpu", **kw}).identity_dict()["embed"]
+
+    # openvino int8 is now the static recipe 4: a run of the weights-only recipe 3 (same flags) is not resumed
+    assert ident(backend="openvino", quantize="int8")["int8_recipe"] == 4
+    # runs whose ids never held a recipe keep them: onnx int8 (recipes 1-2), fp32, torch
+    assert "int8_recipe" not in ident(backend="onnx", quantize="int8")
+    assert "int8_recipe" not in ident(backend="openvino") and "int8_recipe" not in ident()

@@ -42,7 +42,8 @@ def corpus_options(f: Any) -> Any:
         click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default=None,
                      help="Inference runtime [torch]; onnx, openvino = CPU runtimes (exported once, cached); auto: torch on CUDA, onnx on CPU."),
         click.option("--quantize", type=click.Choice(["none", "int8"]), default=None,
-                     help="int8 weights (onnx, openvino); the manifest records the cosine to fp32 [none]."),
+                     help="int8: onnx dynamic (recipe 2), openvino static weights+activations (recipe 4; what auto picks); "
+                          "the manifest records the cosine to fp32 [none]."),
         click.option("--dim", "truncate_dim", type=int, default=None, help="Matryoshka truncation to N dims."),
         click.option("--query-prompt", default=None, help="Prefix for queries, e.g. 'query: '."),
         click.option("--passage-prompt", default=None, help="Prefix for passages, e.g. 'passage: '."),

@@ -68,6 +68,9 @@ class RuntimeConfig:
     shared_filesystem: bool = False  # a local-path store is mounted on every Ray node (else refused on >1 node)
 
 
+INT8_RECIPE_IN_RUN_ID = 4  # int8 recipes before this one are not part of a run id (see identity_dict)
+
+
 @dataclass(frozen=True)
 class EmbedJobConfig:
     corpus: CorpusConfig
@@ -98,6 +101,14 @@ class EmbedJobConfig:
         for k, default in (("backend", "torch"), ("quantize", "none")):  # runs from before backends keep their ids
             if d["embed"].get(k) == default:
                 d["embed"].pop(k)
+        if d["embed"].get("quantize") == "int8":
+            from engine.embed.backends import current_int8_recipe, resolve_backend
+
+            # Another int8 recipe is another model: from recipe 4 (OpenVINO static int8) on, the recipe names
+            # the run, so an older run (onnx 1-2, openvino 3: their ids never held it) is not resumed with it.
+            recipe = current_int8_recipe(resolve_backend(self.embed.backend, "int8", self.embed.device))
+            if recipe >= INT8_RECIPE_IN_RUN_ID:
+                d["embed"]["int8_recipe"] = recipe
         if not d["corpus"].get("unit_rows"):  # not sized by device (refresh, direct callers): the old default
             d["corpus"]["unit_rows"] = UNIT_ROWS["default"]
         return d
