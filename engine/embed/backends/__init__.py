@@ -6,8 +6,9 @@
 ``openvino`` runs the same (unfused) export in OpenVINO, fp32 or int8 via nncf (``openvino_encoder``,
 ``openvino_int8``; both packages install with embedctl, a clear error where missing). ``auto`` picks per device.
 
-int8 recipes are numbered across backends (``INT8_RECIPES``); a model identity records the one its
-vectors came from (``int8_recipe``), so a searcher or refresh rebuilds that recipe, never a newer one.
+int8 recipes are numbered across backends (onnx ``onnx_export.INT8_RECIPES``, openvino
+``openvino_int8.RECIPE_SETTINGS``); a model identity records the one its vectors came from
+(``int8_recipe``), so a searcher or refresh rebuilds that recipe, never a newer one.
 
 A model identity written by a torch/fp32 encoder carries no backend fields (identities written
 before backends existed look the same); ``identity_backend`` reads both kinds.
@@ -46,10 +47,10 @@ CPU_AUTO_BACKEND: Backend = "onnx"
 CPU_AUTO_INT8_BACKEND: Backend = "openvino"
 
 # int8 recipes per backend. onnx (``onnx_export.INT8_RECIPES``): 1 dynamic int8, every MatMul; 2 as 1 with
-# the FFN output MatMuls fp32. openvino (``openvino_int8``): 3 int8 weights only (nncf.compress_weights;
-# activations and matmuls fp32); 4 static int8 (nncf.quantize, weights and activations, calibrated on the
-# stdlib corpus). An int8 identity without ``int8_recipe`` means the backend's first (LEGACY) recipe.
-INT8_RECIPES: dict[str, tuple[int, ...]] = {"onnx": (1, 2), "openvino": (3, 4)}
+# the FFN output MatMuls fp32. openvino (``openvino_int8.RECIPE_SETTINGS``): 3 int8 weights only
+# (nncf.compress_weights; activations and matmuls fp32); 4 static int8 (nncf.quantize, weights and
+# activations, calibrated on the stdlib corpus). An int8 identity without ``int8_recipe`` means the
+# backend's first (LEGACY) recipe.
 CURRENT_INT8_RECIPE: dict[str, int] = {"onnx": 2, "openvino": 4}  # what new int8 runs use
 LEGACY_INT8_RECIPE: dict[str, int] = {"onnx": 1, "openvino": 3}
 

@@ -6,7 +6,7 @@ a mask) moved padded rows (mean cosine 0.9993 to ONNX Runtime), where the plain 
 to 1e-7. Inference precision is pinned to f32: on CPUs with bf16 units OpenVINO would otherwise
 compute in bf16. int8 is an IR built by ``openvino_int8`` from that export: recipe 4 (static,
 calibrated: weights and activations int8) for new runs, recipe 3 (int8 weights only) for
-identities recorded before recipes were (``backends.INT8_RECIPES``).
+identities recorded before recipes were (``openvino_int8.RECIPE_SETTINGS``).
 """
 
 from __future__ import annotations

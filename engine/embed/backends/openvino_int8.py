@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from engine.core.errors import ConfigError
+from engine.embed.backends import LEGACY_INT8_RECIPE
 from engine.embed.backends.onnx_export import cache_build, cache_root, library_version
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def ir_key(onnx_key: str, recipe: int, calibration: str | None = None) -> str:
     the calibration fingerprint). Recipe 3's key is computed as before recipes existed."""
     settings: dict[str, Any] = {"from": onnx_key, **RECIPE_SETTINGS[recipe],
                                 "versions": {d: library_version(d) for d in ("openvino", "nncf")}}
-    if recipe != 3:
+    if recipe != LEGACY_INT8_RECIPE["openvino"]:
         settings.update(recipe=recipe, calibration_fingerprint=calibration)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:32]
 
