@@ -150,19 +150,19 @@ def search_modes(searcher: RetrievalSearcher, queries: Sequence[str], k: int, *,
     if mode == "sparse":
         scores, ids = sparse
     else:
+        def fused_with(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """The dense list of ``vectors`` fused with the BM25 list."""
+            dense = searcher.search_ids(vectors, depth, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
+                                        depth_k=k, allowed=allowed)
+            return fuse_docs(searcher, dense, sparse, fusion, want) if collapse_docs else fuse(dense, sparse,
+                                                                                                fusion, want)
+
         vectors = searcher.encode_queries(queries)
-        dense = searcher.search_ids(vectors, depth, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
-                                    depth_k=k, allowed=allowed)
-        scores, ids = fuse_docs(searcher, dense, sparse, fusion, want) if collapse_docs else fuse(dense, sparse,
-                                                                                                   fusion, want)
+        scores, ids = fused_with(vectors)
         if fusion.feedback_docs:  # second dense pass from the query moved toward the fused top (feedback.py)
             from engine.index.feedback import feedback_queries, stored_vectors
 
-            vectors = feedback_queries(vectors, ids, fusion, lambda i: stored_vectors(searcher, i))
-            dense = searcher.search_ids(vectors, depth, nprobe=nprobe, rescore_multiplier=rescore_multiplier,
-                                        depth_k=k, allowed=allowed)
-            scores, ids = fuse_docs(searcher, dense, sparse, fusion, want) if collapse_docs else fuse(
-                dense, sparse, fusion, want)
+            scores, ids = fused_with(feedback_queries(vectors, ids, fusion, lambda i: stored_vectors(searcher, i)))
     hits = searcher.hits(scores[:, :want], ids[:, :want])
     if collapse_docs:
         from engine.index.hits import best_per_doc
