@@ -96,7 +96,7 @@ class _SlowEmbed:
         return {**batch, "e": [time.time()] * len(batch["u"])}
 
 
-def _marker(row: dict[str, Any], pause: float) -> dict[str, Any]:
+def _marker(row: dict[str, Any]) -> dict[str, Any]:
     import json
 
     return {"marker": json.dumps({"u": int(row["u"]), "e": float(row["e"]), "w": time.time()})}
@@ -117,7 +117,7 @@ def test_the_driver_hears_of_each_unit_before_the_next_one_is_embedded(ray_sessi
     pool = plan_pool(ray_session.cluster_resources(), "cpu")
     ds = unit_stages(ray_session.data.from_items([{"u": i} for i in range(4)], override_num_blocks=4), pool,
                      chunk=(_chunk, {"pause": 0.0}), embed=(_SlowEmbed, {"pause": 2.0}),
-                     write=(_marker, {"pause": 0.0}))
+                     write=(_marker, {}))
     seen = [(json.loads(m), time.time()) for m in committed_markers(ds)]
     assert sorted(m["u"] for m, _ in seen) == [0, 1, 2, 3]
     embedded = sorted(m["e"] for m, _ in seen)

@@ -125,10 +125,8 @@ def commit_unit(cfg: EmbedJobConfig, run_id: str, chunked: dict[str, Any], vecto
     marker.update(embedding_file=emb_file, dim=info["dim"], model=info["model"], chunk_seconds=chunked["chunk_seconds"],
                   embed_seconds=info["embed_seconds"], write_seconds=round(time.perf_counter() - t0, 4),
                   started_at=info["started_at"], actor_created_at=info["actor_created_at"],
-                  actor_ready_at=info["actor_ready_at"], embed_worker=info.get("embed_worker") or {},
-                  write_worker=worker_location())
-    if "embedded_at" in info:
-        marker["embedded_at"] = info["embedded_at"]
+                  actor_ready_at=info["actor_ready_at"], embedded_at=info["embedded_at"],
+                  embed_worker=info.get("embed_worker") or {}, write_worker=worker_location())
     marker["committed_at"] = round(time.time(), 3)
     # The commit: written last, so a unit with a marker has all three parts.
     store.write_bytes(state_key(run_id, "done", f"{chunked['unit_id']}.json"), json_bytes(marker))
