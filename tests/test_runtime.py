@@ -68,3 +68,54 @@ def test_an_int8_recipe_from_4_on_names_the_run_and_older_ids_stay():
     # runs whose ids never held a recipe keep them: onnx int8 (recipes 1-2), fp32, torch
     assert "int8_recipe" not in ident(backend="onnx", quantize="int8")
     assert "int8_recipe" not in ident(backend="openvino") and "int8_recipe" not in ident()
+
+
+_PRIVATE_RAY = """
+import json, os
+from engine.distributed.runtime import init_ray
+ray = init_ray(None, num_cpus=1)
+node = ray._private.worker._global_node
+pids = [p.process.pid for infos in node.all_processes.values() for p in infos]
+@ray.remote
+def worker_pid():
+    return os.getpid()
+pids.append(ray.get(worker_pid.remote()))
+print(json.dumps(pids), flush=True)
+"""
+
+
+def test_a_command_that_started_ray_leaves_no_ray_process_behind(tmp_path):
+    """At exit the command stops its private Ray itself (the autoscaler monitor killed, then ray.shutdown),
+    skipping Ray's own exit pauses: every process it started is gone once the command has exited."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    repo = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"PYTHONPATH": str(repo), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    out = subprocess.run([sys.executable, "-c", _PRIVATE_RAY], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pids = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(pids) >= 5  # gcs, raylet, monitor, dashboard, log monitor ... and a worker
+
+    def alive() -> list[int]:
+        live = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    live.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return live
+
+    deadline = time.monotonic() + 10  # a worker notices its raylet is gone on its own
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive() == []
