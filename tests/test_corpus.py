@@ -121,7 +121,21 @@ def test_metadata_type_conflict_across_files(tmp_path):
 
 def test_units_cover_every_row_once():
     for groups in [(100, 100, 100), (1000,), (5, 7, 300, 2, 2), ()]:
-        units = _cut_units("f.parquet", groups, 150)
-        rows = [r for u in units for r in range(u.row_start, u.row_end)]
-        assert rows == list(range(sum(groups)))
-        assert len({u.unit_id for u in units}) == len(units)
+        for ramp in (0, 3):
+            units = _cut_units("f.parquet", groups, 150, ramp=ramp)
+            rows = [r for u in units for r in range(u.row_start, u.row_end)]
+            assert rows == list(range(sum(groups)))
+            assert len({u.unit_id for u in units}) == len(units)
+
+
+def test_a_new_plan_ramps_its_first_units_up(tmp_path):
+    """The first units of a run are 1/8, 1/4, 1/2 of unit_rows (first vectors sooner); the rest full size,
+    later files untouched; small units (tests, tiny corpora) are cut as before."""
+    write_corpus(tmp_path / "c", make_docs(3000), files=2)
+    _store, plan = plan_corpus(CorpusConfig(str(tmp_path / "c"), unit_rows=256), find_duplicates=False)
+    first, second = plan.files[0].key, plan.files[1].key
+    sizes = [u.row_end - u.row_start for u in plan.units if u.file == first]
+    assert sizes[:4] == [32, 64, 128, 256] and set(sizes[4:-1]) == {256}
+    assert [u.row_end - u.row_start for u in plan.units if u.file == second][0] == 256
+    _store, small = plan_corpus(CorpusConfig(str(tmp_path / "c"), unit_rows=100), find_duplicates=False)
+    assert [u.row_end - u.row_start for u in small.units][:2] == [112, 112]  # 7 row groups of 16, as before

@@ -47,6 +47,12 @@ RESERVED = {"chunk_id", "doc_id", "chunk_index", "text", "char_start", "char_end
 # next to the card's speed. "default" is the size of runs made before units were sized by device
 # (and of callers that plan without a device: refresh, mining, the planner).
 UNIT_ROWS = {"cpu": 256, "cuda": 8192, "standin": 2048, "default": 2048}
+# A new run's first units are smaller (1/8, 1/4, 1/2 of unit_rows, then full), so the first vectors
+# come as soon as the model is up instead of after a whole unit (a 256-row CPU unit is ~7 s of
+# MiniLM on one core), and the pipeline fills sooner. Only from units of this many rows: smaller
+# units are a test's or a tiny corpus's, already fast. A resumed run keeps its saved plan.
+RAMP_UNITS = 3
+RAMP_MIN_UNIT_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -282,13 +288,16 @@ def plan_corpus(cfg: CorpusConfig, *, find_duplicates: bool | DuplicateFinder = 
                     f"{store.describe(key)}; make the types agree across the corpus"
                 )
             meta_types.setdefault(f.name, f.type)
-    files, units = [], []
+    files: list[CorpusFile] = []
+    units: list[Unit] = []
+    unit_rows = cfg.unit_rows or UNIT_ROWS["default"]
     for key in keys:
         md = metas[key]
         groups = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
         fp, size = prints[key]
         files.append(CorpusFile(key=key, rows=md.num_rows, row_groups=groups, fingerprint=fp, size=size))
-        units.extend(_cut_units(key, groups, cfg.unit_rows or UNIT_ROWS["default"]))
+        ramp = RAMP_UNITS if not units and unit_rows >= RAMP_MIN_UNIT_ROWS else 0  # the run's first file
+        units.extend(_cut_units(key, groups, unit_rows, ramp=ramp))
     import base64
 
     meta_schema = pa.schema([(c, meta_types[c]) for c in sorted(meta_types)])
@@ -314,8 +323,9 @@ def local_duplicates(cfg: CorpusConfig, keys: list[str]) -> dict[str, dict[int, 
     return _find_duplicates(store, keys, cfg.id_column)
 
 
-def _cut_units(key: str, groups: tuple[int, ...], unit_rows: int) -> list[Unit]:
-    """Row ranges of ~unit_rows; a big row group is split by rows, small ones are merged."""
+def _cut_units(key: str, groups: tuple[int, ...], unit_rows: int, ramp: int = 0) -> list[Unit]:
+    """Row ranges of ~unit_rows; a big row group is split by rows, small ones are merged. The first
+    ``ramp`` units aim at unit_rows / 2**ramp, ..., unit_rows / 2 (``RAMP_UNITS``)."""
     file_tag = _file_tag(key)
     units: list[Unit] = []
     start = pos = 0
@@ -324,11 +334,16 @@ def _cut_units(key: str, groups: tuple[int, ...], unit_rows: int) -> list[Unit]:
     for g in groups:
         pos += g
         boundaries.append(pos)
+
+    def size() -> int:
+        return max(1, unit_rows >> max(0, ramp - len(units)))
+
     for b in boundaries:
-        while b - start >= unit_rows * 2:  # split an oversized group into unit_rows pieces
-            units.append(Unit(f"{file_tag}-{start:010d}", key, start, start + unit_rows))
-            start += unit_rows
-        if b - start >= unit_rows:
+        while b - start >= size() * 2:  # split an oversized group into unit pieces
+            n = size()
+            units.append(Unit(f"{file_tag}-{start:010d}", key, start, start + n))
+            start += n
+        if b - start >= size():
             units.append(Unit(f"{file_tag}-{start:010d}", key, start, b))
             start = b
     if start < total:
