@@ -57,11 +57,28 @@ class ChunkConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# ASCII whitespace other than " " and "\n" (what _SPACES replaces one at a time in ASCII text).
+_ODD_ASCII_SPACE = ("\t", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+
+
 def normalize_text(text: str) -> str:
     """NFKC, CRLF -> LF, runs of spaces/tabs -> one space, trailing spaces cut, >2 newlines -> 2, strip.
 
-    Paragraph breaks (blank lines) survive so the recursive chunker can still see them.
+    Paragraph breaks (blank lines) survive so the recursive chunker can still see them. ASCII text with
+    no double space and no odd whitespace (most of a corpus) needs only the line strips: NFKC leaves
+    ASCII as it is and the space rule has nothing to replace. That skips the regex pass, 12% of the
+    chunk stage's time on Cranfield; ``_normalize_full`` is the rule itself (tested equal).
     """
+    if text.isascii() and "  " not in text and not any(c in text for c in _ODD_ASCII_SPACE):
+        if "\n" in text:
+            text = "\n".join(line.strip() for line in text.split("\n"))
+            if "\n\n\n" in text:
+                text = _MANY_NEWLINES.sub("\n\n", text)
+        return text.strip()
+    return _normalize_full(text)
+
+
+def _normalize_full(text: str) -> str:
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
     text = _SPACES.sub(" ", text)
     text = "\n".join(line.strip() for line in text.split("\n"))
