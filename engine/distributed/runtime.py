@@ -70,8 +70,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
 def _stop_private_ray(node: Any) -> None:
     """At exit, stop the local Ray this process started, without Ray's own exit pauses: its exit hook
     sleeps 0.5 s for log lines (we do not forward any) and gives each process 1 s to stop on SIGTERM,
-    which the autoscaler monitor always uses up. That was ~2.5 s of every command's wall time after
-    its result was printed (0.4 s now). The monitor keeps no state for a private cluster."""
+    which the autoscaler monitor always uses up: 2.4-2.6 s of every command's wall time after its job,
+    ~1.0 s now (benchmarks/bench_start_up.py). The monitor keeps no state for a private cluster."""
     import ray
 
     if node is None or not ray.is_initialized() or ray._private.worker._global_node is not node:
