@@ -67,8 +67,11 @@ def test_identities_without_backend_fields_mean_torch_fp32():
 
 def test_run_ids_of_torch_runs_do_not_change():
     flat = {"corpus": "c", "store": "s"}
-    plain = EmbedJobConfig.from_flat(flat).identity_dict()
-    assert "backend" not in plain["embed"] and "quantize" not in plain["embed"]
+    torch_run = EmbedJobConfig.from_flat({**flat, "backend": "torch"}).identity_dict()
+    assert "backend" not in torch_run["embed"] and "quantize" not in torch_run["embed"]
+    on_gpus = EmbedJobConfig.from_flat(flat).with_device_defaults(1).identity_dict()  # no backend asked, a GPU
+    assert on_gpus == EmbedJobConfig.from_flat({**flat, "backend": "torch"}).with_device_defaults(1).identity_dict()
+    assert "backend" not in on_gpus["embed"]
     onnx = EmbedJobConfig.from_flat({**flat, "backend": "onnx", "quantize": "int8"}).identity_dict()
     assert onnx["embed"]["backend"] == "onnx" and onnx["embed"]["quantize"] == "int8"
 
@@ -203,7 +206,7 @@ def test_embed_job_reruns_are_byte_identical_per_backend(tiny, tmp_path, quantiz
         assert "quality" not in m0
     torch_cfg = EmbedJobConfig.from_flat({"corpus": str(tmp_path / "corpus"), "store": str(tmp_path / "store0"),
                                           "model": str(tiny), "chunk_tokens": 48, "chunk_overlap": 8,
-                                          "unit_rows": 8, "device": "cpu"})
+                                          "unit_rows": 8, "device": "cpu", "backend": "torch"})
     assert run_locally(torch_cfg)["run_id"] != m0["run_id"]  # another backend is another run
     table = pq.read_table(glob.glob(os.path.join(s0, "runs", m0["run_id"], "embeddings", "*.parquet"))[0])
     assert table.num_rows > 0

@@ -131,7 +131,7 @@ def test_refresh_with_a_model_of_another_backend_is_refused_and_a_matching_one_w
     from engine.refresh.session import run_refresh_locally
     from tests.test_refresh import refresh_cfg
 
-    _store, _run, uri = _refresh_setup(tiny, tmp_path)  # live: torch fp32
+    _store, _run, uri = _refresh_setup(tiny, tmp_path, backend="torch")  # live: torch fp32
     int8 = load_encoder(str(tiny), device="cpu", backend="onnx", quantize="int8")
     with pytest.raises(ConfigError, match=r"runs on onnx/int8, but the live run's vectors were made on torch/none"):
         run_refresh_locally(refresh_cfg(tmp_path / "v2", uri), encoder=int8)

@@ -228,8 +228,8 @@ def test_state_create_update_and_runner_lock(tmp_path):
 # =============================================================================================
 
 
-def make_blue(root: Path, store_uri: str, *, n_docs: int = 40, model: str = "hash:32") -> dict:
-    """A tiny corpus embedded with ``model``, built into a version and published as live, plus
+def make_blue(root: Path, store_uri: str, *, n_docs: int = 40, model: str = "hash:32", backend: str = "torch") -> dict:
+    """A tiny corpus embedded with ``model`` (on ``backend``), built into a version and published as live, plus
     a benchmark (each query: the first words of one document, that document relevant)."""
     from engine.quality.benchmark import build_benchmark, save_benchmark
 
@@ -237,7 +237,8 @@ def make_blue(root: Path, store_uri: str, *, n_docs: int = 40, model: str = "has
     write_corpus(root / "corpus", docs)
     store = open_store(store_uri)
     run = run_locally(EmbedJobConfig.from_flat({"corpus": str(root / "corpus"), "store": store_uri, "model": model,
-                                                "chunk_tokens": 40, "chunk_overlap": 8, "unit_rows": 16}))
+                                                "backend": backend, "chunk_tokens": 40, "chunk_overlap": 8,
+                                                "unit_rows": 16}))
     blue = default_index_builder(store, IDX, run["run_id"], parent_version=None, options={"kind": "flat"})["version_id"]
     publish_version(store, IDX, blue, reason="initial")
     queries = [{"query_id": f"q{i}", "text": " ".join(d["text"].split()[2:9])} for i, d in enumerate(docs[:14])]

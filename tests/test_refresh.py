@@ -523,7 +523,8 @@ def test_real_model_refresh_embeds_in_a_model_process(tmp_path):
     docs = make_docs(40, seed=16)
     uri = str(tmp_path / "store")
     write_corpus(tmp_path / "v1", docs, files=1)
-    run = run_locally(EmbedJobConfig.from_flat({"corpus": str(tmp_path / "v1"), "store": uri, "unit_rows": 16}))
+    run = run_locally(EmbedJobConfig.from_flat({"corpus": str(tmp_path / "v1"), "store": uri, "unit_rows": 16,
+                                                "backend": "torch"}))
     store = open_store(uri)
     publish_version(store, IDX, build_index(store, run["run_id"], IDX, BuildConfig.from_dict({"kind": "flat"}))
                     .version_id, "live")

@@ -40,7 +40,9 @@ def corpus_options(f: Any) -> Any:
                      help="Stored vector type [float32]."),
         click.option("--batch-tokens", type=int, default=None, help="Padded tokens per forward pass [by device: 2048 CPU, 262144 GPU]."),
         click.option("--backend", type=click.Choice(["auto", "torch", "onnx", "openvino"]), default=None,
-                     help="Inference runtime [torch]; onnx, openvino = CPU runtimes (exported once, cached); auto: torch on CUDA, onnx on CPU."),
+                     help="Inference runtime [by device: torch on CUDA, onnx on CPU; the run records which]; onnx, openvino = "
+                          "CPU runtimes (exported once, cached); auto: the same choice, recorded as auto. Runs started "
+                          "before the default followed the device were torch: rerunning their command resumes them."),
         click.option("--quantize", type=click.Choice(["none", "int8"]), default=None,
                      help="int8: onnx dynamic (recipe 2), openvino static weights+activations (recipe 4; what auto picks); "
                           "the manifest records the cosine to fp32 [none]."),

@@ -87,27 +87,31 @@ def _process_age(now: float) -> float:
 
 def _prepare_while_ray_starts(cfg: EmbedJobConfig, driver: dict[str, float]) -> tuple[EmbedJobConfig, Any]:
     """Plan the run (schema checks, fingerprints, units, tokenizer, backend export, duplicates) in a
-    thread while this one connects or starts Ray (seconds on a local machine); units sized by device."""
+    thread while this one connects or starts Ray (seconds on a local machine); units and, when none was
+    asked, the backend chosen by device."""
     from concurrent.futures import ThreadPoolExecutor
 
     cfg.validate()  # a bad flag fails at once, before Ray starts
     remote = bool(cfg.runtime.address or os.environ.get("RAY_ADDRESS"))
-    if remote and not cfg.corpus.unit_rows and cfg.embed.device == "auto":
-        _connect(cfg, driver)  # the unit size depends on whether the cluster has GPUs
+    if remote and (not cfg.corpus.unit_rows or cfg.embed.backend is None) and cfg.embed.device == "auto":
+        _connect(cfg, driver)  # the unit size and the default backend depend on whether the cluster has GPUs
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else _local_gpus()
-    cfg = cfg.with_unit_rows(gpus)
+    backend_asked = cfg.embed.backend is not None
+    cfg = cfg.with_device_defaults(gpus)
     ray_up: Future[None] = Future()
     with ThreadPoolExecutor(1, thread_name_prefix="embedctl-plan") as pool:
-        planned = pool.submit(prepare_run, cfg, duplicate_finder=_duplicate_finder(driver, ray_up))
+        planned = pool.submit(prepare_run, cfg, duplicate_finder=_duplicate_finder(driver, ray_up),
+                              backend_asked=backend_asked)
         try:
             _connect(cfg, driver)
         except BaseException as err:
             ray_up.set_exception(err)
             raise
         ray_up.set_result(None)
-        return cfg, planned.result()
+        prepared = planned.result()
+        return prepared.cfg or cfg, prepared
 
 
 def _connect(cfg: EmbedJobConfig, driver: dict[str, float]) -> None:

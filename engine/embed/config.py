@@ -33,10 +33,29 @@ class EmbedConfig:
     passage_prompt: str | None = None  # E5-style "passage: "
     pretokenize: bool = True  # tokenize in the CPU chunk tasks; actors only pad + forward
     compile: bool = False  # torch.compile(dynamic=True) the model once per actor (GPU)
-    backend: Literal["auto", "torch", "onnx", "openvino"] = "torch"  # runtime (engine.embed.backends); auto: per device
+    # runtime (engine.embed.backends). None (not asked): by device, torch on CUDA, onnx on CPU, and the run
+    # records the one it got (EmbedJobConfig.with_device_defaults); auto: the same choice, recorded as auto.
+    # Runs from before the default followed the device were torch on CPU too: `--backend torch` resumes them.
+    backend: Literal["auto", "torch", "onnx", "openvino"] | None = None
     quantize: Literal["none", "int8"] = "none"  # int8: dynamic int8 weights on a runtime backend (onnx)
 
     SPEED_ONLY = ("batch_tokens", "pretokenize", "compile")  # never change the vectors beyond fp noise
+
+    def resolved_backend(self, gpus: float | None) -> str:
+        """The backend a run records when none was asked: torch for the hash and stand-in test encoders (no
+        runtime) and on a GPU (``device: cuda``, or ``auto`` with ``gpus``; ``gpus`` None: this host's CUDA),
+        else what ``auto`` picks (onnx on CPU; the int8 runtime with ``quantize: int8``)."""
+        if self.backend is not None:
+            return self.backend
+        if self.standin or (self.model or "").startswith("hash:"):
+            return "torch"
+        from engine.embed.backends import resolve_backend
+
+        if self.device == "auto" and gpus is not None:
+            device = "cuda" if gpus >= 1 else "cpu"
+        else:
+            device = self.device
+        return resolve_backend(None, self.quantize, device)
 
     @property
     def standin(self) -> bool:
@@ -98,6 +117,8 @@ class EmbedJobConfig:
         d.pop("endpoint_url", None)
         for k in EmbedConfig.SPEED_ONLY:  # a resume may change these (e.g. a smaller budget after OOM)
             d["embed"].pop(k, None)
+        if d["embed"].get("backend") is None:  # a direct caller, not the driver: chosen by the configured device
+            d["embed"]["backend"] = self.embed.resolved_backend(gpus=None)
         for k, default in (("backend", "torch"), ("quantize", "none")):  # runs from before backends keep their ids
             if d["embed"].get(k) == default:
                 d["embed"].pop(k)
@@ -119,6 +140,18 @@ class EmbedJobConfig:
         from engine.core.storage import absolute_uri
 
         return replace(self, store=str(absolute_uri(self.store)), corpus=self.corpus.with_absolute_path())
+
+    def with_device_defaults(self, gpus: float) -> EmbedJobConfig:
+        """This config with what follows the device filled in: ``unit_rows`` (``with_unit_rows``) and, when
+        no backend was asked, the backend (``EmbedConfig.resolved_backend``), so the run's id and manifest
+        name the runtime its vectors come from."""
+        return self.with_unit_rows(gpus).with_backend(gpus)
+
+    def with_backend(self, gpus: float | None) -> EmbedJobConfig:
+        """This config with the backend chosen by device when none was asked (``EmbedConfig.resolved_backend``)."""
+        if self.embed.backend is not None:
+            return self
+        return replace(self, embed=replace(self.embed, backend=self.embed.resolved_backend(gpus)))  # type: ignore[arg-type]
 
     def with_unit_rows(self, gpus: float) -> EmbedJobConfig:
         """This config with ``unit_rows`` chosen by device when left at 0 (``UNIT_ROWS``): large units on a

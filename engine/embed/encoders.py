@@ -310,7 +310,7 @@ def load_encoder(
     batch_tokens: int = 0,
     threads: int | None = None,
     compile: bool = False,
-    backend: str = "torch",
+    backend: str | None = "torch",
     quantize: str = "none",
     int8_recipe: int | None = None,
 ) -> Encoder:

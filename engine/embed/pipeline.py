@@ -18,10 +18,10 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from engine import __version__
 from engine.core.errors import ConfigError
@@ -80,18 +80,35 @@ class PreparedRun:
     pending: list[Unit]
     done: list[str]
     manifest: dict[str, Any]
+    cfg: EmbedJobConfig | None = None  # the config the run uses (a legacy run's backend, see prepare_run)
 
 
-def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = None) -> PreparedRun:
+LEGACY_DEFAULT_BACKEND: Final = "torch"  # what a run got with no backend asked before the default followed the device
+
+
+def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = None,
+                backend_asked: bool = True) -> PreparedRun:
     """Validate inputs and config before any work; create or resume the run (duplicate ids found in this
-    process, or by ``duplicate_finder``: on Ray)."""
+    process, or by ``duplicate_finder``: on Ray).
+
+    ``backend_asked`` False: the backend was chosen by device (``EmbedJobConfig.with_device_defaults``).
+    Then, when the store holds the run the same command named before that default (the torch backend on
+    every device), that run is resumed on torch: rerunning a command keeps resuming its run across the
+    upgrade, and a finished run is not embedded again on another runtime."""
     cfg.validate()
     make_chunker(cfg)  # config errors (chunk size vs model limit, missing tokenizer) surface now
+    store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
+    _cstore, plan = plan_corpus(cfg.corpus, find_duplicates=False)  # duplicates below, for a new plan only
+    if not backend_asked and not cfg.run_id and cfg.embed.backend != LEGACY_DEFAULT_BACKEND:
+        legacy = replace(cfg, embed=replace(cfg.embed, backend=LEGACY_DEFAULT_BACKEND))
+        if store.exists(run_manifest_key(default_run_id(legacy, plan))):
+            log.warning("resuming run %s, which this command started on the %s backend (the default before it "
+                        "followed the device); new runs get %s", default_run_id(legacy, plan),
+                        LEGACY_DEFAULT_BACKEND, cfg.embed.backend)
+            cfg = legacy
     from engine.embed.backends import prebuild
 
     prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
-    store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
-    _cstore, plan = plan_corpus(cfg.corpus, find_duplicates=False)  # duplicates below, for a new plan only
     run_id = cfg.run_id or default_run_id(cfg, plan)
     previous = None
     if store.exists(run_manifest_key(run_id)):
@@ -99,8 +116,14 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
         if previous.get("kind") != "embed":
             raise ConfigError(f"run {run_id!r} exists and is a {previous.get('kind')!r} run; pick another --run-id")
         if previous.get("identity") != json.loads(json.dumps(cfg.identity_dict(), default=str)):
+            hint = ""
+            if "backend" not in (previous.get("identity") or {}).get("embed", {}) and \
+                    cfg.embed.backend != LEGACY_DEFAULT_BACKEND:
+                hint = (f" (it ran on the {LEGACY_DEFAULT_BACKEND} backend, the default before the default followed "
+                        f"the device: add --backend {LEGACY_DEFAULT_BACKEND} to resume it)")
             raise ConfigError(
-                f"run {run_id!r} already exists with a different config; resume it with the same flags or use a new --run-id"
+                f"run {run_id!r} already exists with a different config{hint}; resume it with the same flags or use "
+                "a new --run-id"
             )
         old_inputs = {f["key"]: f["fingerprint"] for f in previous.get("inputs", [])}
         new_inputs = {f.key: f.fingerprint for f in plan.files}
@@ -131,7 +154,7 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
         "units": {"total": len(plan.units), "done_before_this_attempt": len(done)},
     }
     store.write_json(run_manifest_key(run_id), manifest)
-    return PreparedRun(run_id, plan, pending, sorted(done), manifest)
+    return PreparedRun(run_id, plan, pending, sorted(done), manifest, cfg)
 
 
 def _now() -> str:
@@ -356,7 +379,9 @@ def run_locally(cfg: EmbedJobConfig, encoder: Encoder | None = None) -> dict[str
     """The whole job in this process, without Ray (unit tests and tiny corpora)."""
     started_at = time.time()
     t0 = time.perf_counter()
-    prepared = prepare_run(cfg)
+    backend_asked = cfg.embed.backend is not None
+    prepared = prepare_run(cfg.with_backend(None), backend_asked=backend_asked)
+    cfg = prepared.cfg or cfg
     plan_meta = plan_meta_for(prepared)
     embedder = UnitEmbedder(cfg, prepared.run_id, encoder=encoder) if prepared.pending else None
     for unit in prepared.pending:

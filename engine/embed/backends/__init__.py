@@ -5,6 +5,8 @@
 (``engine.embed.backends.onnx_export`` builds and caches it, ``onnx_encoder`` runs it);
 ``openvino`` runs the same (unfused) export in OpenVINO, fp32 or int8 via nncf (``openvino_encoder``,
 ``openvino_int8``; both packages install with embedctl, a clear error where missing). ``auto`` picks per device.
+No backend asked (``None``, the default) picks as ``auto`` does, but a run records the backend it got
+(``engine.embed.config.EmbedJobConfig.with_device_defaults``), where an explicit ``auto`` stays ``auto``.
 
 int8 recipes are numbered across backends (onnx ``onnx_export.INT8_RECIPES``, openvino
 ``openvino_int8.RECIPE_SETTINGS``); a model identity records the one its vectors came from
@@ -35,7 +37,9 @@ QUANTIZE_CHOICES: tuple[str, ...] = ("none", "int8")
 # BERT), model-process start-up 1.7 s vs 4.4 s, vectors equal to 6 decimals; start-up again, warm
 # cache, load ~20: onnx 1.1 s, openvino 2.0 s, native torch 2.7 s. Quiet rerun (load ~2, same benchmark):
 # embed command onnx fp32 62.5 s, openvino fp32 62.8 s, torch 64.4 s; start-up onnx 0.47 s, openvino
-# 1.0 s: openvino's job does not win, so onnx stays. int8 is never automatic.
+# 1.0 s: openvino's job does not win, so onnx stays. int8 is never automatic. It is also what a CPU run
+# gets when no backend is asked: the whole command beats a bare torch `encode` process, where the torch
+# backend's job cannot (its model runs at bare `encode`'s speed, and the job's fixed start is added).
 CPU_AUTO_BACKEND: Backend = "onnx"
 
 # What ``auto --quantize int8`` runs: openvino's static int8 (recipe 4) computes in int8, where onnx's
@@ -55,8 +59,10 @@ CURRENT_INT8_RECIPE: dict[str, int] = {"onnx": 2, "openvino": 4}  # what new int
 LEGACY_INT8_RECIPE: dict[str, int] = {"onnx": 1, "openvino": 3}
 
 
-def check_choice(backend: str, quantize: str) -> None:
-    """Refuse unknown names and impossible pairs before any model loads."""
+def check_choice(backend: str | None, quantize: str) -> None:
+    """Refuse unknown names and impossible pairs before any model loads (``None``: not asked, chosen by device)."""
+    if backend is None:
+        backend = "auto"
     if backend not in BACKEND_CHOICES:
         raise ConfigError(f"backend must be one of {', '.join(BACKEND_CHOICES)}, got {backend!r}")
     if quantize not in QUANTIZE_CHOICES:
@@ -66,11 +72,11 @@ def check_choice(backend: str, quantize: str) -> None:
                           "the torch backend runs fp32/bf16/fp16 only")
 
 
-def resolve_backend(backend: str, quantize: str, device: str) -> Backend:
-    """The concrete backend for a choice on a device (``auto``: CUDA -> torch, CPU -> ``CPU_AUTO_BACKEND``;
-    int8 -> ``CPU_AUTO_INT8_BACKEND`` where openvino and nncf are installed, else onnx)."""
+def resolve_backend(backend: str | None, quantize: str, device: str) -> Backend:
+    """The concrete backend for a choice on a device (``auto`` or ``None``: CUDA -> torch, CPU ->
+    ``CPU_AUTO_BACKEND``; int8 -> ``CPU_AUTO_INT8_BACKEND`` where openvino and nncf are installed, else onnx)."""
     check_choice(backend, quantize)
-    if backend == "auto":
+    if backend is None or backend == "auto":
         if quantize != "none":
             ready = all(importlib.util.find_spec(p) is not None for p in ("openvino", "nncf"))
             return CPU_AUTO_INT8_BACKEND if ready else "onnx"
@@ -137,7 +143,7 @@ def check_same_backend(want: Mapping[str, Any], got: Mapping[str, Any], what: st
             f"Embed queries with --backend {w[0]} --quantize {w[1]} (the default follows the index)")
 
 
-def prebuild(model: str | None, backend: str, quantize: str, device: str) -> None:
+def prebuild(model: str | None, backend: str | None, quantize: str, device: str) -> None:
     """Build a run's runtime export once in the driver, before its actors start (each would otherwise
     build the same export at the same time; the cache keeps that safe, not cheap)."""
     if model and model.startswith(("hash:", "standin:")):

@@ -212,8 +212,15 @@ def _export_fp32(folder: Path, out: Path, layout: dict[str, Any], fuse: bool = T
     import numpy as np
     import torch
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModel.from_pretrained(str(folder), attn_implementation="eager", local_files_only=True).eval()
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar in a user's first embed command says nothing to act on
+    try:
+        model = AutoModel.from_pretrained(str(folder), attn_implementation="eager", local_files_only=True).eval()
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if _takes_token_types(model) else [])
 
     class TokenEmbeddings(torch.nn.Module):
