@@ -1,12 +1,15 @@
 """The embed job as a user measures it: the whole `embedctl embed` command vs a fresh bare-encode process.
 
-    .venv/bin/python benchmarks/bench_embed_command.py [--pairs 2] [--scale 1] [--out results.json]
+    .venv/bin/python benchmarks/bench_embed_command.py [--pairs 2] [--scale 1] [--backends default,torch]
+        [--out results.json]
 
 Both sides are whole processes timed from outside, start-up included, run in turn (engine, bare,
 engine, bare, ...) so a drift of the machine's speed hits both:
 
 - engine: ``embedctl embed --corpus C --store S --json`` with the defaults a user gets (a local Ray
-  started by the command, units sized by device), a fresh store each time so nothing resumes;
+  started by the command, units and backend chosen by device), a fresh store each time so nothing
+  resumes; ``--backends default,torch`` also times ``--backend torch`` in each round (each backend's
+  ratio is to the same round's bare process);
 - bare: ``python -c`` that imports sentence-transformers, loads the packaged MiniLM and calls
   ``encode(texts, batch_size=32, normalize_embeddings=True)`` on exactly the engine's chunk inputs
   (title prefix + chunk text, read from the first engine run's chunks).
@@ -54,9 +57,10 @@ def embedctl() -> str:
     return found
 
 
-def run_engine(corpus: Path, store: Path) -> tuple[float, dict]:
+def run_engine(corpus: Path, store: Path, backend: str = "default") -> tuple[float, dict]:
     t0 = time.perf_counter()
-    out = subprocess.run([embedctl(), "embed", "--corpus", str(corpus), "--store", str(store), "--json"],
+    flags = [] if backend == "default" else ["--backend", backend]
+    out = subprocess.run([embedctl(), "embed", "--corpus", str(corpus), "--store", str(store), "--json", *flags],
                          env=ENV, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t0
     if out.returncode != 0:
@@ -90,32 +94,49 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=1, help="corpus copies (see bench_embed.py)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N documents")
     ap.add_argument("--out", default=None, help="also write the results JSON here")
+    ap.add_argument("--backends", default="default",
+                    help="engine variants timed in each round, comma-separated: default (no flag) or a --backend value")
     args = ap.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-cmd-"))
     try:
         name = write_corpus(tmp / "corpus", args.limit, args.scale)
-        warm_wall, summary = run_engine(tmp / "corpus", tmp / "store-warm")  # also the chunk texts for bare
+        for b in backends[1:]:
+            run_engine(tmp / "corpus", tmp / f"store-warm-{b}", b)  # warm-up: its export built, file caches
+        warm_wall, summary = run_engine(tmp / "corpus", tmp / "store-warm", backends[0])  # + the bare side's texts
         texts = chunk_texts(tmp / "store-warm", summary["run_id"])
         assert len(texts) == summary["counts"]["chunks"], "the bare side must encode exactly the engine's inputs"
         (tmp / "texts.json").write_text(json.dumps(texts))
         run_bare(tmp / "texts.json")  # warm-up: file caches for the bare side too
-        pairs = []
+        pairs: dict[str, list[dict]] = {b: [] for b in backends}
+        ran: dict[str, str] = {}
         for i in range(args.pairs):
-            e_wall, s = run_engine(tmp / "corpus", tmp / f"store-{i}")
+            walls = {}
+            for b in backends:
+                walls[b] = run_engine(tmp / "corpus", tmp / f"store-{i}-{b}", b)
             b_wall = run_bare(tmp / "texts.json")
-            up = (s.get("timings") or {}).get("start_up") or {}
-            pairs.append({"engine_s": round(e_wall, 2), "bare_s": round(b_wall, 2), "ratio": round(b_wall / e_wall, 3),
-                          "first_unit_from_command_s": round(up.get("process_s", 0.0) + up.get("first_unit_start_s", 0.0), 2),
-                          "start_up": up, "load": round(os.getloadavg()[0], 1)})
-            print(f"pair {i + 1}/{args.pairs}: engine {e_wall:.1f} s, bare {b_wall:.1f} s, "
-                  f"ratio {b_wall / e_wall:.3f}", file=sys.stderr)
+            for b, (e_wall, s) in walls.items():
+                up = (s.get("timings") or {}).get("start_up") or {}
+                run_manifest = json.loads((tmp / f"store-{i}-{b}" / "runs" / s["run_id"] / "manifest.json").read_text())
+                ran[b] = (run_manifest.get("model") or {}).get("backend") or "torch"
+                pairs[b].append({"engine_s": round(e_wall, 2), "bare_s": round(b_wall, 2),
+                                 "ratio": round(b_wall / e_wall, 3),
+                                 "first_unit_from_command_s": round(up.get("process_s", 0.0)
+                                                                    + up.get("first_unit_start_s", 0.0), 2),
+                                 "start_up": up, "load": round(os.getloadavg()[0], 1)})
+                print(f"round {i + 1}/{args.pairs}: engine ({b}: {ran[b]}) {e_wall:.1f} s, bare {b_wall:.1f} s, "
+                      f"ratio {b_wall / e_wall:.3f}", file=sys.stderr)
+        first = pairs[backends[0]]
         res = {
             "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch CPU",
             "corpus": name, "chunks": len(texts), "tokens": summary["counts"]["tokens"],
-            "unit_rows": None, "pairs": pairs,
-            "median_engine_s": round(statistics.median(p["engine_s"] for p in pairs), 2),
-            "median_bare_s": round(statistics.median(p["bare_s"] for p in pairs), 2),
-            "median_ratio_bare_over_engine": round(statistics.median(p["ratio"] for p in pairs), 3),
+            "unit_rows": None, "backend": ran.get(backends[0]), "pairs": first,
+            "median_engine_s": round(statistics.median(p["engine_s"] for p in first), 2),
+            "median_bare_s": round(statistics.median(p["bare_s"] for p in first), 2),
+            "median_ratio_bare_over_engine": round(statistics.median(p["ratio"] for p in first), 3),
+            "by_backend": {b: {"backend": ran.get(b), "pairs": pairs[b],
+                               "median_ratio_bare_over_engine": round(statistics.median(p["ratio"] for p in pairs[b]), 3)}
+                           for b in backends},
         }
         manifest = json.loads((tmp / "store-warm" / "runs" / summary["run_id"] / "manifest.json").read_text())
         res["unit_rows"] = manifest["config"]["corpus"]["unit_rows"]

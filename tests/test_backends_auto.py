@@ -113,3 +113,19 @@ def test_rerunning_a_command_resumes_the_torch_run_it_started_before_the_default
     # another store: nothing to resume, so the new default runs
     fresh = run_locally(_cfg(tmp_path, model=str(tiny), device="cpu", unit_rows=10, store=str(tmp_path / "store2")))
     assert fresh["run_id"] != old["run_id"] and fresh["model"]["backend"] == "onnx"
+
+
+def test_a_model_the_cpu_runtime_cannot_run_falls_back_to_torch_only_when_no_backend_was_asked(tmp_path, monkeypatch,
+                                                                                                caplog):
+    monkeypatch.setenv("EMBEDCTL_CACHE_DIR", str(tmp_path / "cache"))
+    maxpool = _tiny_bert(tmp_path / "maxpool", "max")  # max pooling: the runtime backends' export refuses it
+    write_corpus(tmp_path / "corpus", make_docs(12, seed=5), files=1)
+    with pytest.raises(ConfigError, match="pooling is neither mean nor CLS"):
+        run_locally(_cfg(tmp_path, model=str(maxpool), device="cpu", backend="onnx"))
+    caplog.set_level("WARNING", logger="engine.embed.pipeline")
+    m = run_locally(_cfg(tmp_path, model=str(maxpool), device="cpu", store=str(tmp_path / "store2")))
+    assert m["status"] == "succeeded" and m["config"]["embed"]["backend"] == "torch"
+    assert m["model"].get("backend", "torch") == "torch" and m["counts"]["chunks"] > 0
+    assert any("no --backend was asked, so this run uses torch" in r.getMessage() for r in caplog.records)
+    again = run_locally(_cfg(tmp_path, model=str(maxpool), device="cpu", store=str(tmp_path / "store2")))
+    assert again["run_id"] == m["run_id"]  # the fallback is the same every time: rerunning resumes the run

@@ -94,7 +94,8 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
     ``backend_asked`` False: the backend was chosen by device (``EmbedJobConfig.with_device_defaults``).
     Then, when the store holds the run the same command named before that default (the torch backend on
     every device), that run is resumed on torch: rerunning a command keeps resuming its run across the
-    upgrade, and a finished run is not embedded again on another runtime."""
+    upgrade, and a finished run is not embedded again on another runtime; and a model the chosen runtime
+    cannot run (its export is refused) runs on torch, as before, with a warning."""
     cfg.validate()
     make_chunker(cfg)  # config errors (chunk size vs model limit, missing tokenizer) surface now
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
@@ -108,7 +109,15 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
             cfg = legacy
     from engine.embed.backends import prebuild
 
-    prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
+    try:
+        prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
+    except ConfigError as err:
+        if backend_asked or cfg.embed.quantize != "none" or cfg.embed.backend == LEGACY_DEFAULT_BACKEND:
+            raise
+        # A model the runtime backends cannot run (another module layout, a slow tokenizer, ...): with no
+        # backend asked it runs on torch, as every model did before the default followed the device.
+        log.warning("%s; no --backend was asked, so this run uses %s", err, LEGACY_DEFAULT_BACKEND)
+        cfg = replace(cfg, embed=replace(cfg.embed, backend=LEGACY_DEFAULT_BACKEND))
     run_id = cfg.run_id or default_run_id(cfg, plan)
     previous = None
     if store.exists(run_manifest_key(run_id)):
