@@ -129,3 +129,17 @@ def test_a_model_the_cpu_runtime_cannot_run_falls_back_to_torch_only_when_no_bac
     assert any("no --backend was asked, so this run uses torch" in r.getMessage() for r in caplog.records)
     again = run_locally(_cfg(tmp_path, model=str(maxpool), device="cpu", store=str(tmp_path / "store2")))
     assert again["run_id"] == m["run_id"]  # the fallback is the same every time: rerunning resumes the run
+
+
+@pytest.mark.ray
+def test_the_ray_job_with_no_backend_asked_embeds_on_the_device_default_and_records_it(ray_session, tmp_path):
+    from engine.distributed.embed import run_embed_job
+
+    tiny = _tiny_bert(tmp_path / "tiny", "cls")
+    write_corpus(tmp_path / "corpus", make_docs(16, seed=9), files=1)
+    m = run_embed_job(_cfg(tmp_path, model=str(tiny), device="cpu", unit_rows=8))
+    assert m["status"] == "succeeded" and m["counts"]["chunks"] > 0
+    assert m["config"]["embed"]["backend"] == "onnx"  # what the driver chose and the actors ran
+    assert (m["model"]["backend"], m["model"]["quantize"]) == ("onnx", "none")
+    assert m["run_id"] == run_locally(_cfg(tmp_path, model=str(tiny), device="cpu", backend="onnx", unit_rows=8,
+                                           store=str(tmp_path / "local")))["run_id"]

@@ -95,7 +95,10 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
     Then, when the store holds the run the same command named before that default (the torch backend on
     every device), that run is resumed on torch: rerunning a command keeps resuming its run across the
     upgrade, and a finished run is not embedded again on another runtime; and a model the chosen runtime
-    cannot run (its export is refused) runs on torch, as before, with a warning."""
+    cannot run (its export is refused) runs on torch, as before, with a warning. A config with no backend
+    (a direct caller, not the driver) gets the one this host's device picks, as not asked."""
+    if cfg.embed.backend is None:
+        cfg, backend_asked = cfg.with_backend(None), False
     cfg.validate()
     make_chunker(cfg)  # config errors (chunk size vs model limit, missing tokenizer) surface now
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
@@ -388,8 +391,7 @@ def run_locally(cfg: EmbedJobConfig, encoder: Encoder | None = None) -> dict[str
     """The whole job in this process, without Ray (unit tests and tiny corpora)."""
     started_at = time.time()
     t0 = time.perf_counter()
-    backend_asked = cfg.embed.backend is not None
-    prepared = prepare_run(cfg.with_backend(None), backend_asked=backend_asked)
+    prepared = prepare_run(cfg)
     cfg = prepared.cfg or cfg
     plan_meta = plan_meta_for(prepared)
     embedder = UnitEmbedder(cfg, prepared.run_id, encoder=encoder) if prepared.pending else None
