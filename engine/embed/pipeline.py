@@ -103,24 +103,7 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
     make_chunker(cfg)  # config errors (chunk size vs model limit, missing tokenizer) surface now
     store = open_store(cfg.store, endpoint_url=cfg.endpoint_url)
     _cstore, plan = plan_corpus(cfg.corpus, find_duplicates=False)  # duplicates below, for a new plan only
-    if not backend_asked and not cfg.run_id and cfg.embed.backend != LEGACY_DEFAULT_BACKEND:
-        legacy = replace(cfg, embed=replace(cfg.embed, backend=LEGACY_DEFAULT_BACKEND))
-        if store.exists(run_manifest_key(default_run_id(legacy, plan))):
-            log.warning("resuming run %s, which this command started on the %s backend (the default before it "
-                        "followed the device); new runs get %s", default_run_id(legacy, plan),
-                        LEGACY_DEFAULT_BACKEND, cfg.embed.backend)
-            cfg = legacy
-    from engine.embed.backends import prebuild
-
-    try:
-        prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
-    except ConfigError as err:
-        if backend_asked or cfg.embed.quantize != "none" or cfg.embed.backend == LEGACY_DEFAULT_BACKEND:
-            raise
-        # A model the runtime backends cannot run (another module layout, a slow tokenizer, ...): with no
-        # backend asked it runs on torch, as every model did before the default followed the device.
-        log.warning("%s; no --backend was asked, so this run uses %s", err, LEGACY_DEFAULT_BACKEND)
-        cfg = replace(cfg, embed=replace(cfg.embed, backend=LEGACY_DEFAULT_BACKEND))
+    cfg = _run_backend(cfg, plan, store, backend_asked)
     run_id = cfg.run_id or default_run_id(cfg, plan)
     previous = None
     if store.exists(run_manifest_key(run_id)):
@@ -167,6 +150,30 @@ def prepare_run(cfg: EmbedJobConfig, duplicate_finder: DuplicateFinder | None = 
     }
     store.write_json(run_manifest_key(run_id), manifest)
     return PreparedRun(run_id, plan, pending, sorted(done), manifest, cfg)
+
+
+def _run_backend(cfg: EmbedJobConfig, plan: CorpusPlan, store: Any, backend_asked: bool) -> EmbedJobConfig:
+    """The config with the backend the run uses, its export built (``prepare_run``): a legacy torch run of
+    the same command resumed on torch; with no backend asked, a model the runtime cannot run on torch."""
+    if not backend_asked and not cfg.run_id and cfg.embed.backend != LEGACY_DEFAULT_BACKEND:
+        legacy = replace(cfg, embed=replace(cfg.embed, backend=LEGACY_DEFAULT_BACKEND))
+        if store.exists(run_manifest_key(default_run_id(legacy, plan))):
+            log.warning("resuming run %s, which this command started on the %s backend (the default before it "
+                        "followed the device); new runs get %s", default_run_id(legacy, plan),
+                        LEGACY_DEFAULT_BACKEND, cfg.embed.backend)
+            cfg = legacy
+    from engine.embed.backends import prebuild
+
+    try:
+        prebuild(cfg.embed.model, cfg.embed.backend, cfg.embed.quantize, cfg.embed.device)  # export errors too
+    except ConfigError as err:
+        if backend_asked or cfg.embed.quantize != "none" or cfg.embed.backend == LEGACY_DEFAULT_BACKEND:
+            raise
+        # A model the runtime backends cannot run (another module layout, a slow tokenizer, ...): with no
+        # backend asked it runs on torch, as every model did before the default followed the device.
+        log.warning("%s; no --backend was asked, so this run uses %s", err, LEGACY_DEFAULT_BACKEND)
+        cfg = replace(cfg, embed=replace(cfg.embed, backend=LEGACY_DEFAULT_BACKEND))
+    return cfg
 
 
 def _now() -> str:
