@@ -111,7 +111,7 @@ def _prepare_while_ray_starts(cfg: EmbedJobConfig, driver: dict[str, float]) -> 
             raise
         ray_up.set_result(None)
         prepared = planned.result()
-        return prepared.cfg or cfg, prepared
+        return prepared.cfg, prepared
 
 
 def _connect(cfg: EmbedJobConfig, driver: dict[str, float]) -> None:

@@ -47,15 +47,23 @@ class EmbedConfig:
         else what ``auto`` picks (onnx on CPU; the int8 runtime with ``quantize: int8``)."""
         if self.backend is not None:
             return self.backend
-        if self.standin or (self.model or "").startswith("hash:"):
+        if self.model_free:
             return "torch"
         from engine.embed.backends import resolve_backend
 
+        return resolve_backend(None, self.quantize, self.device_on(gpus))
+
+    def device_on(self, gpus: float | None) -> str:
+        """The device a run uses on a cluster with ``gpus`` (``auto``: cuda with a GPU, else cpu; ``gpus``
+        None, not known: ``auto`` as configured)."""
         if self.device == "auto" and gpus is not None:
-            device = "cuda" if gpus >= 1 else "cpu"
-        else:
-            device = self.device
-        return resolve_backend(None, self.quantize, device)
+            return "cuda" if gpus >= 1 else "cpu"
+        return self.device
+
+    @property
+    def model_free(self) -> bool:
+        """The hash and stand-in test encoders: no model runtime, no forward pass."""
+        return self.standin or (self.model or "").startswith("hash:")
 
     @property
     def standin(self) -> bool:
@@ -159,9 +167,9 @@ class EmbedJobConfig:
         hash encoder keep the old size."""
         if self.corpus.unit_rows:
             return self
-        if self.embed.standin or (self.embed.model or "").startswith("hash:"):
+        if self.embed.model_free:
             kind = "standin"
-        elif self.embed.device == "cuda" or (self.embed.device == "auto" and gpus >= 1):
+        elif self.embed.device_on(gpus) == "cuda":
             kind = "cuda"
         else:
             kind = "cpu"

@@ -80,7 +80,7 @@ class PreparedRun:
     pending: list[Unit]
     done: list[str]
     manifest: dict[str, Any]
-    cfg: EmbedJobConfig | None = None  # the config the run uses (a legacy run's backend, see prepare_run)
+    cfg: EmbedJobConfig  # the config the run uses: its backend resolved (a legacy run's torch, see prepare_run)
 
 
 LEGACY_DEFAULT_BACKEND: Final = "torch"  # what a run got with no backend asked before the default followed the device
@@ -157,10 +157,10 @@ def _run_backend(cfg: EmbedJobConfig, plan: CorpusPlan, store: Any, backend_aske
     the same command resumed on torch; with no backend asked, a model the runtime cannot run on torch."""
     if not backend_asked and not cfg.run_id and cfg.embed.backend != LEGACY_DEFAULT_BACKEND:
         legacy = replace(cfg, embed=replace(cfg.embed, backend=LEGACY_DEFAULT_BACKEND))
-        if store.exists(run_manifest_key(default_run_id(legacy, plan))):
+        legacy_id = default_run_id(legacy, plan)
+        if store.exists(run_manifest_key(legacy_id)):
             log.warning("resuming run %s, which this command started on the %s backend (the default before it "
-                        "followed the device); new runs get %s", default_run_id(legacy, plan),
-                        LEGACY_DEFAULT_BACKEND, cfg.embed.backend)
+                        "followed the device); new runs get %s", legacy_id, LEGACY_DEFAULT_BACKEND, cfg.embed.backend)
             cfg = legacy
     from engine.embed.backends import prebuild
 
@@ -399,7 +399,7 @@ def run_locally(cfg: EmbedJobConfig, encoder: Encoder | None = None) -> dict[str
     started_at = time.time()
     t0 = time.perf_counter()
     prepared = prepare_run(cfg)
-    cfg = prepared.cfg or cfg
+    cfg = prepared.cfg
     plan_meta = plan_meta_for(prepared)
     embedder = UnitEmbedder(cfg, prepared.run_id, encoder=encoder) if prepared.pending else None
     for unit in prepared.pending:
