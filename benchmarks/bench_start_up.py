@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_start_up.py [--docs 300] [--runs 2] [--backends torch,onnx]
                                                   [--running-ray]
 
-For each backend, ``--runs`` fresh commands on the first ``--docs`` Cranfield documents (CPU). Prints,
+For each backend (``default``: no ``--backend`` flag), ``--runs`` fresh commands on the first ``--docs`` Cranfield documents (CPU). Prints,
 counted from the command's start: the first unit started and embedded (``process_s`` plus the
 manifest's ``start_up``), Ray's own start, and the seconds between the command's result on stdout and
 its exit (stopping the Ray it started). ``--running-ray`` first starts a local Ray (``ray start
@@ -40,8 +40,8 @@ def tool(name: str) -> str:
 
 
 def one_command(corpus: Path, store: Path, backend: str, address: str | None) -> dict[str, Any]:
-    cmd = [tool("embedctl"), "embed", "--corpus", str(corpus), "--store", str(store), "--json", "--device", "cpu",
-           "--backend", backend] + (["--address", address] if address else [])
+    cmd = [tool("embedctl"), "embed", "--corpus", str(corpus), "--store", str(store), "--json", "--device", "cpu"]
+    cmd += (["--backend", backend] if backend != "default" else []) + (["--address", address] if address else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV, cwd=store.parent)
     assert proc.stdout is not None
