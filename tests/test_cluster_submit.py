@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -134,6 +135,108 @@ def test_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:
     assert "cannot reach the Ray Jobs API" in str(result.exception)
 
 
+class _JobsApi:
+    """The Jobs API's HTTP protocol on loopback (http.server in a thread): version check, package
+    upload, and ``POST /api/jobs/`` answered from ``answers`` in order (``"no-agent"``: the 500 a head
+    gives while no node's job agent is up; ``"bad"``: another 500; ``"ok"``: the job is accepted)."""
+
+    def __init__(self, answers: list[str]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import ray
+
+        api = self
+        self.answers, self.posted = list(answers), []  # posted: each submission's submission_id
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path == "/api/version":
+                    self._send(200, json.dumps({"version": "4", "ray_version": ray.__version__,
+                                                "ray_commit": "loopback", "session_name": "loopback"}).encode())
+                else:  # /api/packages/...: not uploaded yet
+                    self._send(404, b"not found", "text/plain")
+
+            def do_PUT(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self._send(200, b"")
+
+            def do_POST(self) -> None:  # noqa: N802
+                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                api.posted.append(req.get("submission_id"))
+                answer = api.answers.pop(0) if api.answers else "no-agent"
+                if answer == "ok":
+                    self._send(200, json.dumps({"submission_id": req.get("submission_id"), "job_id": None}).encode())
+                elif answer == "no-agent":
+                    self._send(500, b"No available agent to submit job, please try again later.", "text/plain")
+                else:
+                    self._send(500, b"runtime_env: unknown field 'workingdir'", "text/plain")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_submit_waits_for_a_job_agent_and_resubmits_the_same_id() -> None:
+    """Right after a head starts, its Jobs API refuses jobs until a node's agent is up: submit waits."""
+    from ray.job_submission import JobSubmissionClient
+
+    api = _JobsApi(["no-agent", "no-agent", "ok"])
+    try:
+        cl.submit_job(JobSubmissionClient(api.url), api.url, wait_for_agent_s=30, entrypoint="python jobs/embed.py",
+                      submission_id="ectl-agent-late")
+    finally:
+        api.close()
+    assert api.posted == ["ectl-agent-late"] * 3  # the refused tries created nothing: same id again
+
+
+def test_submit_gives_up_on_a_head_without_agents_and_says_what_to_check(tmp_path: Path) -> None:
+    api = _JobsApi([])  # never an agent
+    config = tmp_path / "job.yaml"
+    config.write_text("corpus: in-memory\n")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EmbedctlError, match="had no agent to run jobs for 1 s: is a node up"):
+            from ray.job_submission import JobSubmissionClient
+
+            cl.submit_job(JobSubmissionClient(api.url), api.url, wait_for_agent_s=1, entrypoint="x",
+                          submission_id="ectl-no-agent")
+        assert time.monotonic() - t0 < 10
+        # the whole command (config staged, package uploaded over the same protocol): one line, no traceback
+        code, out, err = _invoke(["submit", "embed", "--address", api.url, "--config", str(config), "--no-wait"],
+                                 env={"EMBEDCTL_SUBMIT_AGENT_WAIT_S": "1"})
+    finally:
+        api.close()
+    assert code == 1 and out == ""
+    assert "had no agent to run jobs" in err and "Traceback" not in err
+
+
+def test_submit_other_refusals_are_one_clear_error_at_once() -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    api = _JobsApi(["bad"])
+    try:
+        with pytest.raises(EmbedctlError, match="refused the job: .*unknown field 'workingdir'"):
+            cl.submit_job(JobSubmissionClient(api.url), api.url, wait_for_agent_s=30, entrypoint="x",
+                          submission_id="ectl-bad")
+    finally:
+        api.close()
+    assert api.posted == ["ectl-bad"]  # not retried
+
+
 # ---------------------------------------------------------------------------------------------
 # A real head on loopback
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +320,10 @@ def ray_head():
         teardown()
 
 
-def _invoke(args: list[str]) -> tuple[int, str, str]:
+def _invoke(args: list[str], env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """Run the CLI in a subprocess (the way a user does) and return (exit code, stdout, stderr)."""
     proc = subprocess.run([str(VENV_BIN / "embedctl"), *args], capture_output=True, text=True,
-                          env=_ray_env(), timeout=300, cwd=REPO)
+                          env={**_ray_env(), **(env or {})}, timeout=300, cwd=REPO)
     return proc.returncode, proc.stdout, proc.stderr
 
 

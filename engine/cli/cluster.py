@@ -241,6 +241,49 @@ def connect(address: str) -> JobSubmissionClient:
         ) from err
 
 
+NO_AGENT = "No available agent to submit job"  # the Jobs API's answer while no node's job agent is up yet
+AGENT_WAIT_ENV, AGENT_WAIT_S = "EMBEDCTL_SUBMIT_AGENT_WAIT_S", 60.0
+
+
+def agent_wait_s() -> float:
+    """How long ``submit`` waits for a job agent: ``$EMBEDCTL_SUBMIT_AGENT_WAIT_S``, else 60 s."""
+    raw = os.environ.get(AGENT_WAIT_ENV, "").strip()
+    try:
+        wait = float(raw) if raw else AGENT_WAIT_S
+    except ValueError:
+        wait = -1.0
+    if not wait >= 0:  # also NaN
+        raise ConfigError(f"{AGENT_WAIT_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return wait
+
+
+def submit_job(client: JobSubmissionClient, url: str, wait_for_agent_s: float | None = None, **job: Any) -> None:
+    """``client.submit_job(**job)``, waiting up to ``wait_for_agent_s`` (default ``agent_wait_s()``) for a
+    job agent: right after a head starts, its dashboard answers before any node's agent has registered,
+    and the Jobs API refuses every job ("try again later"). Nothing is created by a refused submission,
+    so trying again with the same submission id is safe. Any other refusal is one clear error."""
+    if wait_for_agent_s is None:
+        wait_for_agent_s = agent_wait_s()
+    deadline = time.monotonic() + wait_for_agent_s
+    pause = 0.5
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as err:  # the SDK's error for any non-200 answer
+            if NO_AGENT in str(err) and time.monotonic() < deadline:
+                log.info("the cluster at %s has no job agent up yet; trying again in %.1f s", url, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 4.0)
+                continue
+            if NO_AGENT in str(err):
+                raise EmbedctlError(
+                    f"the Ray Jobs API at {url} had no agent to run jobs for {wait_for_agent_s:g} s: is a node "
+                    "up? (`ray status` on the head; a head whose dashboard agent failed says why in "
+                    "/tmp/ray/session_latest/logs/dashboard_agent.log)") from err
+            raise EmbedctlError(f"the Ray Jobs API at {url} refused the job: {err}") from err
+
+
 def job_status(client: JobSubmissionClient, submission_id: str) -> str:
     """The job's status as a plain string (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     try:
@@ -395,8 +438,8 @@ def submit(job: str, address: str, config_path: Path, runtime_env_path: str | No
             return
         client = connect(address)
         log.info("submitting %s to %s as %s", job, address, submission_id)
-        client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata,
-                          submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)
+        submit_job(client, normalize_address(address), entrypoint=entrypoint, runtime_env=runtime_env,
+                   metadata=metadata, submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)
     click.echo(f"submitted {job} as {submission_id} to {normalize_address(address)}", err=True)
     if not wait:
         emit_json({"submission_id": submission_id, "job": job, "status": job_status(client, submission_id),
