@@ -138,9 +138,11 @@ def test_unreachable_cluster_is_a_clear_error(tmp_path: Path) -> None:
 class _JobsApi:
     """The Jobs API's HTTP protocol on loopback (http.server in a thread): version check, package
     upload, and ``POST /api/jobs/`` answered from ``answers`` in order (``"no-agent"``: the 500 a head
-    gives while no node's job agent is up; ``"bad"``: another 500; ``"ok"``: the job is accepted)."""
+    gives while no node's job agent is up; ``"bad"``: another 500; ``"ok"``: the job is accepted).
+    ``GET /api/jobs...`` (list, status, logs) fails: ``jobs_get="500"`` answers 500, ``"drop"`` closes
+    the connection without an answer (a head that went away after the version check)."""
 
-    def __init__(self, answers: list[str]) -> None:
+    def __init__(self, answers: list[str], jobs_get: str = "500") -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         import ray
@@ -160,7 +162,11 @@ class _JobsApi:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path == "/api/version":
+                if self.path.startswith("/api/jobs") and jobs_get == "drop":
+                    self.close_connection = True  # no status line at all: the client sees the peer go away
+                elif self.path.startswith("/api/jobs"):  # list, status, logs: this head's job table is broken
+                    self._send(500, b"GCS unavailable: job table lookup timed out", "text/plain")
+                elif self.path == "/api/version":
                     self._send(200, json.dumps({"version": "4", "ray_version": ray.__version__,
                                                 "ray_commit": "loopback", "session_name": "loopback"}).encode())
                 else:  # /api/packages/...: not uploaded yet
@@ -235,6 +241,31 @@ def test_submit_other_refusals_are_one_clear_error_at_once() -> None:
     finally:
         api.close()
     assert api.posted == ["ectl-bad"]  # not retried
+
+
+@pytest.mark.parametrize("args", [["jobs", "list"], ["jobs", "status", "ectl-x"], ["jobs", "logs", "ectl-x"],
+                                  ["jobs", "stop", "ectl-x"]])
+def test_jobs_commands_turn_a_failing_jobs_api_into_one_line(args: list[str]) -> None:
+    api = _JobsApi([])
+    try:
+        result = CliRunner().invoke(cli, [*args, "--address", api.url])
+    finally:
+        api.close()
+    assert result.exit_code != 0
+    assert isinstance(result.exception, EmbedctlError)
+    msg = str(result.exception)  # a 500 is not "no such job"
+    assert f"the Ray Jobs API at {api.url} failed" in msg and "job table lookup timed out" in msg, msg
+
+
+@pytest.mark.parametrize("jobs_get", ["500", "drop"])
+def test_a_failing_jobs_api_is_one_line_from_the_command_not_a_traceback(jobs_get: str) -> None:
+    api = _JobsApi([], jobs_get=jobs_get)
+    try:
+        code, out, err = _invoke(["jobs", "status", "ectl-x", "--address", api.url])
+    finally:
+        api.close()
+    assert code == 1 and out == ""
+    assert f"the Ray Jobs API at {api.url} failed" in err and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------

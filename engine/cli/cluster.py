@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
+import functools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -284,11 +286,31 @@ def submit_job(client: JobSubmissionClient, url: str, wait_for_agent_s: float | 
             raise EmbedctlError(f"the Ray Jobs API at {url} refused the job: {err}") from err
 
 
+def jobs_api_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """A command whose Jobs API call fails (a non-200 answer, a head that went away mid-command) ends
+    with one line naming the address, not a traceback from inside the SDK or requests."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        import requests
+
+        try:
+            command(*args, **kwargs)
+        except (RuntimeError, requests.exceptions.RequestException) as err:
+            url = normalize_address(kwargs.get("address") or DEFAULT_ADDRESS)
+            raise EmbedctlError(f"the Ray Jobs API at {url} failed: {err}. Is the head still up? "
+                                "(`ray status` on the head)") from err
+
+    return run
+
+
 def job_status(client: JobSubmissionClient, submission_id: str) -> str:
     """The job's status as a plain string (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     try:
         status = client.get_job_status(submission_id)
     except RuntimeError as err:
+        if "status code 404" not in str(err):
+            raise  # the Jobs API failed (jobs_api_errors says so), which is not "no such job"
         raise NotFoundError(f"no job {submission_id!r} on this cluster (`embedctl jobs list` shows them)") from err
     return str(getattr(status, "value", status))
 
@@ -394,6 +416,7 @@ address_option = click.option(
 @click.option("--wait/--no-wait", default=True, show_default=True,
               help="Follow the job to its end (or print the submission id and return at once).")
 @click.option("-q", "--quiet", is_flag=True, help="Do not stream the job's logs to stderr.")
+@jobs_api_errors
 def submit(job: str, address: str, config_path: Path, runtime_env_path: str | None, working_dir: Path | None,
            env_pairs: tuple[str, ...], submission_id: str | None, entrypoint_num_cpus: float | None, check: bool,
            dry_run: bool, wait: bool, quiet: bool) -> None:
@@ -493,6 +516,7 @@ def jobs_group() -> None:
 @address_option
 @click.option("--all", "show_all", is_flag=True, help="Also list jobs not submitted by embedctl.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout: {\"jobs\": [...]}.")
+@jobs_api_errors
 def jobs_list(address: str, show_all: bool, as_json: bool) -> None:
     """List the cluster's jobs, newest first."""
     from engine.cli.app import emit_json
@@ -526,6 +550,7 @@ def jobs_list(address: str, show_all: bool, as_json: bool) -> None:
 @jobs_group.command("status")
 @click.argument("submission_id")
 @address_option
+@jobs_api_errors
 def jobs_status(submission_id: str, address: str) -> None:
     """Print a job's JSON result (status, timings, and its summary once it has ended)."""
     from engine.cli.app import emit_json
@@ -539,6 +564,7 @@ def jobs_status(submission_id: str, address: str) -> None:
 @click.argument("submission_id")
 @address_option
 @click.option("-f", "--follow", is_flag=True, help="Keep streaming until the job ends.")
+@jobs_api_errors
 def jobs_logs(submission_id: str, address: str, follow: bool) -> None:
     """Print a job's logs (stdout and stderr of its driver)."""
     client = connect(address)
@@ -553,6 +579,7 @@ def jobs_logs(submission_id: str, address: str, follow: bool) -> None:
 @click.argument("submission_id")
 @address_option
 @click.option("--wait", is_flag=True, help="Wait until the job has stopped, then print its JSON result.")
+@jobs_api_errors
 def jobs_stop(submission_id: str, address: str, wait: bool) -> None:
     """Stop a running job (its actors and tasks are killed; outputs already committed stay)."""
     from engine.cli.app import emit_json
