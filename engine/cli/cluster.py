@@ -274,7 +274,9 @@ def submit_job(client: JobSubmissionClient, url: str, wait_for_agent_s: float | 
             return
         except RuntimeError as err:  # the SDK's error for any non-200 answer
             if NO_AGENT in str(err) and time.monotonic() < deadline:
-                log.info("the cluster at %s has no job agent up yet; trying again in %.1f s", url, pause)
+                if pause == 0.5:  # once, so a silent wait is not taken for a hang
+                    log.warning("the cluster at %s has no job agent up yet (a head that just started); "
+                                "waiting up to %g s", url, wait_for_agent_s)
                 time.sleep(pause)
                 pause = min(pause * 2, 4.0)
                 continue
