@@ -140,7 +140,8 @@ class _JobsApi:
     upload, and ``POST /api/jobs/`` answered from ``answers`` in order (``"no-agent"``: the 500 a head
     gives while no node's job agent is up; ``"bad"``: another 500; ``"ok"``: the job is accepted).
     ``GET /api/jobs...`` (list, status, logs) fails: ``jobs_get="500"`` answers 500, ``"drop"`` closes
-    the connection without an answer (a head that went away after the version check)."""
+    the connection without an answer (a head that went away after the version check); ``"running"``:
+    job ``ectl-run`` runs, but its log websocket is refused (a head going away while it is followed)."""
 
     def __init__(self, answers: list[str], jobs_get: str = "500") -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -162,7 +163,13 @@ class _JobsApi:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.startswith("/api/jobs") and jobs_get == "drop":
+                if self.path.startswith("/api/jobs/ectl-run") and jobs_get == "running":
+                    if self.path.endswith("/logs/tail"):  # the log websocket: the head went away
+                        self._send(503, b"dashboard shutting down", "text/plain")
+                    else:  # the job exists and runs
+                        self._send(200, json.dumps({"type": "SUBMISSION", "submission_id": "ectl-run",
+                                                    "status": "RUNNING", "entrypoint": "python jobs/embed.py"}).encode())
+                elif self.path.startswith("/api/jobs") and jobs_get == "drop":
                     self.close_connection = True  # no status line at all: the client sees the peer go away
                 elif self.path.startswith("/api/jobs"):  # list, status, logs: this head's job table is broken
                     self._send(500, b"GCS unavailable: job table lookup timed out", "text/plain")
@@ -266,6 +273,16 @@ def test_a_failing_jobs_api_is_one_line_from_the_command_not_a_traceback(jobs_ge
         api.close()
     assert code == 1 and out == ""
     assert f"the Ray Jobs API at {api.url} failed" in err and "Traceback" not in err, err
+
+
+def test_following_logs_of_a_head_that_goes_away_is_one_line() -> None:
+    api = _JobsApi([], jobs_get="running")
+    try:
+        code, out, err = _invoke(["jobs", "logs", "ectl-run", "--follow", "--address", api.url])
+    finally:
+        api.close()
+    assert code == 1 and out == ""
+    assert f"the Ray Jobs API at {api.url} failed" in err and "503" in err and "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------------------------------------

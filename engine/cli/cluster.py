@@ -294,11 +294,12 @@ def jobs_api_errors(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> None:
+        import aiohttp  # the SDK follows logs over a websocket
         import requests
 
         try:
             command(*args, **kwargs)
-        except (RuntimeError, requests.exceptions.RequestException) as err:
+        except (RuntimeError, requests.exceptions.RequestException, aiohttp.ClientError) as err:
             url = normalize_address(kwargs.get("address") or DEFAULT_ADDRESS)
             raise EmbedctlError(f"the Ray Jobs API at {url} failed: {err}. Is the head still up? "
                                 "(`ray status` on the head)") from err
