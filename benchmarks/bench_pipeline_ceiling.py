@@ -124,10 +124,10 @@ def run_job(cfg: Any, cpus: float) -> dict[str, Any]:
         "after_first_unit_per_core": round(c["chunks"] / max(job - first, 1e-9) / cpus, 1),
         "stage_busy_s": {k: round(v, 2) for k, v in stages.items()},
         "stage_chunks_per_busy_s": {k: round(c["chunks"] / v, 1) if v else None for k, v in stages.items()},
-        # the pipeline's share of the chunk tasks' own speed in this job: steadier than the absolute
-        # figure on a VM whose speed swings, since both move with the machine
-        "per_core_over_chunk_tasks_rate": round(c["chunks"] / job / cpus / (c["chunks"] / stages["chunk_tasks"]), 3)
-        if stages["chunk_tasks"] else None,
+        # per-core throughput over the chunk tasks' own rate (chunks per busy second), which reduces to the
+        # share of the cluster's core-seconds the chunk tasks were busy: steadier than the absolute figure
+        # on a VM whose speed swings, since both move with the machine
+        "per_core_over_chunk_tasks_rate": round(stages["chunk_tasks"] / (job * cpus), 3) if stages["chunk_tasks"] else None,
         "start_up": up,
         "worker_peak_rss_mb": round(sampler.peak / 2**20, 1),
     }

@@ -32,9 +32,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_USAGE_STATS_ENABLED": "0"}
-RAY_PORT = 6392
 
 
 class _Actor:
@@ -70,6 +67,8 @@ def child(address: str | None) -> None:
 
 
 def floor_run(address: str | None) -> dict[str, Any]:
+    from benchmarks.bench_start_up import ENV  # not at the top: the child's clock starts with its process
+
     cmd = [sys.executable, __file__, "--child"] + (["--address", address] if address else [])
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
@@ -89,35 +88,27 @@ def main() -> None:
     if args.child:
         child(args.address)
         return
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    address = f"127.0.0.1:{RAY_PORT}" if args.running_ray else None
-    if address:
-        subprocess.run([ray_bin, "start", "--head", "--num-cpus", str(os.cpu_count() or 1), "--port", str(RAY_PORT),
-                        "--include-dashboard", "false", "--disable-usage-stats"], env=ENV, check=True,
-                       capture_output=True)
+    from benchmarks.bench_embed import write_corpus
+    from benchmarks.bench_start_up import one_command, running_ray
+
     runs: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-floor-"))
     try:
         if args.embed_docs:
-            from benchmarks.bench_embed import write_corpus
-
             write_corpus(tmp / "corpus", args.embed_docs)
-        for i in range(args.runs):
-            r = floor_run(address)
-            if args.embed_docs:
-                from benchmarks.bench_start_up import one_command
-
-                e = one_command(tmp / "corpus", tmp / f"store-{i}", "default", address)
-                r["embed_first_unit_embedded_s"] = e["first_unit_embedded_s"]
-                r["embed_ray_init_s"] = e["ray_init_s"]
-            runs.append(r)
-            beside = (f"; embedctl embed: first unit embedded {r['embed_first_unit_embedded_s']:5.2f} s"
-                      if args.embed_docs else "")
-            print(f"run {i + 1}: floor: Ray up {r['ray_up_s']:5.2f} s, actor entered {r['actor_entered_s']:5.2f} s, "
-                  f"row out {r['row_out_s']:5.2f} s{beside}", flush=True)
+        with running_ray(args.running_ray) as address:
+            for i in range(args.runs):
+                r = floor_run(address)
+                if args.embed_docs:
+                    e = one_command(tmp / "corpus", tmp / f"store-{i}", "default", address)
+                    r["embed_first_unit_embedded_s"] = e["first_unit_embedded_s"]
+                    r["embed_ray_init_s"] = e["ray_init_s"]
+                runs.append(r)
+                beside = (f"; embedctl embed: first unit embedded {r['embed_first_unit_embedded_s']:5.2f} s"
+                          if args.embed_docs else "")
+                print(f"run {i + 1}: floor: Ray up {r['ray_up_s']:5.2f} s, actor entered {r['actor_entered_s']:5.2f} "
+                      f"s, row out {r['row_out_s']:5.2f} s{beside}", flush=True)
     finally:
-        if address:
-            subprocess.run([ray_bin, "stop", "--force"], env=ENV, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
     res: dict[str, Any] = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs",
                            "ray": "running (ray start --head)" if address else "started by the process",

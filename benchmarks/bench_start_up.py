@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/bench_start_up.py [--docs 300] [--runs 2] [--backends torch,onnx]
                                                   [--running-ray]
 
-For each backend (``default``: no ``--backend`` flag), ``--runs`` fresh commands on the first ``--docs`` Cranfield documents (CPU). Prints,
-counted from the command's start: the first unit started and embedded (``process_s`` plus the
+For each backend (``default``: no ``--backend`` flag), ``--runs`` fresh commands on the first
+``--docs`` Cranfield documents (CPU). Prints, counted from the command's start: the first unit started and embedded (``process_s`` plus the
 manifest's ``start_up``), Ray's own start, and the seconds between the command's result on stdout and
 its exit (stopping the Ray it started). ``--running-ray`` first starts a local Ray (``ray start
 --head``) and passes ``--address``, as on a machine where Ray is already up; the first job on it also
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,21 @@ RAY_PORT = 6391
 
 def tool(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
+
+
+@contextmanager
+def running_ray(wanted: bool, port: int = RAY_PORT) -> Iterator[str | None]:
+    """A local Ray for the block (``ray start --head`` on ``port``; its address), or None when not
+    ``wanted``; stopped after (``ray stop --force``: every local Ray, so never beside a test session)."""
+    if not wanted:
+        yield None
+        return
+    subprocess.run([tool("ray"), "start", "--head", "--num-cpus", str(os.cpu_count() or 1), "--port", str(port),
+                    "--include-dashboard", "false", "--disable-usage-stats"], env=ENV, check=True, capture_output=True)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([tool("ray"), "stop", "--force"], env=ENV, capture_output=True)
 
 
 def one_command(corpus: Path, store: Path, backend: str, address: str | None) -> dict[str, Any]:
@@ -75,29 +92,23 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-start-up-"))
-    address = f"127.0.0.1:{RAY_PORT}" if args.running_ray else None
     try:
         corpus = write_corpus(tmp / "corpus", args.docs)
-        if address:
-            subprocess.run([tool("ray"), "start", "--head", "--num-cpus", str(os.cpu_count() or 1), "--port",
-                            str(RAY_PORT), "--include-dashboard", "false", "--disable-usage-stats"],
-                           env=ENV, check=True, capture_output=True)
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for backend in args.backends.split(","):
-            for i in range(args.runs):
-                r = one_command(tmp / "corpus", tmp / f"store-{backend}-{i}", backend, address)
-                runs.setdefault(backend, []).append(r)
-                print(f"{backend:6s} run {i + 1}: first unit started {r['first_unit_started_s']:5.2f} s, embedded "
-                      f"{r['first_unit_embedded_s']:5.2f} s, Ray {r['ray_init_s']} s, exit {r['exit_after_job_s']} s "
-                      f"after the job, command {r['command_s']} s", flush=True)
+        with running_ray(args.running_ray) as address:
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for backend in args.backends.split(","):
+                for i in range(args.runs):
+                    r = one_command(tmp / "corpus", tmp / f"store-{backend}-{i}", backend, address)
+                    runs.setdefault(backend, []).append(r)
+                    print(f"{backend:6s} run {i + 1}: first unit started {r['first_unit_started_s']:5.2f} s, embedded "
+                          f"{r['first_unit_embedded_s']:5.2f} s, Ray {r['ray_init_s']} s, exit "
+                          f"{r['exit_after_job_s']} s after the job, command {r['command_s']} s", flush=True)
         res = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "corpus": corpus,
                "ray": "running (ray start --head, --address)" if address else "started by the command", "runs": runs}
         print(json.dumps(res, indent=2))
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=2))
     finally:
-        if address:
-            subprocess.run([tool("ray"), "stop", "--force"], env=ENV, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
