@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -198,66 +199,53 @@ class _JobsApi:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def close(self) -> None:
+    def __enter__(self) -> _JobsApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def client(self) -> Any:
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(self.url)
 
 
 def test_submit_waits_for_a_job_agent_and_resubmits_the_same_id() -> None:
     """Right after a head starts, its Jobs API refuses jobs until a node's agent is up: submit waits."""
-    from ray.job_submission import JobSubmissionClient
-
-    api = _JobsApi(["no-agent", "no-agent", "ok"])
-    try:
-        cl.submit_job(JobSubmissionClient(api.url), api.url, wait_for_agent_s=30, entrypoint="python jobs/embed.py",
+    with _JobsApi(["no-agent", "no-agent", "ok"]) as api:
+        cl.submit_job(api.client(), api.url, wait_for_agent_s=30, entrypoint="python jobs/embed.py",
                       submission_id="ectl-agent-late")
-    finally:
-        api.close()
     assert api.posted == ["ectl-agent-late"] * 3  # the refused tries created nothing: same id again
 
 
 def test_submit_gives_up_on_a_head_without_agents_and_says_what_to_check(tmp_path: Path) -> None:
-    api = _JobsApi([])  # never an agent
     config = tmp_path / "job.yaml"
     config.write_text("corpus: in-memory\n")
-    try:
+    with _JobsApi([]) as api:  # never an agent
         t0 = time.monotonic()
         with pytest.raises(EmbedctlError, match="had no agent to run jobs for 1 s: is a node up"):
-            from ray.job_submission import JobSubmissionClient
-
-            cl.submit_job(JobSubmissionClient(api.url), api.url, wait_for_agent_s=1, entrypoint="x",
-                          submission_id="ectl-no-agent")
+            cl.submit_job(api.client(), api.url, wait_for_agent_s=1, entrypoint="x", submission_id="ectl-no-agent")
         assert time.monotonic() - t0 < 10
         # the whole command (config staged, package uploaded over the same protocol): one line, no traceback
         code, out, err = _invoke(["submit", "embed", "--address", api.url, "--config", str(config), "--no-wait"],
                                  env={"EMBEDCTL_SUBMIT_AGENT_WAIT_S": "1"})
-    finally:
-        api.close()
     assert code == 1 and out == ""
     assert "had no agent to run jobs" in err and "Traceback" not in err
 
 
 def test_submit_other_refusals_are_one_clear_error_at_once() -> None:
-    from ray.job_submission import JobSubmissionClient
-
-    api = _JobsApi(["bad"])
-    try:
-        with pytest.raises(EmbedctlError, match="refused the job: .*unknown field 'workingdir'"):
-            cl.submit_job(JobSubmissionClient(api.url), api.url, wait_for_agent_s=30, entrypoint="x",
-                          submission_id="ectl-bad")
-    finally:
-        api.close()
+    with _JobsApi(["bad"]) as api, pytest.raises(EmbedctlError, match="refused the job: .*unknown field 'workingdir'"):
+        cl.submit_job(api.client(), api.url, wait_for_agent_s=30, entrypoint="x", submission_id="ectl-bad")
     assert api.posted == ["ectl-bad"]  # not retried
 
 
 @pytest.mark.parametrize("args", [["jobs", "list"], ["jobs", "status", "ectl-x"], ["jobs", "logs", "ectl-x"],
                                   ["jobs", "stop", "ectl-x"]])
 def test_jobs_commands_turn_a_failing_jobs_api_into_one_line(args: list[str]) -> None:
-    api = _JobsApi([])
-    try:
+    with _JobsApi([]) as api:
         result = CliRunner().invoke(cli, [*args, "--address", api.url])
-    finally:
-        api.close()
     assert result.exit_code != 0
     assert isinstance(result.exception, EmbedctlError)
     msg = str(result.exception)  # a 500 is not "no such job"
@@ -266,21 +254,15 @@ def test_jobs_commands_turn_a_failing_jobs_api_into_one_line(args: list[str]) ->
 
 @pytest.mark.parametrize("jobs_get", ["500", "drop"])
 def test_a_failing_jobs_api_is_one_line_from_the_command_not_a_traceback(jobs_get: str) -> None:
-    api = _JobsApi([], jobs_get=jobs_get)
-    try:
+    with _JobsApi([], jobs_get=jobs_get) as api:
         code, out, err = _invoke(["jobs", "status", "ectl-x", "--address", api.url])
-    finally:
-        api.close()
     assert code == 1 and out == ""
     assert f"the Ray Jobs API at {api.url} failed" in err and "Traceback" not in err, err
 
 
 def test_following_logs_of_a_head_that_goes_away_is_one_line() -> None:
-    api = _JobsApi([], jobs_get="running")
-    try:
+    with _JobsApi([], jobs_get="running") as api:
         code, out, err = _invoke(["jobs", "logs", "ectl-run", "--follow", "--address", api.url])
-    finally:
-        api.close()
     assert code == 1 and out == ""
     assert f"the Ray Jobs API at {api.url} failed" in err and "503" in err and "Traceback" not in err, err
 

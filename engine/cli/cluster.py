@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import functools
+import itertools
 import json
 import logging
 import os
@@ -250,12 +251,14 @@ AGENT_WAIT_ENV, AGENT_WAIT_S = "EMBEDCTL_SUBMIT_AGENT_WAIT_S", 60.0
 def agent_wait_s() -> float:
     """How long ``submit`` waits for a job agent: ``$EMBEDCTL_SUBMIT_AGENT_WAIT_S``, else 60 s."""
     raw = os.environ.get(AGENT_WAIT_ENV, "").strip()
+    if not raw:
+        return AGENT_WAIT_S
     try:
-        wait = float(raw) if raw else AGENT_WAIT_S
+        wait = float(raw)
+        if not wait >= 0:  # negative, or NaN
+            raise ValueError(raw)
     except ValueError:
-        wait = -1.0
-    if not wait >= 0:  # also NaN
-        raise ConfigError(f"{AGENT_WAIT_ENV} must be a number of seconds >= 0, got {raw!r}")
+        raise ConfigError(f"{AGENT_WAIT_ENV} must be a number of seconds >= 0, got {raw!r}") from None
     return wait
 
 
@@ -267,25 +270,22 @@ def submit_job(client: JobSubmissionClient, url: str, wait_for_agent_s: float | 
     if wait_for_agent_s is None:
         wait_for_agent_s = agent_wait_s()
     deadline = time.monotonic() + wait_for_agent_s
-    pause = 0.5
-    while True:
+    for attempt in itertools.count():
         try:
             client.submit_job(**job)
             return
         except RuntimeError as err:  # the SDK's error for any non-200 answer
-            if NO_AGENT in str(err) and time.monotonic() < deadline:
-                if pause == 0.5:  # once, so a silent wait is not taken for a hang
-                    log.warning("the cluster at %s has no job agent up yet (a head that just started); "
-                                "waiting up to %g s", url, wait_for_agent_s)
-                time.sleep(pause)
-                pause = min(pause * 2, 4.0)
-                continue
-            if NO_AGENT in str(err):
+            if NO_AGENT not in str(err):
+                raise EmbedctlError(f"the Ray Jobs API at {url} refused the job: {err}") from err
+            if time.monotonic() >= deadline:
                 raise EmbedctlError(
                     f"the Ray Jobs API at {url} had no agent to run jobs for {wait_for_agent_s:g} s: is a node "
                     "up? (`ray status` on the head; a head whose dashboard agent failed says why in "
                     "/tmp/ray/session_latest/logs/dashboard_agent.log)") from err
-            raise EmbedctlError(f"the Ray Jobs API at {url} refused the job: {err}") from err
+        if attempt == 0:  # once, so a silent wait is not taken for a hang
+            log.warning("the cluster at %s has no job agent up yet (a head that just started); waiting up to %g s",
+                        url, wait_for_agent_s)
+        time.sleep(min(0.5 * 2**attempt, 4.0))
 
 
 def jobs_api_errors(command: Callable[..., None]) -> Callable[..., None]:
