@@ -35,17 +35,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-from benchmarks.bench_embed import write_corpus  # noqa: E402
-
+# Taken before any engine import: the engine's defaults (engine/__init__.py) stay out of the bare process.
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
        "RAY_USAGE_STATS_ENABLED": "0"}
+
+from benchmarks.bench_embed import write_corpus  # noqa: E402
+from engine.embed.encoders import resolve_model_path  # noqa: E402
+
+# A user's plain process: it imports no engine module (whose defaults would change the tokenizer's threads).
 BARE = """
 import json, sys
 from sentence_transformers import SentenceTransformer
-from engine.embed.encoders import resolve_model_path
 texts = json.load(open(sys.argv[1]))
-model = SentenceTransformer(resolve_model_path(None)[1], device="cpu")
+model = SentenceTransformer(sys.argv[2], device="cpu")
 model.encode(texts, batch_size=32, normalize_embeddings=True)
 """
 
@@ -70,8 +72,8 @@ def run_engine(corpus: Path, store: Path, backend: str = "default") -> tuple[flo
 
 def run_bare(texts: Path) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", BARE, str(texts)], env={**ENV, "PYTHONPATH": str(REPO)}, check=True,
-                   capture_output=True, cwd=REPO)
+    model = str(resolve_model_path(None)[1])
+    subprocess.run([sys.executable, "-c", BARE, str(texts), model], env=ENV, check=True, capture_output=True, cwd=REPO)
     return time.perf_counter() - t0
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from engine import OFFLINE_ENV
 from engine.cli import cluster as cl
 from engine.cli.app import cli
 from engine.core.errors import ConfigError, EmbedctlError
@@ -273,6 +274,7 @@ def test_following_logs_of_a_head_that_goes_away_is_one_line() -> None:
 
 
 def _ray_env() -> dict[str, str]:
+    """The CLI's environment; the head's lacks the engine's offline switches (``_head_env``)."""
     env = dict(os.environ)
     env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -280,6 +282,12 @@ def _ray_env() -> dict[str, str]:
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def _head_env() -> dict[str, str]:
+    """A cluster image that knows nothing of the engine: its workers get the offline switches from the
+    engine's import or from the job's runtime_env, never from the raylet."""
+    return {k: v for k, v in _ray_env().items() if k not in OFFLINE_ENV}
 
 
 def _kill_processes_naming(marker: str) -> None:
@@ -300,8 +308,14 @@ def _kill_processes_naming(marker: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with the Jobs API on 127.0.0.1; yields its dashboard URL."""
+def ray_head(ray_head_addresses: tuple[str, str]) -> str:
+    """The dashboard URL (the Jobs API) of the module's Ray head."""
+    return ray_head_addresses[0]
+
+
+@pytest.fixture(scope="module")
+def ray_head_addresses():
+    """A Ray head with the Jobs API on 127.0.0.1; yields (dashboard URL, GCS address for ``ray.init``)."""
     ray_exe = VENV_BIN / "ray"
     if not ray_exe.exists():
         pytest.skip(f"{ray_exe} not found (install ray[default])")
@@ -319,7 +333,7 @@ def ray_head():
            "--object-store-memory=268435456"]
     log_path = Path(temp_dir) / "ray-start.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(cmd, env=_ray_env(), stdout=log_file, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, env=_head_env(), stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=temp_dir)
     url = f"http://127.0.0.1:{ports['dash']}"
 
@@ -345,7 +359,7 @@ def ray_head():
                 pytest.fail(f"the Ray head did not come up:\n{output}")
             time.sleep(0.3)
     try:
-        yield url
+        yield url, f"127.0.0.1:{ports['gcs']}"
     finally:
         teardown()
 
@@ -453,3 +467,69 @@ def test_submit_a_tiny_embed_job(ray_head: str, tmp_path: Path) -> None:
     assert summary is not None, "jobs/embed.py must print `EMBEDCTL_SUMMARY {json}` as its last stdout line"
     assert summary.get("run_id") == "cluster-test"
     assert (store / "runs" / "cluster-test" / "manifest.json").exists()
+
+
+_OFFLINE_PROBE = """
+import json, os, sys
+import ray
+from engine.distributed.runtime import init_ray
+
+init_ray(sys.argv[1])
+
+@ray.remote
+def probe():
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")
+    before = {k: os.environ.get(k) for k in names}
+    import engine  # what unpickling any engine function in a worker does first
+    from huggingface_hub import constants
+    return {"before": before, "after": {k: os.environ.get(k) for k in names},
+            "hub_offline": constants.HF_HUB_OFFLINE}
+
+print(json.dumps({"job_runtime_env": ray.get_runtime_context().runtime_env, "worker": ray.get(probe.remote())}))
+"""
+
+
+def _probe_offline(gcs: str, env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", _OFFLINE_PROBE, gcs], env=env, capture_output=True, text=True,
+                         timeout=180, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_command_on_a_running_ray_sends_no_runtime_env_and_its_workers_stay_offline(
+        ray_head_addresses: tuple[str, str]) -> None:
+    """On a head whose raylet lacks the offline switches, a driver that connects by address sends no job
+    runtime_env (each one costs the job fresh workers), and its workers are offline once they import
+    the engine, before any Hugging Face import. A value the user exported still travels, and wins."""
+    _, gcs = ray_head_addresses
+    default = _probe_offline(gcs, _ray_env())
+    assert default["job_runtime_env"] == {}
+    assert default["worker"]["before"] == {k: None for k in OFFLINE_ENV}  # the raylet gave them nothing
+    assert default["worker"]["after"] == OFFLINE_ENV
+    assert default["worker"]["hub_offline"] is True
+
+    online = _probe_offline(gcs, {**_ray_env(), "HF_HUB_OFFLINE": "0"})
+    assert online["job_runtime_env"].get("env_vars") == {"HF_HUB_OFFLINE": "0"}
+    assert online["worker"]["after"]["HF_HUB_OFFLINE"] == "0"
+    assert online["worker"]["hub_offline"] is False
+
+
+def test_embed_on_a_running_ray_whose_workers_lack_the_offline_switches(
+        ray_head_addresses: tuple[str, str], tmp_path: Path) -> None:
+    """`embedctl embed --address` with the default model on that head: the job's actors load the model
+    offline with no runtime_env, and the run commits every document."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, gcs = ray_head_addresses
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"document {i} about wings, lift and drag at speed {i * 10}" for i in range(40)]
+    pq.write_table(pa.table({"doc_id": [f"d{i}" for i in range(40)], "text": docs}), corpus / "part-0.parquet")
+    store = tmp_path / "store"
+    code, out, err = _invoke(["embed", "--corpus", str(corpus), "--store", str(store), "--address", gcs, "--json"])
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["status"] == "succeeded" and result["counts"]["accepted"] == 40, result
+    vectors = pq.read_table(str(store / "runs" / result["run_id"] / "embeddings"))
+    assert sorted(set(vectors.column("doc_id").to_pylist())) == sorted(f"d{i}" for i in range(40))

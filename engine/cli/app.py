@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import sys
 
 import click
@@ -111,8 +110,6 @@ def cli(verbose: int) -> None:
     from engine.core.storage import install_log_redaction
 
     install_log_redaction()  # no credential in any log line, even at -vv
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def emit_json(obj: object) -> None:

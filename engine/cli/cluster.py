@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
-from engine import __version__
+from engine import OFFLINE_ENV, __version__
 from engine.core.errors import ConfigError, EmbedctlError, NotFoundError
 
 if TYPE_CHECKING:
@@ -61,9 +61,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 # Environment every job gets (offline by design); a --runtime-env file or --env may override.
 JOB_ENV_VARS: dict[str, str] = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
+    **OFFLINE_ENV,
     # The drivers call ray.init(runtime_env={"env_vars": ...}) themselves; without this Ray
     # refuses to start them when the job's runtime env sets any of the same variables.
     "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1",

@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     return drive(args, FinetuneConfig.from_flat, lambda cfg: run_finetune_job(cfg, args.address),
                  dry=dataclasses.asdict, address_in_config=False)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -101,7 +100,6 @@ def run_generation(cfg: GenerateJobConfig, progress: Progress | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = driver_parser("generate-queries", "YAML/JSON config (same keys as `embedctl generate-queries` flags)"
                          ).parse_args(argv)
     return drive(args, GenerateJobConfig.from_flat, run_generation,

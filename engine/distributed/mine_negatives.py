@@ -189,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
 
     def dry(cfg: MiningJobConfig) -> dict[str, Any]:

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from engine import OFFLINE_ENV
+
 log = logging.getLogger(__name__)
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 DATASET_RESERVATION_EXPIRES_S = 40  # see init_ray
 
 
@@ -29,7 +30,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
 
     if ray.is_initialized():
         return ray
-    os.environ.update({k: v for k, v in OFFLINE_ENV.items() if k not in os.environ})
     # Ray Data reserves a share of the cluster for each running dataset and keeps a dead driver's share
     # until its request expires (180 s by default): after a driver was killed, a resumed job on the same
     # cluster ran with half the CPUs (one chunk task instead of two on 2 CPUs) for three minutes. Live
@@ -37,17 +37,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     os.environ.setdefault("RAY_DATA_AUTOSCALING_REQUEST_EXPIRE_TIME_S", str(DATASET_RESERVATION_EXPIRES_S))
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        # A cluster's workers get their environment from the image / the job's runtime_env.
+        # A cluster's workers get their environment from the image / the job's runtime_env, and the
+        # engine's defaults (OFFLINE_ENV) when they import it; only a value this driver changed
+        # travels, since any job runtime_env costs every job fresh workers (see engine/__init__.py).
         # Inside a submitted job, a second runtime_env would fail to merge with the job's; and
         # credentials must never travel in a runtime_env (the dashboard shows it).
         in_submitted_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ or "RAY_JOB_SUBMISSION_ID" in os.environ
-        env_vars = {} if in_submitted_job else {k: os.environ[k] for k in OFFLINE_ENV if k in os.environ}
+        env_vars = {} if in_submitted_job else changed_offline_env()
         ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=False,
                  logging_level=_ray_log_level())
     else:
         # A local Ray needs no auth token; "local" starts a fresh cluster even if a killed
         # `ray start` left /tmp/ray/ray_current_cluster behind. Its workers are children of the raylet
-        # this process starts, so they inherit this environment (the offline switches above, S3
+        # this process starts, so they inherit this environment (the engine's offline switches, S3
         # endpoint and credentials) with no job runtime_env: a job runtime_env, even env_vars only,
         # makes every worker wait for Ray's runtime-env agent (first actor ready 1.7-2.0 s after
         # ray.init with one, 0.6-0.7 s without, on 2 CPUs).
@@ -65,6 +67,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ray
+
+
+def changed_offline_env() -> dict[str, str]:
+    """The engine's offline defaults this process runs with a different value of (a user's export)."""
+    return {k: os.environ[k] for k, v in OFFLINE_ENV.items() if os.environ.get(k, v) != v}
 
 
 def _stop_private_ray(node: Any) -> None:

@@ -127,8 +127,6 @@ def serve_model() -> None:
 
     out = os.fdopen(os.dup(1), "wb")  # replies only; anything the libraries print goes to stderr
     os.dup2(2, 1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = json.loads(sys.argv[1])
     inp = sys.stdin.buffer
     try:

@@ -23,6 +23,7 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any
 
+from engine import OFFLINE_ENV
 from engine.serve.alias import AliasSearcher, SearchAnswer, make_loader
 from engine.serve.app import SearchRequest, create_app
 from engine.serve.batching import search_batch
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 
 APP_NAME = "embedctl-search"
 DEPLOYMENT_NAME = "AliasSearchReplica"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 class AliasSearchReplica:
