@@ -13,6 +13,11 @@ What the embed command adds on top of this floor is ours (its plan, model load, 
 embedding and commit); what is below it belongs to Ray and Ray Data on this machine. ``--embed-docs N``
 (0 to skip) runs ``embedctl embed`` on the first N Cranfield documents in turn with each floor run
 (``bench_start_up``'s command, default backend), so both see the same machine.
+
+``--job-runtime-env`` (with ``--running-ray``) also runs that command, in turn, with a job runtime_env
+of one variable that changes nothing (``TOKENIZERS_PARALLELISM=0`` against the engine's ``false``;
+``init_ray`` sends a value that differs from the engine's defaults): what a job runtime_env costs each
+job on a running Ray, the cost the engine's commands no longer pay (engine/__init__.py).
 """
 
 from __future__ import annotations
@@ -76,11 +81,28 @@ def floor_run(address: str | None) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def embed_beside(tmp: Path, i: int, address: str | None, with_runtime_env: bool) -> dict[str, Any]:
+    """``embedctl embed`` on the bench corpus (and, asked, again with a job runtime_env; the order turns
+    each round, so neither always runs on the warmer machine)."""
+    from benchmarks.bench_start_up import one_command
+
+    out: dict[str, Any] = {}
+    variants = [("embed", None)] + ([("embed_with_runtime_env", {"TOKENIZERS_PARALLELISM": "0"})]
+                                   if with_runtime_env and address else [])
+    for name, extra in variants if i % 2 == 0 else variants[::-1]:
+        e = one_command(tmp / "corpus", tmp / f"store-{name}-{i}", "default", address, extra)
+        out[f"{name}_first_unit_embedded_s"] = e["first_unit_embedded_s"]
+        out[f"{name}_ray_init_s"] = e["ray_init_s"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--running-ray", action="store_true", help="start a local Ray first (ray start --head), connect to it")
     ap.add_argument("--embed-docs", type=int, default=300, help="embedctl embed beside each run (0: skip)")
+    ap.add_argument("--job-runtime-env", action="store_true",
+                    help="with --running-ray: also the command with a job runtime_env, in turn")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
@@ -89,7 +111,7 @@ def main() -> None:
         child(args.address)
         return
     from benchmarks.bench_embed import write_corpus
-    from benchmarks.bench_start_up import one_command, running_ray
+    from benchmarks.bench_start_up import running_ray
 
     runs: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-floor-"))
@@ -100,12 +122,12 @@ def main() -> None:
             for i in range(args.runs):
                 r = floor_run(address)
                 if args.embed_docs:
-                    e = one_command(tmp / "corpus", tmp / f"store-{i}", "default", address)
-                    r["embed_first_unit_embedded_s"] = e["first_unit_embedded_s"]
-                    r["embed_ray_init_s"] = e["ray_init_s"]
+                    r.update(embed_beside(tmp, i, address, args.job_runtime_env))
                 runs.append(r)
                 beside = (f"; embedctl embed: first unit embedded {r['embed_first_unit_embedded_s']:5.2f} s"
                           if args.embed_docs else "")
+                if "embed_with_runtime_env_first_unit_embedded_s" in r:
+                    beside += f" ({r['embed_with_runtime_env_first_unit_embedded_s']:5.2f} s with a job runtime_env)"
                 print(f"run {i + 1}: floor: Ray up {r['ray_up_s']:5.2f} s, actor entered {r['actor_entered_s']:5.2f} "
                       f"s, row out {r['row_out_s']:5.2f} s{beside}", flush=True)
     finally:
@@ -113,8 +135,9 @@ def main() -> None:
     res: dict[str, Any] = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs",
                            "ray": "running (ray start --head)" if address else "started by the process",
                            "median_row_out_s": statistics.median(r["row_out_s"] for r in runs), "runs": runs}
-    if args.embed_docs:
-        res["median_embed_first_unit_embedded_s"] = statistics.median(r["embed_first_unit_embedded_s"] for r in runs)
+    for key in ("embed_first_unit_embedded_s", "embed_with_runtime_env_first_unit_embedded_s"):
+        if all(key in r for r in runs):
+            res[f"median_{key}"] = statistics.median(r[key] for r in runs)
     print(json.dumps(res, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))

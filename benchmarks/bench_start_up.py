@@ -56,11 +56,13 @@ def running_ray(wanted: bool, port: int = RAY_PORT) -> Iterator[str | None]:
         subprocess.run([tool("ray"), "stop", "--force"], env=ENV, capture_output=True)
 
 
-def one_command(corpus: Path, store: Path, backend: str, address: str | None) -> dict[str, Any]:
+def one_command(corpus: Path, store: Path, backend: str, address: str | None,
+                extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     cmd = [tool("embedctl"), "embed", "--corpus", str(corpus), "--store", str(store), "--json", "--device", "cpu"]
     cmd += (["--backend", backend] if backend != "default" else []) + (["--address", address] if address else [])
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV, cwd=store.parent)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**ENV, **(extra_env or {})}, cwd=store.parent)
     assert proc.stdout is not None
     out = proc.stdout.read()  # the whole result: stdout closes when the process exits
     result_at = time.perf_counter() - t0
