@@ -78,7 +78,7 @@ def floor_run(address: str | None) -> dict[str, Any]:
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, cwd=REPO)
     if proc.returncode:
         raise SystemExit(f"the floor job failed:\n{proc.stderr[-2000:]}")
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load": round(os.getloadavg()[0], 2)}
 
 
 def embed_beside(tmp: Path, i: int, address: str | None, with_runtime_env: bool) -> dict[str, Any]:
