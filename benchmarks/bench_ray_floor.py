@@ -88,7 +88,7 @@ def embed_beside(tmp: Path, i: int, address: str | None, with_runtime_env: bool)
 
     out: dict[str, Any] = {}
     variants = [("embed", None)] + ([("embed_with_runtime_env", {"TOKENIZERS_PARALLELISM": "0"})]
-                                   if with_runtime_env and address else [])
+                                   if with_runtime_env else [])
     for name, extra in variants if i % 2 == 0 else variants[::-1]:
         e = one_command(tmp / "corpus", tmp / f"store-{name}-{i}", "default", address, extra)
         out[f"{name}_first_unit_embedded_s"] = e["first_unit_embedded_s"]
@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--address", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.job_runtime_env and not args.running_ray:
+        ap.error("--job-runtime-env needs --running-ray (a command that starts its own Ray sends no runtime_env)")
     if args.child:
         child(args.address)
         return

@@ -4,11 +4,11 @@
                                                   [--running-ray]
 
 For each backend (``default``: no ``--backend`` flag), ``--runs`` fresh commands on the first
-``--docs`` Cranfield documents (CPU). Prints, counted from the command's start: the first unit started and embedded (``process_s`` plus the
-manifest's ``start_up``), Ray's own start, and the seconds between the command's result on stdout and
-its exit (stopping the Ray it started). ``--running-ray`` first starts a local Ray (``ray start
---head``) and passes ``--address``, as on a machine where Ray is already up; the first job on it also
-starts Ray Data's own actors.
+``--docs`` Cranfield documents (CPU). Prints, counted from the command's start: the first unit
+started and embedded (``process_s`` plus the manifest's ``start_up``), Ray's own start, and the
+seconds between the command's result on stdout and its exit (stopping the Ray it started).
+``--running-ray`` first starts a local Ray (``ray start --head``) and passes ``--address``, as on a
+machine where Ray is already up; the first job on it also starts Ray Data's own actors.
 """
 
 from __future__ import annotations

@@ -276,8 +276,7 @@ def test_following_logs_of_a_head_that_goes_away_is_one_line() -> None:
 def _ray_env() -> dict[str, str]:
     """The CLI's environment; the head's lacks the engine's offline switches (``_head_env``)."""
     env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **OFFLINE_ENV)
     # The job's `python` must be this venv's, as it is the image's on a real cluster.
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)

@@ -443,6 +443,7 @@ def submit(job: str, address: str, config_path: Path, runtime_env_path: str | No
     if check:
         dry_run_locally(job, config_path)
 
+    url = normalize_address(address)
     submission_id = submission_id or new_submission_id(job)
     metadata = {"embedctl_job": job, "embedctl_version": __version__, "embedctl_config": config_path.name}
     with tempfile.TemporaryDirectory(prefix="embedctl-submit-") as staging:
@@ -457,17 +458,17 @@ def submit(job: str, address: str, config_path: Path, runtime_env_path: str | No
         runtime_env = build_runtime_env(upload_dir, base_env, extra_env)
         entrypoint = entrypoint_command(job, config_rel)
         if dry_run:
-            emit_json({"submission_id": submission_id, "job": job, "address": normalize_address(address),
+            emit_json({"submission_id": submission_id, "job": job, "address": url,
                        "entrypoint": entrypoint, "runtime_env": runtime_env, "metadata": metadata})
             return
         client = connect(address)
         log.info("submitting %s to %s as %s", job, address, submission_id)
-        submit_job(client, normalize_address(address), entrypoint=entrypoint, runtime_env=runtime_env,
+        submit_job(client, url, entrypoint=entrypoint, runtime_env=runtime_env,
                    metadata=metadata, submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)
-    click.echo(f"submitted {job} as {submission_id} to {normalize_address(address)}", err=True)
+    click.echo(f"submitted {job} as {submission_id} to {url}", err=True)
     if not wait:
         emit_json({"submission_id": submission_id, "job": job, "status": job_status(client, submission_id),
-                   "address": normalize_address(address), "summary": None})
+                   "address": url, "summary": None})
         return
     try:
         if not quiet:
